@@ -1,0 +1,1 @@
+"""FastAPI control plane: jobs, rounds, clients, metrics, audit; serves the dashboard."""

@@ -1,0 +1,16 @@
+"""Entry point of the `flglm` command: registers every verb group."""
+
+import typer
+
+from flglm.cli import bench
+
+app = typer.Typer(
+    help="FL-GLM: split federated fine-tuning of LLMs on data that never leaves its owners.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+app.add_typer(bench.app, name="bench")
+
+
+if __name__ == "__main__":
+    app()

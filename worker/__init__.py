@@ -1,0 +1,1 @@
+"""Celery GPU worker: runs the server body of split models, batching and replicas."""
