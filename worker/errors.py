@@ -1,0 +1,67 @@
+"""Typed refusals of the worker engine; each carries the HTTP status the backend maps it to."""
+
+from __future__ import annotations
+
+
+class StepRejected(ValueError):
+    """A step message the engine refuses; nothing was stored and no state changed."""
+
+    http_status: int = 400
+    code: str = "step_rejected"
+
+
+class UnknownJob(StepRejected):
+    """No `WorkerJobSpec` is published for this job id."""
+
+    http_status = 404
+    code = "unknown_job"
+
+
+class ForeignClient(StepRejected):
+    """The client is not in the job, or is served by another replica."""
+
+    http_status = 403
+    code = "foreign_client"
+
+
+class MissingMessage(StepRejected):
+    """The referenced upload is not in the blob store (never uploaded, or expired)."""
+
+    http_status = 404
+    code = "missing_message"
+
+
+class TamperedMessage(StepRejected):
+    """The envelope failed authentication, or its header names another message."""
+
+    http_status = 400
+    code = "tampered_message"
+
+
+class ReplayedMessage(StepRejected):
+    """A sequence number not above the last accepted one of its (job, client, direction) stream."""
+
+    http_status = 409
+    code = "replayed_message"
+
+
+class WrongTensor(StepRejected):
+    """Well-formed but wrong for the job: dtype, shape, hidden size, batch or sequence limits."""
+
+    http_status = 422
+    code = "wrong_tensor"
+
+
+class StepGraphMissing(StepRejected):
+    """A gradient for a step whose forward graph is not held here (evicted, lost with a worker, or never
+    run): the agent retries the step from the forward with a fresh sequence number."""
+
+    http_status = 409
+    code = "step_graph_missing"
+
+
+class ReplicaMisrouted(StepRejected):
+    """The task reached a worker that does not serve this replica (a routing bug, never the client's)."""
+
+    http_status = 500
+    code = "replica_misrouted"
