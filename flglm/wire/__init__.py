@@ -1,0 +1,148 @@
+"""Secure tensor wire format: per-client X25519 + HKDF keys, AES-256-GCM envelopes, and a pickle-free codec.
+
+Shared by the client agent and the worker; imports neither FastAPI, SQLAlchemy nor Celery.
+
+What crosses the wire
+    Per step and client: h0 (`activations`, client → server), h1 (`activations_result`), dL/dh1
+    (`gradients`, client → server), dL/dh0 (`gradients_result`); per round: client-block adapter weights
+    (`adapters_up`) and their FedAvg (`adapters_down`). Tensors are raw little-endian bytes whose dtype and
+    shape live in the authenticated header (`codec` has a self-describing variant); tensor dicts are
+    safetensors whose header we validate before safetensors reads it. Nothing is ever unpickled.
+
+Keys (`keys`)
+    At enrollment the client agent generates an X25519 key pair; the private key is written 0600
+    (atomically) and never leaves the client; only its public half (raw 32 bytes, base64) goes to the
+    control plane. The server side holds an X25519 key pair whose private half lives with the workers and
+    whose public half the control plane publishes to the job's clients (a fresh server key pair per job
+    is recommended: deleting it after the job means a later server compromise cannot decrypt recorded
+    traffic). Both sides compute the same X25519 secret and expand it with HKDF-SHA256 (salt = SHA-256 of
+    the label and both public keys; info = label, job id, client id, direction, each length-prefixed) into
+    one AES-256 key per (job, client, direction). Different jobs, clients and directions get independent
+    keys: a leaked job key reveals nothing of another job, and a server reply cannot be reflected back to
+    the server as a client message because each direction has its own key and exactly one sender.
+
+Envelope (`envelope`)
+    header (job, round, step, client, direction, sequence, format, dtype, shape, wire dtype, payload and
+    chunk sizes, 32-byte random salt, version) as canonical JSON, authenticated as AES-GCM associated
+    data (visible on the path, but any change fails authentication); then the payload in chunks of at
+    most 1 GiB (below the 2^31-1 bytes one AES-GCM call takes), each `nonce | ciphertext | tag`.
+
+Nonce design
+    Each message is sealed under its own subkey, HKDF-SHA256(direction key, salt = the header's random
+    salt, info = SHA-256 of the header bytes), and chunk i uses nonce i under it. No (key, nonce) pair can
+    repeat without two messages drawing the same 256-bit salt, so nonce safety needs no state at all: the
+    server is distributed (several worker replicas, restarts, a retried step recomputes the reply to the
+    same request) and a per-key counter there would need a shared, crash-consistent store on the hot
+    path; here two replicas sealing the identical header still use different subkeys. The client side
+    uses the same scheme (one code path, no counter to lose in a crash or a restored VM snapshot). The
+    cost is one HKDF per message (microseconds).
+
+Sequence numbers and replay (`sequence`)
+    Sequence numbers are for ordering and replay, not for nonces. The client draws them from a
+    `SequenceCounter` persisted in its state dir, reserving blocks ahead of use, so after a crash it
+    resumes above anything it may have sent. A server reply carries the sequence of the request it answers
+    (`adapters_down` carries the round), so a retried step yields a reply the client accepts at most once.
+    Receivers keep a `ReplayGuard` (or the backend's shared-storage equivalent, see `SequenceGuard`) that
+    accepts a message only if its sequence is strictly above the last accepted one of its (job, client,
+    direction), and only after it authenticated. A duplicate upload therefore has one effect: the second
+    copy gets `ReplayError` (HTTP 409), which an agent retrying an upload reads as "already delivered".
+
+Protects against
+    Peer clients and anyone on the path (or with access to Redis / the job store, which hold only
+    ciphertext) reading or altering a client's tensors and adapters; replayed, reordered, truncated,
+    extended, redirected (other job, client, direction, round or step) or reflected messages; hostile
+    bytes: decoders check sizes before allocating, reject trailing bytes and never execute code.
+
+Does not protect against
+    The server itself: it decrypts and sees h0, h1 and the cut gradients by design (honest-but-curious
+    model; how much text they leak is measured by the privacy audit, with optional noise as defence).
+    Metadata: job and client ids, shapes, sizes and timing are authenticated but not hidden (TLS hides
+    them from the path). A stolen client private key or server private key exposes that key pair's
+    channels, past and future (no forward secrecy within one key pair's life; per-job server keys bound
+    it). A control plane that publishes a substituted public key (compare `public_key_fingerprint` out of
+    band if that is in your threat model). Denial of service (dropping or delaying messages). The
+    precision lost by a float16/bfloat16 wire dtype is a training effect, not a security one.
+"""
+
+from flglm.wire.codec import (
+    cast_for_wire,
+    cast_from_wire,
+    decode_tensor,
+    decode_tensors,
+    encode_tensor,
+    encode_tensors,
+    parse_wire_dtype,
+)
+from flglm.wire.directions import Direction, Sender
+from flglm.wire.envelope import (
+    EnvelopeHeader,
+    open_envelope,
+    open_tensor,
+    open_tensors,
+    seal,
+    seal_tensor,
+    seal_tensors,
+)
+from flglm.wire.errors import (
+    AuthenticationError,
+    DecodeError,
+    EnvelopeMismatchError,
+    InsecureKeyFileError,
+    KeyFormatError,
+    PayloadTooLargeError,
+    ReplayError,
+    UnexpectedTensorError,
+    WireError,
+)
+from flglm.wire.keys import (
+    ChannelKeys,
+    ClientKeyPair,
+    derive_channel_keys,
+    generate_private_key,
+    load_private_key,
+    public_key_fingerprint,
+    public_key_from_b64,
+    public_key_to_b64,
+    save_private_key,
+)
+from flglm.wire.sequence import ReplayGuard, SequenceCounter, SequenceGuard
+
+__all__ = [
+    "AuthenticationError",
+    "ChannelKeys",
+    "ClientKeyPair",
+    "DecodeError",
+    "Direction",
+    "EnvelopeHeader",
+    "EnvelopeMismatchError",
+    "InsecureKeyFileError",
+    "KeyFormatError",
+    "PayloadTooLargeError",
+    "ReplayError",
+    "ReplayGuard",
+    "Sender",
+    "SequenceCounter",
+    "SequenceGuard",
+    "UnexpectedTensorError",
+    "WireError",
+    "cast_for_wire",
+    "cast_from_wire",
+    "decode_tensor",
+    "decode_tensors",
+    "derive_channel_keys",
+    "encode_tensor",
+    "encode_tensors",
+    "generate_private_key",
+    "load_private_key",
+    "open_envelope",
+    "open_tensor",
+    "open_tensors",
+    "parse_wire_dtype",
+    "public_key_fingerprint",
+    "public_key_from_b64",
+    "public_key_to_b64",
+    "save_private_key",
+    "seal",
+    "seal_tensor",
+    "seal_tensors",
+]
