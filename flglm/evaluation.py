@@ -1,0 +1,220 @@
+"""Local evaluation each round: eval loss, label-scoring accuracy (with a Wilson interval) and ROUGE-L.
+
+Every scorer takes `score_fn(input_ids, attention_mask) -> logits` (batch, seq, vocab), any callable: the
+unsplit model, or `lambda ids, mask: back(body(front(ids, mask), mask), mask)` for a split one, so the same
+code evaluates centralized and federated runs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from flglm.data import (
+    IGNORE_INDEX,
+    Example,
+    TokenizedExample,
+    collate,
+    encode_prompt_and_completion,
+    verbalise_label,
+)
+
+ScoreFn = Callable[[torch.Tensor, torch.Tensor], Any]
+
+
+def _logits(output: Any) -> torch.Tensor:
+    """Accept raw logits or an HF ModelOutput."""
+    return output if isinstance(output, torch.Tensor) else output.logits
+
+
+# ------------------------------------------------------------------------------------------------- ROUGE-L
+
+
+def _lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
+    previous = [0] * (len(b) + 1)
+    for token in a:
+        current = [0]
+        for j, other in enumerate(b, start=1):
+            current.append(previous[j - 1] + 1 if token == other else max(previous[j], current[j - 1]))
+        previous = current
+    return previous[-1]
+
+
+def rouge_l(prediction: str, reference: str, lowercase: bool = True) -> float:
+    """ROUGE-L F1 on whitespace tokens (longest common subsequence); 0.0 when either side is empty."""
+    if lowercase:
+        prediction, reference = prediction.lower(), reference.lower()
+    pred, ref = prediction.split(), reference.split()
+    if not pred or not ref:
+        return 0.0
+    lcs = _lcs_length(pred, ref)
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(pred), lcs / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def mean_rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    if not predictions:
+        raise ValueError("no predictions to score")
+    return sum(map(rouge_l, predictions, references)) / len(predictions)
+
+
+# -------------------------------------------------------------------------------------------------- intervals
+
+
+def wilson_interval(successes: int, total: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion (95 % by default); (0, 1) when total is 0."""
+    if total < 0 or not 0 <= successes <= total:
+        raise ValueError(f"need 0 <= successes <= total, got {successes}/{total}")
+    if total == 0:
+        return 0.0, 1.0
+    p = successes / total
+    denominator = 1 + z * z / total
+    centre = (p + z * z / (2 * total)) / denominator
+    half_width = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denominator
+    return max(0.0, centre - half_width), min(1.0, centre + half_width)
+
+
+# ------------------------------------------------------------------------------------------------ losses
+
+
+def completion_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row sum of log-probabilities of the scored (label != -100) tokens, and the count of those tokens.
+
+    HF shift convention: the logits at position t predict the token at t+1. Only scored positions go through
+    log_softmax, so a large vocabulary costs memory only for the few target tokens.
+    """
+    targets = labels[:, 1:]  # (batch, seq-1)
+    scored = targets != IGNORE_INDEX  # (batch, seq-1)
+    rows = scored.nonzero()[:, 0]  # (n_scored,)
+    picked = logits[:, :-1][scored].float()  # (n_scored, vocab)
+    token_log_probs = torch.log_softmax(picked, dim=-1).gather(1, targets[scored].unsqueeze(1)).squeeze(1)
+    sums = torch.zeros(labels.shape[0], dtype=torch.float32).index_add_(0, rows, token_log_probs)  # (batch,)
+    return sums, scored.sum(dim=1)
+
+
+@torch.no_grad()
+def eval_loss(score_fn: ScoreFn, batches: Iterable[dict[str, torch.Tensor]]) -> float:
+    """Token-weighted mean cross-entropy over every scored token of the batches (as produced by `collate`)."""
+    total_log_prob, total_tokens = 0.0, 0
+    for batch in batches:
+        logits = _logits(score_fn(batch["input_ids"], batch["attention_mask"]))  # (batch, seq, vocab)
+        sums, counts = completion_log_probs(logits, batch["labels"])
+        total_log_prob += float(sums.sum())
+        total_tokens += int(counts.sum())
+    if total_tokens == 0:
+        raise ValueError("no scored tokens in the evaluation batches")
+    return -total_log_prob / total_tokens
+
+
+# ------------------------------------------------------------------------------------------ classification
+
+
+@dataclass
+class LabelCount:
+    total: int = 0
+    correct: int = 0
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.total if self.total else 0.0
+
+
+@dataclass
+class ClassificationResult:
+    """Accuracy with its 95 % Wilson interval, per-label counts and every prediction (in example order)."""
+
+    correct: int
+    total: int
+    interval: tuple[float, float]
+    per_label: dict[str, LabelCount]
+    predictions: list[str] = field(default_factory=list)
+    predicted_counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.total if self.total else 0.0
+
+    def as_metrics(self) -> dict[str, float]:
+        """Flat numbers for the metrics report (only aggregate figures; no per-example predictions)."""
+        return {
+            "accuracy": self.accuracy,
+            "accuracy_ci_low": self.interval[0],
+            "accuracy_ci_high": self.interval[1],
+            "eval_examples": float(self.total),
+        }
+
+
+@torch.no_grad()
+def classification_accuracy(
+    score_fn: ScoreFn,
+    examples: Sequence[Example],
+    label_set: Sequence[str],
+    tokenizer: Any,
+    max_length: int = 128,
+    pairs_per_batch: int = 32,
+    add_eos: bool = True,
+    pad_token_id: int | None = None,
+) -> ClassificationResult:
+    """Predict each example's label as the label whose verbalised completion has the highest total log-prob.
+
+    Every (example, label) pair is one row, truncated exactly as in training; rows are scored in batches
+    of `pairs_per_batch` (right padding). `add_eos` scores the eos after the label too, as in training, which
+    also separates a label from a longer label it is a prefix of.
+    """
+    labels = list(label_set)
+    if not labels:
+        raise ValueError("the label set is empty")
+    if not examples:
+        raise ValueError("no examples to evaluate")
+    for ex in examples:
+        if ex.label not in labels:
+            raise ValueError(f"{ex.origin or 'example'}: label {ex.label!r} is not in the label set")
+    if pad_token_id is None:
+        pad_token_id = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        )
+    if pad_token_id is None:
+        raise ValueError("the tokenizer has neither a pad nor an eos token; pass pad_token_id")
+    rows: list[TokenizedExample] = []
+    for ex in examples:
+        for label in labels:
+            ids, start, _ = encode_prompt_and_completion(
+                tokenizer, ex, verbalise_label(label), max_length, add_eos
+            )
+            rows.append(TokenizedExample(ids, [IGNORE_INDEX] * start + ids[start:]))
+    scores = torch.empty(len(rows), dtype=torch.float32)
+    for start in range(0, len(rows), pairs_per_batch):
+        batch = collate(rows[start : start + pairs_per_batch], pad_token_id, padding_side="right")
+        logits = _logits(score_fn(batch["input_ids"], batch["attention_mask"]))  # (pairs, seq, vocab)
+        sums, _ = completion_log_probs(logits, batch["labels"])
+        scores[start : start + len(sums)] = sums
+    best = scores.view(len(examples), len(labels)).argmax(dim=1)  # (examples,); ties go to the earlier label
+    per_label = {label: LabelCount() for label in labels}
+    predicted_counts = dict.fromkeys(labels, 0)
+    predictions: list[str] = []
+    correct = 0
+    for ex, choice in zip(examples, best.tolist(), strict=True):
+        predicted = labels[choice]
+        predictions.append(predicted)
+        predicted_counts[predicted] += 1
+        count = per_label[str(ex.label)]
+        count.total += 1
+        if predicted == ex.label:
+            count.correct += 1
+            correct += 1
+    return ClassificationResult(
+        correct=correct,
+        total=len(examples),
+        interval=wilson_interval(correct, len(examples)),
+        per_label=per_label,
+        predictions=predictions,
+        predicted_counts=predicted_counts,
+    )
