@@ -1,0 +1,1 @@
+"""HTTP layer shared by every domain: dependencies, pagination and the `/api/v1` router."""

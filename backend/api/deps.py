@@ -1,0 +1,86 @@
+"""`Annotated` dependency aliases used by every endpoint: session, settings, principal and role gates."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from backend.auth.schemas import Principal, Role
+from backend.auth.service import authenticate, require_role
+from backend.errors import RateLimited
+from backend.limits import TokenBucketLimiter
+from backend.settings import Settings
+
+bearer_scheme = HTTPBearer(auto_error=False)
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    """One transaction per request: commit when the endpoint returned, roll back when it raised.
+
+    Services never commit; this is the only place that does, before the response is sent (scope="function").
+    """
+    session: Session = request.app.state.session_factory()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+
+
+def get_settings_from_app(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings_from_app)]
+
+
+def get_principal(
+    session: SessionDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
+) -> Principal:
+    return authenticate(session, credentials.credentials if credentials else None)
+
+
+CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
+
+
+def require_admin(principal: CurrentPrincipal) -> Principal:
+    return require_role(principal, Role.admin)
+
+
+def require_operator(principal: CurrentPrincipal) -> Principal:
+    """Admins and viewers: the read side of the operator API."""
+    return require_role(principal, Role.admin, Role.viewer)
+
+
+def require_client(principal: CurrentPrincipal) -> Principal:
+    return require_role(principal, Role.client)
+
+
+AdminDep = Annotated[Principal, Depends(require_admin)]
+OperatorDep = Annotated[Principal, Depends(require_operator)]
+ClientDep = Annotated[Principal, Depends(require_client)]
+
+
+def enforce_rate_limit(request: Request) -> None:
+    limiter: TokenBucketLimiter = request.app.state.rate_limiter
+    key = request.client.host if request.client else "unknown"
+    wait_s = limiter.acquire(key)
+    if wait_s > 0:
+        retry_after = "3600" if math.isinf(wait_s) else str(max(1, math.ceil(wait_s)))
+        raise RateLimited("too many requests; slow down", headers={"Retry-After": retry_after})
+
+
+RateLimitDep = Depends(enforce_rate_limit)

@@ -1,0 +1,29 @@
+"""The `/api/v1` router: every domain's operator and agent routes, plus a health check."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from backend.audit.endpoints import router as audit_router
+from backend.auth.endpoints import router as auth_router
+from backend.clients import endpoints as clients
+from backend.jobs import endpoints as jobs
+from backend.metrics import endpoints as metrics
+
+api_router = APIRouter()
+for router in (
+    auth_router,
+    clients.router,
+    clients.agent_router,
+    jobs.router,
+    jobs.agent_router,
+    metrics.router,
+    metrics.agent_router,
+    audit_router,
+):
+    api_router.include_router(router)
+
+
+@api_router.get("/health", tags=["health"])
+def health() -> dict[str, str]:
+    return {"status": "ok"}

@@ -1,0 +1,99 @@
+"""`create_app(settings)`: migrations, bootstrap admin, server key, limits, routes, housekeeping."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
+
+from backend.api.router import api_router
+from backend.auth.service import ensure_bootstrap_admin
+from backend.db import create_db_engine, create_session_factory
+from backend.errors import install_error_handlers
+from backend.housekeeping import run_housekeeping
+from backend.limits import BodySizeLimit, TokenBucketLimiter
+from backend.migrate import upgrade_to_head
+from backend.models import utc_now
+from backend.server_keys import load_or_create_server_key, public_key_b64
+from backend.settings import Settings, get_settings
+from flglm.protocol import API_PREFIX
+
+log = logging.getLogger(__name__)
+
+FRONTEND_DIR = Path(__file__).resolve().parent.parent / "frontend"
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    url = settings.resolved_database_url()
+    if settings.run_migrations_on_start:
+        upgrade_to_head(url)
+    engine = create_db_engine(url)
+    session_factory = create_session_factory(engine)
+    with session_factory() as session, session.begin():
+        new_admin_secret = ensure_bootstrap_admin(session, settings.bootstrap_admin_token)
+    if new_admin_secret:
+        _publish_admin_token(settings.data_dir / "admin_token", new_admin_secret)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        task = None
+        if settings.deadline_check_interval_s > 0:
+            task = asyncio.create_task(_housekeeping_loop(app, settings))
+        try:
+            yield
+        finally:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            engine.dispose()
+
+    app = FastAPI(
+        title="FL-GLM control plane",
+        version="1",
+        openapi_url="/openapi.json",
+        docs_url="/docs",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.session_factory = session_factory
+    app.state.rate_limiter = TokenBucketLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst)
+    app.state.server_public_key_b64 = public_key_b64(
+        load_or_create_server_key(settings.resolved_server_key_file())
+    )
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
+    app.include_router(api_router, prefix=API_PREFIX)
+    if FRONTEND_DIR.is_dir():
+        app.mount("/", StaticFiles(directory=FRONTEND_DIR, html=True), name="dashboard")
+    return app
+
+
+def _publish_admin_token(path: Path, secret: str) -> None:
+    """The generated admin token is shown once on stderr and kept 0600 for the operator's CLI."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(secret + "\n")
+    print(f"flglm: created the admin API token (also in {path}):\n  {secret}", file=sys.stderr)
+
+
+async def _housekeeping_loop(app: FastAPI, settings: Settings) -> None:
+    while True:
+        await asyncio.sleep(settings.deadline_check_interval_s)
+        try:
+            await run_in_threadpool(
+                run_housekeeping, app.state.session_factory, utc_now(), settings.heartbeat_lease_s
+            )
+        except Exception:  # keep the loop alive; the next pass retries
+            log.exception("housekeeping pass failed")

@@ -1,0 +1,57 @@
+"""Roles, the authenticated principal, and the token endpoints' models."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Role(enum.StrEnum):
+    admin = "admin"
+    viewer = "viewer"
+    client = "client"  # a client agent; never stored on an API token
+
+
+@dataclass(frozen=True)
+class Principal:
+    kind: Literal["token", "client"]
+    id: int
+    name: str
+    role: Role
+
+    @property
+    def actor(self) -> str:
+        """How the audit log names this principal."""
+        return f"{self.kind}:{self.id}:{self.name}"
+
+
+class PrincipalView(BaseModel):
+    kind: Literal["token", "client"]
+    id: int
+    name: str
+    role: Role
+
+
+class ApiTokenCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200)
+    role: Literal["admin", "viewer"]
+
+
+class ApiTokenView(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    name: str
+    role: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class ApiTokenCreated(ApiTokenView):
+    token: str = Field(description="shown once; only its hash is stored")

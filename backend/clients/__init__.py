@@ -1,0 +1,1 @@
+"""Client agents: enrollment with one-time tokens, heartbeats and leases, revocation."""

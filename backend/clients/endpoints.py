@@ -1,0 +1,81 @@
+"""Client routes: enrollment tokens, listing and revocation for operators; enroll and heartbeat for agents."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Request, status
+
+from backend.api.deps import AdminDep, ClientDep, OperatorDep, RateLimitDep, SessionDep, SettingsDep
+from backend.api.pagination import Page, PageDep
+from backend.clients import service
+from backend.clients.repository import ClientRepository
+from backend.clients.schemas import ClientView, EnrollmentTokenCreate, EnrollmentTokenCreated
+from backend.models import utc_now
+from flglm import protocol
+from flglm.protocol import ClientStatus
+
+router = APIRouter(prefix="/clients", tags=["clients"])
+agent_router = APIRouter(tags=["agent"])
+
+ClientId = Annotated[int, Path(ge=1)]
+
+
+@router.post(
+    "/enrollment-tokens",
+    response_model=EnrollmentTokenCreated,
+    status_code=status.HTTP_201_CREATED,
+    dependencies=[RateLimitDep],
+)
+def create_enrollment_token(
+    body: EnrollmentTokenCreate, session: SessionDep, admin: AdminDep, settings: SettingsDep
+) -> EnrollmentTokenCreated:
+    ttl_s = body.expires_in_s or settings.enrollment_token_ttl_s
+    client, token, expires_at = service.create_enrollment_token(
+        session, admin.actor, body.name, ttl_s, utc_now()
+    )
+    return EnrollmentTokenCreated(client_id=client.id, name=client.name, token=token, expires_at=expires_at)
+
+
+@router.get("", response_model=Page[ClientView])
+def list_clients(
+    session: SessionDep, _: OperatorDep, page: PageDep, status: ClientStatus | None = None
+) -> Page[ClientView]:
+    rows, total = ClientRepository(session).page(limit=page.limit, offset=page.offset, status=status)
+    return Page(
+        items=[ClientView.model_validate(r) for r in rows], total=total, limit=page.limit, offset=page.offset
+    )
+
+
+@router.get("/{client_id}", response_model=ClientView)
+def show_client(client_id: ClientId, session: SessionDep, _: OperatorDep) -> ClientView:
+    return ClientView.model_validate(service.get_client(session, client_id))
+
+
+@router.post("/{client_id}/revoke", response_model=ClientView)
+def revoke_client(client_id: ClientId, session: SessionDep, admin: AdminDep) -> ClientView:
+    return ClientView.model_validate(service.revoke(session, admin.actor, client_id, utc_now()))
+
+
+@agent_router.post(
+    protocol.ENROLL_PATH,
+    response_model=protocol.EnrollResponse,
+    status_code=status.HTTP_201_CREATED,
+    dependencies=[RateLimitDep],
+)
+def enroll(body: protocol.EnrollRequest, request: Request, session: SessionDep) -> protocol.EnrollResponse:
+    return service.enroll(session, body, request.app.state.server_public_key_b64, utc_now())
+
+
+@agent_router.post(protocol.HEARTBEAT_PATH, response_model=protocol.HeartbeatResponse)
+def heartbeat(
+    body: protocol.HeartbeatRequest, session: SessionDep, client: ClientDep, settings: SettingsDep
+) -> protocol.HeartbeatResponse:
+    now = utc_now()
+    updated = service.heartbeat(session, client.id, body.example_count, now)
+    return protocol.HeartbeatResponse(
+        client_id=updated.id,
+        status=ClientStatus(updated.status),
+        lease_s=settings.heartbeat_lease_s,
+        server_time=now,
+    )

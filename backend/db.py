@@ -1,0 +1,50 @@
+"""Engine and session factory: SQLite gets foreign keys ON, WAL and a busy timeout; Postgres is used as is."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+SQLITE_BUSY_TIMEOUT_MS = 10_000
+
+
+def is_sqlite(url: str) -> bool:
+    return url.startswith("sqlite")
+
+
+def create_db_engine(url: str, *, pooled: bool = True) -> Engine:
+    """`pooled=False` gives one connection per use (migrations, short CLI commands)."""
+    pool_args: dict[str, Any] = {} if pooled else {"poolclass": sa.pool.NullPool}
+    if is_sqlite(url):
+        database = sa.engine.make_url(url).database
+        if database and database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(
+            url,
+            connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
+            **pool_args,
+        )
+        event.listen(engine, "connect", _configure_sqlite_connection)
+        return engine
+    if pooled:
+        pool_args = {"pool_pre_ping": True, "pool_size": 10, "max_overflow": 20}
+    return sa.create_engine(url, **pool_args)
+
+
+def _configure_sqlite_connection(dbapi_connection: Any, _record: Any) -> None:
+    # The driver's default transaction handling begins a transaction only at the first write, so a
+    # writer waits on the database lock (busy timeout) instead of failing on a stale WAL snapshot.
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.close()
+
+
+def create_session_factory(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(bind=engine, expire_on_commit=False, autoflush=True)

@@ -1,0 +1,1 @@
+"""Jobs: submission, invitations and consent, the lifecycle state machine, and rounds."""

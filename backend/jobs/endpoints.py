@@ -1,0 +1,173 @@
+"""Job routes: the operator API (`/jobs`) and the agent's invitations, consent, work and round reports."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Request, status
+
+from backend.api.deps import AdminDep, ClientDep, OperatorDep, SessionDep
+from backend.api.pagination import Page, PageDep
+from backend.jobs import service
+from backend.jobs.repository import JobRepository, ParticipantRepository, RoundRepository
+from backend.jobs.schemas import (
+    ArtifactView,
+    InviteRequest,
+    JobView,
+    ParticipantView,
+    RoundParticipantView,
+    RoundView,
+)
+from backend.models import utc_now
+from flglm import protocol
+from flglm.protocol import JobSpec, JobStatus
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+agent_router = APIRouter(tags=["agent"])
+
+JobId = Annotated[int, Path(ge=1)]
+
+
+@router.post("", response_model=JobView, status_code=status.HTTP_201_CREATED)
+def create_job(spec: JobSpec, session: SessionDep, admin: AdminDep) -> JobView:
+    return JobView.model_validate(service.create_job(session, admin.actor, spec, utc_now()))
+
+
+@router.get("", response_model=Page[JobView])
+def list_jobs(
+    session: SessionDep, _: OperatorDep, page: PageDep, status: JobStatus | None = None
+) -> Page[JobView]:
+    rows, total = JobRepository(session).page(limit=page.limit, offset=page.offset, status=status)
+    return Page(
+        items=[JobView.model_validate(r) for r in rows], total=total, limit=page.limit, offset=page.offset
+    )
+
+
+@router.get("/{job_id}", response_model=JobView)
+def show_job(job_id: JobId, session: SessionDep, _: OperatorDep) -> JobView:
+    return JobView.model_validate(service.get_job(session, job_id))
+
+
+def _transition_route(action: str) -> None:
+    def transition(job_id: JobId, session: SessionDep, admin: AdminDep) -> JobView:
+        return JobView.model_validate(service.transition(session, admin.actor, job_id, action, utc_now()))
+
+    transition.__name__ = f"{action}_job"
+    router.add_api_route(
+        f"/{{job_id}}/{action}",
+        transition,
+        methods=["POST"],
+        response_model=JobView,
+        summary=f"{action.title()} a job",
+    )
+
+
+for _action in ("open", "start", "pause", "resume", "cancel"):
+    _transition_route(_action)
+
+
+@router.get("/{job_id}/participants", response_model=list[ParticipantView])
+def list_participants(job_id: JobId, session: SessionDep, _: OperatorDep) -> list[ParticipantView]:
+    service.get_job(session, job_id)
+    return [
+        ParticipantView(
+            client_id=c.id,
+            client_name=c.name,
+            client_status=c.status,
+            consent=p.consent,  # type: ignore[arg-type]
+            decided_at=p.decided_at,
+        )
+        for p, c in ParticipantRepository(session).list_for_job(job_id)
+    ]
+
+
+@router.post("/{job_id}/participants", response_model=list[ParticipantView])
+def invite_clients(
+    job_id: JobId, body: InviteRequest, session: SessionDep, admin: AdminDep
+) -> list[ParticipantView]:
+    service.invite_clients(session, admin.actor, job_id, body.clients, utc_now())
+    return list_participants(job_id, session, admin)
+
+
+@router.get("/{job_id}/rounds", response_model=list[RoundView])
+def list_rounds(job_id: JobId, session: SessionDep, _: OperatorDep) -> list[RoundView]:
+    service.get_job(session, job_id)
+    rounds = RoundRepository(session)
+    return [_round_view(rounds, r) for r in rounds.list_for_job(job_id)]
+
+
+@router.post("/{job_id}/rounds/{round_number}/close", response_model=RoundView)
+def close_round(
+    job_id: JobId, round_number: Annotated[int, Path(ge=1)], session: SessionDep, admin: AdminDep
+) -> RoundView:
+    round_ = service.close_round_now(session, admin.actor, job_id, round_number, utc_now())
+    return _round_view(RoundRepository(session), round_)
+
+
+@router.get("/{job_id}/artifacts", response_model=list[ArtifactView])
+def list_artifacts(job_id: JobId, session: SessionDep, _: OperatorDep) -> list[ArtifactView]:
+    from backend.metrics.repository import ArtifactRepository
+
+    service.get_job(session, job_id)
+    return [ArtifactView.model_validate(a) for a in ArtifactRepository(session).list_for_job(job_id)]
+
+
+def _round_view(rounds: RoundRepository, round_: object) -> RoundView:
+    from backend.models import Round
+
+    assert isinstance(round_, Round)
+    return RoundView(
+        number=round_.number,
+        status=round_.status,  # type: ignore[arg-type]
+        started_at=round_.started_at,
+        deadline_at=round_.deadline_at,
+        closed_at=round_.closed_at,
+        close_reason=round_.close_reason,
+        participants=[RoundParticipantView.model_validate(p) for p in rounds.participants(round_.id)],
+    )
+
+
+# --- agent side -----------------------------------------------------------------------------------
+
+
+def _server_public_key(request: Request) -> str:
+    key: str = request.app.state.server_public_key_b64
+    return key
+
+
+@agent_router.get(protocol.INVITATIONS_PATH, response_model=list[protocol.InvitationView])
+def my_invitations(session: SessionDep, client: ClientDep) -> list[protocol.InvitationView]:
+    return service.list_invitations(session, client.id)
+
+
+@agent_router.post(protocol.INVITATION_DECISION_PATH, response_model=protocol.InvitationView)
+def decide_invitation(
+    job_id: JobId, body: protocol.ConsentRequest, session: SessionDep, client: ClientDep
+) -> protocol.InvitationView:
+    return service.decide(session, client.id, client.actor, job_id, body.decision, utc_now())
+
+
+@agent_router.get(protocol.AGENT_JOB_PATH, response_model=protocol.AgentJobView)
+def my_job(job_id: JobId, request: Request, session: SessionDep, client: ClientDep) -> protocol.AgentJobView:
+    return service.agent_job_view(session, client.id, job_id, _server_public_key(request))
+
+
+@agent_router.get(protocol.WORK_PATH, response_model=protocol.WorkResponse)
+def my_work(request: Request, session: SessionDep, client: ClientDep) -> protocol.WorkResponse:
+    return protocol.WorkResponse(
+        assignments=service.work_for(session, client.id, _server_public_key(request))
+    )
+
+
+@agent_router.post(protocol.ROUND_DONE_PATH, response_model=protocol.RoundDoneResponse)
+def report_round_done(
+    job_id: JobId,
+    round_number: Annotated[int, Path(ge=1)],
+    body: protocol.RoundDoneRequest,
+    session: SessionDep,
+    client: ClientDep,
+) -> protocol.RoundDoneResponse:
+    return service.report_round_done(session, client.id, client.actor, job_id, round_number, body, utc_now())
+
+
+__all__ = ["agent_router", "router"]

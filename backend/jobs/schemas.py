@@ -1,0 +1,84 @@
+"""Operator-side models of jobs, participants and rounds (submission uses `flglm.protocol.JobSpec`)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from flglm.protocol import ConsentStatus, JobStatus, RoundParticipantStatus, RoundStatus
+
+
+class JobView(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    name: str
+    model_ref: str
+    task_type: str
+    split_plan: dict[str, Any]
+    adapter: dict[str, Any]
+    hyperparameters: dict[str, Any]
+    privacy: dict[str, Any]
+    parallel_mode: str
+    replicas: int
+    rounds: int
+    steps_per_round: int
+    min_clients: int
+    round_timeout_s: float
+    straggler_policy: str
+    status: JobStatus
+    current_round: int
+    failure_reason: str | None
+    created_by: str
+    created_at: datetime
+    updated_at: datetime
+
+
+class ParticipantView(BaseModel):
+    client_id: int
+    client_name: str
+    client_status: str
+    consent: ConsentStatus
+    decided_at: datetime | None
+
+
+class InviteRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    clients: list[str] = Field(min_length=1)
+
+
+class RoundParticipantView(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    client_id: int
+    status: RoundParticipantStatus
+    example_count: int | None
+    eval_metrics: dict[str, Any] | None
+    finished_at: datetime | None
+    drop_reason: str | None
+
+
+class RoundView(BaseModel):
+    number: int
+    status: RoundStatus
+    started_at: datetime
+    deadline_at: datetime
+    closed_at: datetime | None
+    close_reason: str | None
+    participants: list[RoundParticipantView]
+
+
+class ArtifactView(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    job_id: int
+    round_number: int | None
+    kind: str
+    uri: str
+    sha256: str | None
+    size_bytes: int | None
+    created_at: datetime

@@ -1,0 +1,1 @@
+"""Per-step training metrics reported by agents, and job artifacts (checkpoints, adapters)."""

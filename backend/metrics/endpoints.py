@@ -1,0 +1,44 @@
+"""Metric routes: agents post per-step metrics of their approved jobs; operators list them (paginated)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query, status
+
+from backend.api.deps import ClientDep, OperatorDep, SessionDep
+from backend.api.pagination import Page, PageDep
+from backend.metrics.repository import StepMetricRepository
+from backend.metrics.schemas import StepMetricIn, StepMetricView
+from backend.metrics.service import record_step_metric
+from backend.models import utc_now
+from flglm import protocol
+
+router = APIRouter(prefix="/metrics", tags=["metrics"])
+agent_router = APIRouter(tags=["agent"])
+
+
+@router.get("", response_model=Page[StepMetricView])
+def list_metrics(
+    session: SessionDep,
+    _: OperatorDep,
+    page: PageDep,
+    job_id: Annotated[int | None, Query(ge=1)] = None,
+    round_number: Annotated[int | None, Query(ge=1)] = None,
+    client_id: Annotated[int | None, Query(ge=1)] = None,
+) -> Page[StepMetricView]:
+    rows, total = StepMetricRepository(session).page(
+        limit=page.limit, offset=page.offset, job_id=job_id, round_number=round_number, client_id=client_id
+    )
+    items = [StepMetricView.model_validate(row, from_attributes=True) for row in rows]
+    return Page(items=items, total=total, limit=page.limit, offset=page.offset)
+
+
+@agent_router.post(
+    protocol.STEP_METRICS_PATH, response_model=StepMetricView, status_code=status.HTTP_201_CREATED
+)
+def post_step_metric(
+    job_id: Annotated[int, Path(ge=1)], body: StepMetricIn, session: SessionDep, client: ClientDep
+) -> StepMetricView:
+    metric = record_step_metric(session, client.id, job_id, body, utc_now())
+    return StepMetricView.model_validate(metric, from_attributes=True)

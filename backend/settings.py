@@ -1,0 +1,49 @@
+"""Settings of the control plane: one pydantic-settings `Settings` (env prefix `FLGLM_`), read once."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FLGLM_", extra="ignore")
+
+    data_dir: Path = Field(default_factory=lambda: Path.home() / ".flglm")
+    # Empty means the embedded default: a SQLite file `<data_dir>/flglm.db`.
+    database_url: str = ""
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    executor: Literal["inprocess", "celery"] = "inprocess"
+
+    heartbeat_lease_s: float = 60.0
+    # How often the app enforces round deadlines and heartbeat leases; 0 disables the loop (tests call it).
+    deadline_check_interval_s: float = 5.0
+    max_body_bytes: int = 16 * 1024 * 1024
+    # Token bucket per client IP on auth/enrollment endpoints.
+    rate_limit_per_minute: float = 30.0
+    rate_limit_burst: int = 10
+    enrollment_token_ttl_s: float = 24 * 3600.0
+
+    # A fixed admin token (e.g. from a secret store); when empty one is created on first start and
+    # written 0600 to `<data_dir>/admin_token`.
+    bootstrap_admin_token: str = ""
+    server_key_file: Path | None = None
+    run_migrations_on_start: bool = True
+
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'flglm.db'}"
+
+    def resolved_server_key_file(self) -> Path:
+        return self.server_key_file or self.data_dir / "server_x25519.key"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

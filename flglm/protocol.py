@@ -1,0 +1,248 @@
+"""Control-plane messages and paths shared by the backend and the client agent (pydantic only, no FastAPI)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+from datetime import datetime
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+API_PREFIX = "/api/v1"
+
+# Agent-facing paths (relative to API_PREFIX); the agent formats them with the same names.
+ENROLL_PATH = "/agent/enroll"
+HEARTBEAT_PATH = "/agent/heartbeat"
+INVITATIONS_PATH = "/agent/invitations"
+INVITATION_DECISION_PATH = "/agent/invitations/{job_id}/decision"
+WORK_PATH = "/agent/work"
+AGENT_JOB_PATH = "/agent/jobs/{job_id}"
+ROUND_DONE_PATH = "/agent/jobs/{job_id}/rounds/{round_number}/done"
+STEP_METRICS_PATH = "/agent/jobs/{job_id}/metrics"
+
+X25519_KEY_BYTES = 32
+
+
+class JobStatus(enum.StrEnum):
+    draft = "draft"
+    waiting_for_clients = "waiting_for_clients"
+    running = "running"
+    paused = "paused"
+    completed = "completed"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+class ParallelMode(enum.StrEnum):
+    sequential = "sequential"
+    client_batch = "client_batch"
+    server_hierarchical = "server_hierarchical"
+
+
+class TaskType(enum.StrEnum):
+    generation = "generation"
+    classification = "classification"
+
+
+class StragglerPolicy(enum.StrEnum):
+    """What a round does at its deadline: drop unfinished clients (if ≥ min_clients finished) or fail."""
+
+    drop = "drop"
+    fail = "fail"
+
+
+class ConsentStatus(enum.StrEnum):
+    invited = "invited"
+    approved = "approved"
+    declined = "declined"
+
+
+class ClientStatus(enum.StrEnum):
+    pending = "pending"  # enrollment token issued, agent not registered yet
+    active = "active"
+    offline = "offline"
+    revoked = "revoked"
+
+
+class RoundStatus(enum.StrEnum):
+    open = "open"
+    closed = "closed"
+    failed = "failed"
+
+
+class RoundParticipantStatus(enum.StrEnum):
+    active = "active"
+    finished = "finished"
+    dropped = "dropped"
+
+
+class ConsentDecision(enum.StrEnum):
+    approve = "approve"
+    decline = "decline"
+
+
+def validate_public_key_b64(value: str) -> str:
+    """Check that `value` is base64 of a raw 32-byte X25519 public key; returns it unchanged."""
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError("public_key must be base64 (standard alphabet, padded)") from exc
+    if len(raw) != X25519_KEY_BYTES:
+        raise ValueError(f"public_key must decode to {X25519_KEY_BYTES} bytes (raw X25519), got {len(raw)}")
+    return value
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    """Every error response of the API has this shape."""
+
+    error: ErrorDetail
+
+
+class SplitPlanSpec(StrictModel):
+    front_layers: int = Field(default=1, ge=1)
+    back_layers: int = Field(default=1, ge=1)
+
+
+class PrivacySpec(StrictModel):
+    activation_noise_std: float = Field(default=0.0, ge=0.0)
+    wire_dtype: str = Field(default="float32", pattern="^(float32|float16|bfloat16)$")
+
+
+class JobSpec(StrictModel):
+    """What an operator submits (`flglm job submit FILE`); the backend validates the same model."""
+
+    name: str = Field(min_length=1, max_length=200)
+    model_ref: str = Field(min_length=1, max_length=500)
+    task_type: TaskType = TaskType.generation
+    split_plan: SplitPlanSpec = Field(default_factory=lambda: SplitPlanSpec())
+    adapter: dict[str, Any] = Field(default_factory=lambda: {"kind": "lora", "r": 8, "alpha": 16})
+    hyperparameters: dict[str, Any] = Field(default_factory=dict)
+    parallel_mode: ParallelMode = ParallelMode.sequential
+    replicas: int = Field(default=1, ge=1, le=1024)
+    rounds: int = Field(default=1, ge=1, le=100_000)
+    steps_per_round: int = Field(default=1, ge=1, le=10_000_000)
+    min_clients: int = Field(default=1, ge=1)
+    round_timeout_s: float = Field(default=3600.0, gt=0)
+    straggler_policy: StragglerPolicy = StragglerPolicy.drop
+    privacy: PrivacySpec = Field(default_factory=lambda: PrivacySpec())
+    clients: list[str] = Field(default_factory=list, description="names of the invited client agents")
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> JobSpec:
+        if self.parallel_mode is not ParallelMode.server_hierarchical and self.replicas != 1:
+            raise ValueError("replicas > 1 needs parallel_mode 'server_hierarchical'")
+        if len(set(self.clients)) != len(self.clients):
+            raise ValueError("clients contains duplicate names")
+        return self
+
+
+class EnrollRequest(StrictModel):
+    token: str = Field(min_length=1, max_length=200)
+    public_key: str = Field(description="raw 32-byte X25519 public key, base64")
+    example_count: int = Field(
+        default=0, ge=0, description="how many examples this data owner chooses to disclose"
+    )
+
+    @field_validator("public_key")
+    @classmethod
+    def _check_public_key(cls, value: str) -> str:
+        return validate_public_key_b64(value)
+
+
+class EnrollResponse(BaseModel):
+    client_id: int
+    name: str
+    credential: str = Field(description="bearer token for every later request; shown once")
+    server_public_key: str
+
+
+class HeartbeatRequest(StrictModel):
+    example_count: int | None = Field(default=None, ge=0)
+
+
+class HeartbeatResponse(BaseModel):
+    client_id: int
+    status: ClientStatus
+    lease_s: float
+    server_time: datetime
+
+
+class InvitationView(BaseModel):
+    """What a data owner sees of a job it is invited to, to decide whether to join."""
+
+    job_id: int
+    name: str
+    model_ref: str
+    task_type: TaskType
+    parallel_mode: ParallelMode
+    rounds: int
+    steps_per_round: int
+    hyperparameters: dict[str, Any]
+    privacy: dict[str, Any]
+    job_status: JobStatus
+    consent: ConsentStatus
+
+
+class ConsentRequest(StrictModel):
+    decision: ConsentDecision
+
+
+class AgentJobView(InvitationView):
+    split_plan: dict[str, Any]
+    adapter: dict[str, Any]
+    current_round: int
+    server_public_key: str
+
+
+class WorkAssignment(BaseModel):
+    """One open round this agent takes part in (only for jobs it approved and that are running)."""
+
+    job_id: int
+    round_number: int
+    steps: int
+    deadline_at: datetime
+    job: AgentJobView
+
+
+class WorkResponse(BaseModel):
+    assignments: list[WorkAssignment]
+
+
+class RoundDoneRequest(StrictModel):
+    example_count: int = Field(ge=0)
+    eval_metrics: dict[str, float] = Field(default_factory=dict)
+
+
+class RoundDoneResponse(BaseModel):
+    job_id: int
+    round_number: int
+    round_status: RoundStatus
+    job_status: JobStatus
+
+
+class StepMetricIn(StrictModel):
+    round_number: int = Field(ge=1)
+    step: int = Field(ge=0)
+    loss: float | None = None
+    tokens: int = Field(default=0, ge=0)
+    phase_timings_s: dict[str, Annotated[float, Field(ge=0)]] = Field(default_factory=dict)
+    wire_bytes_up: int = Field(default=0, ge=0)
+    wire_bytes_down: int = Field(default=0, ge=0)
+
+
+class StepMetricView(StepMetricIn):
+    id: int
+    job_id: int
+    client_id: int
+    created_at: datetime
