@@ -99,12 +99,14 @@ def tiny_config(arch: str, **overrides: Any) -> PretrainedConfig:
     return AutoConfig.for_model(arch, **{**base, **_ARCH_OVERRIDES[arch], **overrides})
 
 
-def build_tiny_model(arch: str, seed: int = 0, **overrides: Any) -> PreTrainedModel:
+def build_tiny_model(
+    arch: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any
+) -> PreTrainedModel:
     """A randomly initialised tiny causal LM; the same (arch, seed, overrides) gives identical weights."""
     config = tiny_config(arch, **overrides)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.eval()
 
 
