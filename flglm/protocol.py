@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import enum
 from datetime import datetime
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from flglm.wire.errors import WireError
+from flglm.wire.keys import public_key_from_b64
 
 API_PREFIX = "/api/v1"
 
@@ -21,9 +22,6 @@ WORK_PATH = "/agent/work"
 AGENT_JOB_PATH = "/agent/jobs/{job_id}"
 ROUND_DONE_PATH = "/agent/jobs/{job_id}/rounds/{round_number}/done"
 STEP_METRICS_PATH = "/agent/jobs/{job_id}/metrics"
-
-X25519_KEY_BYTES = 32
-
 
 class JobStatus(enum.StrEnum):
     draft = "draft"
@@ -86,11 +84,9 @@ class ConsentDecision(enum.StrEnum):
 def validate_public_key_b64(value: str) -> str:
     """Check that `value` is base64 of a raw 32-byte X25519 public key; returns it unchanged."""
     try:
-        raw = base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise ValueError("public_key must be base64 (standard alphabet, padded)") from exc
-    if len(raw) != X25519_KEY_BYTES:
-        raise ValueError(f"public_key must decode to {X25519_KEY_BYTES} bytes (raw X25519), got {len(raw)}")
+        public_key_from_b64(value)
+    except WireError as exc:
+        raise ValueError(str(exc)) from None
     return value
 
 

@@ -1,0 +1,215 @@
+"""Backend contract fixtures: every test runs against SQLite (a temp file) and the real PostgreSQL."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+import uvicorn
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from backend.app import create_app
+from backend.migrate import upgrade_to_head
+from backend.models import Base
+from backend.settings import Settings
+from backend.tls import TlsFiles, ensure_self_signed
+from flglm.protocol import API_PREFIX
+from flglm.wire.keys import generate_private_key, public_key_to_b64
+
+ADMIN_TOKEN = "flglm_at_test-admin-token"
+PG_DATABASE = "flglm_test_backend"
+
+
+def recreate_postgres_database(server_url: str, name: str) -> str:
+    """Drop and create database `name` on the server of `server_url`; returns its URL."""
+    admin = sa.create_engine(server_url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    return sa.engine.make_url(server_url).set(database=name).render_as_string(hide_password=False)
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgres"])
+def db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A migrated database of each kind, shared by the session (tables are emptied before every test)."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path_factory.mktemp('sqlite') / 'flglm.db'}"
+    else:
+        url = recreate_postgres_database(request.getfixturevalue("postgres_url"), PG_DATABASE)
+    upgrade_to_head(url)
+    return url
+
+
+def empty_all_tables(url: str) -> None:
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    tables = [table.name for table in reversed(Base.metadata.sorted_tables)]
+    with engine.begin() as conn:
+        if url.startswith("postgresql"):
+            conn.execute(sa.text(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE"))
+        else:
+            for table in tables:
+                conn.execute(sa.text(f"DELETE FROM {table}"))
+    engine.dispose()
+
+
+@pytest.fixture
+def settings(db_url: str, tmp_path: Path) -> Settings:
+    empty_all_tables(db_url)
+    return Settings(
+        data_dir=tmp_path / "data",
+        database_url=db_url,
+        bootstrap_admin_token=ADMIN_TOKEN,
+        deadline_check_interval_s=0,
+        run_migrations_on_start=False,
+        rate_limit_burst=10_000,
+        rate_limit_per_minute=60_000,
+        max_body_bytes=64 * 1024,
+    )
+
+
+@dataclass
+class Api:
+    """A test client speaking the API with a given bearer token (`as_(token)` switches identity)."""
+
+    http: TestClient | httpx.Client
+    token: str | None = ADMIN_TOKEN
+    prefix: str = API_PREFIX
+
+    def as_(self, token: str | None) -> Api:
+        return Api(self.http, token, self.prefix)
+
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        headers = dict(kwargs.pop("headers", {}) or {})
+        if self.token is not None:
+            headers["Authorization"] = f"Bearer {self.token}"
+        return self.http.request(method, self.prefix + path, headers=headers, **kwargs)
+
+    def get(self, path: str, **kwargs: Any) -> httpx.Response:
+        return self.request("GET", path, **kwargs)
+
+    def post(self, path: str, **kwargs: Any) -> httpx.Response:
+        return self.request("POST", path, **kwargs)
+
+    def ok(self, method: str, path: str, expected: int = 200, **kwargs: Any) -> Any:
+        response = self.request(method, path, **kwargs)
+        assert response.status_code == expected, (method, path, response.status_code, response.text)
+        return response.json()
+
+
+@pytest.fixture
+def app(settings: Settings) -> FastAPI:
+    return create_app(settings)
+
+
+@pytest.fixture
+def api(app: FastAPI) -> Iterator[Api]:
+    with TestClient(app) as client:
+        yield Api(client)
+
+
+@dataclass
+class Agent:
+    name: str
+    client_id: int
+    credential: str
+    api: Api
+    public_key: str = field(repr=False)
+
+
+def enrollment_token(api: Api, name: str) -> str:
+    body = api.ok("POST", "/clients/enrollment-tokens", 201, json={"name": name})
+    token: str = body["token"]
+    return token
+
+
+def enroll(api: Api, name: str, token: str | None = None, example_count: int = 100) -> Agent:
+    token = token or enrollment_token(api, name)
+    public_key = public_key_to_b64(generate_private_key().public_key())
+    body = api.as_(None).ok(
+        "POST", "/agent/enroll", 201, json={"token": token, "public_key": public_key, "example_count": example_count}
+    )
+    return Agent(name, body["client_id"], body["credential"], api.as_(body["credential"]), public_key)
+
+
+def job_spec(clients: list[str], **overrides: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "name": "news-classifier",
+        "model_ref": "smollm2-135m",
+        "task_type": "classification",
+        "split_plan": {"front_layers": 1, "back_layers": 1},
+        "adapter": {"kind": "lora", "r": 8, "alpha": 16},
+        "hyperparameters": {"lr": 1e-4, "batch_size": 8},
+        "parallel_mode": "client_batch",
+        "rounds": 2,
+        "steps_per_round": 5,
+        "min_clients": len(clients) or 1,
+        "round_timeout_s": 600,
+        "clients": clients,
+    }
+    spec.update(overrides)
+    return spec
+
+
+def running_job(api: Api, agents: list[Agent], **overrides: Any) -> int:
+    """Create, open, approve by every agent and start a job; returns its id."""
+    job = api.ok("POST", "/jobs", 201, json=job_spec([a.name for a in agents], **overrides))
+    api.ok("POST", f"/jobs/{job['id']}/open")
+    for agent in agents:
+        agent.api.ok("POST", f"/agent/invitations/{job['id']}/decision", json={"decision": "approve"})
+    api.ok("POST", f"/jobs/{job['id']}/start")
+    job_id: int = job["id"]
+    return job_id
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class LiveServer:
+    base_url: str
+    tls: TlsFiles
+    app: FastAPI
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, verify=str(self.tls.ca_cert), timeout=30)
+
+
+@pytest.fixture
+def live_server(app: FastAPI, tmp_path: Path) -> Iterator[LiveServer]:
+    """The app behind a real uvicorn with HTTPS (self-signed CA), in a thread of this process."""
+    tls = ensure_self_signed(tmp_path / "tls")
+    port = free_port()
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=port,
+        ssl_certfile=str(tls.server_cert),
+        ssl_keyfile=str(tls.server_key),
+        log_level="warning",
+        lifespan="on",
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert thread.is_alive(), "uvicorn exited during start-up"
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    yield LiveServer(f"https://localhost:{port}", tls, app)
+    server.should_exit = True
+    thread.join(timeout=10)
