@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import hashlib
 import os
 import stat
@@ -92,7 +93,12 @@ def save_private_key(private_key: X25519PrivateKey, path: str | os.PathLike[str]
 
 def load_private_key(path: str | os.PathLike[str]) -> X25519PrivateKey:
     """Read a key written by `save_private_key`; refuses files that group or others can read or write."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # O_NOFOLLOW: a symlink could point the agent at another file
+            raise KeyFormatError(f"{path} is a symbolic link; point at the key file itself") from None
+        raise
     try:
         info = os.fstat(fd)  # fstat on the opened file: no window between the check and the read
         if not stat.S_ISREG(info.st_mode):
