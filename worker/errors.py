@@ -65,3 +65,14 @@ class ReplicaMisrouted(StepRejected):
 
     http_status = 500
     code = "replica_misrouted"
+
+
+class ReplicaBusy(StepRejected):
+    """Too many forwards queued behind the in-flight step; the agent retries later."""
+
+    http_status = 503
+    code = "replica_busy"
+
+
+class JournalGap(RuntimeError):
+    """A journalled step cannot be replayed (its messages expired): resuming would lose applied steps."""

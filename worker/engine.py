@@ -1,0 +1,129 @@
+"""The worker runtime and the plain task functions that Celery (or the in-process executor) calls.
+
+Tasks carry ids and message refs only (JSON); tensors travel through the blob store. A worker process
+loads nothing until a job's first task arrives, then keeps that job's replica (body on the GPU when there
+is one) in `WorkerRuntime.replicas` for as long as the process lives.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from torch import nn
+
+from flglm.adapters import AdapterConfig, add_split_adapters
+from flglm.models import load_split_parts
+from flglm.split import SplitPlan
+from flglm.step_protocol import MessageRef, WorkerJobSpec, spec_blob_key
+from worker.blob_store import BlobStore
+from worker.errors import UnknownJob
+from worker.replica import ServerReplica
+
+log = logging.getLogger(__name__)
+
+# (job id, replica, delay in seconds): make `run_replica_flush` run on that replica's queue later.
+FlushScheduler = Callable[[int, int, float], None]
+
+
+def publish_job_spec(store: BlobStore, spec: WorkerJobSpec, ttl_s: float | None = None) -> None:
+    """Make a job known to the workers (the backend calls this when a job starts). Write-once: a job's
+    spec never changes under a running replica."""
+    data = spec.model_dump_json().encode()
+    store.put_if_absent(spec_blob_key(spec.job_id), data, ttl_s or max(spec.blob_ttl_s, 30 * 86400.0))
+
+
+def read_job_spec(store: BlobStore, job_id: int) -> WorkerJobSpec:
+    data = store.get(spec_blob_key(job_id))
+    if data is None:
+        raise UnknownJob(f"job {job_id} is not known to the workers (no published spec)")
+    return WorkerJobSpec.model_validate_json(data)
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def load_server_body(spec: WorkerJobSpec) -> nn.Module:
+    """Only the body's weights, with the job's server-side adapters (same seed as every client)."""
+    plan = SplitPlan(spec.split_plan.front_layers, spec.split_plan.back_layers)
+    split = load_split_parts(spec.model_ref, plan, parts={"body"})
+    add_split_adapters(split, AdapterConfig(**spec.adapter), spec.seed)
+    return split.part("body")
+
+
+class WorkerRuntime:
+    """What one worker process holds: the blob store, the server key and its cached replicas."""
+
+    def __init__(
+        self,
+        store: BlobStore,
+        server_private_key: X25519PrivateKey,
+        schedule_flush: FlushScheduler,
+        device: torch.device | None = None,
+    ) -> None:
+        self.store = store
+        self.server_private_key = server_private_key
+        self.schedule_flush = schedule_flush
+        self.device = device or pick_device()
+        self.replicas: dict[tuple[int, int], ServerReplica] = {}
+        self._lock = threading.Lock()
+
+    def replica(self, job_id: int, replica: int) -> ServerReplica:
+        """The cached replica, loading body + checkpoint (+ journal replay) on the job's first task."""
+        with self._lock:
+            key = (job_id, replica)
+            if key not in self.replicas:
+                spec = read_job_spec(self.store, job_id)
+                log.info("loading job %s replica %s (%s) on %s", job_id, replica, spec.model_ref, self.device)
+                self.replicas[key] = ServerReplica(
+                    spec,
+                    replica,
+                    load_server_body(spec),
+                    self.store,
+                    self.server_private_key,
+                    lambda delay: self.schedule_flush(job_id, replica, delay),
+                    self.device,
+                )
+            return self.replicas[key]
+
+    def forget(self, job_id: int) -> None:
+        """Drop a finished job's replicas from memory."""
+        with self._lock:
+            for key in [k for k in self.replicas if k[0] == job_id]:
+                del self.replicas[key]
+
+
+# ---- the task bodies: plain functions of (runtime, JSON arguments) -> JSON result ------------------------
+
+
+def run_server_forward(
+    runtime: WorkerRuntime, job_id: int, replica: int, message: dict[str, Any]
+) -> dict[str, Any]:
+    ref = MessageRef.model_validate(message)
+    return runtime.replica(job_id, replica).submit_forward(ref)
+
+
+def run_server_backward(
+    runtime: WorkerRuntime, job_id: int, replica: int, message: dict[str, Any]
+) -> dict[str, Any]:
+    ref = MessageRef.model_validate(message)
+    return runtime.replica(job_id, replica).submit_backward(ref)
+
+
+def run_replica_flush(runtime: WorkerRuntime, job_id: int, replica: int) -> dict[str, Any]:
+    return runtime.replica(job_id, replica).flush()
+
+
+def run_round_end(runtime: WorkerRuntime, job_id: int, replica: int, round_number: int) -> dict[str, Any]:
+    return runtime.replica(job_id, replica).end_round(round_number)
+
+
+def replica_counters(runtime: WorkerRuntime, job_id: int, replica: int) -> dict[str, Any]:
+    """Step counters of a replica (for monitoring and tests)."""
+    held = runtime.replica(job_id, replica)
+    return {"server_steps": held.server_steps, "applied": sorted(held.applied)}

@@ -1,0 +1,206 @@
+"""Where task functions run: `InProcessExecutor` (threads, the embedded default) or `CeleryExecutor` (Redis).
+
+Both run the same functions from `TASK_FUNCTIONS` and return the same JSON; a refused step comes back as
+`{"status": "rejected", "code": ..., "message": ...}` and `TaskHandle.get` raises the typed error again, so
+callers see one behaviour whichever executor the settings pick. Each replica queue of the in-process
+executor is a single thread, like the one solo Celery worker that consumes it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Protocol
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from flglm.step_protocol import DEFAULT_QUEUE, MessageDirection, MessageRef, WorkerJobSpec, replica_queue
+from worker import engine, errors
+from worker.blob_store import BlobStore
+from worker.fedavg import run_client_fedavg
+
+TaskFunction = Callable[..., dict[str, Any]]
+
+SERVER_FORWARD = "flglm.server_forward"
+SERVER_BACKWARD = "flglm.server_backward"
+REPLICA_FLUSH = "flglm.replica_flush"
+ROUND_END = "flglm.round_end"
+CLIENT_FEDAVG = "flglm.client_fedavg"
+REPLICA_COUNTERS = "flglm.replica_counters"
+
+TASK_FUNCTIONS: dict[str, TaskFunction] = {
+    SERVER_FORWARD: engine.run_server_forward,
+    SERVER_BACKWARD: engine.run_server_backward,
+    REPLICA_FLUSH: engine.run_replica_flush,
+    ROUND_END: engine.run_round_end,
+    CLIENT_FEDAVG: run_client_fedavg,
+    REPLICA_COUNTERS: engine.replica_counters,
+}
+
+_REJECTIONS: dict[str, type[errors.StepRejected]] = {
+    cls.code: cls for cls in [errors.StepRejected, *errors.StepRejected.__subclasses__()]
+}
+
+
+def call_task(runtime: engine.WorkerRuntime, name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Run one task function; a refusal becomes a JSON result (never a retry: the input is at fault)."""
+    try:
+        return TASK_FUNCTIONS[name](runtime, **kwargs)
+    except errors.StepRejected as exc:
+        return {"status": "rejected", "code": exc.code, "http_status": exc.http_status, "message": str(exc)}
+
+
+def raise_if_rejected(result: dict[str, Any]) -> dict[str, Any]:
+    if result.get("status") == "rejected":
+        raise _REJECTIONS.get(str(result.get("code")), errors.StepRejected)(str(result.get("message")))
+    return result
+
+
+def route_step_message(spec: WorkerJobSpec, ref: MessageRef) -> tuple[str, dict[str, Any], str]:
+    """(task name, kwargs, queue) for an uploaded forward or gradient message."""
+    if ref.client_id not in spec.client_ids():
+        raise errors.ForeignClient(f"client {ref.client_id} is not a client of job {spec.job_id}")
+    replica = spec.replica_of(ref.client_id)
+    names = {MessageDirection.activations: SERVER_FORWARD, MessageDirection.gradients: SERVER_BACKWARD}
+    if ref.direction not in names:
+        raise errors.ReplicaMisrouted(f"{ref.direction.value} messages are not server step tasks")
+    kwargs = {"job_id": spec.job_id, "replica": replica, "message": ref.model_dump(mode="json")}
+    return names[ref.direction], kwargs, replica_queue(replica)
+
+
+class TaskHandle(Protocol):
+    def get(self, timeout_s: float) -> dict[str, Any]:
+        """The task's JSON result (raising its typed refusal); TimeoutError when it is not done in time."""
+        ...
+
+
+class Executor(Protocol):
+    def submit(self, name: str, kwargs: dict[str, Any], queue: str, countdown_s: float = 0.0) -> TaskHandle:
+        """Queue task `name` with JSON `kwargs` on `queue`, to start after `countdown_s`."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class _FutureHandle:
+    def __init__(self, future: Future[dict[str, Any]]) -> None:
+        self._future = future
+
+    def get(self, timeout_s: float) -> dict[str, Any]:
+        try:
+            return raise_if_rejected(self._future.result(timeout=timeout_s))
+        except TimeoutError:
+            raise
+        except Exception as exc:
+            if type(exc).__name__ == "TimeoutError":
+                raise TimeoutError(str(exc)) from exc
+            raise
+
+
+class InProcessExecutor:
+    """Runs the task functions in this process: one single-threaded lane per queue, timers for countdowns."""
+
+    def __init__(self, store: BlobStore, server_private_key: X25519PrivateKey) -> None:
+        self.runtime = engine.WorkerRuntime(store, server_private_key, self._schedule_flush)
+        self._lanes: dict[str, ThreadPoolExecutor] = {}
+        self._timers: set[threading.Timer] = set()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def _lane(self, queue: str) -> ThreadPoolExecutor:
+        with self._lock:
+            if queue not in self._lanes:
+                self._lanes[queue] = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"lane-{queue}")
+            return self._lanes[queue]
+
+    def submit(self, name: str, kwargs: dict[str, Any], queue: str, countdown_s: float = 0.0) -> TaskHandle:
+        if name not in TASK_FUNCTIONS:
+            raise KeyError(f"unknown task {name!r}")
+        if countdown_s <= 0:
+            return _FutureHandle(self._lane(queue).submit(call_task, self.runtime, name, kwargs))
+        outer: Future[dict[str, Any]] = Future()
+
+        def fire() -> None:
+            with self._lock:
+                self._timers.discard(timer)
+                if self._closed:
+                    return
+            inner = self._lane(queue).submit(call_task, self.runtime, name, kwargs)
+            inner.add_done_callback(lambda done: _copy_result(done, outer))
+
+        timer = threading.Timer(countdown_s, fire)
+        timer.daemon = True
+        with self._lock:
+            self._timers.add(timer)
+        timer.start()
+        return _FutureHandle(outer)
+
+    def _schedule_flush(self, job_id: int, replica: int, delay_s: float) -> None:
+        if not self._closed:
+            self.submit(
+                REPLICA_FLUSH, {"job_id": job_id, "replica": replica}, replica_queue(replica), delay_s
+            )
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            timers, self._timers = list(self._timers), set()
+            lanes = list(self._lanes.values())
+        for timer in timers:
+            timer.cancel()
+        for lane in lanes:
+            lane.shutdown(wait=True, cancel_futures=True)
+
+
+def _copy_result(source: Future[dict[str, Any]], target: Future[dict[str, Any]]) -> None:
+    exc = source.exception()
+    if exc is not None:
+        target.set_exception(exc)
+    else:
+        target.set_result(source.result())
+
+
+class _CeleryHandle:
+    def __init__(self, async_result: Any) -> None:
+        self._result = async_result
+
+    def get(self, timeout_s: float) -> dict[str, Any]:
+        from celery.exceptions import TimeoutError as CeleryTimeout
+
+        try:
+            return raise_if_rejected(self._result.get(timeout=timeout_s, propagate=True))
+        except CeleryTimeout as exc:
+            raise TimeoutError(f"task {self._result.id} did not finish in {timeout_s} s") from exc
+
+
+class CeleryExecutor:
+    """Sends tasks by name to the replica's queue on the Redis broker (`worker.celery_app`)."""
+
+    def __init__(self, celery_app: Any | None = None) -> None:
+        if celery_app is None:
+            from worker.celery_app import app as celery_app
+        self.app = celery_app
+
+    def submit(self, name: str, kwargs: dict[str, Any], queue: str, countdown_s: float = 0.0) -> TaskHandle:
+        result = self.app.send_task(name, kwargs=kwargs, queue=queue, countdown=countdown_s or None)
+        return _CeleryHandle(result)
+
+    def close(self) -> None:
+        return None
+
+
+__all__ = [
+    "CLIENT_FEDAVG",
+    "DEFAULT_QUEUE",
+    "REPLICA_COUNTERS",
+    "ROUND_END",
+    "SERVER_BACKWARD",
+    "SERVER_FORWARD",
+    "CeleryExecutor",
+    "Executor",
+    "InProcessExecutor",
+    "TaskHandle",
+    "call_task",
+    "route_step_message",
+]

@@ -1,0 +1,79 @@
+"""End-of-round FedAvg of client-block adapters, weighted by example counts; sealed for each client."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flglm.adapters import fedavg
+from flglm.step_messages import open_adapters, seal_adapters
+from flglm.step_protocol import MessageDirection, MessageRef
+from flglm.wire.errors import ReplayError, WireError
+from flglm.wire.keys import derive_channel_keys, public_key_from_b64
+from worker.blob_store import PutOutcome
+from worker.engine import WorkerRuntime, read_job_spec
+from worker.errors import ForeignClient, MissingMessage, ReplayedMessage, ReplicaMisrouted, TamperedMessage
+
+
+def run_client_fedavg(
+    runtime: WorkerRuntime,
+    job_id: int,
+    round_number: int,
+    uploads: list[dict[str, Any]],
+    example_counts: dict[str, int],
+) -> dict[str, Any]:
+    """Average the adapters_up uploads of one round and publish one adapters_down per uploading client.
+
+    Idempotent: a re-run recomputes the same average (deterministic, float64 accumulation) and the
+    first published result of each client stands.
+    """
+    spec = read_job_spec(runtime.store, job_id)
+    refs = [MessageRef.model_validate(u) for u in uploads]
+    if not refs:
+        raise ValueError("client FedAvg needs at least one upload")
+    for ref in refs:
+        if ref.job_id != job_id or ref.round_number != round_number:
+            raise ReplicaMisrouted(
+                f"upload {ref.blob_key()} does not belong to job {job_id} round {round_number}"
+            )
+        if ref.direction is not MessageDirection.adapters_up:
+            raise ReplicaMisrouted(f"{ref.blob_key()} is not an adapters_up message")
+        if ref.client_id not in spec.client_ids():
+            raise ForeignClient(f"client {ref.client_id} is not a client of job {job_id}")
+    if len({ref.client_id for ref in refs}) != len(refs):
+        raise ValueError("client FedAvg got two uploads from one client")
+    if all(runtime.store.get(ref.result_ref().blob_key()) is not None for ref in refs):
+        return {"status": "done", "clients": [ref.client_id for ref in refs]}
+    keys = {
+        ref.client_id: derive_channel_keys(
+            runtime.server_private_key,
+            public_key_from_b64(spec.public_key_of(ref.client_id)),
+            str(job_id),
+            str(ref.client_id),
+        )
+        for ref in refs
+    }
+    states, weights = [], []
+    for ref in refs:
+        blob = runtime.store.get(ref.blob_key())
+        if blob is None:
+            raise MissingMessage(f"no adapter upload at {ref.blob_key()}")
+        try:
+            expected = None if not states else {n: (t.dtype, tuple(t.shape)) for n, t in states[0].items()}
+            states.append(open_adapters(keys[ref.client_id], ref, blob, expected=expected))
+        except ReplayError as exc:
+            raise ReplayedMessage(str(exc)) from None
+        except WireError as exc:
+            raise TamperedMessage(f"adapter upload of client {ref.client_id}: {exc}") from None
+        weights.append(float(example_counts.get(str(ref.client_id), 0)))
+    if sum(weights) <= 0:
+        weights = [1.0] * len(states)  # nobody disclosed a count: a plain average
+    averaged = fedavg(states, weights)
+    published = []
+    for ref in refs:
+        result = ref.result_ref()
+        outcome = runtime.store.put_if_absent(
+            result.blob_key(), seal_adapters(keys[ref.client_id], result, averaged), spec.blob_ttl_s
+        )
+        if outcome is PutOutcome.stored:
+            published.append(ref.client_id)
+    return {"status": "done", "clients": [ref.client_id for ref in refs], "published": published}

@@ -1,0 +1,562 @@
+"""One server replica of one job: the body with its adapters and optimizer, the step in flight, the batching.
+
+Why one step in flight at a time: an optimizer step updates the body's weights in place, which would
+invalidate the saved tensors of any other graph built on the old weights. So a replica runs one forward
+group (one client in `sequential`, the clients of one step in the batch modes), waits for its gradients,
+applies them, and only then starts the next group; forwards that arrive meanwhile wait in `_arrivals`.
+
+Exactly once: every applied optimizer step gets a journal entry (write-once, in the blob store) naming the
+messages it used, *before* any result of that step is published. A restarted replica loads its newest
+checkpoint and replays the journal entries after it from the stored messages, so a step is never lost
+once an agent could have seen its result, and the `applied` set stops a retried step from being applied
+again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from torch import nn
+
+from flglm.adapters import fedavg, load_trainable_state_dict, trainable_state_dict
+from flglm.protocol import ParallelMode
+from flglm.step_messages import (
+    PayloadLimits,
+    WrongPayload,
+    header_for,
+    open_activations,
+    open_hidden,
+    seal_hidden,
+)
+from flglm.step_protocol import MessageDirection, MessageRef, WorkerJobSpec
+from flglm.trainers import ServerSideTrainer, TrainConfig
+from flglm.wire.codec import decode_tensors, encode_tensors, parse_wire_dtype
+from flglm.wire.errors import PayloadTooLargeError, ReplayError, UnexpectedTensorError, WireError
+from flglm.wire.keys import ChannelKeys, derive_channel_keys, public_key_from_b64
+from flglm.wire.sequence import ReplayGuard
+from worker.blob_store import BlobStore, PutOutcome
+from worker.checkpoints import ReplicaSnapshot, latest_snapshot, replica_dir, save_snapshot
+from worker.errors import (
+    ForeignClient,
+    JournalGap,
+    MissingMessage,
+    ReplayedMessage,
+    ReplicaBusy,
+    ReplicaMisrouted,
+    StepGraphMissing,
+    StepRejected,
+    TamperedMessage,
+    WrongTensor,
+)
+
+log = logging.getLogger(__name__)
+
+ScheduleFlush = Callable[[float], None]  # "call flush() on this replica in about this many seconds"
+
+
+def journal_key(job_id: int, replica: int, index: int) -> str:
+    return f"journal:{job_id}:{replica}:{index}"
+
+
+def server_state_key(job_id: int, sync_index: int, replica: int) -> str:
+    return f"server-state:{job_id}:{sync_index}:{replica}"
+
+
+def applied_key(ref: MessageRef) -> str:
+    return f"{ref.round_number}:{ref.step}:{ref.client_id}"
+
+
+@dataclass
+class Arrival:
+    """An opened forward upload waiting to run."""
+
+    ref: MessageRef
+    hidden_states: torch.Tensor  # (batch, seq, hidden), compute dtype
+    attention_mask: torch.Tensor  # (batch, seq)
+    arrived_at: float
+
+
+@dataclass
+class InflightGroup:
+    """One forward already run whose gradients are awaited; its graph lives in the trainer under `key`."""
+
+    key: int
+    members: list[Arrival]
+    rows: list[tuple[int, int]]  # (first row, end row) of each member in the concatenated batch
+    padded_seq: int
+    created_at: float
+    gradients: dict[int, tuple[MessageRef, torch.Tensor]] = field(
+        default_factory=dict
+    )  # client → (ref, grad)
+    first_gradient_at: float | None = None
+    abandoned: set[int] = field(default_factory=set)  # clients that retried the step from a new forward
+
+    def member_of(self, client_id: int) -> Arrival | None:
+        return next((m for m in self.members if m.ref.client_id == client_id), None)
+
+
+class ServerReplica:
+    """Serves the clients of one replica of one job; see the module docstring for the invariants."""
+
+    def __init__(
+        self,
+        spec: WorkerJobSpec,
+        replica: int,
+        body: nn.Module,
+        store: BlobStore,
+        server_private_key: X25519PrivateKey,
+        schedule_flush: ScheduleFlush,
+        device: torch.device | None = None,
+    ) -> None:
+        if not 0 <= replica < spec.replicas:
+            raise ReplicaMisrouted(f"job {spec.job_id} has {spec.replicas} replicas; no replica {replica}")
+        self.spec, self.replica, self.store = spec, replica, store
+        self.device = device or torch.device("cpu")
+        self.trainer = ServerSideTrainer(body.to(self.device), self._train_config(spec), max_pending_graphs=2)
+        self.clients = spec.replica_clients(replica)
+        self._server_private_key = server_private_key
+        self._keys: dict[int, ChannelKeys] = {}
+        self._schedule_flush = schedule_flush
+        wire_dtype = parse_wire_dtype(spec.wire_dtype)
+        assert wire_dtype is not None
+        self.wire_dtype = wire_dtype
+        self.limits = PayloadLimits(wire_dtype, _hidden_size(body), spec.max_batch_size, spec.max_seq_len)
+        self.guard = ReplayGuard()
+        self.server_steps = 0  # optimizer steps applied = journal entries written
+        self.applied: set[str] = set()
+        self._arrivals: list[Arrival] = []
+        self._inflight: InflightGroup | None = None
+        self._next_group_key = 0
+        self._flush_due: float | None = None
+        self._lock = threading.RLock()
+        self._restore()
+
+    @staticmethod
+    def _train_config(spec: WorkerJobSpec) -> TrainConfig:
+        known = set(TrainConfig.model_fields)
+        return TrainConfig(**{k: v for k, v in spec.hyperparameters.items() if k in known})
+
+    # ---- public operations (each is one task) -------------------------------------------------------
+
+    def submit_forward(self, ref: MessageRef) -> dict[str, Any]:
+        """Accept an activations upload; runs its forward group now or when the group is complete."""
+        with self._lock:
+            self._check_addressed(ref, MessageDirection.activations)
+            if self.store.get(ref.result_ref().blob_key()) is not None:
+                return {"status": "done"}  # a repeated task: the result is already published
+            if any(a.ref == ref for a in self._arrivals) or (
+                self._inflight is not None and any(m.ref == ref for m in self._inflight.members)
+            ):
+                return {"status": "pending"}
+            if len(self._arrivals) >= self.spec.max_pending:
+                raise ReplicaBusy(f"{len(self._arrivals)} forwards already wait on replica {self.replica}")
+            blob = self._load(ref)
+            hidden, mask = self._opened(
+                lambda: open_activations(self._channel(ref.client_id), ref, blob, self.limits, self.guard)
+            )
+            self._arrivals.append(
+                Arrival(ref, hidden.to(self.device), mask.to(self.device), time.monotonic())
+            )
+            self._abandon_older_attempt(ref)
+            self._advance()
+            return {"status": "done" if self.store.get(ref.result_ref().blob_key()) else "pending"}
+
+    def submit_backward(self, ref: MessageRef) -> dict[str, Any]:
+        """Accept a gradients upload for the step in flight; applies the group once all gradients are in."""
+        with self._lock:
+            self._check_addressed(ref, MessageDirection.gradients)
+            if self.store.get(ref.result_ref().blob_key()) is not None:
+                return {"status": "done"}
+            self._evict_stale()
+            group = self._inflight
+            member = None if group is None else group.member_of(ref.client_id)
+            if group is None or member is None or member.ref.step_key() != ref.step_key():
+                raise StepGraphMissing(
+                    f"no forward of round {ref.round_number} step {ref.step} for client {ref.client_id} is "
+                    f"in flight on replica {self.replica}; retry the step from its forward"
+                )
+            if ref.client_id in group.gradients:
+                if group.gradients[ref.client_id][0] == ref:
+                    return {"status": "pending"}
+                raise ReplayedMessage(f"client {ref.client_id} already sent the gradients of this step")
+            blob = self._load(ref)
+            expected_shape = tuple(member.hidden_states.shape)
+            grad = self._opened(
+                lambda: open_hidden(
+                    self._channel(ref.client_id), ref, blob, self.limits, expected_shape, self.guard
+                )
+            )
+            group.gradients[ref.client_id] = (ref, grad.to(self.device))
+            if group.first_gradient_at is None:
+                group.first_gradient_at = time.monotonic()
+            self._advance()
+            return {"status": "done" if self.store.get(ref.result_ref().blob_key()) else "pending"}
+
+    def _abandon_older_attempt(self, ref: MessageRef) -> None:
+        """A fresh forward for a step already in flight means the agent gave up on the old attempt (lost
+        result): stop waiting for that attempt's gradients instead of blocking until the timeout."""
+        group = self._inflight
+        member = None if group is None else group.member_of(ref.client_id)
+        if group is None or member is None or member.ref.step_key() != ref.step_key():
+            return
+        if ref.client_id not in group.gradients:
+            group.abandoned.add(ref.client_id)
+        if not group.gradients and group.abandoned == {m.ref.client_id for m in group.members}:
+            self.trainer.drop(group.key)
+            self._inflight = None
+
+    def flush(self) -> dict[str, Any]:
+        """Timer task: run whatever batch or backward has waited past its window; evict stale graphs."""
+        with self._lock:
+            self._flush_due = None
+            self._advance(timer=True)
+            return {"status": "flushed", "server_steps": self.server_steps}
+
+    def end_round(self, round_number: int) -> dict[str, Any]:
+        """Round end: checkpoint now (idempotent: a second call writes the same state again)."""
+        with self._lock:
+            path = self.checkpoint()
+            return {"status": "checkpointed", "server_steps": self.server_steps, "path": str(path)}
+
+    # ---- scheduling -------------------------------------------------------------------------------
+
+    def _advance(self, timer: bool = False) -> None:
+        now = time.monotonic()
+        self._evict_stale()
+        group = self._inflight
+        if group is not None:
+            expected = {m.ref.client_id for m in group.members}
+            window_over = (
+                group.first_gradient_at is not None
+                and now >= group.first_gradient_at + self.spec.batch_window_s
+            )
+            answered = set(group.gradients) | group.abandoned
+            if (answered == expected and group.gradients) or (window_over and group.gradients):
+                self._finish_group(group)
+                group = None
+            else:
+                due = group.created_at + self.spec.inflight_timeout_s
+                if group.first_gradient_at is not None:
+                    due = min(due, group.first_gradient_at + self.spec.batch_window_s)
+                self._request_flush(due - now)
+                return
+        if not self._arrivals:
+            return
+        batch = self._next_batch()
+        first = min(a.arrived_at for a in batch)
+        complete = len(batch) >= len(self.clients) or self.spec.parallel_mode is ParallelMode.sequential
+        if complete or now >= first + self.spec.batch_window_s:
+            self._run_forward(batch)
+        else:
+            self._request_flush(first + self.spec.batch_window_s - now)
+
+    def _next_batch(self) -> list[Arrival]:
+        """The arrivals that run together next: the earliest (round, step), one per client, in job order."""
+        order = {cid: i for i, cid in enumerate(self.clients)}
+        earliest = min((a.ref.round_number, a.ref.step) for a in self._arrivals)
+        batch: dict[int, Arrival] = {}
+        for arrival in self._arrivals:
+            if (arrival.ref.round_number, arrival.ref.step) == earliest:
+                batch[arrival.ref.client_id] = arrival  # a later retry of the same client replaces the older
+        ordered = sorted(batch.values(), key=lambda a: order[a.ref.client_id])
+        if self.spec.parallel_mode is ParallelMode.sequential:
+            return ordered[:1]
+        return ordered
+
+    def _request_flush(self, delay_s: float) -> None:
+        due = time.monotonic() + max(delay_s, 0.0)
+        if self._flush_due is not None and self._flush_due <= due + 0.05:
+            return  # an earlier (or equal) flush is already on its way
+        self._flush_due = due
+        self._schedule_flush(max(delay_s, 0.0) + 0.01)
+
+    def _evict_stale(self) -> None:
+        group = self._inflight
+        if group is not None and time.monotonic() - group.created_at > self.spec.inflight_timeout_s:
+            log.warning(
+                "replica %s: dropping the graph of group %s (no gradients in time)", self.replica, group.key
+            )
+            self.trainer.drop(group.key)
+            self._inflight = None
+
+    # ---- the compute -----------------------------------------------------------------------------
+
+    def _run_forward(self, batch: list[Arrival], publish: bool = True) -> InflightGroup:
+        """Pad to the longest sequence (right, mask 0), concatenate, one forward, split h1 per client."""
+        for arrival in batch:
+            self._arrivals = [a for a in self._arrivals if a is not arrival]
+        padded_seq = max(a.hidden_states.shape[1] for a in batch)
+        hidden_parts, mask_parts, rows = [], [], []
+        start = 0
+        for arrival in batch:
+            rows_n, seq, _ = arrival.hidden_states.shape  # (batch_i, seq_i, hidden)
+            pad = padded_seq - seq
+            # Right padding with mask 0: causal attention never lets a real token see a later pad, and
+            # positions count real tokens only, so each client's rows compute exactly what they would alone.
+            hidden_parts.append(nn.functional.pad(arrival.hidden_states, (0, 0, 0, pad)))
+            mask_parts.append(nn.functional.pad(arrival.attention_mask, (0, pad)))
+            rows.append((start, start + rows_n))
+            start += rows_n
+        hidden = torch.cat(hidden_parts)  # (sum batch_i, padded_seq, hidden)
+        mask = torch.cat(mask_parts)  # (sum batch_i, padded_seq)
+        key = self._next_group_key
+        self._next_group_key += 1
+        h1 = self.trainer.forward(key, hidden, mask)  # (sum batch_i, padded_seq, hidden)
+        group = InflightGroup(key, batch, rows, padded_seq, time.monotonic())
+        self._inflight = group
+        if publish:
+            for arrival, (first, end) in zip(batch, rows, strict=True):
+                seq = arrival.hidden_states.shape[1]
+                self._publish(arrival.ref.result_ref(), h1[first:end, :seq, :])
+        return group
+
+    def _finish_group(self, group: InflightGroup, publish: bool = True) -> None:
+        """One backward for the group (missing gradients count as zero), one optimizer step, journal,
+        maybe sync and checkpoint, then the per-client dL/dh0."""
+        grad = torch.zeros(
+            (group.rows[-1][1], group.padded_seq, self.limits.hidden_size), device=self.device
+        )  # (sum batch_i, padded_seq, hidden)
+        for member, (first, end) in zip(group.members, group.rows, strict=True):
+            entry = group.gradients.get(member.ref.client_id)
+            if entry is not None:
+                grad[first:end, : member.hidden_states.shape[1], :] = entry[1]
+        grad_h0 = self.trainer.backward(group.key, grad)  # (sum batch_i, padded_seq, hidden)
+        self._inflight = None
+        contributing = [m for m in group.members if m.ref.client_id in group.gradients]
+        keys = {applied_key(m.ref) for m in contributing}
+        if keys & self.applied:
+            # A retried step whose first attempt was applied (journalled) before a crash: answer it, but
+            # never apply it twice.
+            log.info("replica %s: steps %s already applied; not stepping again", self.replica, sorted(keys))
+            self._zero_grads()
+        else:
+            self.trainer.step()
+            self.server_steps += 1
+            self.applied |= keys
+            if publish:
+                self._journal(group)
+            self._after_step()
+        if publish:
+            for member, (first, end) in zip(group.members, group.rows, strict=True):
+                entry = group.gradients.get(member.ref.client_id)
+                if entry is not None:
+                    seq = member.hidden_states.shape[1]
+                    self._publish(entry[0].result_ref(), grad_h0[first:end, :seq, :])
+
+    def _zero_grads(self) -> None:
+        for parameter in self.trainer.body.parameters():
+            parameter.grad = None
+
+    def _after_step(self) -> None:
+        spec = self.spec
+        if (
+            spec.parallel_mode is ParallelMode.server_hierarchical
+            and spec.replicas > 1
+            and self.server_steps % spec.server_fedavg_every == 0
+        ):
+            self._average_with_peers(self.server_steps)
+        if self.server_steps % spec.checkpoint_every == 0:
+            self.checkpoint()
+
+    def _average_with_peers(self, sync_index: int) -> None:
+        """server_hierarchical: FedAvg of the server adapters of all replicas, weighted by their clients."""
+        own = trainable_state_dict(self.trainer.body)
+        key = server_state_key(self.spec.job_id, sync_index, self.replica)
+        self.store.put_if_absent(
+            key, encode_tensors({k: v.cpu() for k, v in own.items()}), self.spec.blob_ttl_s
+        )
+        states, weights = [], []
+        deadline = time.monotonic() + self.spec.exchange_timeout_s
+        for peer in range(self.spec.replicas):
+            data = self.store.wait_for(
+                server_state_key(self.spec.job_id, sync_index, peer), max(deadline - time.monotonic(), 0.0)
+            )
+            if data is None:
+                log.warning(
+                    "replica %s: replica %s missed sync %s; keeping local adapters",
+                    self.replica,
+                    peer,
+                    sync_index,
+                )
+                return
+            states.append(decode_tensors(data))
+            weights.append(float(len(self.spec.replica_clients(peer))))
+        load_trainable_state_dict(self.trainer.body, fedavg(states, weights))
+
+    # ---- durability ------------------------------------------------------------------------------
+
+    def _journal(self, group: InflightGroup) -> None:
+        entry = {
+            "members": [m.ref.model_dump(mode="json") for m in group.members],
+            "gradients": [
+                group.gradients[m.ref.client_id][0].model_dump(mode="json")
+                if m.ref.client_id in group.gradients
+                else None
+                for m in group.members
+            ],
+        }
+        data = json.dumps(entry, sort_keys=True).encode()
+        outcome = self.store.put_if_absent(
+            journal_key(self.spec.job_id, self.replica, self.server_steps), data, self.spec.blob_ttl_s
+        )
+        if outcome is PutOutcome.conflict:
+            # Another process applied a different step at this index: two workers serve one replica.
+            raise RuntimeError(
+                f"journal entry {self.server_steps} of job {self.spec.job_id} replica {self.replica} was "
+                "written by another worker; exactly one worker process must consume a replica's queue"
+            )
+
+    def checkpoint(self) -> Any:
+        optimizer = self.trainer.optimizer.optimizer
+        scheduler = self.trainer.optimizer.scheduler
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        groups: list[dict[str, Any]] = []
+        if optimizer is not None:
+            saved = optimizer.state_dict()
+            state = {int(i): dict(s) for i, s in saved["state"].items()}
+            groups = saved["param_groups"]
+        scheduler_state = {}
+        if scheduler is not None:
+            scheduler_state = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+        snapshot = ReplicaSnapshot(
+            server_steps=self.server_steps,
+            adapters=trainable_state_dict(self.trainer.body),
+            optimizer_state=state,
+            optimizer_param_groups=groups,
+            scheduler_state=scheduler_state,
+            replay_guard=self.guard.state(),
+            applied=sorted(self.applied),
+        )
+        return save_snapshot(replica_dir(self.spec.checkpoint_dir, self.spec.job_id, self.replica), snapshot)
+
+    def _restore(self) -> None:
+        """Newest checkpoint, then every journalled step after it (replayed from the stored messages)."""
+        snapshot = latest_snapshot(replica_dir(self.spec.checkpoint_dir, self.spec.job_id, self.replica))
+        if snapshot is not None:
+            load_trainable_state_dict(self.trainer.body, snapshot.adapters)
+            optimizer = self.trainer.optimizer.optimizer
+            if optimizer is not None and snapshot.optimizer_param_groups:
+                optimizer.load_state_dict(
+                    {"state": snapshot.optimizer_state, "param_groups": snapshot.optimizer_param_groups}
+                )
+            scheduler = self.trainer.optimizer.scheduler
+            if scheduler is not None and snapshot.scheduler_state:
+                scheduler.load_state_dict({**scheduler.state_dict(), **snapshot.scheduler_state})
+            self.guard = ReplayGuard(snapshot.replay_guard)
+            self.applied = set(snapshot.applied)
+            self.server_steps = snapshot.server_steps
+        self._replay_journal()
+
+    def _replay_journal(self) -> None:
+        while True:
+            data = self.store.get(journal_key(self.spec.job_id, self.replica, self.server_steps + 1))
+            if data is None:
+                return
+            entry = json.loads(data)
+            members = [MessageRef.model_validate(m) for m in entry["members"]]
+            arrivals = []
+            for ref in members:
+                blob = self._load_for_replay(ref)
+                hidden, mask = open_activations(self._channel(ref.client_id), ref, blob, self.limits)
+                self._note_sequence(ref)
+                arrivals.append(Arrival(ref, hidden.to(self.device), mask.to(self.device), time.monotonic()))
+            group = self._run_forward(arrivals, publish=False)
+            for member, grad_ref in zip(arrivals, entry["gradients"], strict=True):
+                if grad_ref is None:
+                    continue
+                ref = MessageRef.model_validate(grad_ref)
+                blob = self._load_for_replay(ref)
+                shape = tuple(member.hidden_states.shape)
+                grad = open_hidden(self._channel(ref.client_id), ref, blob, self.limits, shape)
+                self._note_sequence(ref)
+                group.gradients[ref.client_id] = (ref, grad.to(self.device))
+            before = self.server_steps
+            self._finish_group(group, publish=False)
+            if self.server_steps != before + 1:
+                raise JournalGap(f"journal entry {before + 1} did not replay as one applied step")
+            log.info("replica %s: replayed journalled step %s", self.replica, self.server_steps)
+
+    def _note_sequence(self, ref: MessageRef) -> None:
+        # The checkpointed guard may already hold a later sequence (accepted, never applied): keep the max.
+        with contextlib.suppress(ReplayError):
+            self.guard.accept(header_for(ref))
+
+    def _load_for_replay(self, ref: MessageRef) -> bytes:
+        blob = self.store.get(ref.blob_key())
+        if blob is None:
+            raise JournalGap(
+                f"message {ref.blob_key()} of a journalled step expired before it was checkpointed; "
+                "raise blob_ttl_s or lower checkpoint_every"
+            )
+        return blob
+
+    # ---- helpers ---------------------------------------------------------------------------------
+
+    def _check_addressed(self, ref: MessageRef, direction: MessageDirection) -> None:
+        if ref.job_id != self.spec.job_id:
+            raise ReplicaMisrouted(f"message of job {ref.job_id} reached job {self.spec.job_id}")
+        if ref.direction is not direction:
+            raise ReplicaMisrouted(f"a {ref.direction.value} message reached the {direction.value} task")
+        if ref.client_id not in self.spec.client_ids():
+            raise ForeignClient(f"client {ref.client_id} is not a client of job {self.spec.job_id}")
+        if ref.client_id not in self.clients:
+            raise ReplicaMisrouted(
+                f"client {ref.client_id} is served by replica {self.spec.replica_of(ref.client_id)}, "
+                f"not {self.replica}"
+            )
+
+    def _channel(self, client_id: int) -> ChannelKeys:
+        if client_id not in self._keys:
+            public = public_key_from_b64(self.spec.public_key_of(client_id))
+            self._keys[client_id] = derive_channel_keys(
+                self._server_private_key, public, str(self.spec.job_id), str(client_id)
+            )
+        return self._keys[client_id]
+
+    def _load(self, ref: MessageRef) -> bytes:
+        blob = self.store.get(ref.blob_key())
+        if blob is None:
+            raise MissingMessage(f"no upload at {ref.blob_key()} (never sent, or expired)")
+        return blob
+
+    def _opened(self, open_message: Callable[[], Any]) -> Any:
+        """Run an opener, turning wire errors into the engine's typed refusals."""
+        try:
+            return open_message()
+        except ReplayError as exc:
+            raise ReplayedMessage(str(exc)) from None
+        except (WrongPayload, UnexpectedTensorError, PayloadTooLargeError) as exc:
+            raise WrongTensor(str(exc)) from None
+        except WireError as exc:
+            raise TamperedMessage(str(exc)) from None
+
+    def _publish(self, ref: MessageRef, tensor: torch.Tensor) -> None:
+        sealed = seal_hidden(self._channel(ref.client_id), ref, tensor.detach().cpu(), self.wire_dtype)
+        outcome = self.store.put_if_absent(ref.blob_key(), sealed, self.spec.blob_ttl_s)
+        if outcome is PutOutcome.conflict:
+            # Results are sealed with a fresh salt, so a recomputed result never equals the stored bytes:
+            # the first published result stands, and the agent reads only that one.
+            log.info(
+                "replica %s: result %s already published; keeping the first", self.replica, ref.blob_key()
+            )
+
+
+def _hidden_size(body: nn.Module) -> int:
+    config = getattr(getattr(body, "stack", None), "config", None) or getattr(body, "config", None)
+    for name in ("hidden_size", "n_embd", "d_model"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    raise TypeError(f"cannot tell the hidden size of {type(body).__name__}; it has no config.hidden_size")
+
+
+__all__ = ["ServerReplica", "StepRejected"]
