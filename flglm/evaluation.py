@@ -137,6 +137,7 @@ class ClassificationResult:
     per_label: dict[str, LabelCount]
     predictions: list[str] = field(default_factory=list)
     predicted_counts: dict[str, int] = field(default_factory=dict)
+    scores: list[list[float]] = field(default_factory=list)  # [example][label]: summed completion log-prob
 
     @property
     def accuracy(self) -> float:
@@ -196,7 +197,8 @@ def classification_accuracy(
         logits = _logits(score_fn(batch["input_ids"], batch["attention_mask"]))  # (pairs, seq, vocab)
         sums, _ = completion_log_probs(logits, batch["labels"])
         scores[start : start + len(sums)] = sums
-    best = scores.view(len(examples), len(labels)).argmax(dim=1)  # (examples,); ties go to the earlier label
+    by_example = scores.view(len(examples), len(labels))  # (examples, labels)
+    best = by_example.argmax(dim=1)  # (examples,); ties go to the earlier label
     per_label = {label: LabelCount() for label in labels}
     predicted_counts = dict.fromkeys(labels, 0)
     predictions: list[str] = []
@@ -217,4 +219,5 @@ def classification_accuracy(
         per_label=per_label,
         predictions=predictions,
         predicted_counts=predicted_counts,
+        scores=by_example.tolist(),
     )
