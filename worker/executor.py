@@ -38,9 +38,8 @@ TASK_FUNCTIONS: dict[str, TaskFunction] = {
     REPLICA_COUNTERS: engine.replica_counters,
 }
 
-_REJECTIONS: dict[str, type[errors.StepRejected]] = {
-    cls.code: cls for cls in [errors.StepRejected, *errors.StepRejected.__subclasses__()]
-}
+_REJECTION_KINDS: list[type[errors.StepRejected]] = [errors.StepRejected, *errors.StepRejected.__subclasses__()]
+_REJECTIONS: dict[str, type[errors.StepRejected]] = {kind.code: kind for kind in _REJECTION_KINDS}
 
 
 def call_task(runtime: engine.WorkerRuntime, name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -88,14 +87,8 @@ class _FutureHandle:
         self._future = future
 
     def get(self, timeout_s: float) -> dict[str, Any]:
-        try:
-            return raise_if_rejected(self._future.result(timeout=timeout_s))
-        except TimeoutError:
-            raise
-        except Exception as exc:
-            if type(exc).__name__ == "TimeoutError":
-                raise TimeoutError(str(exc)) from exc
-            raise
+        # concurrent.futures raises the builtin TimeoutError (an alias since Python 3.11).
+        return raise_if_rejected(self._future.result(timeout=timeout_s))
 
 
 class InProcessExecutor:
@@ -179,8 +172,10 @@ class CeleryExecutor:
 
     def __init__(self, celery_app: Any | None = None) -> None:
         if celery_app is None:
-            from worker.celery_app import app as celery_app
-        self.app = celery_app
+            from worker.celery_app import app
+
+            celery_app = app
+        self.app: Any = celery_app
 
     def submit(self, name: str, kwargs: dict[str, Any], queue: str, countdown_s: float = 0.0) -> TaskHandle:
         result = self.app.send_task(name, kwargs=kwargs, queue=queue, countdown=countdown_s or None)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from flglm.adapters import fedavg
 from flglm.step_messages import open_adapters, seal_adapters
 from flglm.step_protocol import MessageDirection, MessageRef
@@ -52,7 +54,8 @@ def run_client_fedavg(
         )
         for ref in refs
     }
-    states, weights = [], []
+    states: list[dict[str, torch.Tensor]] = []
+    weights: list[float] = []
     for ref in refs:
         blob = runtime.store.get(ref.blob_key())
         if blob is None:

@@ -102,6 +102,7 @@ class SimulatedClient:
         batch: dict[str, torch.Tensor],
     ) -> MessageRef:
         h0 = self.trainer.forward_front(batch)  # (batch, seq, hidden)
+        self.last_h0 = h0
         ref = self.ref(spec, round_number, step, MessageDirection.activations)
         wire = parse_wire_dtype(spec.wire_dtype)
         assert wire is not None
