@@ -38,7 +38,10 @@ TASK_FUNCTIONS: dict[str, TaskFunction] = {
     REPLICA_COUNTERS: engine.replica_counters,
 }
 
-_REJECTION_KINDS: list[type[errors.StepRejected]] = [errors.StepRejected, *errors.StepRejected.__subclasses__()]
+_REJECTION_KINDS: list[type[errors.StepRejected]] = [
+    errors.StepRejected,
+    *errors.StepRejected.__subclasses__(),
+]
 _REJECTIONS: dict[str, type[errors.StepRejected]] = {kind.code: kind for kind in _REJECTION_KINDS}
 
 

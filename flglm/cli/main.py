@@ -2,7 +2,7 @@
 
 import typer
 
-from flglm.cli import bench
+from flglm.cli import bench, worker
 
 app = typer.Typer(
     help="FL-GLM: split federated fine-tuning of LLMs on data that never leaves its owners.",
@@ -10,6 +10,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(bench.app, name="bench")
+app.add_typer(worker.app, name="worker")
 
 
 if __name__ == "__main__":
