@@ -136,7 +136,10 @@ def enroll(api: Api, name: str, token: str | None = None, example_count: int = 1
     token = token or enrollment_token(api, name)
     public_key = public_key_to_b64(generate_private_key().public_key())
     body = api.as_(None).ok(
-        "POST", "/agent/enroll", 201, json={"token": token, "public_key": public_key, "example_count": example_count}
+        "POST",
+        "/agent/enroll",
+        201,
+        json={"token": token, "public_key": public_key, "example_count": example_count},
     )
     return Agent(name, body["client_id"], body["credential"], api.as_(body["credential"]), public_key)
 

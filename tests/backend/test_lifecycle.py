@@ -24,7 +24,10 @@ def test_job_lifecycle_end_to_end(api: Api) -> None:
         decided = agent.api.ok("POST", f"/agent/invitations/{job_id}/decision", json={"decision": "approve"})
         assert decided["consent"] == "approved"
     participants = api.ok("GET", f"/jobs/{job_id}/participants")
-    assert {p["client_name"]: p["consent"] for p in participants} == {"hospital-a": "approved", "hospital-b": "approved"}
+    assert {p["client_name"]: p["consent"] for p in participants} == {
+        "hospital-a": "approved",
+        "hospital-b": "approved",
+    }
 
     started = api.ok("POST", f"/jobs/{job_id}/start")
     assert (started["status"], started["current_round"]) == ("running", 1)
@@ -50,11 +53,15 @@ def test_job_lifecycle_end_to_end(api: Api) -> None:
                     },
                 )
         first = a.api.ok(
-            "POST", f"/agent/jobs/{job_id}/rounds/{round_number}/done", json={"example_count": 120, "eval_metrics": {}}
+            "POST",
+            f"/agent/jobs/{job_id}/rounds/{round_number}/done",
+            json={"example_count": 120, "eval_metrics": {}},
         )
         assert first["round_status"] == "open"
         # Repeating a report is harmless.
-        again = a.api.ok("POST", f"/agent/jobs/{job_id}/rounds/{round_number}/done", json={"example_count": 120})
+        again = a.api.ok(
+            "POST", f"/agent/jobs/{job_id}/rounds/{round_number}/done", json={"example_count": 120}
+        )
         assert again["round_status"] == "open"
         last = b.api.ok(
             "POST",
@@ -70,11 +77,15 @@ def test_job_lifecycle_end_to_end(api: Api) -> None:
     assert {p["status"] for r in rounds for p in r["participants"]} == {"finished"}
     assert a.api.ok("GET", "/agent/work")["assignments"] == []
 
-    metrics = api.ok("GET", "/metrics", params={"job_id": job_id, "round_number": 2, "client_id": b.client_id})
+    metrics = api.ok(
+        "GET", "/metrics", params={"job_id": job_id, "round_number": 2, "client_id": b.client_id}
+    )
     assert metrics["total"] == 2 and [m["step"] for m in metrics["items"]] == [0, 1]
     assert metrics["items"][0]["phase_timings_s"]["wait_h1"] == 0.05
 
-    actions = [e["action"] for e in api.ok("GET", "/audit", params={"object_type": "job", "limit": 500})["items"]]
+    actions = [
+        e["action"] for e in api.ok("GET", "/audit", params={"object_type": "job", "limit": 500})["items"]
+    ]
     for expected in ("job.create", "job.open", "job.start", "round.open", "round.close", "job.complete"):
         assert expected in actions
     assert actions.count("round.close") == 2

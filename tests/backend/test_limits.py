@@ -1,0 +1,138 @@
+"""Body limits (413, also for streamed bodies, without buffering), 422 naming the field, 429, pagination."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+
+from backend.app import create_app
+from backend.settings import Settings
+from tests.backend.conftest import Api, LiveServer, job_spec
+
+LIMIT = 64 * 1024  # the `settings` fixture's max_body_bytes
+
+
+def _job_count(api: Api) -> int:
+    total: int = api.ok("GET", "/jobs")["total"]
+    return total
+
+
+def test_declared_oversize_body_is_413_with_the_error_shape(api: Api) -> None:
+    spec = job_spec([], hyperparameters={"blob": "x" * (LIMIT + 1)})
+    response = api.post("/jobs", json=spec)
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "body_too_large"
+    assert _job_count(api) == 0
+
+
+def test_streamed_oversize_body_is_refused_before_it_ends(live_server: LiveServer) -> None:
+    """Chunked upload over TLS: the 413 arrives while the body is still open, so nothing buffered it all."""
+    host, port = "localhost", int(live_server.base_url.rsplit(":", 1)[1])
+    context = ssl.create_default_context(cafile=str(live_server.tls.ca_cert))
+    with (
+        socket.create_connection((host, port), timeout=20) as raw,
+        context.wrap_socket(raw, server_hostname=host) as tls,
+    ):
+        head = (
+            "POST /api/v1/jobs HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer flglm_at_test-admin-token\r\n"
+            "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        tls.sendall(head.encode())
+        chunk = b"x" * 8192
+        sent = 0
+        response = b""
+        tls.settimeout(0.05)
+        # Keep sending (never the terminating chunk) until the server answers.
+        while sent < 50 * LIMIT and b"\r\n\r\n" not in response:
+            try:
+                tls.sendall(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+                sent += len(chunk)
+            except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
+                pass
+            try:
+                response += tls.recv(65536)
+            except (TimeoutError, ssl.SSLWantReadError):
+                pass
+        tls.settimeout(5)
+        while b"}}" not in response:
+            more = tls.recv(65536)
+            if not more:
+                break
+            response += more
+    assert response.startswith(b"HTTP/1.1 413"), response[:200]
+    assert b'"body_too_large"' in response
+    assert sent < 50 * LIMIT  # the server answered long before we would have stopped
+    with live_server.client() as client:
+        assert _job_count(Api(client)) == 0
+
+
+def test_malformed_json_and_wrong_types_are_422_naming_the_field(api: Api) -> None:
+    audit_before = api.ok("GET", "/audit")["total"]
+    broken = api.post("/jobs", content=b'{"name": "x", ', headers={"Content-Type": "application/json"})
+    assert broken.status_code == 422
+    assert broken.json()["error"]["code"] == "validation_error"
+    assert "JSON" in broken.json()["error"]["message"]
+
+    wrong = api.post("/jobs", json=job_spec([], rounds="many", parallel_mode="telepathy"))
+    assert wrong.status_code == 422
+    message = wrong.json()["error"]["message"]
+    assert "body.rounds" in message and "body.parallel_mode" in message
+
+    inconsistent = api.post("/jobs", json=job_spec([], replicas=4, parallel_mode="client_batch"))
+    assert inconsistent.status_code == 422 and "replicas" in inconsistent.json()["error"]["message"]
+    unknown = api.post("/jobs", json=job_spec(["nobody-enrolled"]))
+    assert unknown.status_code == 422 and "nobody-enrolled" in unknown.json()["error"]["message"]
+
+    bad_query = api.get("/jobs", params={"limit": 0})
+    assert bad_query.status_code == 422 and "query.limit" in bad_query.json()["error"]["message"]
+    # Nothing was half-written by any of the rejected requests (the unknown-client job rolled back too).
+    assert _job_count(api) == 0
+    assert api.ok("GET", "/audit")["total"] == audit_before
+
+
+def test_unknown_route_and_method_have_the_error_shape(api: Api) -> None:
+    assert api.get("/nope").json()["error"]["code"] == "not_found"
+    assert api.request("DELETE", "/jobs").json()["error"]["code"] == "method_not_allowed"
+
+
+def test_pagination(api: Api) -> None:
+    ids = [api.ok("POST", "/jobs", 201, json=job_spec([], name=f"job-{i}"))["id"] for i in range(5)]
+    first = api.ok("GET", "/jobs", params={"limit": 2})
+    second = api.ok("GET", "/jobs", params={"limit": 2, "offset": 2})
+    last = api.ok("GET", "/jobs", params={"limit": 2, "offset": 4})
+    assert first["total"] == 5 and (first["limit"], first["offset"]) == (2, 0)
+    pages = [j["id"] for page in (first, second, last) for j in page["items"]]
+    assert pages == sorted(ids, reverse=True)
+
+
+def test_auth_and_enrollment_are_rate_limited(settings: Settings) -> None:
+    limited = settings.model_copy(update={"rate_limit_burst": 3, "rate_limit_per_minute": 1.0})
+    with TestClient(create_app(limited)) as client:
+        api = Api(client)
+        statuses = [
+            api.as_(None).post("/agent/enroll", json={"token": "x", "public_key": "y"}).status_code
+            for _ in range(5)
+        ]
+        assert statuses[:3] == [422, 422, 422] and statuses[3:] == [429, 429]
+        refused = api.get("/auth/me")
+        assert refused.status_code == 429
+        assert int(refused.headers["Retry-After"]) >= 1
+        assert refused.json()["error"]["code"] == "rate_limited"
+        # Other endpoints are not rate limited.
+        assert api.get("/jobs").status_code == 200
+
+
+def test_admin_token_is_generated_once_and_kept_private(settings: Settings, tmp_path: Path) -> None:
+    fresh = settings.model_copy(update={"bootstrap_admin_token": "", "data_dir": tmp_path / "fresh"})
+    token_file = tmp_path / "fresh" / "admin_token"
+    with TestClient(create_app(fresh)) as client:
+        secret = token_file.read_text().strip()
+        assert token_file.stat().st_mode & 0o777 == 0o600
+        me = Api(client, secret).ok("GET", "/auth/me")
+        assert (me["kind"], me["role"]) == ("token", "admin")
+    token_file.unlink()
+    with TestClient(create_app(fresh)):
+        assert not token_file.exists()  # an admin exists already: nothing new is minted
