@@ -9,6 +9,8 @@ from typing import Protocol, runtime_checkable
 
 import redis
 
+BLPOP_SLICE_S = 2.0
+
 
 class PutOutcome(StrEnum):
     """What `put_if_absent` did: the idempotency verdict of an upload."""
@@ -134,8 +136,11 @@ class RedisBlobStore:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None
-            # BLPOP takes whole or fractional seconds; 0 would mean "forever", so keep a floor.
-            popped = self._redis.blpop([self._ready_key(key)], timeout=max(remaining, 0.01))
+            # One BLPOP blocks server-side for at most BLPOP_SLICE_S: redis-py's socket timeout (5 s by
+            # default) would cut a longer one. 0 would mean "forever", so keep a floor.
+            popped = self._redis.blpop(
+                [self._ready_key(key)], timeout=min(max(remaining, 0.01), BLPOP_SLICE_S)
+            )
             if popped is None:
                 continue
             data = self.get(key)

@@ -184,6 +184,13 @@ class ServerReplica:
                     f"no forward of round {ref.round_number} step {ref.step} for client {ref.client_id} is "
                     f"in flight on replica {self.replica}; retry the step from its forward"
                 )
+            if ref.sequence <= member.ref.sequence:
+                # Sequences grow per client: gradients older than the forward in flight answer an earlier
+                # attempt of this step (a redelivered task), never this graph.
+                raise StepGraphMissing(
+                    f"gradients {ref.sequence} of client {ref.client_id} predate the forward in flight "
+                    f"({member.ref.sequence}); they belong to an abandoned attempt"
+                )
             if ref.client_id in group.gradients:
                 if group.gradients[ref.client_id][0] == ref:
                     return {"status": "pending"}
