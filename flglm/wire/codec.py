@@ -50,6 +50,7 @@ MAX_NDIM = 8
 DEFAULT_MAX_BYTES = 4 * 2**30  # 4 GiB: far above one step's tensors, far below what would hurt a host
 MAX_SAFETENSORS_HEADER_BYTES = 8 * 2**20
 MAX_DICT_TENSORS = 65_536
+MAX_SHAPE_EXTENT = 2**48  # elements: far above any model tensor, far below torch size-arithmetic overflow
 _FIXED_HEADER = struct.Struct("<4sBBH")
 
 
@@ -86,6 +87,13 @@ def validate_shape(shape: Any) -> tuple[int, ...]:
         # bool is an int subclass: `true` in a JSON shape is malformed, not a dimension of 1.
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 0 or dim >= 2**63:
             raise DecodeError(f"shape {list(shape)!r} has an invalid dimension {dim!r}")
+    extent = 1
+    for dim in shape:
+        extent *= max(dim, 1)
+    # Even an empty tensor (a zero dimension) must have sizes torch can index: huge other dimensions
+    # would overflow its stride arithmetic.
+    if extent > MAX_SHAPE_EXTENT:
+        raise PayloadTooLargeError(f"shape {list(shape)!r} exceeds the limit of {MAX_SHAPE_EXTENT} elements")
     return tuple(shape)
 
 
