@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import enum
 from datetime import datetime
 from typing import Annotated, Any
 
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
-from flglm.wire.errors import WireError
-from flglm.wire.keys import public_key_from_b64
 
 API_PREFIX = "/api/v1"
 
@@ -22,6 +22,9 @@ WORK_PATH = "/agent/work"
 AGENT_JOB_PATH = "/agent/jobs/{job_id}"
 ROUND_DONE_PATH = "/agent/jobs/{job_id}/rounds/{round_number}/done"
 STEP_METRICS_PATH = "/agent/jobs/{job_id}/metrics"
+
+X25519_PUBLIC_KEY_BYTES = 32
+
 
 class JobStatus(enum.StrEnum):
     draft = "draft"
@@ -82,11 +85,17 @@ class ConsentDecision(enum.StrEnum):
 
 
 def validate_public_key_b64(value: str) -> str:
-    """Check that `value` is base64 of a raw 32-byte X25519 public key; returns it unchanged."""
+    """Check that `value` is base64 of a raw 32-byte X25519 public key; returns it unchanged.
+
+    Same rules as `flglm.wire.keys.public_key_from_b64`, without importing `flglm.wire` (which loads torch).
+    """
     try:
-        public_key_from_b64(value)
-    except WireError as exc:
-        raise ValueError(str(exc)) from None
+        raw = base64.b64decode(value.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("public key is not valid base64") from None
+    if len(raw) != X25519_PUBLIC_KEY_BYTES:
+        raise ValueError(f"public key is {len(raw)} bytes; an X25519 public key is {X25519_PUBLIC_KEY_BYTES}")
+    X25519PublicKey.from_public_bytes(raw)
     return value
 
 

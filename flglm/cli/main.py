@@ -2,7 +2,7 @@
 
 import typer
 
-from flglm.cli import bench, worker
+from flglm.cli import bench, operator, server, worker
 
 app = typer.Typer(
     help="FL-GLM: split federated fine-tuning of LLMs on data that never leaves its owners.",
@@ -11,6 +11,10 @@ app = typer.Typer(
 )
 app.add_typer(bench.app, name="bench")
 app.add_typer(worker.app, name="worker")
+app.add_typer(server.serve_app, name="serve")
+app.add_typer(server.db_app, name="db")
+app.add_typer(operator.job_app, name="job")
+app.add_typer(operator.client_app, name="client")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,157 @@
+"""Operator verbs over the REST API (`flglm job ...`, `flglm client ...`), with httpx over HTTPS.
+
+Every command takes `--server`, `--token` and `--ca-cert` (or FLGLM_SERVER, FLGLM_TOKEN, FLGLM_CA_CERT) and
+prints the API's JSON answer; an API error prints `error <code>: <message>` and exits 1.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+import yaml
+
+from flglm.protocol import API_PREFIX, JobSpec
+
+job_app = typer.Typer(help="Submit and steer training jobs.", no_args_is_help=True)
+client_app = typer.Typer(help="Enroll, list and revoke client agents.", no_args_is_help=True)
+
+Server = Annotated[str, typer.Option("--server", envvar="FLGLM_SERVER", help="control plane base URL")]
+Token = Annotated[str, typer.Option("--token", envvar="FLGLM_TOKEN", help="operator API token")]
+CaCert = Annotated[
+    Path | None,
+    typer.Option("--ca-cert", envvar="FLGLM_CA_CERT", help="CA that signed the server certificate"),
+]
+DEFAULT_SERVER = "https://localhost:8443"
+
+
+def call_api(method: str, path: str, server: str, token: str, ca_cert: Path | None, **kwargs: Any) -> Any:
+    verify: str | bool = str(ca_cert) if ca_cert else True
+    try:
+        with httpx.Client(base_url=server.rstrip("/") + API_PREFIX, verify=verify, timeout=30) as client:
+            response = client.request(method, path, headers={"Authorization": f"Bearer {token}"}, **kwargs)
+    except httpx.HTTPError as exc:
+        typer.echo(f"error: cannot reach {server}: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if response.is_error:
+        try:
+            error = response.json()["error"]
+            typer.echo(f"error {error['code']}: {error['message']}", err=True)
+        except (ValueError, KeyError, TypeError):
+            typer.echo(f"error: HTTP {response.status_code}: {response.text[:500]}", err=True)
+        raise typer.Exit(1)
+    return response.json()
+
+
+def _print(body: Any) -> None:
+    typer.echo(json.dumps(body, indent=2, sort_keys=True))
+
+
+def read_job_spec(path: Path) -> JobSpec:
+    """A job file in YAML (.yaml/.yml) or JSON, validated locally so mistakes name their field at once."""
+    text = path.read_text()
+    data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+    try:
+        return JobSpec.model_validate(data)
+    except ValueError as exc:
+        raise typer.BadParameter(f"{path}: {exc}") from None
+
+
+@job_app.command("submit")
+def submit(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="job spec, YAML or JSON")],
+    open_: Annotated[bool, typer.Option("--open", help="also open it to the invited clients")] = False,
+    server: Server = DEFAULT_SERVER,
+    token: Token = "",
+    ca_cert: CaCert = None,
+) -> None:
+    """Create a job (draft) from FILE."""
+    spec = read_job_spec(file)
+    job = call_api("POST", "/jobs", server, token, ca_cert, json=spec.model_dump(mode="json"))
+    if open_:
+        job = call_api("POST", f"/jobs/{job['id']}/open", server, token, ca_cert)
+    _print(job)
+
+
+@job_app.command("list")
+def list_jobs(
+    status: Annotated[str | None, typer.Option(help="only jobs in this state")] = None,
+    limit: int = 50,
+    offset: int = 0,
+    server: Server = DEFAULT_SERVER,
+    token: Token = "",
+    ca_cert: CaCert = None,
+) -> None:
+    """List jobs, newest first."""
+    params: dict[str, Any] = {"limit": limit, "offset": offset}
+    if status:
+        params["status"] = status
+    _print(call_api("GET", "/jobs", server, token, ca_cert, params=params))
+
+
+@job_app.command("show")
+def show(job_id: int, server: Server = DEFAULT_SERVER, token: Token = "", ca_cert: CaCert = None) -> None:
+    """A job with its participants and rounds."""
+    job = call_api("GET", f"/jobs/{job_id}", server, token, ca_cert)
+    job["participants"] = call_api("GET", f"/jobs/{job_id}/participants", server, token, ca_cert)
+    job["round_history"] = call_api("GET", f"/jobs/{job_id}/rounds", server, token, ca_cert)
+    _print(job)
+
+
+def _lifecycle_command(action: str, help_text: str) -> None:
+    def command(
+        job_id: int, server: Server = DEFAULT_SERVER, token: Token = "", ca_cert: CaCert = None
+    ) -> None:
+        _print(call_api("POST", f"/jobs/{job_id}/{action}", server, token, ca_cert))
+
+    command.__doc__ = help_text
+    job_app.command(action)(command)
+
+
+_lifecycle_command("open", "Open a draft to its invited clients (waiting_for_clients).")
+_lifecycle_command("start", "Start a job once min_clients approved it.")
+_lifecycle_command("pause", "Pause a running job.")
+_lifecycle_command("resume", "Resume a paused job.")
+_lifecycle_command("cancel", "Cancel a job that has not ended.")
+
+
+@client_app.command("enroll-token")
+def enroll_token(
+    name: Annotated[str, typer.Argument(help="the client's name (reserved now, invitable at once)")],
+    expires_in: Annotated[float | None, typer.Option(help="seconds until the token expires")] = None,
+    server: Server = DEFAULT_SERVER,
+    token: Token = "",
+    ca_cert: CaCert = None,
+) -> None:
+    """Create a one-time, expiring enrollment token for a data owner's agent."""
+    body: dict[str, Any] = {"name": name}
+    if expires_in is not None:
+        body["expires_in_s"] = expires_in
+    _print(call_api("POST", "/clients/enrollment-tokens", server, token, ca_cert, json=body))
+
+
+@client_app.command("list")
+def list_clients(
+    status: Annotated[str | None, typer.Option(help="pending, active, offline or revoked")] = None,
+    limit: int = 50,
+    offset: int = 0,
+    server: Server = DEFAULT_SERVER,
+    token: Token = "",
+    ca_cert: CaCert = None,
+) -> None:
+    """List client agents."""
+    params: dict[str, Any] = {"limit": limit, "offset": offset}
+    if status:
+        params["status"] = status
+    _print(call_api("GET", "/clients", server, token, ca_cert, params=params))
+
+
+@client_app.command("revoke")
+def revoke(
+    client_id: int, server: Server = DEFAULT_SERVER, token: Token = "", ca_cert: CaCert = None
+) -> None:
+    """Revoke a client at once: its next request is refused (401); other clients are untouched."""
+    _print(call_api("POST", f"/clients/{client_id}/revoke", server, token, ca_cert))
