@@ -22,7 +22,7 @@ from collections import defaultdict
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import torch
 
@@ -359,6 +359,15 @@ def tokenize_examples(
 # ------------------------------------------------------------------------------------ splitting and batching
 
 T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
+
+
+class Indexable(Protocol[T_co]):
+    """Anything with a length and integer indexing: a list, a TokenizedDataset."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int, /) -> T_co: ...
 
 
 def _default_stratum(item: object) -> Hashable:
@@ -418,7 +427,7 @@ def collate(
 
 
 def iterate_batches(
-    dataset: Sequence[T], batch_size: int, seed: int, epoch: int = 0, drop_last: bool = False
+    dataset: Indexable[T], batch_size: int, seed: int, epoch: int = 0, drop_last: bool = False
 ) -> Iterator[list[T]]:
     """Endless seeded batches: each epoch is a fresh permutation (fixed by seed and epoch), then the next.
 

@@ -152,8 +152,9 @@ def test_trained_tiny_model_gets_every_label_right_split_or_not(tokenizer, examp
     parts = split_model(model, SplitPlan(front_layers=1, back_layers=1))
 
     def split_score(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = parts.front(input_ids, attention_mask)  # (batch, seq, hidden)
-        return parts.back(parts.body(hidden, attention_mask), attention_mask)  # (batch, seq, vocab)
+        hidden = parts.part("front")(input_ids, attention_mask)  # (batch, seq, hidden)
+        hidden = parts.part("body")(hidden, attention_mask)  # (batch, seq, hidden)
+        return parts.part("back")(hidden, attention_mask)  # (batch, seq, vocab)
 
     split_result = classification_accuracy(split_score, examples, LABELS, tokenizer)
     assert split_result.predictions == after.predictions
