@@ -127,7 +127,8 @@ def _read_utf8(path: Path) -> str:
 
 
 def _jsonl_rows(path: Path, text: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Split on "\n" only: str.splitlines would also break at U+2028 and friends, which JSON allows raw.
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue  # blank lines (e.g. a trailing newline) are not rows
         try:

@@ -73,6 +73,16 @@ def test_loads_generation_csv_with_quoted_multiline_field(tmp_path: Path) -> Non
     assert (second.prompt, second.origin) == ("Q: next", "gen.csv:4")  # physical line of the row's start
 
 
+def test_jsonl_line_numbers_survive_crlf_and_raw_line_separators(tmp_path: Path) -> None:
+    rows = '{"text": "a\u2028b", "label": "x"}\r\n\r\n{"text": "c", "label": "y"}\r\n{"text": "d"}\r\n'
+    path = write(tmp_path, "crlf.jsonl", rows)
+    with pytest.raises(DataError, match=r"crlf\.jsonl:4: missing field \"label\""):
+        load_examples(path, "classification")
+    path = write(tmp_path, "ok.jsonl", rows.rsplit('{"text": "d"}', 1)[0])
+    first, second = load_examples(path, "classification")
+    assert first.text == "a\u2028b" and second.origin == "ok.jsonl:3"
+
+
 def test_utf8_bom_is_accepted(tmp_path: Path) -> None:
     path = write(tmp_path, "bom.csv", "\ufefftext,label\nhello,a\n".encode())
     assert load_examples(path, "classification")[0].label == "a"
