@@ -24,7 +24,6 @@ from flglm.protocol import ParallelMode
 from flglm.step_protocol import MessageRef, WorkerJobSpec, replica_queue
 from flglm.wire.keys import ClientKeyPair, generate_private_key, save_private_key
 from tests.worker.step_clients import SimulatedClient, client_batch, make_spec, reference_sequential_losses
-from worker import errors
 from worker.blob_store import RedisBlobStore
 from worker.checkpoints import latest_snapshot, replica_dir
 from worker.engine import publish_job_spec
@@ -36,17 +35,21 @@ REPO = Path(__file__).resolve().parents[2]
 RESULT_WAIT_S = 15.0
 
 
-@pytest.fixture(scope="module")
-def worker_redis_url(redis_url: str) -> Iterator[str]:
+def clear_worker_queues(redis_url: str) -> str:
+    """The workers' Redis URL (database 14), with leftover queues of an interrupted run removed."""
     url = redis_url.rsplit("/", 1)[0] + "/14"
     client = redis.Redis.from_url(url)
-    # Leftover tasks of an interrupted earlier run would otherwise be consumed by this run's workers.
     for key in client.scan_iter("flglm.*"):
         client.delete(key)
     for key in ("unacked", "unacked_index", "unacked_mutex"):
         client.delete(key)
     client.close()
-    yield url
+    return url
+
+
+@pytest.fixture(scope="module")
+def worker_redis_url(redis_url: str) -> str:
+    return clear_worker_queues(redis_url)
 
 
 class WorkerProcesses:
@@ -171,32 +174,6 @@ def make_harness(tmp_path: Path, worker_redis_url: str) -> Iterator[Any]:
     yield make
     for harness in made:
         harness.close()
-
-
-def test_sequential_job_through_a_celery_worker_matches_the_split_trainer(make_harness: Any) -> None:
-    h = make_harness(checkpoint_every=4)
-    h.workers.start(0)
-    losses = [h.agent_step(cid, 1, step) for step in range(2) for cid in CLIENT_IDS]
-    reference = reference_sequential_losses(h.spec, CLIENT_IDS, steps=2)
-    assert max(abs(a - b) for a, b in zip(losses, reference, strict=True)) <= 1e-4
-    assert h.task(REPLICA_COUNTERS, 0)["server_steps"] == 6
-    # A hostile task reaches the real worker: refused with its type, and the worker carries on.
-    bad = MessageRef(
-        job_id=h.spec.job_id, round_number=1, step=9, client_id=11, direction="activations", sequence=10**6
-    )
-    with pytest.raises(errors.MissingMessage):
-        h.executor.submit(*route_step_message(h.spec, bad)).get(timeout_s=60)
-    with pytest.raises(errors.UnknownJob):
-        h.executor.submit(
-            "flglm.server_forward",
-            {
-                "job_id": 1,
-                "replica": 0,
-                "message": bad.model_copy(update={"job_id": 1}).model_dump(mode="json"),
-            },
-            replica_queue(0),
-        ).get(timeout_s=60)
-    assert h.task(REPLICA_COUNTERS, 0)["server_steps"] == 6
 
 
 @pytest.mark.slow
