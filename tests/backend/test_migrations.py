@@ -11,16 +11,14 @@ from alembic.migration import MigrationContext
 
 from backend.migrate import MIGRATIONS_DIR, downgrade, upgrade_to_head
 from backend.models import Base
-from tests.backend.conftest import recreate_postgres_database
+from tests.backend.conftest import fresh_postgres_schema
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def empty_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'migrations.db'}"
-    return recreate_postgres_database(
-        request.getfixturevalue("postgres_url"), "flglm_test_backend_migrations"
-    )
+    return fresh_postgres_schema(request.getfixturevalue("postgres_url"), "flglm_test_backend_migrations")
 
 
 def _tables(url: str) -> set[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import httpx
 
@@ -34,7 +35,7 @@ def test_two_starts_of_one_job_have_exactly_one_winner(live_server: LiveServer) 
             api.ok("POST", f"/jobs/{job_id}/open")
             agent.api.ok("POST", f"/agent/invitations/{job_id}/decision", json={"decision": "approve"})
             statuses = _race(
-                lambda j=job_id: api.post(f"/jobs/{j}/start"), lambda j=job_id: api2.post(f"/jobs/{j}/start")
+                partial(api.post, f"/jobs/{job_id}/start"), partial(api2.post, f"/jobs/{job_id}/start")
             )
             assert statuses == [200, 409]
             rounds = api.ok("GET", f"/jobs/{job_id}/rounds")
@@ -53,8 +54,8 @@ def test_two_closes_of_one_round_have_exactly_one_winner(live_server: LiveServer
             job_id = running_job(api, [a, b], min_clients=1, rounds=3)
             a.api.ok("POST", f"/agent/jobs/{job_id}/rounds/1/done", json={"example_count": 1})
             statuses = _race(
-                lambda j=job_id: api.post(f"/jobs/{j}/rounds/1/close"),
-                lambda j=job_id: api2.post(f"/jobs/{j}/rounds/1/close"),
+                partial(api.post, f"/jobs/{job_id}/rounds/1/close"),
+                partial(api2.post, f"/jobs/{job_id}/rounds/1/close"),
             )
             assert statuses == [200, 409]
             rounds = api.ok("GET", f"/jobs/{job_id}/rounds")
@@ -71,8 +72,8 @@ def test_last_two_finishers_close_the_round_once(live_server: LiveServer) -> Non
         for _ in range(ATTEMPTS):
             job_id = running_job(api, [a, b], min_clients=2, rounds=2)
             statuses = _race(
-                lambda j=job_id: a.api.post(f"/agent/jobs/{j}/rounds/1/done", json={"example_count": 1}),
-                lambda j=job_id: b_api.post(f"/agent/jobs/{j}/rounds/1/done", json={"example_count": 1}),
+                partial(a.api.post, f"/agent/jobs/{job_id}/rounds/1/done", json={"example_count": 1}),
+                partial(b_api.post, f"/agent/jobs/{job_id}/rounds/1/done", json={"example_count": 1}),
             )
             assert statuses == [200, 200]
             rounds = api.ok("GET", f"/jobs/{job_id}/rounds")

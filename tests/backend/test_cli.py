@@ -1,0 +1,109 @@
+"""`flglm serve --self-signed` as a real process, driven by the operator CLI over HTTPS; `flglm db`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import sqlalchemy as sa
+from typer.testing import CliRunner
+
+from flglm.cli.main import app
+from tests.backend.conftest import free_port
+
+ADMIN = "flglm_at_cli-test-admin"
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A `flglm serve --self-signed` process on SQLite; yields (base URL, CA certificate)."""
+    port = free_port()
+    env = {**os.environ, "FLGLM_BOOTSTRAP_ADMIN_TOKEN": ADMIN, "FLGLM_DEADLINE_CHECK_INTERVAL_S": "1"}
+    cmd = [sys.executable, "-m", "flglm.cli.main", "serve", "--self-signed", "--port", str(port)]
+    process = subprocess.Popen(
+        [*cmd, "--data-dir", str(tmp_path / "data")],
+        env=env,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+    )
+    ca_cert = tmp_path / "data" / "tls" / "ca.pem"
+    base_url = f"https://localhost:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, process.stderr.read().decode() if process.stderr else ""
+            assert time.monotonic() < deadline, "flglm serve did not come up"
+            if ca_cert.exists():
+                try:
+                    if (
+                        httpx.get(f"{base_url}/api/v1/health", verify=str(ca_cert), timeout=2).status_code
+                        == 200
+                    ):
+                        break
+                except httpx.HTTPError:
+                    pass
+            time.sleep(0.2)
+        yield base_url, ca_cert
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+        stderr = process.stderr.read().decode() if process.stderr else ""
+        assert f"--ca-cert {ca_cert}" in stderr  # the CA path is printed for agents and the CLI
+
+
+def test_operator_cli_over_https(served: tuple[str, Path], tmp_path: Path) -> None:
+    base_url, ca_cert = served
+    runner = CliRunner()
+    env = {"FLGLM_SERVER": base_url, "FLGLM_TOKEN": ADMIN, "FLGLM_CA_CERT": str(ca_cert)}
+
+    def flglm(*args: str, code: int = 0) -> object:
+        result = runner.invoke(app, list(args), env=env)
+        assert result.exit_code == code, (args, result.output)
+        return json.loads(result.stdout) if code == 0 else result.output
+
+    token = flglm("client", "enroll-token", "lab-1", "--expires-in", "600")
+    assert isinstance(token, dict) and token["token"].startswith("flglm_et_")
+    spec = tmp_path / "job.yaml"
+    spec.write_text(
+        "name: cli-job\nmodel_ref: smollm2-135m\ntask_type: generation\nrounds: 2\nsteps_per_round: 3\n"
+        "parallel_mode: sequential\nclients: [lab-1]\nhyperparameters: {lr: 0.0001}\n"
+    )
+    job = flglm("job", "submit", str(spec), "--open")
+    assert isinstance(job, dict) and job["status"] == "waiting_for_clients"
+    listed = flglm("job", "list", "--status", "waiting_for_clients")
+    assert isinstance(listed, dict) and [j["id"] for j in listed["items"]] == [job["id"]]
+    shown = flglm("job", "show", str(job["id"]))
+    assert isinstance(shown, dict) and shown["participants"][0]["client_name"] == "lab-1"
+    refused = flglm("job", "start", str(job["id"]), code=1)
+    assert "not_enough_participants" in str(refused)
+    assert flglm("job", "cancel", str(job["id"]))["status"] == "cancelled"  # type: ignore[index]
+    clients = flglm("client", "list")
+    assert isinstance(clients, dict) and clients["items"][0]["status"] == "pending"
+    assert flglm("client", "revoke", str(token["client_id"]))["status"] == "revoked"  # type: ignore[index]
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"name": "x", "model_ref": "m", "rounds": "many"}))
+    assert "rounds" in str(flglm("job", "submit", str(bad), code=2))
+    wrong_token = runner.invoke(app, ["job", "list"], env={**env, "FLGLM_TOKEN": "flglm_at_nope"})
+    assert wrong_token.exit_code == 1 and "invalid_credential" in wrong_token.output
+    no_ca = runner.invoke(app, ["job", "list"], env={**env, "FLGLM_CA_CERT": None})
+    assert no_ca.exit_code == 1 and "CERTIFICATE_VERIFY_FAILED" in no_ca.output  # untrusted: refused
+
+
+def test_db_upgrade_and_downgrade(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    runner = CliRunner()
+    up = runner.invoke(app, ["db", "upgrade", "--database-url", url])
+    assert up.exit_code == 0, up.output
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    assert "jobs" in sa.inspect(engine).get_table_names()
+    down = runner.invoke(app, ["db", "downgrade", "base", "--database-url", url])
+    assert down.exit_code == 0, down.output
+    assert sa.inspect(engine).get_table_names() == ["alembic_version"]
