@@ -46,8 +46,8 @@ def test_streamed_oversize_body_is_refused_before_it_ends(live_server: LiveServe
         chunk = b"x" * 8192
         sent = 0
         # Never send the terminating chunk. Send past the limit first (a readable socket before that may be
-        # just a TLS 1.3 session ticket), then
-        # give the server a moment per chunk to answer: it should, long before 50x the limit.
+        # just a TLS 1.3 session ticket), then give the server a moment per chunk to answer: it should,
+        # long before 50x the limit.
         while sent < 50 * LIMIT:
             if sent > LIMIT and select.select([tls], [], [], 0.2 if sent > 2 * LIMIT else 0)[0]:
                 break
