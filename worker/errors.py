@@ -76,3 +76,15 @@ class ReplicaBusy(StepRejected):
 
 class JournalGap(RuntimeError):
     """A journalled step cannot be replayed (its messages expired): resuming would lose applied steps."""
+
+
+def rejection_from_wire(exc: Exception) -> StepRejected:
+    """The engine's refusal for a wire-format error raised while opening an upload."""
+    from flglm.step_messages import WrongPayload
+    from flglm.wire.errors import PayloadTooLargeError, ReplayError, UnexpectedTensorError
+
+    if isinstance(exc, ReplayError):
+        return ReplayedMessage(str(exc))
+    if isinstance(exc, WrongPayload | UnexpectedTensorError | PayloadTooLargeError):
+        return WrongTensor(str(exc))
+    return TamperedMessage(str(exc))

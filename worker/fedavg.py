@@ -9,11 +9,11 @@ import torch
 from flglm.adapters import fedavg
 from flglm.step_messages import open_adapters, seal_adapters
 from flglm.step_protocol import MessageDirection, MessageRef
-from flglm.wire.errors import ReplayError, WireError
+from flglm.wire.errors import WireError
 from flglm.wire.keys import derive_channel_keys, public_key_from_b64
 from worker.blob_store import PutOutcome
 from worker.engine import WorkerRuntime, read_job_spec
-from worker.errors import ForeignClient, MissingMessage, ReplayedMessage, ReplicaMisrouted, TamperedMessage
+from worker.errors import ForeignClient, MissingMessage, ReplicaMisrouted, rejection_from_wire
 
 
 def run_client_fedavg(
@@ -63,10 +63,8 @@ def run_client_fedavg(
         try:
             expected = None if not states else {n: (t.dtype, tuple(t.shape)) for n, t in states[0].items()}
             states.append(open_adapters(keys[ref.client_id], ref, blob, expected=expected))
-        except ReplayError as exc:
-            raise ReplayedMessage(str(exc)) from None
         except WireError as exc:
-            raise TamperedMessage(f"adapter upload of client {ref.client_id}: {exc}") from None
+            raise rejection_from_wire(exc) from None
         weights.append(float(example_counts.get(str(ref.client_id), 0)))
     if sum(weights) <= 0:
         weights = [1.0] * len(states)  # nobody disclosed a count: a plain average

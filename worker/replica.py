@@ -31,7 +31,6 @@ from flglm.adapters import fedavg, load_trainable_state_dict, trainable_state_di
 from flglm.protocol import ParallelMode
 from flglm.step_messages import (
     PayloadLimits,
-    WrongPayload,
     header_for,
     open_activations,
     open_hidden,
@@ -40,7 +39,7 @@ from flglm.step_messages import (
 from flglm.step_protocol import MessageDirection, MessageRef, WorkerJobSpec
 from flglm.trainers import ServerSideTrainer, TrainConfig
 from flglm.wire.codec import decode_tensors, encode_tensors, parse_wire_dtype
-from flglm.wire.errors import PayloadTooLargeError, ReplayError, UnexpectedTensorError, WireError
+from flglm.wire.errors import ReplayError, WireError
 from flglm.wire.keys import ChannelKeys, derive_channel_keys, public_key_from_b64
 from flglm.wire.sequence import ReplayGuard
 from worker.blob_store import BlobStore, PutOutcome
@@ -54,8 +53,7 @@ from worker.errors import (
     ReplicaMisrouted,
     StepGraphMissing,
     StepRejected,
-    TamperedMessage,
-    WrongTensor,
+    rejection_from_wire,
 )
 
 log = logging.getLogger(__name__)
@@ -539,12 +537,8 @@ class ServerReplica:
         """Run an opener, turning wire errors into the engine's typed refusals."""
         try:
             return open_message()
-        except ReplayError as exc:
-            raise ReplayedMessage(str(exc)) from None
-        except (WrongPayload, UnexpectedTensorError, PayloadTooLargeError) as exc:
-            raise WrongTensor(str(exc)) from None
         except WireError as exc:
-            raise TamperedMessage(str(exc)) from None
+            raise rejection_from_wire(exc) from None
 
     def _publish(self, ref: MessageRef, tensor: torch.Tensor) -> None:
         sealed = seal_hidden(self._channel(ref.client_id), ref, tensor.detach().cpu(), self.wire_dtype)
