@@ -11,6 +11,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import IntegrityError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,13 @@ def install_error_handlers(app: FastAPI) -> None:
         code = CODE_BY_HTTP_STATUS.get(exc.status_code, f"http_{exc.status_code}")
         headers = dict(exc.headers) if exc.headers else None
         return error_response(exc.status_code, code, str(exc.detail), headers)
+
+    @app.exception_handler(IntegrityError)
+    async def _integrity(_: Request, exc: IntegrityError) -> JSONResponse:
+        # A unique constraint lost a race that the service's own checks could not see (two concurrent
+        # creates of the same name): the transaction was rolled back, so it is a plain conflict.
+        log.info("integrity error mapped to 409: %s", exc.orig)
+        return error_response(409, "conflict", "the request conflicts with a concurrent change; retry it")
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -83,3 +83,18 @@ def test_last_two_finishers_close_the_round_once(live_server: LiveServer) -> Non
             )
             assert [e["action"] for e in events["items"]].count("round.close") == 1
             api.ok("POST", f"/jobs/{job_id}/cancel")
+
+
+def test_two_enrollment_tokens_for_one_new_name_have_exactly_one_winner(live_server: LiveServer) -> None:
+    with live_server.client() as first, live_server.client() as second:
+        api, api2 = Api(first), Api(second)
+        for attempt in range(ATTEMPTS):
+            body = {"name": f"race-name-{attempt}"}
+            statuses = _race(
+                partial(api.post, "/clients/enrollment-tokens", json=body),
+                partial(api2.post, "/clients/enrollment-tokens", json=body),
+            )
+            # The loser either saw the pending client (201, a second token for it) or lost the insert (409).
+            assert statuses in ([201, 201], [201, 409])
+        names = [c["name"] for c in api.ok("GET", "/clients", params={"limit": 500})["items"]]
+        assert sorted(names) == sorted(f"race-name-{i}" for i in range(ATTEMPTS))

@@ -1,0 +1,1 @@
+"""Alembic revision files (dated names: YYYY_MM_DD_<rev>_<slug>.py)."""
