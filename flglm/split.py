@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import torch
 from torch import nn
@@ -271,6 +271,14 @@ class SplitModel:
     plan: SplitPlan
     num_layers: int
 
+    @overload
+    def part(self, name: Literal["front"]) -> ClientFront: ...
+    @overload
+    def part(self, name: Literal["body"]) -> ServerBody: ...
+    @overload
+    def part(self, name: Literal["back"]) -> ClientBack: ...
+    @overload
+    def part(self, name: PartName) -> nn.Module: ...
     def part(self, name: PartName) -> nn.Module:
         """The named part, or a clear error when this process does not hold it."""
         module = getattr(self, name)
