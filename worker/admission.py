@@ -9,6 +9,7 @@ backend replicas to refuse replays here as well.
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Any
 
 import torch
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -17,10 +18,12 @@ from flglm.models import load_config
 from flglm.step_messages import PayloadLimits, open_activations, open_adapters, open_hidden
 from flglm.step_protocol import MessageDirection, MessageRef, WorkerJobSpec
 from flglm.wire.codec import parse_wire_dtype
-from flglm.wire.errors import WireError
+from flglm.wire.directions import Direction
+from flglm.wire.errors import ReplayError, WireError
 from flglm.wire.keys import derive_channel_keys, public_key_from_b64
-from flglm.wire.sequence import SequenceGuard
-from worker.errors import ForeignClient, StepRejected, rejection_from_wire
+from flglm.wire.sequence import SequencedHeader, SequenceGuard
+from worker.engine import WorkerRuntime, read_job_spec
+from worker.errors import ForeignClient, MissingMessage, StepRejected, rejection_from_wire
 
 UPLOAD_DIRECTIONS = (MessageDirection.activations, MessageDirection.gradients, MessageDirection.adapters_up)
 
@@ -79,3 +82,46 @@ def admit_step_upload(
             open_adapters(keys, ref, blob, replay_guard=replay_guard)
     except WireError as exc:
         raise rejection_from_wire(exc) from None
+
+
+class RedisSequenceGuard:
+    """`SequenceGuard` on Redis: one atomic compare-and-set per message, shared by every process.
+
+    Sequences are compared as zero-padded decimal strings, because Lua numbers are doubles and would
+    round sequence numbers above 2**53.
+    """
+
+    _SCRIPT = """
+    local last = redis.call('GET', KEYS[1])
+    if last and last >= ARGV[1] then return 0 end
+    redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+    return 1
+    """
+
+    def __init__(self, client: Any, namespace: str = "flglm:seq:", ttl_s: int = 90 * 86400) -> None:
+        self._redis = client
+        self._namespace = namespace
+        self._ttl_s = ttl_s
+        self._compare_and_set = client.register_script(self._SCRIPT)
+
+    def accept(self, header: SequencedHeader) -> None:
+        key = f"{self._namespace}{header.job_id}:{header.client_id}:{Direction(header.direction).value}"
+        if not self._compare_and_set(keys=[key], args=[f"{header.sequence:020d}", self._ttl_s]):
+            raise ReplayError(
+                f"{header.direction} message {header.sequence} of job {header.job_id!r}, client "
+                f"{header.client_id!r} is not after the last accepted one: replayed or reordered"
+            )
+
+
+def run_admit_upload(
+    runtime: WorkerRuntime, job_id: int, message: dict[str, Any], staging_key: str
+) -> dict[str, Any]:
+    """Task: admit the upload staged at `staging_key` for `message` (the backend then stores it under the
+    message's own key, or deletes the staged copy and answers 4xx). Runs on any worker (default queue)."""
+    ref = MessageRef.model_validate(message)
+    spec = read_job_spec(runtime.store, job_id)
+    blob = runtime.store.get(staging_key)
+    if blob is None:
+        raise MissingMessage(f"nothing staged at {staging_key}")
+    admit_step_upload(spec, runtime.server_private_key, ref, blob, runtime.upload_guard)
+    return {"status": "admitted"}

@@ -20,6 +20,7 @@ from flglm.adapters import AdapterConfig, add_split_adapters
 from flglm.models import load_split_parts
 from flglm.split import SplitPlan
 from flglm.step_protocol import MessageRef, WorkerJobSpec, spec_blob_key
+from flglm.wire.sequence import ReplayGuard, SequenceGuard
 from worker.blob_store import BlobStore
 from worker.errors import UnknownJob
 from worker.replica import ServerReplica
@@ -65,8 +66,11 @@ class WorkerRuntime:
         server_private_key: X25519PrivateKey,
         schedule_flush: FlushScheduler,
         device: torch.device | None = None,
+        upload_guard: SequenceGuard | None = None,
     ) -> None:
         self.store = store
+        # Replay guard of upload admission (shared by all processes when it lives in Redis).
+        self.upload_guard: SequenceGuard = upload_guard or ReplayGuard()
         self.server_private_key = server_private_key
         self.schedule_flush = schedule_flush
         self.device = device or pick_device()

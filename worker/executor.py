@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from flglm.step_protocol import DEFAULT_QUEUE, MessageDirection, MessageRef, WorkerJobSpec, replica_queue
 from worker import engine, errors
+from worker.admission import run_admit_upload
 from worker.blob_store import BlobStore
 from worker.fedavg import run_client_fedavg
 
@@ -28,6 +29,7 @@ REPLICA_FLUSH = "flglm.replica_flush"
 ROUND_END = "flglm.round_end"
 CLIENT_FEDAVG = "flglm.client_fedavg"
 REPLICA_COUNTERS = "flglm.replica_counters"
+ADMIT_UPLOAD = "flglm.admit_upload"
 
 TASK_FUNCTIONS: dict[str, TaskFunction] = {
     SERVER_FORWARD: engine.run_server_forward,
@@ -36,6 +38,7 @@ TASK_FUNCTIONS: dict[str, TaskFunction] = {
     ROUND_END: engine.run_round_end,
     CLIENT_FEDAVG: run_client_fedavg,
     REPLICA_COUNTERS: engine.replica_counters,
+    ADMIT_UPLOAD: run_admit_upload,
 }
 
 _REJECTION_KINDS: list[type[errors.StepRejected]] = [
@@ -189,6 +192,7 @@ class CeleryExecutor:
 
 
 __all__ = [
+    "ADMIT_UPLOAD",
     "CLIENT_FEDAVG",
     "DEFAULT_QUEUE",
     "REPLICA_COUNTERS",

@@ -17,6 +17,7 @@ from celery import Task
 
 from flglm.step_protocol import replica_queue
 from flglm.wire.keys import load_private_key
+from worker.admission import RedisSequenceGuard
 from worker.blob_store import RedisBlobStore
 from worker.celery_app import app, settings
 from worker.engine import WorkerRuntime
@@ -54,6 +55,7 @@ def worker_runtime() -> WorkerRuntime:
                 RedisBlobStore(_redis_client()),
                 load_private_key(settings.resolved_server_key_file()),
                 _schedule_flush,
+                upload_guard=RedisSequenceGuard(_redis_client()),
             )
         return _runtime
 

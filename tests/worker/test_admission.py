@@ -9,6 +9,7 @@ import torch
 
 from flglm.step_messages import seal_activations, seal_hidden
 from flglm.step_protocol import MessageDirection
+from flglm.wire.errors import ReplayError
 from flglm.wire.keys import ClientKeyPair, generate_private_key
 from flglm.wire.sequence import ReplayGuard
 from tests.worker.step_clients import SimulatedClient, make_spec
@@ -55,3 +56,67 @@ def test_admission_refuses_hostile_uploads_with_their_status(tmp_path: Path) -> 
         admit(old, seal_activations(keys, old, h0, mask, torch.float32))
     cases.append((type(replayed.value), replayed.value.http_status))
     assert [status for _, status in cases] == [422, 400, 403, 409]
+
+
+@pytest.mark.redis
+def test_redis_sequence_guard_is_shared_and_strictly_increasing(redis_url: str) -> None:
+    import uuid
+
+    import redis
+
+    from flglm.step_messages import header_for
+    from flglm.step_protocol import MessageRef
+    from worker.admission import RedisSequenceGuard
+
+    client = redis.Redis.from_url(redis_url)
+    namespace = f"test-seq-{uuid.uuid4().hex}:"
+    first, second = RedisSequenceGuard(client, namespace), RedisSequenceGuard(client, namespace)
+    ref = MessageRef(
+        job_id=1,
+        round_number=1,
+        step=0,
+        client_id=5,
+        direction=MessageDirection.activations,
+        sequence=2**60 + 1,
+    )
+    first.accept(header_for(ref))
+    with pytest.raises(ReplayError):
+        second.accept(header_for(ref))  # the other process sees it
+    with pytest.raises(ReplayError):
+        second.accept(header_for(ref.model_copy(update={"sequence": 2**60})))
+    second.accept(header_for(ref.model_copy(update={"sequence": 2**60 + 2})))  # above 2**53: exact
+    first.accept(header_for(ref.model_copy(update={"direction": MessageDirection.gradients})))  # own stream
+    client.close()
+
+
+def test_admit_upload_task_checks_a_staged_upload(tmp_path: Path) -> None:
+    from worker.blob_store import InMemoryBlobStore
+    from worker.engine import publish_job_spec
+    from worker.executor import ADMIT_UPLOAD, DEFAULT_QUEUE, InProcessExecutor
+
+    server_key = generate_private_key()
+    client = SimulatedClient(11, ClientKeyPair.generate())
+    spec = make_spec(4, [(11, client.keypair)], tmp_path)
+    store = InMemoryBlobStore()
+    publish_job_spec(store, spec)
+    executor = InProcessExecutor(store, server_key)
+    keys = client.keys(spec, server_key.public_key())
+    try:
+        ref = client.ref(spec, 1, 0, MessageDirection.activations)
+        sealed = seal_activations(
+            keys, ref, torch.randn(1, 4, 32), torch.ones(1, 4, dtype=torch.long), torch.float32
+        )
+        store.put_if_absent("staging:a", sealed, 30)
+        kwargs = {"job_id": 4, "message": ref.model_dump(mode="json"), "staging_key": "staging:a"}
+        assert executor.submit(ADMIT_UPLOAD, kwargs, DEFAULT_QUEUE).get(timeout_s=30) == {
+            "status": "admitted"
+        }
+        with pytest.raises(errors.ReplayedMessage):  # the same sequence again, at admission already
+            executor.submit(ADMIT_UPLOAD, kwargs, DEFAULT_QUEUE).get(timeout_s=30)
+        store.put_if_absent("staging:b", sealed[:-3], 30)
+        with pytest.raises(errors.TamperedMessage):
+            executor.submit(ADMIT_UPLOAD, kwargs | {"staging_key": "staging:b"}, DEFAULT_QUEUE).get(
+                timeout_s=30
+            )
+    finally:
+        executor.close()
