@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -11,6 +11,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000
+
+Row = TypeVar("Row")
 
 
 def is_sqlite(url: str) -> bool:
@@ -48,3 +50,9 @@ def _configure_sqlite_connection(dbapi_connection: Any, _record: Any) -> None:
 
 def create_session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(bind=engine, expire_on_commit=False, autoflush=True)
+
+
+def fetch_page(session: Session, query: sa.Select[Row], *, limit: int, offset: int) -> tuple[list[Row], int]:
+    """One page of an ordered query and the total count of its rows (for `Page` responses)."""
+    total = session.scalar(sa.select(sa.func.count()).select_from(query.order_by(None).subquery())) or 0
+    return list(session.scalars(query.limit(limit).offset(offset)).all()), total

@@ -7,6 +7,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from backend.db import fetch_page
 from backend.models import AuditEvent
 
 
@@ -26,10 +27,5 @@ class AuditRepository:
             conditions.append(AuditEvent.object_type == object_type)
         if object_id is not None:
             conditions.append(AuditEvent.object_id == object_id)
-        total = (
-            self.session.scalar(sa.select(sa.func.count()).select_from(AuditEvent).where(*conditions)) or 0
-        )
-        rows = self.session.scalars(
-            sa.select(AuditEvent).where(*conditions).order_by(AuditEvent.id).limit(limit).offset(offset)
-        ).all()
-        return list(rows), total
+        query = sa.select(AuditEvent).where(*conditions).order_by(AuditEvent.id)
+        return fetch_page(self.session, query, limit=limit, offset=offset)

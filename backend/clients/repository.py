@@ -8,6 +8,7 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from backend.db import fetch_page
 from backend.models import Client, EnrollmentToken
 from flglm.protocol import ClientStatus
 
@@ -35,11 +36,8 @@ class ClientRepository:
 
     def page(self, *, limit: int, offset: int, status: str | None = None) -> tuple[list[Client], int]:
         conditions = [] if status is None else [Client.status == status]
-        total = self.session.scalar(sa.select(sa.func.count()).select_from(Client).where(*conditions)) or 0
-        rows = self.session.scalars(
-            sa.select(Client).where(*conditions).order_by(Client.id).limit(limit).offset(offset)
-        ).all()
-        return list(rows), total
+        query = sa.select(Client).where(*conditions).order_by(Client.id)
+        return fetch_page(self.session, query, limit=limit, offset=offset)
 
     def mark_silent_offline(self, cutoff: datetime) -> list[int]:
         """Active clients whose last heartbeat is older than `cutoff` become offline; returns their ids."""

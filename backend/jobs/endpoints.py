@@ -18,7 +18,8 @@ from backend.jobs.schemas import (
     RoundParticipantView,
     RoundView,
 )
-from backend.models import utc_now
+from backend.metrics.repository import ArtifactRepository
+from backend.models import Round, utc_now
 from flglm import protocol
 from flglm.protocol import JobSpec, JobStatus
 
@@ -106,16 +107,11 @@ def close_round(
 
 @router.get("/{job_id}/artifacts", response_model=list[ArtifactView])
 def list_artifacts(job_id: JobId, session: SessionDep, _: OperatorDep) -> list[ArtifactView]:
-    from backend.metrics.repository import ArtifactRepository
-
     service.get_job(session, job_id)
     return [ArtifactView.model_validate(a) for a in ArtifactRepository(session).list_for_job(job_id)]
 
 
-def _round_view(rounds: RoundRepository, round_: object) -> RoundView:
-    from backend.models import Round
-
-    assert isinstance(round_, Round)
+def _round_view(rounds: RoundRepository, round_: Round) -> RoundView:
     return RoundView(
         number=round_.number,
         status=round_.status,  # type: ignore[arg-type]

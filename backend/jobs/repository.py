@@ -8,6 +8,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from backend.db import fetch_page
 from backend.models import Client, Job, JobParticipant, Round, RoundParticipant
 from flglm.protocol import ConsentStatus, RoundStatus
 
@@ -30,11 +31,8 @@ class JobRepository:
 
     def page(self, *, limit: int, offset: int, status: str | None = None) -> tuple[list[Job], int]:
         conditions = [] if status is None else [Job.status == status]
-        total = self.session.scalar(sa.select(sa.func.count()).select_from(Job).where(*conditions)) or 0
-        rows = self.session.scalars(
-            sa.select(Job).where(*conditions).order_by(Job.id.desc()).limit(limit).offset(offset)
-        ).all()
-        return list(rows), total
+        query = sa.select(Job).where(*conditions).order_by(Job.id.desc())
+        return fetch_page(self.session, query, limit=limit, offset=offset)
 
     def set_status_if(self, job_id: int, expected: Collection[str], new: str, **values: Any) -> bool:
         """`UPDATE jobs SET status=new WHERE id=.. AND status IN expected`: True for the one winner."""
@@ -45,9 +43,6 @@ class JobRepository:
             .execution_options(synchronize_session=False)
         )
         return bool(result.rowcount == 1)  # type: ignore[attr-defined]
-
-    def running_ids(self) -> list[int]:
-        return list(self.session.scalars(sa.select(Job.id).where(Job.status == "running")).all())
 
 
 class ParticipantRepository:

@@ -256,7 +256,7 @@ def decide(
     session: Session, client_id: int, actor: str, job_id: int, decision: ConsentDecision, now: datetime
 ) -> InvitationView:
     """A data owner approves (before the start) or declines (any time before the end: a withdrawal)."""
-    job = job_for_client(session, job_id, client_id)
+    job_for_client(session, job_id, client_id)  # 404 unless invited
     job = get_job(session, job_id, for_update=True)
     participant = ParticipantRepository(session).get(job_id, client_id)
     assert participant is not None

@@ -7,6 +7,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from backend.db import fetch_page
 from backend.models import Artifact, StepMetric
 
 
@@ -35,13 +36,8 @@ class StepMetricRepository:
             conditions.append(StepMetric.round_number == round_number)
         if client_id is not None:
             conditions.append(StepMetric.client_id == client_id)
-        total = (
-            self.session.scalar(sa.select(sa.func.count()).select_from(StepMetric).where(*conditions)) or 0
-        )
-        rows = self.session.scalars(
-            sa.select(StepMetric).where(*conditions).order_by(StepMetric.id).limit(limit).offset(offset)
-        ).all()
-        return list(rows), total
+        query = sa.select(StepMetric).where(*conditions).order_by(StepMetric.id)
+        return fetch_page(self.session, query, limit=limit, offset=offset)
 
 
 class ArtifactRepository:

@@ -46,6 +46,13 @@ def call_api(method: str, path: str, server: str, token: str, ca_cert: Path | No
     return response.json()
 
 
+def _page_params(status: str | None, limit: int, offset: int) -> dict[str, Any]:
+    params: dict[str, Any] = {"limit": limit, "offset": offset}
+    if status:
+        params["status"] = status
+    return params
+
+
 def _print(body: Any) -> None:
     typer.echo(json.dumps(body, indent=2, sort_keys=True))
 
@@ -86,10 +93,7 @@ def list_jobs(
     ca_cert: CaCert = None,
 ) -> None:
     """List jobs, newest first."""
-    params: dict[str, Any] = {"limit": limit, "offset": offset}
-    if status:
-        params["status"] = status
-    _print(call_api("GET", "/jobs", server, token, ca_cert, params=params))
+    _print(call_api("GET", "/jobs", server, token, ca_cert, params=_page_params(status, limit, offset)))
 
 
 @job_app.command("show")
@@ -143,10 +147,7 @@ def list_clients(
     ca_cert: CaCert = None,
 ) -> None:
     """List client agents."""
-    params: dict[str, Any] = {"limit": limit, "offset": offset}
-    if status:
-        params["status"] = status
-    _print(call_api("GET", "/clients", server, token, ca_cert, params=params))
+    _print(call_api("GET", "/clients", server, token, ca_cert, params=_page_params(status, limit, offset)))
 
 
 @client_app.command("revoke")

@@ -8,6 +8,7 @@ import pytest
 import sqlalchemy as sa
 from fastapi import FastAPI
 
+from backend.clients.service import heartbeat
 from backend.housekeeping import run_housekeeping
 from backend.models import utc_now
 from tests.backend.conftest import Api, enroll, job_spec, running_job
@@ -118,8 +119,6 @@ def test_silent_client_goes_offline_and_the_round_closes_without_it(api: Api, ap
     later = utc_now() + timedelta(seconds=61)
     # a keeps heartbeating (its lease is renewed "later"); b stays silent past the 60 s lease.
     with app.state.session_factory() as session, session.begin():
-        from backend.clients.service import heartbeat
-
         heartbeat(session, a.client_id, None, later)
     report = run_housekeeping(app.state.session_factory, later + timedelta(seconds=1), 60.0)
     assert report.clients_marked_offline == [b.client_id]
