@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 
 import pytest
 import sqlalchemy as sa
 from fastapi import FastAPI
+from fastapi.testclient import TestClient
 
+from backend.app import create_app
 from backend.clients.service import heartbeat
 from backend.housekeeping import run_housekeeping
 from backend.models import utc_now
+from backend.settings import Settings
 from tests.backend.conftest import Api, enroll, job_spec, running_job
 
 
@@ -141,3 +145,19 @@ def test_operator_close_round_applies_the_policy(api: Api) -> None:
     assert api.ok("GET", f"/jobs/{job_id}")["status"] == "completed"
     again = api.post(f"/jobs/{job_id}/rounds/1/close")
     assert again.status_code == 409 and again.json()["error"]["code"] == "stale_round"
+
+
+def test_the_app_enforces_deadlines_by_itself(settings: Settings) -> None:
+    """With the housekeeping loop on, an overdue round is handled without anyone calling in."""
+    looping = settings.model_copy(update={"deadline_check_interval_s": 0.1})
+    with TestClient(create_app(looping)) as client:
+        api = Api(client)
+        a, b = enroll(api, "loop-a"), enroll(api, "loop-b")
+        job_id = running_job(api, [a, b], min_clients=2, round_timeout_s=0.3)
+        status = "running"
+        for _ in range(200):
+            status = api.ok("GET", f"/jobs/{job_id}")["status"]
+            if status != "running":
+                break
+            time.sleep(0.05)
+        assert status == "failed"
