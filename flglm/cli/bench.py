@@ -3,3 +3,52 @@
 import typer
 
 app = typer.Typer(help="Benchmarks (ratios measured side by side in one run).", no_args_is_help=True)
+
+
+@app.command("wire")
+def wire(
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON object as the last line."),
+    model: str = typer.Option(
+        "smollm2-135m", help="Model whose split step the crypto time is compared with."
+    ),
+    step_batches: int = typer.Option(3, min=0, help="Timed split steps per wire dtype (0: skip the model)."),
+    loss_model: str = typer.Option("tiny:llama", help="Model of the wire-dtype loss comparison."),
+    loss_steps: int = typer.Option(60, min=0, help="Steps per wire dtype in the loss comparison (0: skip)."),
+    repeats: int = typer.Option(5, min=1, help="Timed repeats of the (8, 512, 4096) seal/open throughput."),
+    threads: int | None = typer.Option(None, min=1, help="torch threads (default: torch's choice)."),
+) -> None:
+    """Secure wire format: seal/open throughput, crypto share of a split step, wire dtype vs loss."""
+    import json
+
+    from flglm.bench.wire import run_wire_bench
+
+    result = run_wire_bench(
+        model_ref=model,
+        step_batches=step_batches,
+        loss_model_ref=loss_model,
+        loss_steps=loss_steps,
+        repeats=repeats,
+        threads=threads,
+    )
+    if not json_output:
+        throughput = result["throughput"]
+        round_trip_ms = throughput["round_trip_s"] * 1e3
+        typer.echo(
+            f"seal+open of {throughput['shape']} {throughput['dtype']}: {round_trip_ms:.1f} ms "
+            f"({throughput['round_trip_mb_per_s']:.0f} MB/s)"
+        )
+        for name, figures in result.get("split_step", {}).items():
+            if name.startswith("wire_"):
+                crypto_ms = figures["crypto_s_per_step"] * 1e3
+                typer.echo(
+                    f"{name}: step {figures['step_s']:.2f} s, seal+open {crypto_ms:.1f} ms "
+                    f"= {figures['crypto_fraction'] * 100:.2f} % of the step"
+                )
+        for name in ("float32", "bfloat16", "float16"):
+            if name in result.get("wire_dtype_loss", {}):
+                figures = result["wire_dtype_loss"][name]
+                typer.echo(
+                    f"wire {name}: final loss {figures['final_loss']:.4f} "
+                    f"(max |diff| vs float32 {figures['max_abs_diff_vs_float32']:.4f})"
+                )
+    typer.echo(json.dumps(result))
