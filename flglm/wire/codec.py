@@ -218,11 +218,12 @@ def encode_tensors(tensors: Mapping[str, torch.Tensor]) -> bytes:
     return safetensors_save(prepared)
 
 
-def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def reject_duplicate_json_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """`json.loads` object hook: a repeated key would let two readers see two different headers."""
     result: dict[str, Any] = {}
     for key, value in pairs:
         if key in result:
-            raise DecodeError(f"duplicate key {key!r} in the safetensors header")
+            raise DecodeError(f"duplicate key {key!r} in a JSON header")
         result[key] = value
     return result
 
@@ -242,7 +243,7 @@ def _parse_safetensors_header(view: memoryview, max_bytes: int) -> TensorLayout:
         raise DecodeError(f"safetensors header claims {header_len} bytes but only {len(view) - 8} follow")
     try:
         text = bytes(view[8 : 8 + header_len]).decode("utf-8")
-        header = json.loads(text, object_pairs_hook=_reject_duplicate_keys)
+        header = json.loads(text, object_pairs_hook=reject_duplicate_json_keys)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise DecodeError(f"safetensors header is not valid UTF-8 JSON: {exc}") from None
     if not isinstance(header, dict):

@@ -43,6 +43,7 @@ from flglm.wire.codec import (
     dtype_name,
     encode_tensors,
     payload_nbytes,
+    reject_duplicate_json_keys,
     tensor_bytes,
     tensor_over_buffer,
     validate_shape,
@@ -178,7 +179,7 @@ class EnvelopeHeader:
     def from_bytes(cls, data: bytes) -> EnvelopeHeader:
         """Strict parse: exactly the known fields with the right types, else `DecodeError`."""
         try:
-            fields = json.loads(data.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys)
+            fields = json.loads(data.decode("utf-8"), object_pairs_hook=reject_duplicate_json_keys)
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise DecodeError(f"envelope header is not valid UTF-8 JSON: {exc}") from None
         if not isinstance(fields, dict) or set(fields) != _HEADER_FIELDS:
@@ -194,15 +195,6 @@ class EnvelopeHeader:
             return cls(**fields)
         except (ValueError, TypeError) as exc:  # WireError is a ValueError, as is a bad hex salt
             raise DecodeError(f"envelope header is invalid: {exc}") from None
-
-
-def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise DecodeError(f"duplicate key {key!r} in the envelope header")
-        result[key] = value
-    return result
 
 
 def _chunk_count(payload_bytes: int, chunk_bytes: int) -> int:
