@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from flglm.step_protocol import DEFAULT_QUEUE, MessageDirection, MessageRef, WorkerJobSpec, replica_queue
 from worker import engine, errors
 from worker.admission import run_admit_upload
-from worker.blob_store import BlobStore
+from worker.blob_store import BlobStore, InMemoryBlobStore, RedisBlobStore
 from worker.fedavg import run_client_fedavg
 
 TaskFunction = Callable[..., dict[str, Any]]
@@ -191,6 +191,19 @@ class CeleryExecutor:
         return None
 
 
+def executor_from_settings(
+    kind: str, redis_url: str, server_private_key: X25519PrivateKey
+) -> tuple[Executor, BlobStore]:
+    """The executor and blob store a setting names: "inprocess" (embedded default: in-memory blobs, task
+    functions in this process) or "celery" (Redis blobs, tasks on the Redis broker of FLGLM_REDIS_URL)."""
+    if kind == "inprocess":
+        store: BlobStore = InMemoryBlobStore()
+        return InProcessExecutor(store, server_private_key), store
+    if kind == "celery":
+        return CeleryExecutor(), RedisBlobStore.from_url(redis_url)
+    raise ValueError(f"executor must be 'inprocess' or 'celery', got {kind!r}")
+
+
 __all__ = [
     "ADMIT_UPLOAD",
     "CLIENT_FEDAVG",
@@ -204,5 +217,6 @@ __all__ = [
     "InProcessExecutor",
     "TaskHandle",
     "call_task",
+    "executor_from_settings",
     "route_step_message",
 ]

@@ -161,6 +161,12 @@ class ServerReplica:
             hidden, mask = self._opened(
                 lambda: open_activations(self._channel(ref.client_id), ref, blob, self.limits, self.guard)
             )
+            # A newer attempt of the same step supersedes an older one still waiting (sequences grow).
+            self._arrivals = [
+                a
+                for a in self._arrivals
+                if not (a.ref.step_key() == ref.step_key() and a.ref.sequence < ref.sequence)
+            ]
             self._arrivals.append(
                 Arrival(ref, hidden.to(self.device), mask.to(self.device), time.monotonic())
             )
@@ -207,11 +213,11 @@ class ServerReplica:
             return {"status": "done" if self.store.get(ref.result_ref().blob_key()) else "pending"}
 
     def _abandon_older_attempt(self, ref: MessageRef) -> None:
-        """A fresh forward for a step already in flight means the agent gave up on the old attempt (lost
-        result): stop waiting for that attempt's gradients instead of blocking until the timeout."""
+        """A newer forward from a client whose older forward is in flight without gradients means the agent
+        gave up on that attempt (lost result, retry): stop waiting for it instead of until the timeout."""
         group = self._inflight
         member = None if group is None else group.member_of(ref.client_id)
-        if group is None or member is None or member.ref.step_key() != ref.step_key():
+        if group is None or member is None or member.ref.sequence >= ref.sequence:
             return
         if ref.client_id not in group.gradients:
             group.abandoned.add(ref.client_id)
@@ -223,7 +229,7 @@ class ServerReplica:
         """Timer task: run whatever batch or backward has waited past its window; evict stale graphs."""
         with self._lock:
             self._flush_due = None
-            self._advance(timer=True)
+            self._advance()
             return {"status": "flushed", "server_steps": self.server_steps}
 
     def end_round(self, round_number: int) -> dict[str, Any]:
@@ -234,7 +240,9 @@ class ServerReplica:
 
     # ---- scheduling -------------------------------------------------------------------------------
 
-    def _advance(self, timer: bool = False) -> None:
+    def _advance(self) -> None:
+        """Finish the group in flight when its gradients are in (or its window is over), then start the
+        next forward group when it is complete (or its window is over); otherwise ask for a timer."""
         now = time.monotonic()
         self._evict_stale()
         group = self._inflight
@@ -271,7 +279,9 @@ class ServerReplica:
         batch: dict[int, Arrival] = {}
         for arrival in self._arrivals:
             if (arrival.ref.round_number, arrival.ref.step) == earliest:
-                batch[arrival.ref.client_id] = arrival  # a later retry of the same client replaces the older
+                batch.setdefault(
+                    arrival.ref.client_id, arrival
+                )  # one per client (newest: see submit_forward)
         ordered = sorted(batch.values(), key=lambda a: order[a.ref.client_id])
         if self.spec.parallel_mode is ParallelMode.sequential:
             return ordered[:1]
@@ -340,7 +350,8 @@ class ServerReplica:
         keys = {applied_key(m.ref) for m in contributing}
         if keys & self.applied:
             # A retried step whose first attempt was applied (journalled) before a crash: answer it, but
-            # never apply it twice.
+            # never apply it twice. (A batch that mixes such a retry with a fresh client step skips the
+            # fresh one too: rare, and losing an update beats applying one twice.)
             log.info("replica %s: steps %s already applied; not stepping again", self.replica, sorted(keys))
             self._zero_grads()
         else:

@@ -98,3 +98,17 @@ def test_executor_contract(harness: Any) -> None:
     assert result["status"] == "done" and sorted(result["clients"]) == CLIENT_IDS
     for upload in uploads:
         assert h.store.get(MessageRef.model_validate(upload).result_ref().blob_key()) is not None
+
+
+def test_executor_is_chosen_by_settings(redis_url: str) -> None:
+    from flglm.wire.keys import generate_private_key
+    from worker.blob_store import InMemoryBlobStore, RedisBlobStore
+    from worker.executor import CeleryExecutor, InProcessExecutor, executor_from_settings
+
+    executor, store = executor_from_settings("inprocess", redis_url, generate_private_key())
+    assert isinstance(executor, InProcessExecutor) and isinstance(store, InMemoryBlobStore)
+    executor.close()
+    executor, store = executor_from_settings("celery", redis_url, generate_private_key())
+    assert isinstance(executor, CeleryExecutor) and isinstance(store, RedisBlobStore)
+    with pytest.raises(ValueError, match="inprocess"):
+        executor_from_settings("threads", redis_url, generate_private_key())
