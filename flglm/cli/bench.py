@@ -52,3 +52,46 @@ def wire(
                     f"(max |diff| vs float32 {figures['max_abs_diff_vs_float32']:.4f})"
                 )
     typer.echo(json.dumps(result))
+
+
+@app.command("split")
+def split(
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON object as the last line."),
+    model: str = typer.Option("smollm2-135m", help="Model ref: smollm2-135m, tiny:<arch>, a dir."),
+    batch_size: int = typer.Option(4, min=1, help="Rows per training step."),
+    seq_len: int = typer.Option(64, min=2, help="Tokens per row."),
+    rounds: int = typer.Option(6, min=1, help="Timed steps per trainer, interleaved."),
+    front_layers: int = typer.Option(1, min=1, help="Decoder layers in the client's input block."),
+    back_layers: int = typer.Option(1, min=1, help="Decoder layers in the client's output block."),
+    memory: bool = typer.Option(True, help="Measure client vs full resident memory."),
+) -> None:
+    """Cost of the split: centralized vs split step time (ratio of medians) and client vs full memory."""
+    import json
+
+    from flglm.bench.split import run_split_bench
+
+    result = run_split_bench(
+        model_ref=model,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        rounds=rounds,
+        front_layers=front_layers,
+        back_layers=back_layers,
+        memory=memory,
+    )
+    if not json_output:
+        step = result["step_time"]
+        typer.echo(
+            f"{model} batch {step['batch']}: centralized {step['centralized_step_s']:.3f} s/step, "
+            f"split {step['split_step_s']:.3f} s/step, ratio {step['ratio_centralized_over_split']:.3f} "
+            f"(target >= {step['target_ratio']})"
+        )
+        if "client_memory" in result:
+            mem = result["client_memory"]
+            typer.echo(
+                f"client/full: parameters {mem['parameter_bytes_ratio']:.3f}, "
+                f"resident {mem['client_rss_bytes'] / 2**20:.0f}/{mem['full_rss_bytes'] / 2**20:.0f} MiB "
+                f"= {mem['rss_ratio']:.3f} (loaded part only {mem['loaded_rss_ratio']:.3f})"
+            )
+        typer.echo(f"Llama-7B client/full parameters: {result['llama_7b']['client_ratio']:.3f}")
+    typer.echo(json.dumps(result))
