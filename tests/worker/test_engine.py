@@ -362,3 +362,45 @@ def test_server_hierarchical_replicas_average_every_k_steps(tmp_path: Path) -> N
 
 def _route(h: Harness, ref: MessageRef) -> tuple[str, dict[str, Any], str]:
     return route_step_message(h.spec, ref)
+
+
+def test_a_graph_whose_gradients_never_come_is_evicted(tmp_path: Path) -> None:
+    h = Harness(tmp_path, inflight_timeout_s=0.5)
+    try:
+        spec, store, public = h.spec, h.store, h.server_public
+        silent = h.clients[11].upload_forward(store, spec, public, 1, 0, client_batch(11, 0))
+        assert h.send(silent)["status"] == "done"  # its graph now waits for gradients that never come
+        waiting = h.clients[12].upload_forward(store, spec, public, 1, 0, client_batch(12, 0))
+        assert h.send(waiting)["status"] == "pending"  # queued behind the step in flight
+        # The eviction timer drops the silent client's graph and starts the queued forward.
+        assert store.wait_for(waiting.result_ref().blob_key(), timeout_s=30) is not None
+        late = h.clients[11].ref(spec, 1, 0, MessageDirection.gradients)
+        with pytest.raises(errors.StepGraphMissing):
+            h.send(late)
+        assert h.counters()["server_steps"] == 0
+    finally:
+        h.executor.close()
+
+
+def test_a_retried_forward_supersedes_the_abandoned_attempt(harness: Harness) -> None:
+    spec, store, public = harness.spec, harness.store, harness.server_public
+    client, batch = harness.clients[11], client_batch(11, 0)
+    first = client.upload_forward(store, spec, public, 1, 0, batch)
+    assert harness.send(first)["status"] == "done"
+    # The agent lost h1 (say) and retries the step from the forward with a fresh sequence number.
+    retry = client.upload_forward(store, spec, public, 1, 0, batch)
+    assert harness.send(retry)["status"] == "done"  # runs at once: the old attempt is dropped
+    _, grad_ref, _ = client.upload_gradients(store, spec, public, retry, batch)
+    assert harness.send(grad_ref)["status"] == "done"
+    assert harness.counters() == {"server_steps": 1, "applied": ["1:0:11"]}
+
+
+def test_bfloat16_wire_dtype_trains_close_to_the_float32_reference(tmp_path: Path) -> None:
+    h = Harness(tmp_path, wire_dtype="bfloat16")
+    try:
+        losses = [loss for step in range(2) for loss in h.sequential_step(1, step)]
+        reference = reference_sequential_losses(h.spec, CLIENT_IDS, steps=2)
+        assert max(abs(a - b) for a, b in zip(losses, reference, strict=True)) <= 5e-2
+        assert h.counters()["server_steps"] == 6
+    finally:
+        h.executor.close()
