@@ -28,8 +28,8 @@ from worker.engine import load_server_body
 MODEL_REF = "tiny:llama:0"
 VOCAB = 384
 HIDDEN = 32
-TRAIN = {"lr": 5e-3}
-ADAPTER = {"r": 4, "alpha": 8}
+TRAIN: dict[str, Any] = {"lr": 5e-3}
+ADAPTER: dict[str, Any] = {"r": 4, "alpha": 8}
 
 
 def make_spec(

@@ -241,7 +241,9 @@ def test_parallel_modes_complete_with_celery_workers(make_harness: Any, mode: Pa
     snapshots = []
     for replica in range(replicas):
         assert h.task(ROUND_END, replica, round_number=1)["server_steps"] == 2
-        snapshots.append(latest_snapshot(replica_dir(h.spec.checkpoint_dir, h.spec.job_id, replica)))
+        snapshot = latest_snapshot(replica_dir(h.spec.checkpoint_dir, h.spec.job_id, replica))
+        assert snapshot is not None and snapshot.server_steps == 2
+        snapshots.append(snapshot)
     if replicas == 2:
         first, second = snapshots[0].adapters, snapshots[1].adapters
         assert all(torch.equal(first[k], second[k]) for k in first)
