@@ -64,85 +64,53 @@ Does not protect against
     precision lost by a float16/bfloat16 wire dtype is a training effect, not a security one.
 """
 
-from flglm.wire.codec import (
-    cast_for_wire,
-    cast_from_wire,
-    decode_tensor,
-    decode_tensors,
-    encode_tensor,
-    encode_tensors,
-    parse_wire_dtype,
-)
-from flglm.wire.directions import Direction, Sender
-from flglm.wire.envelope import (
-    EnvelopeHeader,
-    open_envelope,
-    open_tensor,
-    open_tensors,
-    seal,
-    seal_tensor,
-    seal_tensors,
-)
-from flglm.wire.errors import (
-    AuthenticationError,
-    DecodeError,
-    EnvelopeMismatchError,
-    InsecureKeyFileError,
-    KeyFormatError,
-    PayloadTooLargeError,
-    ReplayError,
-    UnexpectedTensorError,
-    WireError,
-)
-from flglm.wire.keys import (
-    ChannelKeys,
-    ClientKeyPair,
-    derive_channel_keys,
-    generate_private_key,
-    load_private_key,
-    public_key_fingerprint,
-    public_key_from_b64,
-    public_key_to_b64,
-    save_private_key,
-)
-from flglm.wire.sequence import ReplayGuard, SequenceCounter, SequenceGuard
+import importlib
 
-__all__ = [
-    "AuthenticationError",
-    "ChannelKeys",
-    "ClientKeyPair",
-    "DecodeError",
-    "Direction",
-    "EnvelopeHeader",
-    "EnvelopeMismatchError",
-    "InsecureKeyFileError",
-    "KeyFormatError",
-    "PayloadTooLargeError",
-    "ReplayError",
-    "ReplayGuard",
-    "Sender",
-    "SequenceCounter",
-    "SequenceGuard",
-    "UnexpectedTensorError",
-    "WireError",
-    "cast_for_wire",
-    "cast_from_wire",
-    "decode_tensor",
-    "decode_tensors",
-    "derive_channel_keys",
-    "encode_tensor",
-    "encode_tensors",
-    "generate_private_key",
-    "load_private_key",
-    "open_envelope",
-    "open_tensor",
-    "open_tensors",
-    "parse_wire_dtype",
-    "public_key_fingerprint",
-    "public_key_from_b64",
-    "public_key_to_b64",
-    "save_private_key",
-    "seal",
-    "seal_tensor",
-    "seal_tensors",
-]
+# Lazy re-exports: `flglm.wire.keys` and `flglm.wire.errors` stay importable without torch (the control
+# plane needs keys, not tensors); `from flglm.wire import seal_tensor` still works.
+_EXPORTS = {
+    "AuthenticationError": "errors",
+    "ChannelKeys": "keys",
+    "ClientKeyPair": "keys",
+    "DecodeError": "errors",
+    "Direction": "directions",
+    "EnvelopeHeader": "envelope",
+    "EnvelopeMismatchError": "errors",
+    "InsecureKeyFileError": "errors",
+    "KeyFormatError": "errors",
+    "PayloadTooLargeError": "errors",
+    "ReplayError": "errors",
+    "ReplayGuard": "sequence",
+    "Sender": "directions",
+    "SequenceCounter": "sequence",
+    "SequenceGuard": "sequence",
+    "UnexpectedTensorError": "errors",
+    "WireError": "errors",
+    "cast_for_wire": "codec",
+    "cast_from_wire": "codec",
+    "decode_tensor": "codec",
+    "decode_tensors": "codec",
+    "derive_channel_keys": "keys",
+    "encode_tensor": "codec",
+    "encode_tensors": "codec",
+    "generate_private_key": "keys",
+    "load_private_key": "keys",
+    "open_envelope": "envelope",
+    "open_tensor": "envelope",
+    "open_tensors": "envelope",
+    "parse_wire_dtype": "codec",
+    "public_key_fingerprint": "keys",
+    "public_key_from_b64": "keys",
+    "public_key_to_b64": "keys",
+    "save_private_key": "keys",
+    "seal": "envelope",
+    "seal_tensor": "envelope",
+    "seal_tensors": "envelope",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> object:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"flglm.wire.{_EXPORTS[name]}"), name)

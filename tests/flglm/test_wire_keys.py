@@ -2,6 +2,8 @@
 
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -148,3 +150,19 @@ def test_symlinked_and_wrong_type_key_files_are_refused(tmp_path: Path) -> None:
     garbage.chmod(0o600)
     with pytest.raises(KeyFormatError, match="not an unencrypted PEM"):
         load_private_key(garbage)
+
+
+def test_keys_load_without_torch_and_the_wire_package_without_server_frameworks() -> None:
+    """The control plane derives nothing from tensors: keys and errors must not drag torch in; and the
+    shared core must never import the server stack."""
+    script = (
+        "import sys\n"
+        "import flglm.wire.keys, flglm.wire.errors, flglm.wire.sequence\n"
+        "assert 'torch' not in sys.modules, 'torch imported by keys/errors/sequence'\n"
+        "import flglm.wire, flglm.wire.envelope, flglm.wire.codec\n"
+        "from flglm.wire import seal_tensor\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in {'fastapi', 'sqlalchemy', 'celery'})\n"
+        "assert not bad, bad\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr
