@@ -106,8 +106,13 @@ class SideOptimizer:
             self.optimizer.zero_grad(set_to_none=True)
 
 
-def _autocast(cfg: TrainConfig) -> AbstractContextManager[object]:
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16_autocast)
+def _autocast(cfg: TrainConfig, device: torch.device) -> AbstractContextManager[object]:
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16_autocast)
+
+
+def _compute_dtype(module: nn.Module) -> torch.dtype:
+    """Dtype of the module's floating weights: activations from the wire (maybe bf16) are cast to it."""
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
 
 
 class ClientSideTrainer:
@@ -117,22 +122,24 @@ class ClientSideTrainer:
         self.front, self.back, self.cfg = split.part("front"), split.part("back"), cfg
         parts = split.as_module_dict(["front", "back"]).train()
         self.optimizer = SideOptimizer(trainable_parameters(parts), cfg)
+        self._dtype = _compute_dtype(self.back)
         self._h0: torch.Tensor | None = None
         self._h1: torch.Tensor | None = None
         self._loss: torch.Tensor | None = None
 
     def forward_front(self, batch: LMBatch) -> torch.Tensor:
         """Run the input block; returns a detached copy of h0 to send, keeping the graph here."""
-        with _autocast(self.cfg):
+        with _autocast(self.cfg, batch["input_ids"].device):
             self._h0 = self.front(batch["input_ids"], batch["attention_mask"])  # (batch, seq, hidden)
-        return self._h0.detach()
+        return self._h0.detach().clone()
 
     def forward_back(self, h1: torch.Tensor, batch: LMBatch) -> torch.Tensor:
         """Run the output block on the server's h1 and return the loss (kept for `backward_back`)."""
-        self._h1 = h1.detach().requires_grad_(True)  # (batch, seq, hidden), leaf: its grad goes back
+        # (batch, seq, hidden), a leaf whose grad goes back to the server
+        self._h1 = h1.detach().to(self._dtype).requires_grad_(True)
         labels = batch["labels"]
         positions = target_positions(labels) if self.cfg.score_only_targets else None
-        with _autocast(self.cfg):
+        with _autocast(self.cfg, h1.device):
             logits = self.back(
                 self._h1, batch["attention_mask"], logits_to_keep=0 if positions is None else positions
             )  # (batch, kept, vocab)
@@ -170,6 +177,7 @@ class ServerSideTrainer:
             raise ValueError(f"max_pending_graphs must be >= 1, got {max_pending_graphs}")
         self.body, self.cfg, self.max_pending_graphs = body.train(), cfg, max_pending_graphs
         self.optimizer = SideOptimizer(trainable_parameters(body), cfg)
+        self._dtype = _compute_dtype(body)
         self._graphs: OrderedDict[Hashable, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 
     @property
@@ -181,8 +189,8 @@ class ServerSideTrainer:
         self, step_key: Hashable, h0: torch.Tensor, attention_mask: torch.Tensor | None
     ) -> torch.Tensor:
         """Run the body on a client's h0; returns a detached h1 and keeps the graph under `step_key`."""
-        h0_leaf = h0.detach().requires_grad_(True)  # (batch, seq, hidden)
-        with _autocast(self.cfg):
+        h0_leaf = h0.detach().to(self._dtype).requires_grad_(True)  # (batch, seq, hidden)
+        with _autocast(self.cfg, h0.device):
             h1 = self.body(h0_leaf, attention_mask)  # (batch, seq, hidden)
         self._graphs[step_key] = (h0_leaf, h1)
         self._graphs.move_to_end(step_key)
@@ -201,7 +209,7 @@ class ServerSideTrainer:
         h1.backward(grad_h1.to(h1.dtype))
         grad_h0 = h0_leaf.grad
         assert grad_h0 is not None  # h0_leaf is a leaf that requires grad
-        return grad_h0  # (batch, seq, hidden)
+        return grad_h0  # (batch, seq, hidden), in the body's dtype
 
     def drop(self, step_key: Hashable) -> None:
         """Forget a step's graph (a client gave up on it)."""
@@ -247,7 +255,7 @@ class CentralizedTrainer:
         input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         positions = target_positions(labels) if self.cfg.score_only_targets else None
         position_ids = position_ids_from_attention_mask(attention_mask, input_ids.shape[1])
-        with _autocast(self.cfg):
+        with _autocast(self.cfg, input_ids.device):
             logits = self.model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,

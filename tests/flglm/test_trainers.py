@@ -133,3 +133,17 @@ def test_tokenized_batch_masks_padding_in_labels(tiny_tokenizer) -> None:  # typ
     assert torch.equal(
         batch["labels"][batch["attention_mask"] == 1], batch["input_ids"][batch["attention_mask"] == 1]
     )
+
+
+def test_sides_accept_bf16_activations_from_the_wire(make_batch) -> None:  # type: ignore[no-untyped-def]
+    parts = add_split_adapters(split_model(build_tiny_model("llama")), AdapterConfig(), seed=0)
+    split = SplitTrainer(parts, TrainConfig())
+    batch = make_batch("right")
+    h0 = split.client.forward_front(batch)
+    h1 = split.server.forward("s", h0.to(torch.bfloat16), batch["attention_mask"])
+    assert h1.dtype == torch.float32  # the body computes in its own dtype
+    loss = split.client.forward_back(h1.to(torch.bfloat16), batch)
+    grad_h0 = split.server.backward("s", split.client.backward_back().to(torch.bfloat16))
+    split.client.backward_front(grad_h0.to(torch.bfloat16))
+    assert torch.isfinite(loss) and grad_h0.dtype == torch.float32
+    assert all(p.grad is not None for p in split.client.optimizer.params)
