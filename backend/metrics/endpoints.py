@@ -1,4 +1,4 @@
-"""Metric routes: agents post per-step metrics of their approved jobs; operators list them (paginated)."""
+"""Metric routes: agents post per-step metrics; operators list them and read a job's live progress."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, status
 
-from backend.api.deps import ClientDep, OperatorDep, SessionDep
+from backend.api.deps import ClientDep, OperatorDep, SessionDep, SettingsDep
 from backend.api.pagination import Page, PageDep
 from backend.metrics.repository import StepMetricRepository
-from backend.metrics.schemas import StepMetricIn, StepMetricView
-from backend.metrics.service import record_step_metric
+from backend.metrics.schemas import JobProgressView, StepMetricIn, StepMetricView
+from backend.metrics.service import job_progress, record_step_metric
 from backend.models import utc_now
 from flglm import protocol
 
@@ -32,6 +32,14 @@ def list_metrics(
     )
     items = [StepMetricView.model_validate(row, from_attributes=True) for row in rows]
     return Page(items=items, total=total, limit=page.limit, offset=page.offset)
+
+
+@router.get("/jobs/{job_id}/progress", response_model=JobProgressView)
+def show_job_progress(
+    job_id: Annotated[int, Path(ge=1)], session: SessionDep, _: OperatorDep, settings: SettingsDep
+) -> JobProgressView:
+    """Per-client step, heartbeat and traffic, replica load and throughput: the dashboard's live view."""
+    return job_progress(session, job_id, utc_now(), settings.heartbeat_lease_s)
 
 
 @agent_router.post(

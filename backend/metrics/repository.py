@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from datetime import datetime
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -52,4 +53,52 @@ class ArtifactRepository:
     def list_for_job(self, job_id: int) -> list[Artifact]:
         return list(
             self.session.scalars(sa.select(Artifact).where(Artifact.job_id == job_id).order_by(Artifact.id))
+        )
+
+
+class StepMetricTotals(NamedTuple):
+    """Sums over every step metric one client reported for a job."""
+
+    client_id: int
+    steps_reported: int
+    tokens: int
+    wire_bytes_up: int
+    wire_bytes_down: int
+
+
+class StepMetricSummaryRepository:
+    """Aggregates behind the job page: per-client totals, each client's latest step, the recent window."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def totals_per_client(self, job_id: int) -> list[StepMetricTotals]:
+        rows = self.session.execute(
+            sa.select(
+                StepMetric.client_id,
+                sa.func.count(StepMetric.id),
+                sa.func.coalesce(sa.func.sum(StepMetric.tokens), 0),
+                sa.func.coalesce(sa.func.sum(StepMetric.wire_bytes_up), 0),
+                sa.func.coalesce(sa.func.sum(StepMetric.wire_bytes_down), 0),
+            )
+            .where(StepMetric.job_id == job_id)
+            .group_by(StepMetric.client_id)
+        ).all()
+        return [StepMetricTotals(*(int(value) for value in row)) for row in rows]
+
+    def latest_per_client(self, job_id: int) -> list[StepMetric]:
+        newest = (
+            sa.select(sa.func.max(StepMetric.id))
+            .where(StepMetric.job_id == job_id)
+            .group_by(StepMetric.client_id)
+        )
+        return list(self.session.scalars(sa.select(StepMetric).where(StepMetric.id.in_(newest))))
+
+    def reported_since(self, job_id: int, since: datetime) -> list[StepMetric]:
+        return list(
+            self.session.scalars(
+                sa.select(StepMetric)
+                .where(StepMetric.job_id == job_id, StepMetric.created_at >= since)
+                .order_by(StepMetric.id)
+            )
         )

@@ -1,17 +1,23 @@
-"""Recording step metrics (only for jobs the client approved) and artifacts."""
+"""Recording step metrics (only for jobs the client approved) and artifacts; a job's live progress."""
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy.orm import Session
 
 from backend.audit.service import record
 from backend.errors import Conflict
-from backend.jobs.service import job_for_client
-from backend.metrics.repository import ArtifactRepository, StepMetricRepository
+from backend.jobs.repository import ParticipantRepository
+from backend.jobs.service import get_job, job_for_client
+from backend.metrics.repository import (
+    ArtifactRepository,
+    StepMetricRepository,
+    StepMetricSummaryRepository,
+)
+from backend.metrics.schemas import ClientProgressView, JobProgressView, ReplicaLoadView
 from backend.models import Artifact, StepMetric
-from flglm.protocol import JobStatus, StepMetricIn
+from flglm.protocol import ClientStatus, ConsentStatus, JobStatus, StepMetricIn
 
 
 class MetricForUnknownRound(Conflict):
@@ -54,3 +60,81 @@ def record_artifact(
     )
     record(session, actor, "artifact.create", "job", job_id, {"artifact_id": artifact.id, "kind": kind})
     return artifact
+
+
+def job_progress(
+    session: Session, job_id: int, now: datetime, heartbeat_lease_s: float, window_s: float = 60.0
+) -> JobProgressView:
+    """Live progress of a job for the dashboard: per-client step and traffic, replica load, throughput.
+
+    Replicas: approved clients are dealt round-robin in invitation order, the rule of
+    `flglm.step_protocol.WorkerJobSpec.replica_of`. Throughput is tokens reported in the last `window_s`
+    over the time between the first and last of those reports, so an idle job reads None, not a stale rate.
+    """
+    job = get_job(session, job_id)
+    summaries = StepMetricSummaryRepository(session)
+    totals = {t.client_id: t for t in summaries.totals_per_client(job_id)}
+    latest = {m.client_id: m for m in summaries.latest_per_client(job_id)}
+    recent = summaries.reported_since(job_id, now - timedelta(seconds=window_s))
+    participants = ParticipantRepository(session).list_for_job(job_id)
+    approved = [c.id for p, c in participants if p.consent == ConsentStatus.approved]
+    replica_of = {client_id: i % job.replicas for i, client_id in enumerate(approved)}
+    clients = []
+    for participant, client in participants:
+        total = totals.get(client.id)
+        last = latest.get(client.id)
+        heartbeat = client.last_heartbeat_at
+        clients.append(
+            ClientProgressView(
+                client_id=client.id,
+                client_name=client.name,
+                client_status=ClientStatus(client.status),
+                consent=ConsentStatus(participant.consent),
+                online=client.status == ClientStatus.active
+                and heartbeat is not None
+                and (now - heartbeat).total_seconds() <= heartbeat_lease_s,
+                last_heartbeat_at=heartbeat,
+                replica=replica_of.get(client.id),
+                round_number=last.round_number if last else None,
+                step=last.step if last else None,
+                last_loss=last.loss if last else None,
+                last_reported_at=last.created_at if last else None,
+                steps_reported=total.steps_reported if total else 0,
+                tokens=total.tokens if total else 0,
+                wire_bytes_up=total.wire_bytes_up if total else 0,
+                wire_bytes_down=total.wire_bytes_down if total else 0,
+            )
+        )
+    replicas = [
+        ReplicaLoadView(
+            replica=index,
+            client_ids=[cid for cid in approved if replica_of[cid] == index],
+            steps_in_window=len(mine := [m for m in recent if replica_of.get(m.client_id) == index]),
+            tokens_per_s=_tokens_per_s(mine),
+        )
+        for index in range(job.replicas)
+    ]
+    return JobProgressView(
+        job_id=job.id,
+        status=JobStatus(job.status),
+        current_round=job.current_round,
+        rounds=job.rounds,
+        steps_per_round=job.steps_per_round,
+        window_s=window_s,
+        tokens_per_s=_tokens_per_s(recent),
+        steps_reported=sum(t.steps_reported for t in totals.values()),
+        tokens=sum(t.tokens for t in totals.values()),
+        wire_bytes_up=sum(t.wire_bytes_up for t in totals.values()),
+        wire_bytes_down=sum(t.wire_bytes_down for t in totals.values()),
+        clients=clients,
+        replicas=replicas,
+        generated_at=now,
+    )
+
+
+def _tokens_per_s(reports: list[StepMetric]) -> float | None:
+    if len(reports) < 2:
+        return None
+    span_s = (reports[-1].created_at - reports[0].created_at).total_seconds()
+    # The first report's tokens were produced before the span began; count only the ones inside it.
+    return sum(m.tokens for m in reports[1:]) / span_s if span_s > 0 else None

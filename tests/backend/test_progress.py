@@ -1,0 +1,50 @@
+"""`GET /metrics/jobs/{id}/progress`: per-client step and traffic, replica assignment, viewer access."""
+
+from __future__ import annotations
+
+from tests.backend.conftest import Api, enroll, running_job
+
+
+def test_progress_reports_each_clients_latest_step_traffic_and_replica(api: Api) -> None:
+    agents = [enroll(api, name) for name in ("hospital-a", "hospital-b", "hospital-c")]
+    job_id = running_job(api, agents, parallel_mode="server_hierarchical", replicas=2)
+    for step, loss in enumerate([2.5, 2.0, 1.5]):
+        agents[0].api.ok(
+            "POST",
+            f"/agent/jobs/{job_id}/metrics",
+            201,
+            json={"round_number": 1, "step": step, "loss": loss, "tokens": 100, "wire_bytes_up": 10},
+        )
+    agents[2].api.ok(
+        "POST",
+        f"/agent/jobs/{job_id}/metrics",
+        201,
+        json={"round_number": 1, "step": 0, "loss": 3.0, "tokens": 50, "wire_bytes_down": 7},
+    )
+
+    viewer = api.ok("POST", "/auth/tokens", 201, json={"name": "watcher", "role": "viewer"})["token"]
+    progress = api.as_(viewer).ok("GET", f"/metrics/jobs/{job_id}/progress")
+
+    assert progress["status"] == "running" and progress["current_round"] == 1
+    assert (progress["steps_reported"], progress["tokens"]) == (4, 350)
+    assert (progress["wire_bytes_up"], progress["wire_bytes_down"]) == (30, 7)
+    by_name = {c["client_name"]: c for c in progress["clients"]}
+    a, b, c = by_name["hospital-a"], by_name["hospital-b"], by_name["hospital-c"]
+    assert (a["round_number"], a["step"], a["last_loss"], a["tokens"]) == (1, 2, 1.5, 300)
+    assert (b["step"], b["steps_reported"], b["last_loss"]) == (None, 0, None)
+    assert c["step"] == 0 and c["wire_bytes_down"] == 7
+    assert all(client["consent"] == "approved" for client in progress["clients"])
+    # Dealt round-robin in invitation order over 2 replicas.
+    assert (a["replica"], b["replica"], c["replica"]) == (0, 1, 0)
+    replicas = {r["replica"]: r for r in progress["replicas"]}
+    assert replicas[0]["client_ids"] == [a["client_id"], c["client_id"]]
+    assert replicas[1]["client_ids"] == [b["client_id"]]
+    assert (replicas[0]["steps_in_window"], replicas[1]["steps_in_window"]) == (4, 0)
+    assert replicas[1]["tokens_per_s"] is None
+    # Enrolling counts as a heartbeat, well inside the lease.
+    assert all(client["online"] and client["last_heartbeat_at"] for client in progress["clients"])
+
+
+def test_progress_of_unknown_job_is_404_and_needs_a_token(api: Api) -> None:
+    assert api.get("/metrics/jobs/999/progress").status_code == 404
+    assert api.as_(None).get("/metrics/jobs/999/progress").status_code == 401
