@@ -15,21 +15,25 @@ from typing import Any, Protocol
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from flglm.step_protocol import DEFAULT_QUEUE, MessageDirection, MessageRef, WorkerJobSpec, replica_queue
+from flglm.step_protocol import DEFAULT_QUEUE, replica_queue
 from worker import engine, errors
 from worker.admission import run_admit_upload
 from worker.blob_store import BlobStore, InMemoryBlobStore, RedisBlobStore
 from worker.fedavg import run_client_fedavg
+from worker.routing import (
+    ADMIT_UPLOAD,
+    CLIENT_FEDAVG,
+    REPLICA_COUNTERS,
+    REPLICA_FLUSH,
+    ROUND_END,
+    SERVER_BACKWARD,
+    SERVER_FORWARD,
+    raise_if_rejected,
+    rejection_result,
+    route_step_message,
+)
 
 TaskFunction = Callable[..., dict[str, Any]]
-
-SERVER_FORWARD = "flglm.server_forward"
-SERVER_BACKWARD = "flglm.server_backward"
-REPLICA_FLUSH = "flglm.replica_flush"
-ROUND_END = "flglm.round_end"
-CLIENT_FEDAVG = "flglm.client_fedavg"
-REPLICA_COUNTERS = "flglm.replica_counters"
-ADMIT_UPLOAD = "flglm.admit_upload"
 
 TASK_FUNCTIONS: dict[str, TaskFunction] = {
     SERVER_FORWARD: engine.run_server_forward,
@@ -41,37 +45,13 @@ TASK_FUNCTIONS: dict[str, TaskFunction] = {
     ADMIT_UPLOAD: run_admit_upload,
 }
 
-_REJECTION_KINDS: list[type[errors.StepRejected]] = [
-    errors.StepRejected,
-    *errors.StepRejected.__subclasses__(),
-]
-_REJECTIONS: dict[str, type[errors.StepRejected]] = {kind.code: kind for kind in _REJECTION_KINDS}
-
 
 def call_task(runtime: engine.WorkerRuntime, name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     """Run one task function; a refusal becomes a JSON result (never a retry: the input is at fault)."""
     try:
         return TASK_FUNCTIONS[name](runtime, **kwargs)
     except errors.StepRejected as exc:
-        return {"status": "rejected", "code": exc.code, "http_status": exc.http_status, "message": str(exc)}
-
-
-def raise_if_rejected(result: dict[str, Any]) -> dict[str, Any]:
-    if result.get("status") == "rejected":
-        raise _REJECTIONS.get(str(result.get("code")), errors.StepRejected)(str(result.get("message")))
-    return result
-
-
-def route_step_message(spec: WorkerJobSpec, ref: MessageRef) -> tuple[str, dict[str, Any], str]:
-    """(task name, kwargs, queue) for an uploaded forward or gradient message."""
-    if ref.client_id not in spec.client_ids():
-        raise errors.ForeignClient(f"client {ref.client_id} is not a client of job {spec.job_id}")
-    replica = spec.replica_of(ref.client_id)
-    names = {MessageDirection.activations: SERVER_FORWARD, MessageDirection.gradients: SERVER_BACKWARD}
-    if ref.direction not in names:
-        raise errors.ReplicaMisrouted(f"{ref.direction.value} messages are not server step tasks")
-    kwargs = {"job_id": spec.job_id, "replica": replica, "message": ref.model_dump(mode="json")}
-    return names[ref.direction], kwargs, replica_queue(replica)
+        return rejection_result(exc)
 
 
 class TaskHandle(Protocol):
@@ -209,6 +189,7 @@ __all__ = [
     "CLIENT_FEDAVG",
     "DEFAULT_QUEUE",
     "REPLICA_COUNTERS",
+    "REPLICA_FLUSH",
     "ROUND_END",
     "SERVER_BACKWARD",
     "SERVER_FORWARD",
@@ -218,5 +199,6 @@ __all__ = [
     "TaskHandle",
     "call_task",
     "executor_from_settings",
+    "raise_if_rejected",
     "route_step_message",
 ]
