@@ -24,6 +24,7 @@ from backend.migrate import upgrade_to_head
 from backend.models import utc_now
 from backend.server_keys import load_or_create_server_key, public_key_b64
 from backend.settings import Settings, get_settings
+from backend.steps.runtime import step_runtime_from_settings
 from flglm.protocol import API_PREFIX
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            app.state.step_runtime.close()
             engine.dispose()
 
     app = FastAPI(
@@ -69,9 +71,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engine = engine
     app.state.session_factory = session_factory
     app.state.rate_limiter = TokenBucketLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst)
-    app.state.server_public_key_b64 = public_key_b64(
-        load_or_create_server_key(settings.resolved_server_key_file())
-    )
+    server_key = load_or_create_server_key(settings.resolved_server_key_file())
+    app.state.server_public_key_b64 = public_key_b64(server_key)
+    app.state.step_runtime = step_runtime_from_settings(settings, server_key)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
     app.include_router(api_router, prefix=API_PREFIX)

@@ -50,6 +50,18 @@ class RateLimited(DomainError):
     code = "rate_limited"
 
 
+class BadRequest(DomainError):
+    code = "bad_request"
+
+
+class PayloadTooLarge(DomainError):
+    code = "body_too_large"
+
+
+class Unavailable(DomainError):
+    code = "unavailable"
+
+
 HTTP_STATUS_BY_KIND: dict[type[DomainError], int] = {
     Unauthorized: 401,
     Forbidden: 403,
@@ -57,6 +69,9 @@ HTTP_STATUS_BY_KIND: dict[type[DomainError], int] = {
     Conflict: 409,
     InvalidInput: 422,
     RateLimited: 429,
+    BadRequest: 400,
+    PayloadTooLarge: 413,
+    Unavailable: 503,
 }
 
 CODE_BY_HTTP_STATUS = {

@@ -18,6 +18,11 @@ class Settings(BaseSettings):
     database_url: str = ""
     redis_url: str = "redis://127.0.0.1:6379/0"
     executor: Literal["inprocess", "celery"] = "inprocess"
+    # Step protocol: threads that long-polls wait in (each waiting request holds at most two), how long an
+    # upload waits for a worker to admit it, and where server replicas checkpoint (the workers' disk).
+    step_wait_threads: int = 64
+    step_admission_timeout_s: float = 30.0
+    checkpoint_dir: Path | None = None
 
     heartbeat_lease_s: float = 60.0
     # How often the app enforces round deadlines and heartbeat leases; 0 disables the loop (tests call it).
@@ -39,6 +44,9 @@ class Settings(BaseSettings):
 
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'flglm.db'}"
+
+    def resolved_checkpoint_dir(self) -> Path:
+        return self.checkpoint_dir or self.data_dir / "checkpoints"
 
     def resolved_server_key_file(self) -> Path:
         return self.server_key_file or self.data_dir / "server_x25519.key"

@@ -73,6 +73,23 @@ class MessageRef(BaseModel):
         return (self.round_number, self.step, self.client_id)
 
 
+def client_adapters_ref(job_id: int, round_number: int, client_id: int) -> MessageRef:
+    """A client's adapters_up message at the end of a round (`CLIENT_ADAPTERS_PATH`).
+
+    One upload per client and round, so its address is fixed: step 0, sequence = the round number (rounds
+    grow, which keeps the per-stream replay order). Its result (`result_ref`) is the FedAvg'd adapters sealed
+    for that client.
+    """
+    return MessageRef(
+        job_id=job_id,
+        round_number=round_number,
+        step=0,
+        client_id=client_id,
+        direction=MessageDirection.adapters_up,
+        sequence=round_number,
+    )
+
+
 class UploadOutcome(StrEnum):
     stored = "stored"
     identical = "identical"  # the same message was already uploaded: no second effect

@@ -9,6 +9,7 @@ from backend.auth.endpoints import router as auth_router
 from backend.clients import endpoints as clients
 from backend.jobs import endpoints as jobs
 from backend.metrics import endpoints as metrics
+from backend.steps import endpoints as steps
 
 api_router = APIRouter()
 for router in (
@@ -19,6 +20,7 @@ for router in (
     jobs.agent_router,
     metrics.router,
     metrics.agent_router,
+    steps.router,
     audit_router,
 ):
     api_router.include_router(router)

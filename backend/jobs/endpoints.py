@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Request, status
 
-from backend.api.deps import AdminDep, ClientDep, OperatorDep, SessionDep
+from backend.api.deps import AdminDep, ClientDep, OperatorDep, SessionDep, SettingsDep
 from backend.api.pagination import Page, PageDep
 from backend.jobs import service
 from backend.jobs.repository import JobRepository, ParticipantRepository, RoundRepository
@@ -20,6 +20,7 @@ from backend.jobs.schemas import (
 )
 from backend.metrics.repository import ArtifactRepository
 from backend.models import Round, utc_now
+from backend.steps import service as steps_service
 from flglm import protocol
 from flglm.protocol import JobSpec, JobStatus
 
@@ -50,8 +51,14 @@ def show_job(job_id: JobId, session: SessionDep, _: OperatorDep) -> JobView:
 
 
 def _transition_route(action: str) -> None:
-    def transition(job_id: JobId, session: SessionDep, admin: AdminDep) -> JobView:
-        return JobView.model_validate(service.transition(session, admin.actor, job_id, action, utc_now()))
+    def transition(
+        job_id: JobId, session: SessionDep, admin: AdminDep, request: Request, settings: SettingsDep
+    ) -> JobView:
+        job = service.transition(session, admin.actor, job_id, action, utc_now())
+        if action == "start":  # the workers learn the job (participants' keys) before any step arrives
+            spec = steps_service.worker_job_spec(session, job, settings)
+            steps_service.publish_job_spec(request.app.state.step_runtime, spec)
+        return JobView.model_validate(job)
 
     transition.__name__ = f"{action}_job"
     router.add_api_route(

@@ -1,0 +1,201 @@
+"""Agent step routes: upload a sealed step message, long-poll its result, exchange round-end client adapters.
+
+Paths come from `flglm.step_protocol` (the agent's `StepClient` imports the same constants). Bodies are the
+raw sealed envelope (`application/octet-stream`, capped by `max_body_bytes`). The database checks run in a
+sync dependency (threadpool); the waiting runs in the step wait pool (see `backend.steps.runtime`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Path, Query, Request, Response, status
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from backend.api.deps import ClientDep, SessionDep, SettingsDep
+from backend.steps import service
+from backend.steps.runtime import StepRuntime
+from backend.steps.service import StepAccess
+from flglm.step_protocol import (
+    CLIENT_ADAPTERS_PATH,
+    MAX_LONG_POLL_S,
+    STEP_MESSAGE_PATH,
+    STEP_RESULT_PATH,
+    MessageDirection,
+    MessageRef,
+    UploadOutcome,
+    UploadReceipt,
+    client_adapters_ref,
+)
+
+router = APIRouter(tags=["agent steps"])
+
+OCTET_STREAM = "application/octet-stream"
+JobId = Annotated[int, Path(ge=1)]
+RoundNumber = Annotated[int, Path(ge=1)]
+WaitSeconds = Annotated[
+    float, Query(ge=0, description=f"long-poll up to this many seconds (capped at {MAX_LONG_POLL_S})")
+]
+
+
+def step_runtime(request: Request) -> StepRuntime:
+    runtime: StepRuntime = request.app.state.step_runtime
+    return runtime
+
+
+RuntimeDep = Annotated[StepRuntime, Depends(step_runtime)]
+
+
+def upload_access(
+    job_id: JobId, round_number: RoundNumber, session: SessionDep, client: ClientDep
+) -> StepAccess:
+    return service.check_step_access(session, client.id, job_id, round_number, uploading=True)
+
+
+def read_access(
+    job_id: JobId, round_number: RoundNumber, session: SessionDep, client: ClientDep
+) -> StepAccess:
+    return service.check_step_access(session, client.id, job_id, round_number, uploading=False)
+
+
+UploadAccess = Annotated[StepAccess, Depends(upload_access)]
+ReadAccess = Annotated[StepAccess, Depends(read_access)]
+
+
+def _step_ref(access: StepAccess, step: int, direction: MessageDirection, sequence: int) -> MessageRef:
+    return MessageRef(
+        job_id=access.job_id,
+        round_number=access.round_number,
+        step=step,
+        client_id=access.client_id,  # from the credential: a client can only address its own messages
+        direction=direction,
+        sequence=sequence,
+    )
+
+
+async def _sealed_body(request: Request) -> bytes:
+    content_type = request.headers.get("content-type", "").split(";")[0].strip()
+    if content_type != OCTET_STREAM:
+        raise StarletteHTTPException(415, f"send the sealed envelope as {OCTET_STREAM}, not {content_type!r}")
+    return await request.body()
+
+
+def _receipt_response(
+    response: Response, ref: MessageRef, outcome: UploadOutcome, result_path: str | None
+) -> UploadReceipt:
+    response.status_code = status.HTTP_201_CREATED if outcome is UploadOutcome.stored else status.HTTP_200_OK
+    return UploadReceipt(message=ref, outcome=outcome, result_path=result_path)
+
+
+def _not_yet() -> Response:
+    # The long-poll already waited: the agent asks again at once.
+    return Response(status_code=status.HTTP_204_NO_CONTENT, headers={"Retry-After": "0"})
+
+
+@router.put(
+    STEP_MESSAGE_PATH,
+    response_model=UploadReceipt,
+    status_code=status.HTTP_201_CREATED,
+    summary="Upload a sealed step message (201 stored, 200 identical duplicate, 409 conflicting duplicate)",
+)
+async def upload_step_message(
+    request: Request,
+    response: Response,
+    access: UploadAccess,
+    runtime: RuntimeDep,
+    settings: SettingsDep,
+    step: Annotated[int, Path(ge=0)],
+    direction: MessageDirection,
+    sequence: Annotated[int, Path(ge=0)],
+) -> UploadReceipt:
+    if direction not in service.STEP_DIRECTIONS:
+        raise service.NotAnUpload(
+            f"agents upload activations and gradients here, not {direction.value} "
+            "(adapters go to the client-adapters path)"
+        )
+    body = await _sealed_body(request)
+    ref = _step_ref(access, step, direction, sequence)
+    loop = asyncio.get_running_loop()
+    outcome = await loop.run_in_executor(
+        runtime.wait_pool, service.store_upload, runtime, ref, body, settings.step_admission_timeout_s
+    )
+    result_path = STEP_RESULT_PATH.format(
+        job_id=ref.job_id,
+        round_number=ref.round_number,
+        step=step,
+        direction=direction.value,
+        sequence=sequence,
+    )
+    return _receipt_response(response, ref, outcome, result_path)
+
+
+@router.get(
+    STEP_RESULT_PATH,
+    response_class=Response,
+    responses={200: {"content": {OCTET_STREAM: {}}}, 204: {"description": "not ready yet; ask again"}},
+    summary="Long-poll the sealed result of an upload (h1 for activations, dL/dh0 for gradients)",
+)
+async def wait_step_result(
+    access: ReadAccess,
+    runtime: RuntimeDep,
+    step: Annotated[int, Path(ge=0)],
+    direction: MessageDirection,
+    sequence: Annotated[int, Path(ge=0)],
+    wait_s: WaitSeconds = 0.0,
+) -> Response:
+    if direction not in service.STEP_DIRECTIONS:
+        raise service.NotAnUpload(f"{direction.value} messages have no step result")
+    ref = _step_ref(access, step, direction, sequence)
+    blob = await service.wait_for_result(runtime, ref, min(wait_s, MAX_LONG_POLL_S))
+    if blob is None:
+        return _not_yet()
+    return Response(content=blob, media_type=OCTET_STREAM)
+
+
+@router.put(
+    CLIENT_ADAPTERS_PATH,
+    response_model=UploadReceipt,
+    status_code=status.HTTP_201_CREATED,
+    summary="Upload this client's sealed adapters at the end of a round, with its example count",
+)
+async def upload_client_adapters(
+    request: Request,
+    response: Response,
+    access: UploadAccess,
+    runtime: RuntimeDep,
+    settings: SettingsDep,
+    example_count: Annotated[int, Query(ge=0, description="FedAvg weight: examples this client trained on")],
+) -> UploadReceipt:
+    body = await _sealed_body(request)
+    loop = asyncio.get_running_loop()
+    outcome = await loop.run_in_executor(
+        runtime.wait_pool,
+        service.store_adapters,
+        runtime,
+        access,
+        body,
+        example_count,
+        settings.step_admission_timeout_s,
+    )
+    ref = client_adapters_ref(access.job_id, access.round_number, access.client_id)
+    path = CLIENT_ADAPTERS_PATH.format(job_id=access.job_id, round_number=access.round_number)
+    return _receipt_response(response, ref, outcome, path)
+
+
+@router.get(
+    CLIENT_ADAPTERS_PATH,
+    response_class=Response,
+    responses={200: {"content": {OCTET_STREAM: {}}}, 204: {"description": "FedAvg not done yet; ask again"}},
+    summary="Long-poll the round's FedAvg'd client adapters, sealed for this client",
+)
+async def wait_client_adapters(
+    access: ReadAccess, runtime: RuntimeDep, wait_s: WaitSeconds = 0.0
+) -> Response:
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(runtime.wait_pool, service.start_fedavg_when_complete, runtime, access)
+    ref = client_adapters_ref(access.job_id, access.round_number, access.client_id)
+    blob = await service.wait_for_result(runtime, ref, min(wait_s, MAX_LONG_POLL_S))
+    if blob is None:
+        return _not_yet()
+    return Response(content=blob, media_type=OCTET_STREAM)

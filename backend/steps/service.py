@@ -1,0 +1,347 @@
+"""Step use cases: admit and store an upload, queue its task, long-poll its result, round-end client FedAvg.
+
+Idempotency: an upload whose address already holds the same bytes is a no-op (200, its task queued again
+only when no result exists yet: tasks are idempotent), different bytes at that address are a 409, and a
+hostile upload is refused by the `flglm.admit_upload` task before anything is stored under its address.
+The checks against the job database (approved participant of the current round of a running job) run
+first, in `check_step_access`; everything after them touches only the blob store and the tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy.orm import Session
+
+from backend.clients.repository import ClientRepository
+from backend.errors import (
+    BadRequest,
+    Conflict,
+    DomainError,
+    Forbidden,
+    InvalidInput,
+    NotFound,
+    PayloadTooLarge,
+    Unavailable,
+)
+from backend.jobs.repository import ParticipantRepository, RoundRepository
+from backend.jobs.service import JobNotRunning, NotRoundParticipant, StaleRound, job_for_client
+from backend.models import Job
+from backend.settings import Settings
+from backend.steps.runtime import StepRuntime, TaskHandle
+from flglm.protocol import JobStatus, RoundParticipantStatus
+from flglm.step_protocol import (
+    DEFAULT_QUEUE,
+    JobClient,
+    MessageDirection,
+    MessageRef,
+    UploadOutcome,
+    WorkerJobSpec,
+    client_adapters_ref,
+    spec_blob_key,
+)
+from worker.blob_store import PutOutcome
+from worker.errors import ReplayedMessage, StepRejected
+from worker.routing import ADMIT_UPLOAD, CLIENT_FEDAVG, route_step_message
+
+STEP_DIRECTIONS = (MessageDirection.activations, MessageDirection.gradients)
+STAGING_TTL_S = 600.0
+# Engine settings an operator may put in a job's hyperparameters (the rest are optimizer settings).
+ENGINE_HYPERPARAMETERS = (
+    "seed",
+    "max_batch_size",
+    "max_seq_len",
+    "checkpoint_every",
+    "server_fedavg_every",
+    "batch_window_s",
+    "exchange_timeout_s",
+    "inflight_timeout_s",
+    "max_pending",
+    "blob_ttl_s",
+)
+
+
+class DuplicateConflict(Conflict):
+    code = "conflicting_duplicate"
+
+
+class WorkerSpecInvalid(InvalidInput):
+    code = "worker_spec_invalid"
+
+
+class UploadNotFound(NotFound):
+    code = "upload_not_found"
+
+
+class JobNotServed(NotFound):
+    code = "job_not_published"
+
+
+class NotAnUpload(BadRequest):
+    code = "wrong_direction"
+
+
+class AdmissionTimeout(Unavailable):
+    code = "admission_timeout"
+
+
+_KIND_BY_STATUS: dict[int, type[DomainError]] = {
+    400: BadRequest,
+    403: Forbidden,
+    404: NotFound,
+    409: Conflict,
+    413: PayloadTooLarge,
+    422: InvalidInput,
+    503: Unavailable,
+}
+
+
+def refusal(exc: StepRejected) -> DomainError:
+    """The HTTP error of an engine refusal: its status and code, its message naming the problem."""
+    error = _KIND_BY_STATUS.get(exc.http_status, BadRequest)(str(exc))
+    error.code = exc.code
+    return error
+
+
+# ---- job start ------------------------------------------------------------------------------------
+
+
+def worker_job_spec(session: Session, job: Job, settings: Settings) -> WorkerJobSpec:
+    """The job as the workers see it: the approved, online participants with their keys."""
+    clients = ClientRepository(session)
+    job_clients = []
+    for client_id in ParticipantRepository(session).approved_active_client_ids(job.id):
+        client = clients.get(client_id)
+        assert client is not None and client.public_key is not None  # enrolled, hence keyed
+        job_clients.append(JobClient(client_id=client.id, public_key=client.public_key))
+    hyper = job.hyperparameters
+    try:
+        return _build_spec(job, job_clients, settings, hyper)
+    except ValidationError as exc:
+        raise WorkerSpecInvalid(f"job {job.id} cannot be served by the workers: {exc}") from None
+
+
+def _build_spec(
+    job: Job, job_clients: list[JobClient], settings: Settings, hyper: dict[str, Any]
+) -> WorkerJobSpec:
+    return WorkerJobSpec(
+        job_id=job.id,
+        model_ref=job.model_ref,
+        split_plan=job.split_plan,  # type: ignore[arg-type]
+        adapter=job.adapter,
+        hyperparameters=hyper,
+        parallel_mode=job.parallel_mode,  # type: ignore[arg-type]
+        replicas=job.replicas,
+        clients=job_clients,
+        wire_dtype=job.privacy.get("wire_dtype", "float32"),
+        checkpoint_dir=str(settings.resolved_checkpoint_dir() / f"job-{job.id}"),
+        **{name: hyper[name] for name in ENGINE_HYPERPARAMETERS if name in hyper},
+    )
+
+
+def publish_job_spec(runtime: StepRuntime, spec: WorkerJobSpec) -> None:
+    """Write-once, like `worker.engine.publish_job_spec` (not imported: it would load torch here)."""
+    ttl_s = max(spec.blob_ttl_s, 30 * 86400.0)
+    outcome = runtime.store.put_if_absent(spec_blob_key(spec.job_id), spec.model_dump_json().encode(), ttl_s)
+    if outcome is PutOutcome.conflict:
+        raise Conflict(f"job {spec.job_id} already has another worker spec published")
+
+
+def read_spec(runtime: StepRuntime, job_id: int) -> WorkerJobSpec:
+    data = runtime.store.get(spec_blob_key(job_id))
+    if data is None:
+        raise JobNotServed(f"job {job_id} has no worker spec (it never started on this deployment)")
+    return WorkerJobSpec.model_validate_json(data)
+
+
+# ---- access --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepAccess:
+    """What the database said about a client's request; the blob-store part runs without a session."""
+
+    job_id: int
+    round_number: int
+    client_id: int
+    round_clients: tuple[int, ...]  # participants of the round that were not dropped
+
+
+def check_step_access(
+    session: Session, client_id: int, job_id: int, round_number: int, *, uploading: bool
+) -> StepAccess:
+    """404 unless the client approved the job; uploads need the job running and this its current round."""
+    job = job_for_client(session, job_id, client_id, approved=True)
+    if uploading and job.status != JobStatus.running:
+        raise JobNotRunning(f"job {job_id} is {job.status}; step messages are accepted while it runs")
+    if not uploading and job.status not in (JobStatus.running, JobStatus.completed):
+        raise JobNotRunning(f"job {job_id} is {job.status}")
+    if uploading and round_number != job.current_round:
+        raise StaleRound(
+            f"round {round_number} of job {job_id} is not its current round ({job.current_round})"
+        )
+    rounds = RoundRepository(session)
+    round_ = rounds.get(job_id, round_number)
+    if round_ is None or round_number > job.current_round:
+        raise StaleRound(f"job {job_id} has no round {round_number} yet")
+    participants = rounds.participants(round_.id)
+    mine = next((p for p in participants if p.client_id == client_id), None)
+    if mine is None:
+        raise NotRoundParticipant(
+            f"client {client_id} is not a participant of round {round_number} of job {job_id}"
+        )
+    if uploading and mine.status == RoundParticipantStatus.dropped:
+        raise StaleRound(f"client {client_id} was dropped from round {round_number}: {mine.drop_reason}")
+    active = tuple(p.client_id for p in participants if p.status != RoundParticipantStatus.dropped)
+    return StepAccess(job_id, round_number, client_id, active)
+
+
+# ---- uploads (run in the step wait pool: they block on the blob store and the admission task) ----------
+
+
+def store_upload(
+    runtime: StepRuntime, ref: MessageRef, body: bytes, admission_timeout_s: float
+) -> UploadOutcome:
+    """Admit `body` for `ref`, store it write-once and queue its server task; idempotent (see module doc)."""
+    if not body:
+        raise BadRequest("the upload body is empty; send the sealed envelope as application/octet-stream")
+    spec = read_spec(runtime, ref.job_id)
+    key = ref.blob_key()
+    existing = runtime.store.get(key)
+    if existing is not None:
+        return _duplicate(runtime, spec, ref, existing, body)
+    staging_key = f"staging:{key}:{uuid.uuid4().hex}"
+    runtime.store.put_if_absent(staging_key, body, STAGING_TTL_S)
+    try:
+        handle = runtime.dispatcher.submit(
+            ADMIT_UPLOAD,
+            {"job_id": ref.job_id, "message": ref.model_dump(mode="json"), "staging_key": staging_key},
+            DEFAULT_QUEUE,
+        )
+        handle.get(admission_timeout_s)
+    except ReplayedMessage as exc:
+        concurrent = runtime.store.get(key)  # the same message admitted by a concurrent request
+        if concurrent is not None:
+            return _duplicate(runtime, spec, ref, concurrent, body)
+        raise refusal(exc) from None
+    except StepRejected as exc:
+        raise refusal(exc) from None
+    except TimeoutError:
+        raise AdmissionTimeout(
+            f"no worker checked the upload within {admission_timeout_s} s; retry it"
+        ) from None
+    finally:
+        runtime.store.delete(staging_key)
+    outcome = runtime.store.put_if_absent(key, body, spec.blob_ttl_s)
+    if outcome is PutOutcome.conflict:
+        raise DuplicateConflict(f"{key} already holds a different message")
+    _queue_server_task(runtime, spec, ref)
+    return UploadOutcome.stored if outcome is PutOutcome.stored else UploadOutcome.identical
+
+
+def _duplicate(
+    runtime: StepRuntime, spec: WorkerJobSpec, ref: MessageRef, existing: bytes, body: bytes
+) -> UploadOutcome:
+    if existing != body:
+        raise DuplicateConflict(
+            f"message {ref.blob_key()} was already uploaded with different bytes; a retried step needs "
+            "a new sequence number"
+        )
+    result_key = ref.result_ref().blob_key()
+    if runtime.handle_for(result_key) is None and runtime.store.get(result_key) is None:
+        _queue_server_task(runtime, spec, ref)  # the first request may have died before queueing it
+    return UploadOutcome.identical
+
+
+def _queue_server_task(runtime: StepRuntime, spec: WorkerJobSpec, ref: MessageRef) -> None:
+    if ref.direction in STEP_DIRECTIONS:
+        name, kwargs, queue = route_step_message(spec, ref)
+        runtime.remember(ref.result_ref().blob_key(), runtime.dispatcher.submit(name, kwargs, queue))
+
+
+def store_adapters(
+    runtime: StepRuntime, access: StepAccess, body: bytes, example_count: int, admission_timeout_s: float
+) -> UploadOutcome:
+    """A client's round-end adapters (+ the example count FedAvg weighs them by); the last upload of the
+    round's participants starts the FedAvg task."""
+    ref = client_adapters_ref(access.job_id, access.round_number, access.client_id)
+    outcome = store_upload(runtime, ref, body, admission_timeout_s)
+    spec = read_spec(runtime, access.job_id)
+    runtime.store.put_if_absent(_examples_key(ref), str(example_count).encode(), spec.blob_ttl_s)
+    start_fedavg_when_complete(runtime, access)
+    return outcome
+
+
+def _examples_key(ref: MessageRef) -> str:
+    return f"examples:{ref.job_id}:{ref.round_number}:{ref.client_id}"
+
+
+def start_fedavg_when_complete(runtime: StepRuntime, access: StepAccess) -> None:
+    """Queue the client FedAvg of a round once every participant still in it uploaded (idempotent task;
+    it is queued at most once per backend process and round)."""
+    refs = [client_adapters_ref(access.job_id, access.round_number, cid) for cid in access.round_clients]
+    result_keys = [ref.result_ref().blob_key() for ref in refs]
+    if all(runtime.handle_for(key) is not None for key in result_keys):
+        return
+    counts: dict[str, int] = {}
+    for ref in refs:
+        count = runtime.store.get(_examples_key(ref))
+        if count is None or runtime.store.get(ref.blob_key()) is None:
+            return
+        counts[str(ref.client_id)] = int(count)
+    handle = runtime.dispatcher.submit(
+        CLIENT_FEDAVG,
+        {
+            "job_id": access.job_id,
+            "round_number": access.round_number,
+            "uploads": [ref.model_dump(mode="json") for ref in refs],
+            "example_counts": counts,
+        },
+        DEFAULT_QUEUE,
+    )
+    for key in result_keys:
+        runtime.remember(key, handle)
+
+
+# ---- long-polls ----------------------------------------------------------------------------------
+
+
+def _verdict(handle: TaskHandle, wait_s: float) -> None:
+    """Block until the task is done (raising its refusal) or `wait_s` passed (then return quietly)."""
+    try:
+        handle.get(wait_s)
+    except TimeoutError:
+        return
+
+
+async def wait_for_result(runtime: StepRuntime, ref: MessageRef, wait_s: float) -> bytes | None:
+    """The sealed result of the upload at `ref`, the moment it exists; None after `wait_s`.
+
+    Waits on the blob and, when this process queued the task, on the task too: a refused task (a backward
+    whose graph is gone, say) answers at once instead of after the whole wait.
+    """
+    loop = asyncio.get_running_loop()
+    if await loop.run_in_executor(runtime.wait_pool, runtime.store.get, ref.blob_key()) is None:
+        raise UploadNotFound(f"nothing was uploaded at {ref.blob_key()} (or it expired)")
+    result_key = ref.result_ref().blob_key()
+    blob_wait = loop.run_in_executor(runtime.wait_pool, runtime.store.wait_for, result_key, wait_s)
+    handle = runtime.handle_for(result_key)
+    if handle is None:
+        return await blob_wait
+    task_wait = loop.run_in_executor(runtime.wait_pool, _verdict, handle, wait_s)
+    waits: set[asyncio.Future[Any]] = {blob_wait, task_wait}
+    done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    if blob_wait in done and blob_wait.result() is not None:
+        return blob_wait.result()
+    if task_wait in done:
+        error = task_wait.exception()
+        if isinstance(error, StepRejected):
+            if runtime.store.get(result_key) is None:  # a refused repeat of a task that already answered
+                raise refusal(error)
+        elif error is not None:
+            raise error
+    return await blob_wait
