@@ -197,8 +197,11 @@ def run_split_bench(
     front_layers: int = 1,
     back_layers: int = 1,
     memory: bool = True,
+    threads: int = 0,
 ) -> dict[str, Any]:
-    """All figures of `flglm bench split`, as one JSON-able dict."""
+    """All figures of `flglm bench split`, as one JSON-able dict (threads 0: torch's default)."""
+    if threads > 0:  # on a shared machine fewer threads than cores avoids OpenMP spin contention
+        torch.set_num_threads(threads)
     plan = SplitPlan(front_layers=front_layers, back_layers=back_layers)
     result: dict[str, Any] = {
         "bench": "split",

@@ -64,6 +64,7 @@ def split(
     front_layers: int = typer.Option(1, min=1, help="Decoder layers in the client's input block."),
     back_layers: int = typer.Option(1, min=1, help="Decoder layers in the client's output block."),
     memory: bool = typer.Option(True, help="Measure client vs full resident memory."),
+    threads: int = typer.Option(0, min=0, help="Torch CPU threads (0: torch's default)."),
 ) -> None:
     """Cost of the split: centralized vs split step time (ratio of medians) and client vs full memory."""
     import json
@@ -78,6 +79,7 @@ def split(
         front_layers=front_layers,
         back_layers=back_layers,
         memory=memory,
+        threads=threads,
     )
     if not json_output:
         step = result["step_time"]
