@@ -1,0 +1,281 @@
+/** One job, live: progress, loss curves, throughput, traffic, clients, replicas, evaluation, privacy, export. */
+
+import { get, post } from "../api.js";
+import { badge, fill, formatAgo, formatBytes, formatNumber, h, table } from "../dom.js";
+import { LossChart } from "./loss_chart.js";
+
+const POLL_MS = 1500; // the issue asks for updates at least every 2 s
+const METRICS_PAGE = 500;
+
+// Which admin buttons each job status offers (the backend's lifecycle decides; this only hides dead ends).
+const ACTIONS = {
+  draft: [["open", "Open for consent"], ["cancel", "Cancel"]],
+  waiting_for_clients: [["start", "Start"], ["cancel", "Cancel"]],
+  running: [["pause", "Pause"], ["cancel", "Cancel"]],
+  paused: [["resume", "Resume"], ["cancel", "Cancel"]],
+};
+const EXPORT_KINDS = ["model", "export", "merged_model", "adapters", "adapter", "global_adapters"];
+
+function stat(label, valueNode, testid) {
+  return h("div", { class: "stat" }, h("div", { class: "stat-label" }, label), h("div", { class: "stat-value", "data-testid": testid }, valueNode));
+}
+
+function progressBar(label, fraction) {
+  const pct = Math.round(Math.min(1, Math.max(0, fraction)) * 100);
+  return h(
+    "div",
+    { class: "progress", role: "progressbar", "aria-label": label, "aria-valuemin": "0", "aria-valuemax": "100", "aria-valuenow": String(pct) },
+    h("div", { class: "progress-fill", style: `width: ${pct}%` }),
+  );
+}
+
+export function renderJob({ principal, params, showError }) {
+  const jobId = Number(params[0]);
+  const isAdmin = principal.role === "admin";
+  const regions = {
+    head: h("div", { class: "page-head" }),
+    controls: h("div", { class: "toolbar", "data-testid": "admin-controls" }),
+    stats: h("div", { class: "stats", "aria-live": "polite" }),
+    chart: h("div", {}),
+    clients: h("div", {}),
+    replicas: h("div", {}),
+    evaluation: h("div", {}),
+    privacy: h("div", {}),
+    exported: h("div", {}),
+  };
+  const chartCard = h("section", { class: "card span-2", "aria-labelledby": "loss-title" }, h("h2", { id: "loss-title" }, "Loss"), regions.chart);
+  const element = h(
+    "section",
+    { class: "job-page" },
+    regions.head,
+    regions.stats,
+    h(
+      "div",
+      { class: "grid" },
+      chartCard,
+      h(
+        "div",
+        { class: "side" },
+        h("section", { class: "card", "aria-labelledby": "privacy-title" }, h("h2", { id: "privacy-title" }, "Privacy and split"), regions.privacy),
+        h("section", { class: "card", "aria-labelledby": "export-title" }, h("h2", { id: "export-title" }, "Exported model"), regions.exported),
+      ),
+      h("section", { class: "card span-3", "aria-labelledby": "clients-title" }, h("h2", { id: "clients-title" }, "Clients"), regions.clients),
+      h("section", { class: "card span-2", "aria-labelledby": "eval-title" }, h("h2", { id: "eval-title" }, "Evaluation per round"), regions.evaluation),
+      h("section", { class: "card", "aria-labelledby": "replicas-title" }, h("h2", { id: "replicas-title" }, "Server replicas"), regions.replicas),
+    ),
+  );
+
+  let chart = null;
+  let metricsSeen = 0;
+  let timer = null;
+  let stopped = false;
+  let busy = false;
+  let lastStatus = null;
+
+  async function act(action) {
+    if (action === "cancel" && !confirm("Cancel this job? A cancelled job cannot be resumed.")) return;
+    busy = true;
+    try {
+      await post(`/jobs/${jobId}/${action}`);
+      await refresh();
+    } catch (error) {
+      showError(error);
+    } finally {
+      busy = false;
+      renderControls(lastStatus);
+    }
+  }
+
+  function renderControls(status) {
+    if (!isAdmin) return;
+    fill(
+      regions.controls,
+      (ACTIONS[status] || []).map(([action, label]) =>
+        h("button", { type: "button", class: action === "cancel" ? "danger" : "primary", disabled: busy, onclick: () => act(action) }, label),
+      ),
+    );
+  }
+
+  async function fetchNewMetrics(stepsPerRound) {
+    // Step metrics come oldest first; ask only for the ones after those already drawn.
+    for (;;) {
+      const page = await get(`/metrics?job_id=${jobId}&limit=${METRICS_PAGE}&offset=${metricsSeen}`);
+      metricsSeen += page.items.length;
+      chart.add(page.items, stepsPerRound);
+      if (page.items.length < METRICS_PAGE) return;
+    }
+  }
+
+  async function refresh() {
+    const [job, progress, rounds, artifacts] = await Promise.all([
+      get(`/jobs/${jobId}`),
+      get(`/metrics/jobs/${jobId}/progress`),
+      get(`/jobs/${jobId}/rounds`),
+      get(`/jobs/${jobId}/artifacts`),
+    ]);
+    const names = new Map(progress.clients.map((c) => [c.client_id, c.client_name]));
+    if (!chart) {
+      chart = new LossChart(names);
+      fill(regions.chart, chart.element, h("p", { class: "help" }, "Dashed: mean over the clients that reported that step. Drag to zoom, double-click to reset."));
+    }
+    chart.clientNames = names;
+    await fetchNewMetrics(job.steps_per_round);
+    if (job.status !== lastStatus) {
+      lastStatus = job.status;
+      renderControls(job.status);
+    }
+    renderHead(job);
+    renderStats(job, progress);
+    renderClients(progress);
+    renderReplicas(job, progress);
+    renderEvaluation(rounds, names);
+    renderPrivacy(job);
+    renderExport(artifacts, job);
+  }
+
+  function renderHead(job) {
+    if (!regions.head.childElementCount) {
+      fill(
+        regions.head,
+        h("div", {}, h("p", { class: "crumb" }, h("a", { href: "#/jobs" }, "Jobs"), " / ", `#${job.id}`), h("h1", { id: "job-title" })),
+        h("div", { class: "head-right" }, h("span", { id: "job-status" }), isAdmin ? regions.controls : null),
+      );
+    }
+    fill(regions.head.querySelector("#job-title"), job.name);
+    fill(regions.head.querySelector("#job-status"), badge(job.status));
+    if (job.failure_reason) regions.head.querySelector("#job-status").append(h("span", { class: "muted" }, ` ${job.failure_reason}`));
+  }
+
+  function renderStats(job, progress) {
+    const inRound = progress.clients.filter((c) => c.round_number === job.current_round && c.step !== null);
+    // Steps are numbered from 0, so step s means s + 1 done.
+    const stepsDone = inRound.length ? Math.max(...inRound.map((c) => c.step)) + 1 : 0;
+    const roundsDone = Math.max(0, job.current_round - 1);
+    const overall = (roundsDone * job.steps_per_round + stepsDone) / (job.rounds * job.steps_per_round);
+    fill(
+      regions.stats,
+      stat("Round", h("span", {}, `${job.current_round} / ${job.rounds}`), "round-counter"),
+      h(
+        "div",
+        { class: "stat stat-wide" },
+        h("div", { class: "stat-label" }, "Step in this round"),
+        h("div", { class: "stat-value", "data-testid": "step-counter" }, `${stepsDone} / ${job.steps_per_round}`),
+        progressBar("Progress of the whole job", overall),
+        h("div", { class: "stat-note" }, `${Math.round(overall * 100)} % of the job`),
+      ),
+      stat("Tokens / s", formatNumber(progress.tokens_per_s, 1), "tokens-per-s"),
+      stat("Tokens", formatNumber(progress.tokens), "tokens"),
+      stat("Bytes up", formatBytes(progress.wire_bytes_up), "bytes-up"),
+      stat("Bytes down", formatBytes(progress.wire_bytes_down), "bytes-down"),
+    );
+  }
+
+  function renderClients(progress) {
+    const rows = progress.clients.map((c) => [
+      h("strong", {}, c.client_name),
+      c.consent === "approved" ? badge("approved") : badge(c.consent),
+      h("span", { class: c.online ? "dot dot-on" : "dot dot-off" }, c.online ? "online" : "offline"),
+      formatAgo(c.last_heartbeat_at),
+      c.step === null ? "—" : `round ${c.round_number}, step ${c.step}`,
+      formatNumber(c.last_loss, 3),
+      c.replica === null ? "—" : `#${c.replica}`,
+      formatBytes(c.wire_bytes_up),
+      formatBytes(c.wire_bytes_down),
+    ]);
+    fill(
+      regions.clients,
+      table(
+        "Clients of this job",
+        ["Client", "Consent", "State", "Last heartbeat", "Current step", "Last loss", "Replica", "Sent", "Received"],
+        rows,
+        "No clients invited yet.",
+      ),
+    );
+  }
+
+  function renderReplicas(job, progress) {
+    const rows = progress.replicas.map((r) => [
+      `#${r.replica}`,
+      r.client_ids.length ? r.client_ids.map((id) => progress.clients.find((c) => c.client_id === id)?.client_name ?? id).join(", ") : "—",
+      formatNumber(r.steps_in_window),
+      formatNumber(r.tokens_per_s, 1),
+    ]);
+    fill(
+      regions.replicas,
+      h("p", { class: "help" }, `${job.parallel_mode.replaceAll("_", " ")} · load over the last ${progress.window_s} s`),
+      table("Server replicas", ["Replica", "Clients", "Steps", "Tokens / s"], rows),
+    );
+  }
+
+  function renderEvaluation(rounds, names) {
+    const rows = [];
+    for (const round of rounds) {
+      for (const p of round.participants) {
+        const metrics = Object.entries(p.eval_metrics || {});
+        rows.push([
+          `${round.number}`,
+          badge(round.status),
+          names.get(p.client_id) || `client ${p.client_id}`,
+          badge(p.status),
+          metrics.length ? metrics.map(([k, v]) => `${k} ${formatNumber(v, 3)}`).join(" · ") : "—",
+        ]);
+      }
+    }
+    fill(regions.evaluation, table("Evaluation per round", ["Round", "Round status", "Client", "Client status", "Metrics"], rows, "No round has started yet."));
+  }
+
+  function renderPrivacy(job) {
+    const dl = (pairs) => h("dl", { class: "facts" }, pairs.map(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]));
+    const noise = Number(job.privacy.activation_noise_std || 0);
+    fill(
+      regions.privacy,
+      dl([
+        ["Activation noise", noise > 0 ? `σ = ${noise}` : "off"],
+        ["Wire dtype", job.privacy.wire_dtype || "float32"],
+        ["Encryption", "AES-256-GCM per client, inside HTTPS"],
+        ["On each client", `input ${job.split_plan.front_layers} + output ${job.split_plan.back_layers} block(s)`],
+        ["Adapter", `${job.adapter.kind || "?"}${job.adapter.r ? ` r=${job.adapter.r}` : ""}${job.adapter.alpha ? ` α=${job.adapter.alpha}` : ""}`],
+        ["Model", job.model_ref],
+      ]),
+    );
+  }
+
+  function renderExport(artifacts, job) {
+    const exported = artifacts.filter((a) => EXPORT_KINDS.includes(a.kind)).at(-1);
+    if (!exported) {
+      const why = job.status === "completed" ? "The job finished but nothing was exported yet." : "Available once the job has been exported.";
+      fill(regions.exported, h("p", { class: "empty", "data-testid": "export-state" }, `Not available yet. ${why}`));
+      return;
+    }
+    const downloadable = /^https?:\/\//.test(exported.uri);
+    fill(
+      regions.exported,
+      h(
+        "p",
+        { "data-testid": "export-state" },
+        downloadable ? h("a", { class: "button primary", href: exported.uri, download: "" }, "Download model") : h("code", {}, exported.uri),
+      ),
+      h("p", { class: "help" }, `${exported.kind}${exported.round_number ? `, round ${exported.round_number}` : ""} · ${formatBytes(exported.size_bytes)}`, exported.sha256 ? h("br") : null, exported.sha256 ? `sha256 ${exported.sha256.slice(0, 16)}…` : null),
+    );
+  }
+
+  async function loop() {
+    if (stopped) return;
+    try {
+      await refresh();
+    } catch (error) {
+      showError(error);
+    }
+    if (!stopped) timer = setTimeout(loop, POLL_MS);
+  }
+  loop();
+
+  return {
+    element,
+    stop: () => {
+      stopped = true;
+      clearTimeout(timer);
+      if (chart) chart.destroy();
+    },
+  };
+}

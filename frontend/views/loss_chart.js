@@ -1,0 +1,93 @@
+/** Loss curves per client and the global mean, drawn with the vendored uPlot; fed incrementally. */
+
+import uPlot from "../vendor/uPlot.esm.js";
+import { h } from "../dom.js";
+
+// Okabe–Ito colours: distinguishable with the common colour-vision deficiencies.
+const PALETTE = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442"];
+const GLOBAL_COLOUR = "#1f2933";
+
+export class LossChart {
+  constructor(clientNames) {
+    this.clientNames = clientNames; // client_id -> name
+    this.points = new Map(); // global step -> Map(client_id -> loss)
+    this.clientIds = [];
+    this.plot = null;
+    this.frame = h("div", { class: "chart-frame" });
+    this.element = h(
+      "figure",
+      { class: "chart", "data-testid": "loss-chart", "data-points": "0" },
+      this.frame,
+      h("figcaption", { class: "visually-hidden" }, "Training loss per client and global mean, by step"),
+    );
+    this.resizeObserver = new ResizeObserver(() => this.plot && this.plot.setSize(this.size()));
+    this.resizeObserver.observe(this.frame);
+  }
+
+  size() {
+    return { width: Math.max(320, this.frame.clientWidth), height: 280 };
+  }
+
+  /** Add step metrics; `stepsPerRound` turns (round, step) into one increasing x. */
+  add(metrics, stepsPerRound) {
+    for (const m of metrics) {
+      if (m.loss === null || m.loss === undefined) continue;
+      const x = (m.round_number - 1) * stepsPerRound + m.step;
+      if (!this.points.has(x)) this.points.set(x, new Map());
+      this.points.get(x).set(m.client_id, m.loss);
+    }
+    this.draw();
+  }
+
+  data() {
+    const xs = [...this.points.keys()].sort((a, b) => a - b);
+    const ids = [...new Set(xs.flatMap((x) => [...this.points.get(x).keys()]))].sort((a, b) => a - b);
+    const series = ids.map((id) => xs.map((x) => this.points.get(x).get(id) ?? null));
+    const mean = xs.map((x) => {
+      const values = [...this.points.get(x).values()];
+      return values.reduce((a, b) => a + b, 0) / values.length;
+    });
+    return { ids, data: [xs, mean, ...series] };
+  }
+
+  draw() {
+    const { ids, data } = this.data();
+    this.element.dataset.points = String(data[0].length);
+    if (!data[0].length) return;
+    if (!this.plot || ids.join() !== this.clientIds.join()) {
+      if (this.plot) this.plot.destroy();
+      this.clientIds = ids;
+      this.plot = new uPlot(this.options(ids), data, this.frame);
+    } else {
+      this.plot.setData(data);
+    }
+  }
+
+  options(ids) {
+    return {
+      ...this.size(),
+      scales: { x: { time: false } },
+      axes: [
+        { label: "step (across rounds)", stroke: "#3e4c59", grid: { stroke: "#e4e7eb" } },
+        { label: "loss", stroke: "#3e4c59", grid: { stroke: "#e4e7eb" } },
+      ],
+      legend: { live: true },
+      cursor: { drag: { x: true, y: false } },
+      series: [
+        { label: "step" },
+        { label: "global (mean)", stroke: GLOBAL_COLOUR, width: 2.5, dash: [6, 4], spanGaps: true },
+        ...ids.map((id, i) => ({
+          label: this.clientNames.get(id) || `client ${id}`,
+          stroke: PALETTE[i % PALETTE.length],
+          width: 1.5,
+          spanGaps: true,
+        })),
+      ],
+    };
+  }
+
+  destroy() {
+    this.resizeObserver.disconnect();
+    if (this.plot) this.plot.destroy();
+  }
+}
