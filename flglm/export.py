@@ -15,6 +15,7 @@ transformers would otherwise load the adapter on top of the already-merged weigh
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -58,7 +59,7 @@ def unsplit_adapter_state(
 
 
 def peft_saved_key(parameter_name: str) -> str:
-    """`model.layers.0.q_proj.lora_A.default.weight` → `base_model.model.model.layers.0.q_proj.lora_A.weight`."""
+    """`model.layers.0.self_attn.q_proj.lora_A.default.weight` → `base_model.model.` + it minus `.default`."""
     return "base_model.model." + parameter_name.replace(f".{ADAPTER_NAME}.", ".")
 
 
@@ -77,7 +78,7 @@ def export_peft_adapter(
     model = load_model(model_ref)
     unsplit, adapted = unsplit_adapter_state(model, plan, adapter_cfg, front_back_state, body_state)
     if not unsplit:
-        raise ValueError(f"nothing to export: adapter config {adapter_cfg.parts} adapts no module of the parts")
+        raise ValueError(f"nothing to export: adapter parts {adapter_cfg.parts} adapt no module of the model")
     lora = LoraConfig(
         r=adapter_cfg.r,
         lora_alpha=adapter_cfg.alpha,
@@ -97,8 +98,7 @@ def export_peft_adapter(
         # Through peft's own loader: the merged weights are exactly what a user of the adapter dir gets.
         merged = PeftModel.from_pretrained(load_model(model_ref), str(out)).merge_and_unload()
         merged.save_pretrained(str(out / MERGED_DIRNAME))
-        try:
+        # A model without a local tokenizer still exports its weights.
+        with contextlib.suppress(OSError, ValueError):
             load_tokenizer(model_ref).save_pretrained(str(out / MERGED_DIRNAME))
-        except (OSError, ValueError):  # a model without a local tokenizer still exports its weights
-            pass
     return out

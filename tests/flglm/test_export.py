@@ -13,12 +13,14 @@ from transformers import AutoModelForCausalLM
 from flglm.adapters import AdapterConfig, add_split_adapters, trainable_state_dict
 from flglm.export import MERGED_DIRNAME, export_peft_adapter
 from flglm.models import load_model
-from flglm.split import SplitPlan, position_ids_from_attention_mask, split_model
+from flglm.split import SplitModel, SplitPlan, position_ids_from_attention_mask, split_model
 from tests.flglm.conftest import padded_batch
 
 
-def randomised_split_job(ref: str, plan: SplitPlan, cfg: AdapterConfig):  # type: ignore[no-untyped-def]
-    """A split with non-zero adapters in every part (LoRA B starts at zero, which would hide a mapping bug)."""
+def randomised_split_job(
+    ref: str, plan: SplitPlan, cfg: AdapterConfig
+) -> tuple[SplitModel, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A split with non-zero adapters in every part (LoRA B starts at zero: would hide a mapping bug)."""
     split = add_split_adapters(split_model(load_model(ref), plan), cfg, seed=3)
     generator = torch.Generator().manual_seed(7)
     with torch.no_grad():
