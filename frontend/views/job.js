@@ -244,7 +244,12 @@ export function renderJob({ principal, params, showError }) {
     const exported = artifacts.filter((a) => EXPORT_KINDS.includes(a.kind)).at(-1);
     if (!exported) {
       const why = job.status === "completed" ? "The job finished but nothing was exported yet." : "Available once the job has been exported.";
-      fill(regions.exported, h("p", { class: "empty", "data-testid": "export-state" }, `Not available yet. ${why}`));
+      const stored = artifacts.length ? `${artifacts.length} other artifact(s) stored (checkpoints).` : null;
+      fill(
+        regions.exported,
+        h("p", { class: "empty", "data-testid": "export-state" }, `Not available yet. ${why}`),
+        stored ? h("p", { class: "help" }, stored) : null,
+      );
       return;
     }
     const downloadable = /^https?:\/\//.test(exported.uri);

@@ -71,7 +71,7 @@ export class LossChart {
         { label: "step (across rounds)", stroke: "#3e4c59", grid: { stroke: "#e4e7eb" } },
         { label: "loss", stroke: "#3e4c59", grid: { stroke: "#e4e7eb" } },
       ],
-      legend: { live: true },
+      legend: { live: false },
       cursor: { drag: { x: true, y: false } },
       series: [
         { label: "step" },

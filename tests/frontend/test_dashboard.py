@@ -13,9 +13,11 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from fastapi import FastAPI
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
 
 from backend.app import FRONTEND_DIR, create_app
+from backend.metrics.service import record_artifact
 from backend.settings import Settings
 from tests.backend.conftest import ADMIN_TOKEN, Agent, Api, enroll, free_port
 
@@ -44,6 +46,7 @@ class Dashboard:
     spare: Agent
     viewer_token: str
     browser: Browser
+    app: FastAPI
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +63,9 @@ def dashboard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dashboard]:
         rate_limit_per_minute=60_000,
     )
     port = free_port()
+    app = create_app(settings)
     server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -77,7 +81,7 @@ def dashboard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dashboard]:
         viewer = api.ok("POST", "/auth/tokens", 201, json={"name": "ops-viewer", "role": "viewer"})["token"]
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            yield Dashboard(base_url, api, agents, spare, viewer, browser)
+            yield Dashboard(base_url, api, agents, spare, viewer, browser, app)
         finally:
             browser.close()
             server.should_exit = True
@@ -85,7 +89,8 @@ def dashboard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dashboard]:
 
 
 def signed_in_page(dashboard: Dashboard, token: str) -> tuple[BrowserContext, Page]:
-    context = dashboard.browser.new_context(viewport={"width": 1440, "height": 900})
+    # A laptop-sized window: the page must stay readable at this width.
+    context = dashboard.browser.new_context(viewport={"width": 1280, "height": 800})
     page = context.new_page()
     page.set_default_timeout(TIMEOUT_MS)
     page.goto(dashboard.base_url + "/")
@@ -127,6 +132,8 @@ def test_admin_creates_starts_watches_pauses_and_resumes_a_job(dashboard: Dashbo
     page.get_by_role("button", name="Create job").click()
     expect(page.get_by_role("alert")).to_contain_text("replicas > 1 needs parallel_mode")
     page.get_by_label("Server replicas").fill("1")
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / "job-form.png"), full_page=True)
     page.get_by_role("button", name="Create job").click()
     page.wait_for_url(re.compile(r"#/jobs/\d+$"))
     job_id = int(page.url.rsplit("/", 1)[1])
@@ -178,9 +185,16 @@ def test_admin_creates_starts_watches_pauses_and_resumes_a_job(dashboard: Dashbo
     expect(clients).to_contain_text("round 2, step 3")
     expect(clients.get_by_text("online")).to_have_count(2)
 
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     page.wait_for_timeout(300)  # let the progress bar's transition finish before the picture
     page.screenshot(path=str(SCREENSHOTS / "job-page.png"), full_page=True)
+
+    # Once the model is exported (the worker registers it with record_artifact), the page links to it.
+    uri = f"https://models.example.org/jobs/{job_id}/global-adapters.safetensors"
+    with dashboard.app.state.session_factory() as session, session.begin():
+        record_artifact(
+            session, "system", job_id, "global_adapters", uri, round_number=1, size_bytes=4_718_592
+        )
+    expect(page.get_by_role("link", name="Download model")).to_have_attribute("href", uri)
 
     # The audit log shows the pause, filtered to this job.
     page.get_by_role("link", name="Audit log").click()
@@ -213,6 +227,8 @@ def test_viewer_sees_no_admin_controls_and_a_forged_admin_call_is_refused(dashbo
     expect(page.get_by_test_id("role")).to_have_text("viewer")
     expect(page.get_by_role("link", name="New job")).to_have_count(0)
     expect(page.get_by_role("link", name="Audit log")).to_have_count(0)
+    expect(page.get_by_role("table")).to_contain_text("news-sources-e2e")
+    page.screenshot(path=str(SCREENSHOTS / "jobs-viewer.png"), full_page=True)
 
     page.goto(f"{dashboard.base_url}/#/jobs/{job_id}")
     expect(page.get_by_test_id("step-counter")).to_be_visible()
