@@ -36,6 +36,7 @@ ENDPOINTS: list[tuple[str, str, set[str]]] = [
     ("POST", "/jobs/{job}/rounds/1/close", ADMIN),
     ("GET", "/jobs/{job}/artifacts", OPERATOR_READ),
     ("GET", "/metrics", OPERATOR_READ),
+    ("GET", "/metrics/jobs/{job}/progress", OPERATOR_READ),
     ("GET", "/audit", ADMIN),
     ("POST", "/agent/heartbeat", CLIENT),
     ("GET", "/agent/invitations", CLIENT),
