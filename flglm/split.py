@@ -24,7 +24,7 @@ from typing import Any, Literal, overload
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import Cache, PreTrainedModel
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 PartName = Literal["front", "body", "back"]
@@ -64,6 +64,13 @@ class SplitPlan:
         """Indices of the decoder layers that the server body runs."""
         self.validate_for(num_layers)
         return range(self.front_layers, num_layers - self.back_layers)
+
+
+def positions_of_new_tokens(attention_mask: torch.Tensor | None, seq_len: int, past: int) -> torch.Tensor:
+    """Position ids of the last `seq_len` tokens with `past` cached; the mask covers all of them."""
+    if attention_mask is None:
+        return torch.arange(past, past + seq_len).unsqueeze(0)  # (1, seq)
+    return position_ids_from_attention_mask(attention_mask, attention_mask.shape[1])[:, -seq_len:]
 
 
 def position_ids_from_attention_mask(attention_mask: torch.Tensor | None, seq_len: int) -> torch.Tensor:
@@ -150,6 +157,7 @@ class DecoderStack(nn.Module):
         layers: Sequence[nn.Module],
         layer_types: Sequence[str],
         rotary_emb: nn.Module | None,
+        layer_indices: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -157,14 +165,24 @@ class DecoderStack(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.layer_types = tuple(layer_types)
         self.rotary_emb = rotary_emb
+        # Indices in the whole model: a KV cache addresses layers by them (the attention's own `layer_idx`).
+        self.layer_indices = tuple(layer_indices) if layer_indices is not None else tuple(range(len(layers)))
 
     def forward(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
     ) -> torch.Tensor:
+        """With `past_key_values` (generation), `hidden_states` are the new positions only and
+        `attention_mask` covers past + new positions, as in HF `generate`; the cache is updated in place."""
         seq_len = hidden_states.shape[1]  # (batch, seq, hidden)
-        position_ids = position_ids_from_attention_mask(attention_mask, seq_len).to(hidden_states.device)
-        masks = self._masks(hidden_states, attention_mask, position_ids)
+        position_ids = positions_of_new_tokens(attention_mask, seq_len, self.past_length(past_key_values))
+        position_ids = position_ids.to(hidden_states.device)  # (batch or 1, seq)
+        masks = self._masks(hidden_states, attention_mask, position_ids, past_key_values)
         layer_kwargs: dict[str, Any] = {"position_ids": position_ids}
+        if past_key_values is not None:
+            layer_kwargs.update(past_key_values=past_key_values, use_cache=True)
         if self.rotary_emb is not None:
             layer_kwargs["position_embeddings"] = self.rotary_emb(hidden_states, position_ids)  # (cos, sin)
         for layer, layer_type in zip(self.layers, self.layer_types, strict=True):
@@ -172,21 +190,37 @@ class DecoderStack(nn.Module):
             hidden_states = output[0] if isinstance(output, tuple) else output  # (batch, seq, hidden)
         return hidden_states
 
+    def past_length(self, past_key_values: Cache | None) -> int:
+        """Positions this stack's layers have cached (0 without a cache)."""
+        if past_key_values is None or not self.layer_indices:
+            return 0
+        return int(past_key_values.get_seq_length(self.layer_indices[0]))
+
     def _masks(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        past_key_values: Cache | None = None,
     ) -> dict[str, Any]:
         mask_kwargs = {
             "config": self.config,
             "inputs_embeds": hidden_states,
             "attention_mask": attention_mask,
-            "past_key_values": None,
+            "past_key_values": past_key_values,
             "position_ids": position_ids,
         }
+        builders = {
+            "full_attention": create_causal_mask,
+            "sliding_attention": create_sliding_window_causal_mask,
+        }
         masks: dict[str, Any] = {}
-        if "full_attention" in self.layer_types:
-            masks["full_attention"] = create_causal_mask(**mask_kwargs)
-        if "sliding_attention" in self.layer_types:
-            masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
+        for layer_type, build in builders.items():
+            if layer_type in self.layer_types:
+                # Size the mask by one of *this* stack's cached layers: a part's cache fills only its own.
+                first = self.layer_indices[self.layer_types.index(layer_type)]
+                layer_idx = first if past_key_values is not None else None
+                masks[layer_type] = build(**mask_kwargs, layer_idx=layer_idx)  # type: ignore[operator]
         return masks
 
 
@@ -206,14 +240,20 @@ class ClientFront(nn.Module):
         self.embed_dropout = embed_dropout
         self.stack = stack
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+    ) -> torch.Tensor:
         hidden_states = self.embed_tokens(input_ids)  # (batch, seq, hidden), scaled here for Gemma
         if self.position_embedding is not None:
-            position_ids = position_ids_from_attention_mask(attention_mask, input_ids.shape[1])
+            past = self.stack.past_length(past_key_values)
+            position_ids = positions_of_new_tokens(attention_mask, input_ids.shape[1], past)
             hidden_states = hidden_states + self.position_embedding(position_ids.to(input_ids.device))
         if self.embed_dropout is not None:
             hidden_states = self.embed_dropout(hidden_states)
-        return self.stack(hidden_states, attention_mask)  # (batch, seq, hidden)
+        return self.stack(hidden_states, attention_mask, past_key_values)  # (batch, seq, hidden)
 
 
 class ServerBody(nn.Module):
@@ -224,9 +264,12 @@ class ServerBody(nn.Module):
         self.stack = stack
 
     def forward(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
     ) -> torch.Tensor:
-        return self.stack(hidden_states, attention_mask)  # (batch, seq, hidden)
+        return self.stack(hidden_states, attention_mask, past_key_values)  # (batch, seq, hidden)
 
 
 class ClientBack(nn.Module):
@@ -250,8 +293,11 @@ class ClientBack(nn.Module):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: Cache | None = None,
     ) -> torch.Tensor:
-        hidden_states = self.norm(self.stack(hidden_states, attention_mask))  # (batch, seq, hidden)
+        hidden_states = self.norm(
+            self.stack(hidden_states, attention_mask, past_key_values)
+        )  # (batch, seq, hidden)
         # Like HF: an int keeps the last n positions (0 keeps all), a tensor indexes positions.
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, keep, :])  # (batch, kept, vocab)
@@ -330,6 +376,7 @@ def split_model(
             [layout.layers[i] for i in indices],
             [layout.layer_types[i] for i in indices],
             rotary,
+            layer_indices=indices,
         )
 
     front = back = body = None
