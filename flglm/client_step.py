@@ -1,0 +1,139 @@
+"""The agent's half of one FL-GLM step over HTTPS, and the round-end exchange of client adapters.
+
+`run_client_step` is DESIGN §3 from the data owner's side: front forward → seal h0 → upload → long-poll h1
+→ back forward + loss → backward → seal dL/dh1 → upload → long-poll dL/dh0 → front backward → optimizer
+step. Token ids, labels and the loss stay in this process. When the server lost the step's graph (a worker
+died), the step is run again from the forward with fresh sequence numbers, after dropping the gradients
+the lost attempt left in the client's parameters.
+
+The client adapters at the start of round 1 are the deterministic initial adapters every party builds from
+the job's seed (`flglm.adapters.add_split_adapters(split, cfg, seed)`), so there is nothing to download
+then; after round r each client uploads its adapters (`upload_round_adapters`) and loads the FedAvg'd ones
+(`download_round_adapters`) before round r + 1. The agent (client_agent/) owns data, state and the CLI.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from flglm.adapters import load_trainable_state_dict, trainable_state_dict
+from flglm.step_client import STEP_GRAPH_MISSING, StepClient, StepConflict
+from flglm.step_messages import (
+    PayloadLimits,
+    open_adapters,
+    open_hidden,
+    seal_activations,
+    seal_adapters,
+    seal_hidden,
+)
+from flglm.step_protocol import MessageDirection, MessageRef, client_adapters_ref
+from flglm.trainers import ClientSideTrainer, LMBatch
+from flglm.wire.keys import ChannelKeys
+
+
+@dataclass
+class ClientChannel:
+    """Everything one client needs to talk to the server about one job.
+
+    `next_sequence` must return a number larger than every one it returned before for this job, also
+    across restarts of the agent (persist it): the server refuses a sequence it has seen (replay).
+    """
+
+    client: StepClient
+    keys: ChannelKeys  # derive_channel_keys(client private key, server public key, job id, client id)
+    job_id: int
+    client_id: int
+    wire_dtype: torch.dtype
+    next_sequence: Callable[[], int]
+    result_timeout_s: float = 600.0
+
+    def ref(self, round_number: int, step: int, direction: MessageDirection) -> MessageRef:
+        return MessageRef(
+            job_id=self.job_id,
+            round_number=round_number,
+            step=step,
+            client_id=self.client_id,
+            direction=direction,
+            sequence=self.next_sequence(),
+        )
+
+
+@dataclass(frozen=True)
+class ClientStepResult:
+    loss: float
+    attempts: int  # 1 unless the server lost the step and it was run again
+
+
+def client_parts(trainer: ClientSideTrainer) -> nn.Module:
+    """The client's trainable parts under stable names ("front.…", "back.…"): what FedAvg averages."""
+    return nn.ModuleDict({"front": trainer.front, "back": trainer.back})
+
+
+def run_client_step(
+    trainer: ClientSideTrainer,
+    channel: ClientChannel,
+    round_number: int,
+    step: int,
+    batch: LMBatch,
+    max_attempts: int = 3,
+) -> ClientStepResult:
+    """One training step through the server; returns the loss (computed here, never sent)."""
+    for attempt in range(1, max_attempts + 1):
+        try:
+            return ClientStepResult(_attempt_step(trainer, channel, round_number, step, batch), attempt)
+        except StepConflict as exc:
+            if exc.code != STEP_GRAPH_MISSING or attempt == max_attempts:
+                raise
+            for parameter in client_parts(trainer).parameters():
+                parameter.grad = None  # the back's gradients of the lost attempt must not count twice
+    raise AssertionError("unreachable")
+
+
+def _attempt_step(
+    trainer: ClientSideTrainer, channel: ClientChannel, round_number: int, step: int, batch: LMBatch
+) -> float:
+    h0 = trainer.forward_front(batch)  # (batch, seq, hidden)
+    limits = PayloadLimits(channel.wire_dtype, h0.shape[-1], h0.shape[0], h0.shape[1])
+    forward = channel.ref(round_number, step, MessageDirection.activations)
+    sealed = seal_activations(channel.keys, forward, h0, batch["attention_mask"], channel.wire_dtype)
+    channel.client.upload(forward, sealed)
+    h1_sealed = channel.client.wait_result(forward, channel.result_timeout_s)
+    h1 = open_hidden(
+        channel.keys, forward.result_ref(), h1_sealed, limits, tuple(h0.shape)
+    )  # (batch, seq, hidden)
+    loss = trainer.forward_back(h1, batch)
+    grad_h1 = trainer.backward_back()  # (batch, seq, hidden)
+    backward = channel.ref(round_number, step, MessageDirection.gradients)
+    channel.client.upload(backward, seal_hidden(channel.keys, backward, grad_h1, channel.wire_dtype))
+    grad_sealed = channel.client.wait_result(backward, channel.result_timeout_s)
+    grad_h0 = open_hidden(channel.keys, backward.result_ref(), grad_sealed, limits, tuple(h0.shape))
+    trainer.backward_front(grad_h0)  # (batch, seq, hidden) into the input block
+    trainer.step()
+    return float(loss.detach())
+
+
+def upload_round_adapters(
+    trainer: ClientSideTrainer, channel: ClientChannel, round_number: int, example_count: int
+) -> None:
+    """Send this client's adapters at the end of `round_number` (idempotent for the same sealed bytes;
+    the StepClient retries the same bytes, so a lost answer is harmless)."""
+    ref = client_adapters_ref(channel.job_id, round_number, channel.client_id)
+    sealed = seal_adapters(channel.keys, ref, trainable_state_dict(client_parts(trainer)))
+    channel.client.upload_adapters(channel.job_id, round_number, sealed, example_count)
+
+
+def download_round_adapters(
+    trainer: ClientSideTrainer, channel: ClientChannel, round_number: int, timeout_s: float = 600.0
+) -> dict[str, torch.Tensor]:
+    """Wait for the FedAvg of `round_number`, load it into the client's parts and return it."""
+    parts = client_parts(trainer)
+    expected = {name: (t.dtype, tuple(t.shape)) for name, t in trainable_state_dict(parts).items()}
+    result = client_adapters_ref(channel.job_id, round_number, channel.client_id).result_ref()
+    sealed = channel.client.get_adapters(channel.job_id, round_number, timeout_s)
+    state = open_adapters(channel.keys, result, sealed, expected=expected)
+    load_trainable_state_dict(parts, state)
+    return state

@@ -1,0 +1,35 @@
+"""End-to-end fixtures: the whole control plane on a live HTTPS uvicorn (SQLite), agents over `StepClient`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from fastapi import FastAPI
+
+from backend.app import create_app
+from backend.settings import Settings
+from tests.backend.conftest import ADMIN_TOKEN, live_server
+
+__all__ = ["live_server"]
+
+
+@pytest.fixture
+def settings(tmp_path: Path, request: pytest.FixtureRequest) -> Settings:
+    """The embedded default (in-process executor) unless a test passes overrides indirectly."""
+    overrides = dict(getattr(request, "param", {}))
+    return Settings(
+        data_dir=tmp_path / "data",
+        database_url=f"sqlite:///{tmp_path / 'flglm.db'}",
+        bootstrap_admin_token=ADMIN_TOKEN,
+        deadline_check_interval_s=0,
+        rate_limit_burst=10_000,
+        rate_limit_per_minute=60_000,
+        max_body_bytes=1024 * 1024,
+        **overrides,
+    )
+
+
+@pytest.fixture
+def app(settings: Settings) -> FastAPI:
+    return create_app(settings)
