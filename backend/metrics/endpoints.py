@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query, status
+from fastapi import APIRouter, Path, Query, Request, status
 
 from backend.api.deps import ClientDep, OperatorDep, SessionDep, SettingsDep
 from backend.api.pagination import Page, PageDep
@@ -12,6 +12,7 @@ from backend.metrics.repository import StepMetricRepository
 from backend.metrics.schemas import JobProgressView, StepMetricIn, StepMetricView
 from backend.metrics.service import job_progress, record_step_metric
 from backend.models import utc_now
+from backend.steps.service import JobNotServed, read_spec
 from flglm import protocol
 
 router = APIRouter(prefix="/metrics", tags=["metrics"])
@@ -36,10 +37,24 @@ def list_metrics(
 
 @router.get("/jobs/{job_id}/progress", response_model=JobProgressView)
 def show_job_progress(
-    job_id: Annotated[int, Path(ge=1)], session: SessionDep, _: OperatorDep, settings: SettingsDep
+    job_id: Annotated[int, Path(ge=1)],
+    request: Request,
+    session: SessionDep,
+    _: OperatorDep,
+    settings: SettingsDep,
 ) -> JobProgressView:
     """Per-client step, heartbeat and traffic, replica load and throughput: the dashboard's live view."""
-    return job_progress(session, job_id, utc_now(), settings.heartbeat_lease_s)
+    replicas = _served_replicas(request, job_id)
+    return job_progress(session, job_id, utc_now(), settings.heartbeat_lease_s, replicas)
+
+
+def _served_replicas(request: Request, job_id: int) -> dict[int, int] | None:
+    """Client id -> replica from the worker spec published at job start; None before the job started."""
+    try:
+        spec = read_spec(request.app.state.step_runtime, job_id)
+    except JobNotServed:
+        return None
+    return {client_id: spec.replica_of(client_id) for client_id in spec.client_ids()}
 
 
 @agent_router.post(

@@ -63,13 +63,19 @@ def record_artifact(
 
 
 def job_progress(
-    session: Session, job_id: int, now: datetime, heartbeat_lease_s: float, window_s: float = 60.0
+    session: Session,
+    job_id: int,
+    now: datetime,
+    heartbeat_lease_s: float,
+    replica_of: dict[int, int] | None = None,
+    window_s: float = 60.0,
 ) -> JobProgressView:
     """Live progress of a job for the dashboard: per-client step and traffic, replica load, throughput.
 
-    Replicas: approved clients are dealt round-robin in invitation order, the rule of
-    `flglm.step_protocol.WorkerJobSpec.replica_of`. Throughput is tokens reported in the last `window_s`
-    over the time between the first and last of those reports, so an idle job reads None, not a stale rate.
+    `replica_of` (client id -> replica) comes from the worker spec published at job start; before that,
+    approved clients are dealt the way `WorkerJobSpec.replica_of` will deal them (round-robin by client id).
+    Throughput is tokens reported in the last `window_s` over the time between the first and last of those
+    reports, so an idle job reads None rather than a stale rate.
     """
     job = get_job(session, job_id)
     summaries = StepMetricSummaryRepository(session)
@@ -77,8 +83,10 @@ def job_progress(
     latest = {m.client_id: m for m in summaries.latest_per_client(job_id)}
     recent = summaries.reported_since(job_id, now - timedelta(seconds=window_s))
     participants = ParticipantRepository(session).list_for_job(job_id)
-    approved = [c.id for p, c in participants if p.consent == ConsentStatus.approved]
-    replica_of = {client_id: i % job.replicas for i, client_id in enumerate(approved)}
+    if replica_of is None:
+        approved = sorted(c.id for p, c in participants if p.consent == ConsentStatus.approved)
+        replica_of = {client_id: i % job.replicas for i, client_id in enumerate(approved)}
+    served = sorted(replica_of)
     clients = []
     for participant, client in participants:
         total = totals.get(client.id)
@@ -108,7 +116,7 @@ def job_progress(
     replicas = [
         ReplicaLoadView(
             replica=index,
-            client_ids=[cid for cid in approved if replica_of[cid] == index],
+            client_ids=[cid for cid in served if replica_of[cid] == index],
             steps_in_window=len(mine := [m for m in recent if replica_of.get(m.client_id) == index]),
             tokens_per_s=_tokens_per_s(mine),
         )

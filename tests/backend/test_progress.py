@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.backend.conftest import Api, enroll, running_job
+from tests.backend.conftest import Api, enroll, job_spec, running_job
 
 
 def test_progress_reports_each_clients_latest_step_traffic_and_replica(api: Api) -> None:
@@ -48,3 +48,22 @@ def test_progress_reports_each_clients_latest_step_traffic_and_replica(api: Api)
 def test_progress_of_unknown_job_is_404_and_needs_a_token(api: Api) -> None:
     assert api.get("/metrics/jobs/999/progress").status_code == 404
     assert api.as_(None).get("/metrics/jobs/999/progress").status_code == 401
+
+
+def test_replicas_follow_the_worker_spec_published_at_start(api: Api) -> None:
+    agents = [enroll(api, name) for name in ("site-a", "site-b", "site-c")]
+    spec = job_spec([a.name for a in agents], parallel_mode="server_hierarchical", replicas=2, min_clients=2)
+    job_id = api.ok("POST", "/jobs", 201, json=spec)["id"]
+    api.ok("POST", f"/jobs/{job_id}/open")
+    for agent in agents:
+        agent.api.ok("POST", f"/agent/invitations/{job_id}/decision", json={"decision": "approve"})
+    # Before the start the page shows how the approved clients will be dealt.
+    planned = api.ok("GET", f"/metrics/jobs/{job_id}/progress")
+    assert [c["replica"] for c in planned["clients"]] == [0, 1, 0]
+
+    # site-c is revoked before the start, so the workers never serve it.
+    api.ok("POST", f"/clients/{agents[2].client_id}/revoke")
+    api.ok("POST", f"/jobs/{job_id}/start")
+    served = api.ok("GET", f"/metrics/jobs/{job_id}/progress")
+    assert [c["replica"] for c in served["clients"]] == [0, 1, None]
+    assert [r["client_ids"] for r in served["replicas"]] == [[agents[0].client_id], [agents[1].client_id]]
