@@ -270,6 +270,11 @@ export function renderJob({ principal, params, showError }) {
       await refresh();
     } catch (error) {
       showError(error);
+      if (error.status === 404) {
+        // Polling a job that does not exist would only repeat the same error.
+        stopped = true;
+        fill(element, h("h1", {}, "Job not found"), h("p", {}, h("a", { href: "#/jobs" }, "Back to the jobs")));
+      }
     }
     if (!stopped) timer = setTimeout(loop, POLL_MS);
   }

@@ -255,14 +255,23 @@ def test_viewer_sees_no_admin_controls_and_a_forged_admin_call_is_refused(dashbo
     context.close()
 
 
-def test_a_wrong_token_is_explained_and_the_sign_in_form_stays(dashboard: Dashboard) -> None:
+def test_api_errors_are_shown_in_plain_words(dashboard: Dashboard) -> None:
     context = dashboard.browser.new_context()
     page = context.new_page()
     page.set_default_timeout(TIMEOUT_MS)
     page.goto(dashboard.base_url + "/")
-    page.get_by_label("API token").fill("flglm_at_not-a-real-token")
-    page.get_by_role("button", name="Sign in").click()
+    # Keyboard only: the token field has focus on arrival, Enter submits.
+    expect(page.get_by_label("API token")).to_be_focused()
+    page.keyboard.type("flglm_at_not-a-real-token")
+    page.keyboard.press("Enter")
     expect(page.get_by_role("alert")).to_contain_text("token was not accepted")
     expect(page.get_by_role("button", name="Sign in")).to_be_visible()
     assert page.evaluate("sessionStorage.getItem('flglm.token')") is None
+
+    page.get_by_label("API token").fill(ADMIN_TOKEN)
+    page.keyboard.press("Enter")
+    expect(page.get_by_role("heading", name="Jobs")).to_be_visible()
+    page.goto(f"{dashboard.base_url}/#/jobs/9999")
+    expect(page.get_by_role("alert")).to_contain_text("does not exist")
+    expect(page.get_by_role("heading", name="Job not found")).to_be_visible()
     context.close()
