@@ -17,21 +17,24 @@ from __future__ import annotations
 
 import contextlib
 import json
+import struct
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel
-from safetensors.torch import save_file
+from safetensors.torch import load, save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from flglm.adapters import AdapterConfig, add_split_adapters, load_trainable_state_dict
 from flglm.models import load_model, load_tokenizer
-from flglm.split import SplitPlan, split_model
+from flglm.split import SplitModel, SplitPlan, split_model
 
 ADAPTER_NAME = "default"  # the adapter name `inject_adapter_in_model` uses, dropped in peft's saved keys
 MERGED_DIRNAME = "merged"
+BUNDLE_FORMAT = "flglm-export/1"  # written by backend.exports.service (torch-free)
 
 
 def unsplit_adapter_state(
@@ -102,3 +105,45 @@ def export_peft_adapter(
         with contextlib.suppress(OSError, ValueError):
             load_tokenizer(model_ref).save_pretrained(str(out / MERGED_DIRNAME))
     return out
+
+
+@dataclass(frozen=True)
+class ExportBundle:
+    """What `GET /jobs/{id}/export` returns, parsed: the job's model and both adapter sets."""
+
+    model_ref: str
+    plan: SplitPlan
+    adapter_cfg: AdapterConfig
+    front_back_state: dict[str, torch.Tensor]
+    body_state: dict[str, torch.Tensor]
+
+
+def read_export_bundle(data: bytes) -> ExportBundle:
+    """Parse a bundle (safetensors: no pickle) or raise ValueError naming what is wrong."""
+    if len(data) < 8:
+        raise ValueError("export bundle is empty or truncated")
+    (header_len,) = struct.unpack("<Q", data[:8])
+    try:
+        metadata = json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}
+    except (ValueError, AttributeError):
+        raise ValueError("export bundle is not a safetensors file") from None
+    if metadata.get("format") != BUNDLE_FORMAT:
+        raise ValueError(f"not an FL-GLM export bundle (format {metadata.get('format')!r})")
+    tensors = load(data)
+    plan_fields = json.loads(metadata["split_plan"])
+    return ExportBundle(
+        model_ref=metadata["model_ref"],
+        plan=SplitPlan(int(plan_fields["front_layers"]), int(plan_fields["back_layers"])),
+        adapter_cfg=AdapterConfig(**json.loads(metadata["adapter"])),
+        front_back_state={k[len("client/") :]: t for k, t in tensors.items() if k.startswith("client/")},
+        body_state={k[len("body/") :]: t for k, t in tensors.items() if k.startswith("body/")},
+    )
+
+
+def split_from_bundle(bundle: ExportBundle) -> SplitModel:
+    """The job's split model with its trained adapters loaded (all three parts, in this process)."""
+    split = add_split_adapters(split_model(load_model(bundle.model_ref), bundle.plan), bundle.adapter_cfg, 0)
+    load_trainable_state_dict(split.as_module_dict(["front", "back"]), bundle.front_back_state)
+    load_trainable_state_dict(split.part("body"), bundle.body_state)
+    split.as_module_dict().eval()
+    return split

@@ -19,6 +19,9 @@ from safetensors.torch import load_file, save
 
 from flglm.wire.atomic_file import write_file_atomically
 
+# Re-exported: the torch-free path rules are shared with the backend's export route.
+from worker.artifact_paths import replica_dir as replica_dir
+
 FORMAT = "flglm-replica-checkpoint/1"
 KEEP_LAST = 3
 _NAME = re.compile(r"^step-(\d{10})\.safetensors$")
@@ -36,10 +39,6 @@ class ReplicaSnapshot:
     replay_guard: list[tuple[str, str, str, int]]
     applied: list[str]  # "round:step:client" of every client step already applied
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def replica_dir(checkpoint_dir: str | Path, job_id: int, replica: int) -> Path:
-    return Path(checkpoint_dir) / f"job-{job_id}" / f"replica-{replica}"
 
 
 def save_snapshot(directory: Path, snapshot: ReplicaSnapshot) -> Path:

@@ -5,12 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from safetensors.torch import save
 
 from flglm.adapters import fedavg
 from flglm.step_messages import open_adapters, seal_adapters
 from flglm.step_protocol import MessageDirection, MessageRef
+from flglm.wire.atomic_file import write_file_atomically
 from flglm.wire.errors import WireError
 from flglm.wire.keys import derive_channel_keys, public_key_from_b64
+from worker.artifact_paths import client_adapters_path
 from worker.blob_store import PutOutcome
 from worker.engine import WorkerRuntime, read_job_spec
 from worker.errors import ForeignClient, MissingMessage, ReplicaMisrouted, rejection_from_wire
@@ -69,6 +72,7 @@ def run_client_fedavg(
     if sum(weights) <= 0:
         weights = [1.0] * len(states)  # nobody disclosed a count: a plain average
     averaged = fedavg(states, weights)
+    save_global_client_adapters(spec.checkpoint_dir, round_number, averaged)
     published = []
     for ref in refs:
         result = ref.result_ref()
@@ -78,3 +82,18 @@ def run_client_fedavg(
         if outcome is PutOutcome.stored:
             published.append(ref.client_id)
     return {"status": "done", "clients": [ref.client_id for ref in refs], "published": published}
+
+
+def save_global_client_adapters(
+    checkpoint_dir: str, round_number: int, averaged: dict[str, torch.Tensor]
+) -> None:
+    """Keep the round's plaintext average next to the server checkpoints, for the operator's export.
+
+    Written before any client's copy is published, so a published round always has its file; a re-run
+    rewrites the same bytes. Readable by whoever reads the checkpoint volume (the operator), by design.
+    """
+    path = client_adapters_path(checkpoint_dir, round_number)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {name: t.detach().cpu().contiguous() for name, t in averaged.items()}
+    metadata = {"format": "flglm-client-adapters/1", "round": str(round_number)}
+    write_file_atomically(path, save(tensors, metadata=metadata), mode=0o640)

@@ -7,6 +7,7 @@ from fastapi import APIRouter
 from backend.audit.endpoints import router as audit_router
 from backend.auth.endpoints import router as auth_router
 from backend.clients import endpoints as clients
+from backend.exports import endpoints as exports
 from backend.jobs import endpoints as jobs
 from backend.metrics import endpoints as metrics
 from backend.steps import endpoints as steps
@@ -18,6 +19,7 @@ for router in (
     clients.agent_router,
     jobs.router,
     jobs.agent_router,
+    exports.router,
     metrics.router,
     metrics.agent_router,
     steps.router,

@@ -2,7 +2,7 @@
 
 import typer
 
-from flglm.cli import bench, operator, server, worker
+from flglm.cli import artifacts, bench, operator, server, worker
 
 app = typer.Typer(
     help="FL-GLM: split federated fine-tuning of LLMs on data that never leaves its owners.",
@@ -15,6 +15,7 @@ app.add_typer(server.serve_app, name="serve")
 app.add_typer(server.db_app, name="db")
 app.add_typer(operator.job_app, name="job")
 app.add_typer(operator.client_app, name="client")
+app.add_typer(artifacts.generate_app, name="generate")
 
 
 if __name__ == "__main__":

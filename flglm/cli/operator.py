@@ -28,7 +28,10 @@ CaCert = Annotated[
 DEFAULT_SERVER = "https://localhost:8443"
 
 
-def call_api(method: str, path: str, server: str, token: str, ca_cert: Path | None, **kwargs: Any) -> Any:
+def call_api(
+    method: str, path: str, server: str, token: str, ca_cert: Path | None, raw: bool = False, **kwargs: Any
+) -> Any:
+    """The answer's JSON (or its bytes with `raw`); an API error is printed and exits 1."""
     verify: str | bool = str(ca_cert) if ca_cert else True
     try:
         with httpx.Client(base_url=server.rstrip("/") + API_PREFIX, verify=verify, timeout=30) as client:
@@ -43,7 +46,7 @@ def call_api(method: str, path: str, server: str, token: str, ca_cert: Path | No
         except (ValueError, KeyError, TypeError):
             typer.echo(f"error: HTTP {response.status_code}: {response.text[:500]}", err=True)
         raise typer.Exit(1)
-    return response.json()
+    return response.content if raw else response.json()
 
 
 def _page_params(status: str | None, limit: int, offset: int) -> dict[str, Any]:

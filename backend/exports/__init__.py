@@ -1,0 +1,1 @@
+"""Export of a job's trained adapters for the operator."""

@@ -1,0 +1,59 @@
+"""Bundle a job's newest server adapters and global client adapters into one safetensors file (torch-free).
+
+Tensors: `body/<server body param>` from replica 0's newest checkpoint (replicas are averaged at round
+end) and `client/<front.… | back.…>` from the newest plaintext FedAvg result (see
+`worker.artifact_paths`). Metadata: the job's model ref, split plan and adapter config as JSON, so the CLI
+can rebuild the unsplit PEFT adapter with `flglm.export` without asking anything else.
+"""
+
+from __future__ import annotations
+
+import json
+
+from sqlalchemy.orm import Session
+
+from backend.audit.service import record
+from backend.errors import Conflict
+from backend.jobs.service import get_job
+from backend.settings import Settings
+from worker.artifact_paths import (
+    latest_client_adapters,
+    latest_server_checkpoint,
+    read_raw_safetensors,
+    write_raw_safetensors,
+)
+
+BUNDLE_FORMAT = "flglm-export/1"
+
+
+class NothingToExport(Conflict):
+    """The job has not checkpointed its adapters yet (no round finished on this deployment)."""
+
+
+def job_checkpoint_dir(settings: Settings, job_id: int) -> str:
+    # The same directory `backend.steps.service` publishes to the workers in the job's spec.
+    return str(settings.resolved_checkpoint_dir() / f"job-{job_id}")
+
+
+def export_bundle(session: Session, settings: Settings, actor: str, job_id: int) -> bytes:
+    """The bundle's bytes; audited, because it hands the averaged client adapters to the operator."""
+    job = get_job(session, job_id)
+    directory = job_checkpoint_dir(settings, job.id)
+    server = latest_server_checkpoint(directory, job.id, replica=0)
+    client = latest_client_adapters(directory)
+    if server is None or client is None:
+        missing = "server adapter checkpoint" if server is None else "global client adapters"
+        raise NothingToExport(f"job {job.id} has no {missing} yet: export after its first round has ended")
+    tensors = {f"body/{name}": t for name, t in read_raw_safetensors(server, "adapter/").items()}
+    tensors |= {f"client/{name}": t for name, t in read_raw_safetensors(client).items()}
+    metadata = {
+        "format": BUNDLE_FORMAT,
+        "job_id": str(job.id),
+        "model_ref": job.model_ref,
+        "split_plan": json.dumps(job.split_plan),
+        "adapter": json.dumps(job.adapter),
+        "server_checkpoint": server.name,
+        "client_adapters": client.name,
+    }
+    record(session, actor, "job.export", "job", job.id, {"server": server.name, "client": client.name})
+    return write_raw_safetensors(tensors, metadata)

@@ -1,0 +1,110 @@
+"""`flglm job export` (the trained model as a PEFT adapter / merged weights) and `flglm generate`.
+
+Both download the job's adapter bundle (`GET /jobs/{id}/export`, admin) or read one saved with `--bundle`.
+`generate` then runs the split locally: front and back at the caller, the body in this process too, each
+part with its own KV cache (see flglm.generation); torch is imported only when a command runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from flglm.cli.operator import DEFAULT_SERVER, CaCert, Server, Token, call_api, job_app
+
+BundleFile = Annotated[
+    Path | None,
+    typer.Option("--bundle", exists=True, dir_okay=False, help="a saved export bundle instead of the server"),
+]
+generate_app = typer.Typer(help="Generate text with a job's trained model, through the split.")
+
+
+def fetch_bundle(job_id: int, bundle: Path | None, server: str, token: str, ca_cert: Path | None) -> bytes:
+    if bundle is not None:
+        return bundle.read_bytes()
+    data: bytes = call_api("GET", f"/jobs/{job_id}/export", server, token, ca_cert, raw=True)
+    return data
+
+
+@job_app.command("export")
+def export(
+    job_id: int,
+    out: Annotated[Path, typer.Option("--out", help="directory for the PEFT adapter (created)")],
+    merge: Annotated[
+        bool, typer.Option("--merge", help="also write merged full weights to OUT/merged")
+    ] = False,
+    save_bundle: Annotated[
+        bool, typer.Option(help="keep the raw bundle as OUT/flglm-bundle.safetensors")
+    ] = True,
+    bundle: BundleFile = None,
+    server: Server = DEFAULT_SERVER,
+    token: Token = "",
+    ca_cert: CaCert = None,
+) -> None:
+    """Write JOB's adapters (all three parts) as a standard PEFT adapter dir of the unsplit model."""
+    from flglm.export import export_peft_adapter, read_export_bundle
+
+    data = fetch_bundle(job_id, bundle, server, token, ca_cert)
+    try:
+        parsed = read_export_bundle(data)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    written = export_peft_adapter(
+        parsed.model_ref,
+        parsed.plan,
+        parsed.adapter_cfg,
+        parsed.front_back_state,
+        parsed.body_state,
+        out,
+        merge,
+    )
+    if save_bundle:
+        (written / "flglm-bundle.safetensors").write_bytes(data)
+    typer.echo(str(written))
+
+
+@generate_app.callback(invoke_without_command=True)
+def generate(
+    job_id: int,
+    prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="a prompt (repeat for a batch)")],
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 32,
+    do_sample: Annotated[bool, typer.Option("--sample/--greedy", help="sample instead of greedy")] = False,
+    temperature: Annotated[float, typer.Option(help="> 0; with --sample")] = 1.0,
+    top_k: Annotated[int, typer.Option(min=0)] = 0,
+    seed: int = 0,
+    bundle: BundleFile = None,
+    server: Server = DEFAULT_SERVER,
+    token: Token = "",
+    ca_cert: CaCert = None,
+) -> None:
+    """Generate a completion of each PROMPT with JOB's trained adapters, through the split model."""
+    from flglm.export import read_export_bundle, split_from_bundle
+    from flglm.generation import SamplingConfig, generate_through_split
+    from flglm.models import load_tokenizer
+
+    data = fetch_bundle(job_id, bundle, server, token, ca_cert)
+    try:
+        parsed = read_export_bundle(data)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    split = split_from_bundle(parsed)
+    tokenizer = load_tokenizer(parsed.model_ref)
+    tokenizer.padding_side = "left"
+    encoded = tokenizer(prompt, return_tensors="pt", padding=True)
+    try:
+        sampling = SamplingConfig(max_new_tokens, do_sample, temperature, top_k, seed)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    sequences = generate_through_split(
+        split,
+        encoded["input_ids"],
+        encoded["attention_mask"],
+        sampling,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id or 0,
+    )
+    new_tokens = sequences[:, encoded["input_ids"].shape[1] :]  # (batch, new)
+    for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True):
+        typer.echo(text)
