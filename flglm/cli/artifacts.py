@@ -18,7 +18,6 @@ BundleFile = Annotated[
     Path | None,
     typer.Option("--bundle", exists=True, dir_okay=False, help="a saved export bundle instead of the server"),
 ]
-generate_app = typer.Typer(help="Generate text with a job's trained model, through the split.")
 
 
 def fetch_bundle(job_id: int, bundle: Path | None, server: str, token: str, ca_cert: Path | None) -> bytes:
@@ -65,7 +64,6 @@ def export(
     typer.echo(str(written))
 
 
-@generate_app.callback(invoke_without_command=True)
 def generate(
     job_id: int,
     prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="a prompt (repeat for a batch)")],

@@ -35,6 +35,7 @@ ENDPOINTS: list[tuple[str, str, set[str]]] = [
     ("GET", "/jobs/{job}/rounds", OPERATOR_READ),
     ("POST", "/jobs/{job}/rounds/1/close", ADMIN),
     ("GET", "/jobs/{job}/artifacts", OPERATOR_READ),
+    ("GET", "/jobs/{job}/export", ADMIN),
     ("GET", "/metrics", OPERATOR_READ),
     ("GET", "/metrics/jobs/{job}/progress", OPERATOR_READ),
     ("GET", "/audit", ADMIN),

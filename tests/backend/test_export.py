@@ -1,0 +1,107 @@
+"""`GET /jobs/{id}/export` → `flglm job export --bundle` / `flglm generate --bundle`: the trained adapters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from typer.testing import CliRunner
+
+from backend.exports.service import job_checkpoint_dir
+from backend.settings import Settings
+from flglm.adapters import (
+    AdapterConfig,
+    add_split_adapters,
+    load_trainable_state_dict,
+    trainable_state_dict,
+)
+from flglm.cli.main import app as cli
+from flglm.export import read_export_bundle
+from flglm.generation import SamplingConfig, generate_through_split
+from flglm.models import load_model, load_tokenizer
+from flglm.split import SplitPlan, split_model
+from tests.backend.conftest import Api, job_spec
+from worker.checkpoints import ReplicaSnapshot, replica_dir, save_snapshot
+from worker.fedavg import save_global_client_adapters
+
+
+def write_trained_adapters(settings: Settings, job_id: int) -> tuple[dict[str, torch.Tensor], ...]:
+    """What the workers leave on the checkpoint volume after a round: server snapshot + client average."""
+    split = add_split_adapters(split_model(load_model("tiny:llama"), SplitPlan(1, 1)), AdapterConfig(r=8), 0)
+    with torch.no_grad():
+        for parameter in split.as_module_dict().parameters():
+            if parameter.requires_grad:
+                parameter.normal_(0, 0.3)
+    client = trainable_state_dict(split.as_module_dict(["front", "back"]))
+    body = trainable_state_dict(split.part("body"))
+    directory = job_checkpoint_dir(settings, job_id)
+    snapshot = ReplicaSnapshot(4, body, {0: {"exp_avg": torch.ones(2)}}, [], {}, [], [])
+    save_snapshot(replica_dir(directory, job_id, 0), snapshot)
+    save_global_client_adapters(directory, 1, client)
+    return client, body
+
+
+def test_export_route_bundle_and_cli(api: Api, settings: Settings, tmp_path: Path) -> None:
+    job_id = api.ok("POST", "/jobs", 201, json=job_spec([], model_ref="tiny:llama"))["id"]
+    refused = api.get(f"/jobs/{job_id}/export")
+    assert refused.status_code == 409 and "no server adapter checkpoint" in refused.text
+    client, body = write_trained_adapters(settings, job_id)
+
+    response = api.get(f"/jobs/{job_id}/export")
+    assert response.status_code == 200, response.text
+    bundle = read_export_bundle(response.content)
+    assert bundle.model_ref == "tiny:llama" and bundle.plan == SplitPlan(1, 1) and bundle.adapter_cfg.r == 8
+    assert set(bundle.body_state) == set(body)  # optimizer state stays on the server
+    assert all(torch.equal(bundle.body_state[k], body[k]) for k in body)
+    assert all(torch.equal(bundle.front_back_state[k], client[k]) for k in client)
+    audit = api.ok("GET", "/audit")
+    assert any(event["action"] == "job.export" for event in audit["items"])
+
+    bundle_file = tmp_path / "bundle.safetensors"
+    bundle_file.write_bytes(response.content)
+    out = tmp_path / "export"
+    runner = CliRunner()
+    result = runner.invoke(
+        cli, ["job", "export", str(job_id), "--out", str(out), "--bundle", str(bundle_file)]
+    )
+    assert result.exit_code == 0, result.output
+    peft_model = PeftModel.from_pretrained(load_model("tiny:llama"), str(out)).eval()
+    ids = torch.tensor([[5, 9, 30, 7, 2]])  # (batch, seq)
+    split = split_model(load_model("tiny:llama"), SplitPlan(1, 1))
+    add_split_adapters(split, AdapterConfig(r=8), 0)
+    load_trainable_state_dict(split.as_module_dict(["front", "back"]), client)
+    load_trainable_state_dict(split.part("body"), body)
+    with torch.no_grad():
+        assert torch.allclose(peft_model(input_ids=ids).logits, split(ids), atol=1e-5)
+
+    result = runner.invoke(
+        cli,
+        [
+            "generate",
+            str(job_id),
+            "-p",
+            "the news today",
+            "--max-new-tokens",
+            "5",
+            "--bundle",
+            str(bundle_file),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    tokenizer = load_tokenizer("tiny:llama")
+    prompt = tokenizer(["the news today"], return_tensors="pt")
+    expected = generate_through_split(
+        split,
+        prompt["input_ids"],
+        prompt["attention_mask"],
+        SamplingConfig(max_new_tokens=5),
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id or 0,
+    )
+    text = tokenizer.decode(expected[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert result.output.rstrip("\n") == text
+
+
+def test_export_of_unknown_job_is_404(api: Api) -> None:
+    assert api.get("/jobs/999/export").status_code == 404
