@@ -40,8 +40,8 @@ function plainWords(status, error) {
   }
 }
 
-export async function request(method, path, body) {
-  const headers = { Accept: "application/json" };
+async function send(method, path, body, accept) {
+  const headers = { Accept: accept };
   const token = session.token();
   if (token) headers.Authorization = `Bearer ${token}`;
   if (body !== undefined) headers["Content-Type"] = "application/json";
@@ -55,12 +55,25 @@ export async function request(method, path, body) {
   } catch {
     throw new ApiError(0, "network", "The control plane cannot be reached. Is `flglm serve` running?");
   }
-  const data = await response.json().catch(() => null);
   if (!response.ok) {
+    const data = await response.json().catch(() => null);
     const error = data && data.error;
     throw new ApiError(response.status, error ? error.code : "http_error", plainWords(response.status, error));
   }
-  return data;
+  return response;
+}
+
+export async function request(method, path, body) {
+  const response = await send(method, path, body, "application/json");
+  return response.json().catch(() => null);
+}
+
+/** A file the API sends as an attachment (the bearer token rules out a plain link): its bytes and name. */
+export async function download(path, fallbackName) {
+  const response = await send("GET", path, undefined, "*/*");
+  const disposition = response.headers.get("Content-Disposition") || "";
+  const match = disposition.match(/filename="([^"]+)"/);
+  return { blob: await response.blob(), filename: match ? match[1] : fallbackName };
 }
 
 export const get = (path) => request("GET", path);

@@ -1,6 +1,6 @@
 /** One job, live: progress, loss curves, throughput, traffic, clients, replicas, evaluation, privacy, export. */
 
-import { get, post } from "../api.js";
+import { download, get, post } from "../api.js";
 import { badge, fill, formatAgo, formatBytes, formatNumber, h, table } from "../dom.js";
 import { LossChart } from "./loss_chart.js";
 
@@ -14,7 +14,6 @@ const ACTIONS = {
   running: [["pause", "Pause"], ["cancel", "Cancel"]],
   paused: [["resume", "Resume"], ["cancel", "Cancel"]],
 };
-const EXPORT_KINDS = ["model", "export", "merged_model", "adapters", "adapter", "global_adapters"];
 
 function stat(label, valueNode, testid) {
   return h("div", { class: "stat" }, h("div", { class: "stat-label" }, label), h("div", { class: "stat-value", "data-testid": testid }, valueNode));
@@ -107,11 +106,10 @@ export function renderJob({ principal, params, showError }) {
   }
 
   async function refresh() {
-    const [job, progress, rounds, artifacts] = await Promise.all([
+    const [job, progress, rounds] = await Promise.all([
       get(`/jobs/${jobId}`),
       get(`/metrics/jobs/${jobId}/progress`),
       get(`/jobs/${jobId}/rounds`),
-      get(`/jobs/${jobId}/artifacts`),
     ]);
     const names = new Map(progress.clients.map((c) => [c.client_id, c.client_name]));
     if (!chart) {
@@ -130,7 +128,7 @@ export function renderJob({ principal, params, showError }) {
     renderReplicas(job, progress);
     renderEvaluation(rounds, names);
     renderPrivacy(job);
-    renderExport(artifacts, job);
+    renderExport(rounds);
   }
 
   function renderHead(job) {
@@ -240,27 +238,42 @@ export function renderJob({ principal, params, showError }) {
     );
   }
 
-  function renderExport(artifacts, job) {
-    const exported = artifacts.filter((a) => EXPORT_KINDS.includes(a.kind)).at(-1);
-    if (!exported) {
-      const why = job.status === "completed" ? "The job finished but nothing was exported yet." : "Available once the job has been exported.";
-      const stored = artifacts.length ? `${artifacts.length} other artifact(s) stored (checkpoints).` : null;
-      fill(
-        regions.exported,
-        h("p", { class: "empty", "data-testid": "export-state" }, `Not available yet. ${why}`),
-        stored ? h("p", { class: "help" }, stored) : null,
-      );
+  async function downloadExport(status) {
+    fill(status, "Preparing the bundle…");
+    try {
+      const { blob, filename } = await download(`/jobs/${jobId}/export`, `job-${jobId}-adapters.safetensors`);
+      const url = URL.createObjectURL(blob);
+      const link = h("a", { href: url, download: filename, hidden: true });
+      document.body.append(link);
+      link.click();
+      link.remove();
+      setTimeout(() => URL.revokeObjectURL(url), 10_000);
+      fill(status, `Downloaded ${filename} (${formatBytes(blob.size)}).`);
+    } catch (error) {
+      // 409 before the workers checkpointed anything: say so here, next to the button.
+      fill(status, error.status === 409 ? `Not available yet. ${error.message}` : error.message);
+    }
+  }
+
+  function renderExport(rounds) {
+    const ended = rounds.filter((r) => r.status === "closed").length;
+    const state = `${ended > 0}`;
+    if (regions.exported.dataset.state === state) return; // keep a download's message across polls
+    regions.exported.dataset.state = state;
+    if (!ended) {
+      fill(regions.exported, h("p", { class: "empty", "data-testid": "export-state" }, "Not available yet: the model can be exported once its first round has ended."));
       return;
     }
-    const downloadable = /^https?:\/\//.test(exported.uri);
+    if (!isAdmin) {
+      fill(regions.exported, h("p", { "data-testid": "export-state" }, "A round has ended: an admin can download the trained adapters (export is admin-only)."));
+      return;
+    }
+    const status = h("p", { class: "help", "data-testid": "export-state", role: "status" });
     fill(
       regions.exported,
-      h(
-        "p",
-        { "data-testid": "export-state" },
-        downloadable ? h("a", { class: "button primary", href: exported.uri, download: "" }, "Download model") : h("code", {}, exported.uri),
-      ),
-      h("p", { class: "help" }, `${exported.kind}${exported.round_number ? `, round ${exported.round_number}` : ""} · ${formatBytes(exported.size_bytes)}`, exported.sha256 ? h("br") : null, exported.sha256 ? `sha256 ${exported.sha256.slice(0, 16)}…` : null),
+      h("button", { type: "button", class: "primary", onclick: () => downloadExport(status) }, "Download adapters"),
+      h("p", { class: "help" }, "One safetensors bundle: server and global client adapters of the newest round. ", h("code", {}, "flglm job export"), " turns it into a PEFT adapter for the unsplit model."),
+      status,
     );
   }
 

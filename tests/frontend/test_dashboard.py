@@ -13,13 +13,18 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
-from fastapi import FastAPI
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
 
 from backend.app import FRONTEND_DIR, create_app
-from backend.metrics.service import record_artifact
+from backend.exports.service import job_checkpoint_dir
 from backend.settings import Settings
 from tests.backend.conftest import ADMIN_TOKEN, Agent, Api, enroll, free_port
+from worker.artifact_paths import (
+    client_adapters_path,
+    read_raw_safetensors,
+    replica_dir,
+    write_raw_safetensors,
+)
 
 pytestmark = pytest.mark.browser
 
@@ -46,7 +51,7 @@ class Dashboard:
     spare: Agent
     viewer_token: str
     browser: Browser
-    app: FastAPI
+    settings: Settings
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +68,8 @@ def dashboard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dashboard]:
         rate_limit_per_minute=60_000,
     )
     port = free_port()
-    app = create_app(settings)
     server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning", lifespan="on")
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -81,7 +85,7 @@ def dashboard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dashboard]:
         viewer = api.ok("POST", "/auth/tokens", 201, json={"name": "ops-viewer", "role": "viewer"})["token"]
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            yield Dashboard(base_url, api, agents, spare, viewer, browser, app)
+            yield Dashboard(base_url, api, agents, spare, viewer, browser, settings)
         finally:
             browser.close()
             server.should_exit = True
@@ -114,6 +118,18 @@ def post_steps(agents: list[Agent], job_id: int, round_number: int, steps: range
                 "wire_bytes_down": 2 * 1_179_648,
             }
             agent.api.ok("POST", f"/agent/jobs/{job_id}/metrics", 201, json=body)
+
+
+def write_round_adapters(settings: Settings, job_id: int, round_number: int) -> None:
+    """Adapter files laid out as the worker writes them (one tiny float32 tensor each), without torch."""
+    directory = job_checkpoint_dir(settings, job_id)
+    tensor = ({"dtype": "F32", "shape": [2]}, b"\x00\x00\x80\x3f" * 2)
+    server = replica_dir(directory, job_id, 0) / "step-0000000006.safetensors"
+    server.parent.mkdir(parents=True, exist_ok=True)
+    server.write_bytes(write_raw_safetensors({"adapter/layers.1.q_proj.lora_A": tensor}, {}))
+    client = client_adapters_path(directory, round_number)
+    client.parent.mkdir(parents=True, exist_ok=True)
+    client.write_bytes(write_raw_safetensors({"front.layers.0.q_proj.lora_A": tensor}, {}))
 
 
 def test_admin_creates_starts_watches_pauses_and_resumes_a_job(dashboard: Dashboard) -> None:
@@ -188,13 +204,20 @@ def test_admin_creates_starts_watches_pauses_and_resumes_a_job(dashboard: Dashbo
     page.wait_for_timeout(300)  # let the progress bar's transition finish before the picture
     page.screenshot(path=str(SCREENSHOTS / "job-page.png"), full_page=True)
 
-    # Once the model is exported (the worker registers it with record_artifact), the page links to it.
-    uri = f"https://models.example.org/jobs/{job_id}/global-adapters.safetensors"
-    with dashboard.app.state.session_factory() as session, session.begin():
-        record_artifact(
-            session, "system", job_id, "global_adapters", uri, round_number=1, size_bytes=4_718_592
-        )
-    expect(page.get_by_role("link", name="Download model")).to_have_attribute("href", uri)
+    # Round 1 ended, but no worker checkpointed adapters on this deployment: the page says so in words.
+    export_state = page.get_by_test_id("export-state")
+    page.get_by_role("button", name="Download adapters").click()
+    expect(export_state).to_contain_text("Not available yet")
+    expect(export_state).to_contain_text("no server adapter checkpoint yet")
+    # The files a worker writes at round end (server checkpoint, plaintext FedAvg of the client adapters).
+    write_round_adapters(dashboard.settings, job_id, round_number=1)
+    with page.expect_download() as download_info:
+        page.get_by_role("button", name="Download adapters").click()
+    download = download_info.value
+    assert download.suggested_filename == f"job-{job_id}-adapters.safetensors"
+    bundle = read_raw_safetensors(Path(download.path()))
+    assert set(bundle) == {"body/layers.1.q_proj.lora_A", "client/front.layers.0.q_proj.lora_A"}
+    expect(export_state).to_contain_text("Downloaded")
 
     # The audit log shows the pause, filtered to this job.
     page.get_by_role("link", name="Audit log").click()
@@ -234,7 +257,8 @@ def test_viewer_sees_no_admin_controls_and_a_forged_admin_call_is_refused(dashbo
     expect(page.get_by_test_id("step-counter")).to_be_visible()
     expect(page.get_by_test_id("loss-chart").locator("canvas")).to_be_visible()
     expect(page.get_by_test_id("admin-controls")).to_have_count(0)
-    for name in ("Pause", "Resume", "Cancel", "Start", "Open for consent"):
+    expect(page.get_by_test_id("export-state")).to_contain_text("admin-only")
+    for name in ("Pause", "Resume", "Cancel", "Start", "Open for consent", "Download adapters"):
         expect(page.get_by_role("button", name=name)).to_have_count(0)
 
     page.goto(f"{dashboard.base_url}/#/clients")
