@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ from fastapi import FastAPI
 
 from backend.app import create_app
 from backend.settings import Settings
-from tests.backend.conftest import ADMIN_TOKEN, live_server
+from tests.backend.conftest import ADMIN_TOKEN, Api, LiveServer, live_server
 
 __all__ = ["live_server"]
 
@@ -33,3 +34,11 @@ def settings(tmp_path: Path, request: pytest.FixtureRequest) -> Settings:
 @pytest.fixture
 def app(settings: Settings) -> FastAPI:
     return create_app(settings)
+
+
+@pytest.fixture
+def api(live_server: LiveServer) -> Iterator[Api]:
+    """The admin's client of the live server, closed before the server stops (an idle TLS connection left
+    open would hold uvicorn's shutdown until its close_notify times out)."""
+    with live_server.client() as http:
+        yield Api(http)

@@ -56,8 +56,7 @@ def assert_same_adapters(owners: list[DataOwner]) -> None:
         assert all(torch.equal(state[name], first[name]) for name in first)
 
 
-def test_sequential_job_over_https_equals_the_split_step(live_server: LiveServer) -> None:
-    api = Api(live_server.client())
+def test_sequential_job_over_https_equals_the_split_step(live_server: LiveServer, api: Api) -> None:
     owners = owners_of(api)
     job_id = start_job(api, owners, "sequential")
     train_sequentially(api, live_server, owners, job_id)
@@ -78,9 +77,8 @@ def test_sequential_job_over_https_equals_the_split_step(live_server: LiveServer
     ],
 )
 def test_parallel_modes_complete_over_https(
-    live_server: LiveServer, mode: str, overrides: dict[str, int]
+    live_server: LiveServer, api: Api, mode: str, overrides: dict[str, int]
 ) -> None:
-    api = Api(live_server.client())
     owners = owners_of(api)
     job_id = start_job(api, owners, mode, **overrides)
     if mode == "server_hierarchical":
@@ -116,9 +114,8 @@ def _audit_count(settings: Settings) -> int:
 
 
 def test_hostile_step_input_gets_a_clear_4xx_and_stores_nothing(
-    live_server: LiveServer, settings: Settings
+    live_server: LiveServer, api: Api, settings: Settings
 ) -> None:
-    api = Api(live_server.client())
     owners = owners_of(api)
     outsider = enroll_owner(api, "outsider", 5)
     job_id = start_job(api, owners, "sequential")
