@@ -1,0 +1,27 @@
+# One image for the backend, the workers and the (optional) local agent of docker-compose.yml.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
+    HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 FLGLM_CACHE_DIR=/cache
+WORKDIR /app
+
+# torch first and pinned: a loose torch resolves to another build. From PyPI this is the CUDA build the GPU
+# workers need; for a CPU-only image pass --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG TORCH_INDEX_URL=https://pypi.org/simple
+RUN pip install --index-url "${TORCH_INDEX_URL}" torch==2.13.0
+
+COPY pyproject.toml README.md ./
+COPY flglm ./flglm
+COPY backend ./backend
+COPY worker ./worker
+COPY client_agent ./client_agent
+COPY migrations ./migrations
+COPY frontend ./frontend
+# Editable: the backend serves the dashboard from /app/frontend next to its package.
+RUN pip install -e ".[server]"
+
+RUN useradd --create-home --uid 10001 flglm && mkdir -p /data /checkpoints /cache /agent \
+    && chown flglm /data /checkpoints /cache /agent
+USER flglm
+EXPOSE 8443
+CMD ["flglm", "--help"]
