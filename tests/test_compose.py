@@ -18,8 +18,8 @@ import yaml
 
 # Typer 0.29 vendors its own click (typer._click): its command classes, not the click package's.
 from typer._click.core import Command
-from typer.core import TyperGroup as Group
 from typer._click.exceptions import UsageError
+from typer.core import TyperGroup as Group
 
 from backend.settings import Settings
 from flglm.cli.main import app as cli_app
