@@ -114,7 +114,7 @@ export function renderJob({ principal, params, showError }) {
     const names = new Map(progress.clients.map((c) => [c.client_id, c.client_name]));
     if (!chart) {
       chart = new LossChart(names);
-      fill(regions.chart, chart.element, h("p", { class: "help" }, "Dashed: mean over the clients that reported that step. Drag to zoom, double-click to reset."));
+      fill(regions.chart, chart.element, h("p", { class: "help" }, "Dashed: mean over the clients that reported that step. Dotted: a new round begins. Drag to zoom, double-click to reset."));
     }
     chart.clientNames = names;
     await fetchNewMetrics(job.steps_per_round);

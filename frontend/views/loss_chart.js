@@ -12,6 +12,7 @@ export class LossChart {
     this.clientNames = clientNames; // client_id -> name
     this.points = new Map(); // global step -> Map(client_id -> loss)
     this.clientIds = [];
+    this.stepsPerRound = 1;
     this.plot = null;
     this.frame = h("div", { class: "chart-frame" });
     this.element = h(
@@ -30,6 +31,7 @@ export class LossChart {
 
   /** Add step metrics; `stepsPerRound` turns (round, step) into one increasing x. */
   add(metrics, stepsPerRound) {
+    this.stepsPerRound = stepsPerRound;
     for (const m of metrics) {
       if (m.loss === null || m.loss === undefined) continue;
       const x = (m.round_number - 1) * stepsPerRound + m.step;
@@ -73,6 +75,7 @@ export class LossChart {
       ],
       legend: { live: false },
       cursor: { drag: { x: true, y: false } },
+      hooks: { draw: [(u) => this.drawRoundBoundaries(u)] },
       series: [
         { label: "step" },
         { label: "global (mean)", stroke: GLOBAL_COLOUR, width: 2.5, dash: [6, 4], spanGaps: true },
@@ -84,6 +87,30 @@ export class LossChart {
         })),
       ],
     };
+  }
+
+  /** A dotted line and a label where each round after the first begins. */
+  drawRoundBoundaries(u) {
+    const [xMin, xMax] = [u.scales.x.min, u.scales.x.max];
+    const { ctx } = u;
+    ctx.save();
+    ctx.strokeStyle = "#7b8794";
+    ctx.fillStyle = "#52606d";
+    ctx.setLineDash([3, 4]);
+    ctx.textAlign = "left";
+    ctx.textBaseline = "alphabetic";
+    ctx.font = `${12 * devicePixelRatio}px system-ui, sans-serif`;
+    for (let round = 2; (round - 1) * this.stepsPerRound - 0.5 <= xMax; round += 1) {
+      const x = (round - 1) * this.stepsPerRound - 0.5;
+      if (x < xMin) continue;
+      const px = u.valToPos(x, "x", true);
+      ctx.beginPath();
+      ctx.moveTo(px, u.bbox.top);
+      ctx.lineTo(px, u.bbox.top + u.bbox.height);
+      ctx.stroke();
+      ctx.fillText(`round ${round}`, px + 4 * devicePixelRatio, u.bbox.top + 14 * devicePixelRatio);
+    }
+    ctx.restore();
   }
 
   destroy() {
