@@ -122,9 +122,11 @@ async function route() {
   stopCurrentView = view.stop || null;
 }
 
-window.addEventListener("hashchange", () => {
+window.addEventListener("hashchange", async () => {
   // Going to sign-in after a 401 keeps the message that explains why.
   if (location.hash !== "#/signin") clearError();
-  route();
+  await route();
+  // Screen readers and keyboard users start reading the new page, not where the old link was.
+  if (principal) main.focus({ preventScroll: true });
 });
 route();

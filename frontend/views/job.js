@@ -34,7 +34,7 @@ export function renderJob({ principal, params, showError }) {
   const regions = {
     head: h("div", { class: "page-head" }),
     controls: h("div", { class: "toolbar", "data-testid": "admin-controls" }),
-    stats: h("div", { class: "stats", "aria-live": "polite" }),
+    stats: h("div", { class: "stats" }),
     chart: h("div", {}),
     clients: h("div", {}),
     replicas: h("div", {}),

@@ -7,7 +7,7 @@ const STATUSES = ["", "draft", "waiting_for_clients", "running", "paused", "comp
 const REFRESH_MS = 2000;
 
 export function renderJobs({ principal, showError }) {
-  const body = h("div", { "aria-live": "polite" }, h("p", { class: "empty" }, "Loading jobs…"));
+  const body = h("div", {}, h("p", { class: "empty" }, "Loading jobs…"));
   const statusFilter = h(
     "select",
     { id: "status-filter", onchange: () => load() },
