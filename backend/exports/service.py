@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from backend.audit.service import record
 from backend.errors import Conflict
+from backend.exports.schemas import GenerateRequest, GenerateView
 from backend.jobs.service import get_job
 from backend.settings import Settings
 from worker.artifact_paths import (
@@ -37,6 +38,14 @@ def job_checkpoint_dir(settings: Settings, job_id: int) -> str:
 
 def export_bundle(session: Session, settings: Settings, actor: str, job_id: int) -> bytes:
     """The bundle's bytes; audited, because it hands the averaged client adapters to the operator."""
+    bundle, metadata = build_bundle(session, settings, job_id)
+    detail = {"server": metadata["server_checkpoint"], "client": metadata["client_adapters"]}
+    record(session, actor, "job.export", "job", job_id, detail)
+    return bundle
+
+
+def build_bundle(session: Session, settings: Settings, job_id: int) -> tuple[bytes, dict[str, str]]:
+    """The bundle of the job's newest adapters and its metadata; NothingToExport before the first round."""
     job = get_job(session, job_id)
     directory = job_checkpoint_dir(settings, job.id)
     server = latest_server_checkpoint(directory, job.id, replica=0)
@@ -55,5 +64,24 @@ def export_bundle(session: Session, settings: Settings, actor: str, job_id: int)
         "server_checkpoint": server.name,
         "client_adapters": client.name,
     }
-    record(session, actor, "job.export", "job", job.id, {"server": server.name, "client": client.name})
-    return write_raw_safetensors(tensors, metadata)
+    return write_raw_safetensors(tensors, metadata), metadata
+
+
+def generate_completions(
+    session: Session, settings: Settings, actor: str, job_id: int, request: GenerateRequest
+) -> GenerateView:
+    """Generate through the job's split model in this process (front, body and back, each with a KV cache).
+
+    torch is imported here only: the control plane stays torch-free until someone asks for generation.
+    """
+    from backend.exports.inference import complete_prompts
+
+    bundle, metadata = build_bundle(session, settings, job_id)
+    completions = complete_prompts(bundle, request)
+    record(session, actor, "job.generate", "job", job_id, {"prompts": len(request.prompts)})
+    return GenerateView(
+        completions=completions,
+        model_ref=metadata["model_ref"],
+        server_checkpoint=metadata["server_checkpoint"],
+        client_adapters=metadata["client_adapters"],
+    )

@@ -46,6 +46,8 @@ def test_export_route_bundle_and_cli(api: Api, settings: Settings, tmp_path: Pat
     job_id = api.ok("POST", "/jobs", 201, json=job_spec([], model_ref="tiny:llama"))["id"]
     refused = api.get(f"/jobs/{job_id}/export")
     assert refused.status_code == 409 and "no server adapter checkpoint" in refused.text
+    assert api.post(f"/jobs/{job_id}/generate", json={"prompts": ["x"]}).status_code == 409
+    assert api.post(f"/jobs/{job_id}/generate", json={"prompts": []}).status_code == 422
     client, body = write_trained_adapters(settings, job_id)
 
     response = api.get(f"/jobs/{job_id}/export")
@@ -101,6 +103,14 @@ def test_export_route_bundle_and_cli(api: Api, settings: Settings, tmp_path: Pat
     )
     text = tokenizer.decode(expected[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
     assert result.output.rstrip("\n") == text
+
+    # The API route runs the same split generation in the backend process; viewers may call it.
+    viewer = api.ok("POST", "/auth/tokens", 201, json={"name": "v", "role": "viewer"})["token"]
+    answer = api.as_(viewer).ok(
+        "POST", f"/jobs/{job_id}/generate", json={"prompts": ["the news today"], "max_new_tokens": 5}
+    )
+    assert answer["completions"] == [text] and answer["model_ref"] == "tiny:llama"
+    assert api.as_(viewer).get(f"/jobs/{job_id}/export").status_code == 403
 
 
 def test_export_of_unknown_job_is_404(api: Api) -> None:
