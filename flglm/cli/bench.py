@@ -60,7 +60,7 @@ def split(
     model: str = typer.Option("smollm2-135m", help="Model ref: smollm2-135m, tiny:<arch>, a dir."),
     batch_size: int = typer.Option(4, min=1, help="Rows per training step."),
     seq_len: int = typer.Option(64, min=2, help="Tokens per row."),
-    rounds: int = typer.Option(6, min=1, help="Timed steps per trainer, interleaved."),
+    rounds: int = typer.Option(10, min=1, help="Timed steps per trainer, interleaved."),
     front_layers: int = typer.Option(1, min=1, help="Decoder layers in the client's input block."),
     back_layers: int = typer.Option(1, min=1, help="Decoder layers in the client's output block."),
     memory: bool = typer.Option(True, help="Measure client vs full resident memory."),
@@ -86,7 +86,8 @@ def split(
         typer.echo(
             f"{model} batch {step['batch']}: centralized {step['centralized_step_s']:.3f} s/step, "
             f"split {step['split_step_s']:.3f} s/step, ratio {step['ratio_centralized_over_split']:.3f} "
-            f"(target >= {step['target_ratio']})"
+            f"(target >= {step['target_ratio']}); "
+            f"CPU-time ratio {step['cpu_ratio_centralized_over_split']:.3f}"
         )
         if "client_memory" in result:
             mem = result["client_memory"]
