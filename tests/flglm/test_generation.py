@@ -73,3 +73,29 @@ def test_right_padded_prompts_are_refused() -> None:
     ids, mask = prompts(left_pad=True)
     with pytest.raises(ValueError, match="left-padded"):
         generate_through_split(split, ids, mask.flip(1))
+
+
+@pytest.mark.slow
+def test_smollm2_split_generation_equals_generate() -> None:
+    """The bundled real model (30 layers, grouped-query attention), a left-padded batch, 8 greedy tokens."""
+    from flglm.models import load_tokenizer
+
+    model = load_model("smollm2-135m").eval()
+    tokenizer = load_tokenizer("smollm2-135m")
+    tokenizer.padding_side = "left"
+    batch = tokenizer(
+        ["The capital of France is", "Once upon a time, in a small"], return_tensors="pt", padding=True
+    )
+    expected = model.generate(  # type: ignore[operator]
+        **batch, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id
+    )
+    split = split_model(model, SplitPlan(front_layers=2, back_layers=2))
+    got = generate_through_split(
+        split,
+        batch["input_ids"],
+        batch["attention_mask"],
+        SamplingConfig(max_new_tokens=8),
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id or 0,
+    )
+    assert torch.equal(got, expected)
