@@ -1,0 +1,148 @@
+"""The step protocol through HTTPS with real Celery worker processes on real Redis (slow).
+
+The backend runs with `FLGLM_EXECUTOR=celery` semantics (Redis blob store, tasks by name on the broker);
+`flglm worker` subprocesses serve the job. Redis database 12 is this module's own and is emptied first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from backend.settings import Settings
+from backend.steps.runtime import StepRuntime
+from flglm.step_client import StepClient
+from flglm.step_protocol import MessageDirection, MessageRef, UploadReceipt, replica_queue
+from tests.backend.conftest import Api, LiveServer
+from tests.e2e.step_agents import (
+    ROUNDS,
+    STEPS,
+    DataOwner,
+    enroll_owner,
+    published_spec,
+    reference_sequential_losses,
+    start_job,
+    train_sequentially,
+)
+from tests.worker.test_celery_worker import WorkerProcesses
+from worker.routing import REPLICA_COUNTERS
+
+pytestmark = [pytest.mark.slow, pytest.mark.redis]
+EXAMPLE_COUNTS = (10, 30, 60)
+
+
+def _celery_redis_url(redis_url: str) -> str:
+    url = redis_url.rsplit("/", 1)[0] + "/12"
+    client = redis.Redis.from_url(url)
+    client.flushdb()  # this module's own database: queues, blobs, sequences and results of earlier runs
+    client.close()
+    return url
+
+
+@pytest.fixture
+def celery_settings(redis_url: str) -> dict[str, Any]:
+    return {"executor": "celery", "redis_url": _celery_redis_url(redis_url)}
+
+
+@pytest.fixture
+def settings(tmp_path: Path, celery_settings: dict[str, Any]) -> Settings:
+    from tests.e2e.conftest import ADMIN_TOKEN
+
+    return Settings(
+        data_dir=tmp_path / "data",
+        database_url=f"sqlite:///{tmp_path / 'flglm.db'}",
+        bootstrap_admin_token=ADMIN_TOKEN,
+        deadline_check_interval_s=0,
+        rate_limit_burst=10_000,
+        rate_limit_per_minute=60_000,
+        max_body_bytes=1024 * 1024,
+        **celery_settings,
+    )
+
+
+@pytest.fixture
+def workers(settings: Settings, tmp_path: Path, live_server: LiveServer) -> Iterator[WorkerProcesses]:
+    """`flglm worker` processes sharing the backend's server key (the app created it on start)."""
+    processes = WorkerProcesses(settings.redis_url, settings.resolved_server_key_file(), tmp_path)
+    yield processes
+    processes.stop_all()
+
+
+def replica_counters(runtime: StepRuntime, job_id: int) -> dict[str, Any]:
+    handle = runtime.dispatcher.submit(REPLICA_COUNTERS, {"job_id": job_id, "replica": 0}, replica_queue(0))
+    return handle.get(60)
+
+
+def assert_losses_match_reference(runtime: StepRuntime, owners: list[DataOwner], job_id: int) -> None:
+    expected = reference_sequential_losses(published_spec(runtime, job_id), owners)
+    for owner, losses in zip(owners, expected, strict=True):
+        assert len(owner.losses) == ROUNDS * STEPS
+        assert owner.losses == pytest.approx(losses, abs=1e-4)
+
+
+def test_sequential_job_with_celery_workers_equals_the_split_step(
+    live_server: LiveServer, api: Api, workers: WorkerProcesses
+) -> None:
+    workers.start(0)
+    owners = [enroll_owner(api, f"owner-{i}", EXAMPLE_COUNTS[i]) for i in range(3)]
+    job_id = start_job(api, owners, "sequential")
+    train_sequentially(api, live_server, owners, job_id)
+    assert api.ok("GET", f"/jobs/{job_id}")["status"] == "completed"
+    runtime: StepRuntime = live_server.app.state.step_runtime
+    assert_losses_match_reference(runtime, owners, job_id)
+    counters = replica_counters(runtime, job_id)
+    assert counters["server_steps"] == len(owners) * ROUNDS * STEPS
+
+
+class KillWorkerBeforeGradients(StepClient):
+    """An agent's client during which the worker dies: the first gradients upload of the chosen step
+    happens only after the worker that ran its forward (and holds its graph) was SIGKILLed and replaced."""
+
+    def __init__(self, *args: Any, workers: WorkerProcesses, at: tuple[int, int], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.workers, self.at, self.killed = workers, at, False
+
+    def upload(self, ref: MessageRef, sealed: bytes) -> UploadReceipt:
+        if (
+            not self.killed
+            and ref.direction is MessageDirection.gradients
+            and (ref.round_number, ref.step) == self.at
+        ):
+            self.killed = True
+            self.workers.kill(self.workers.processes[-1])
+            self.workers.start(0)
+        return super().upload(ref, sealed)
+
+
+def test_sigkill_of_the_worker_mid_round_through_https_applies_every_step_once(
+    live_server: LiveServer, api: Api, workers: WorkerProcesses
+) -> None:
+    workers.start(0)
+    owners = [enroll_owner(api, f"owner-{i}", EXAMPLE_COUNTS[i]) for i in range(3)]
+    job_id = start_job(api, owners, "sequential")
+    victim = owners[1]
+    original_channel = victim.channel
+
+    def channel_with_kill(live: LiveServer, job: int, server_b64: str) -> Any:
+        channel = original_channel(live, job, server_b64)
+        channel.client.close()
+        channel.client = KillWorkerBeforeGradients(
+            live.base_url, victim.credential, live.tls.ca_cert, workers=workers, at=(1, 1), max_retries=2
+        )
+        return channel
+
+    victim.channel = channel_with_kill  # type: ignore[method-assign]
+    train_sequentially(api, live_server, owners, job_id)
+    assert api.ok("GET", f"/jobs/{job_id}")["status"] == "completed"
+    assert len(workers.processes) == 2 and workers.processes[0].returncode is not None
+    runtime: StepRuntime = live_server.app.state.step_runtime
+    # The new worker resumed from the checkpoint + journal, the agent retried the lost step from its
+    # forward: the same losses as the uninterrupted reference, and one server step per client step.
+    assert_losses_match_reference(runtime, owners, job_id)
+    counters = replica_counters(runtime, job_id)
+    assert counters["server_steps"] == len(owners) * ROUNDS * STEPS
+    assert len(counters["applied"]) == len(owners) * ROUNDS * STEPS
