@@ -2,7 +2,7 @@
 
 import typer
 
-from flglm.cli import artifacts, bench, operator, server, worker
+from flglm.cli import agent, artifacts, bench, operator, server, worker
 
 app = typer.Typer(
     help="FL-GLM: split federated fine-tuning of LLMs on data that never leaves its owners.",
@@ -11,6 +11,7 @@ app = typer.Typer(
 )
 app.add_typer(bench.app, name="bench")
 app.add_typer(worker.app, name="worker")
+app.add_typer(agent.app, name="agent")
 app.add_typer(server.serve_app, name="serve")
 app.add_typer(server.db_app, name="db")
 app.add_typer(operator.job_app, name="job")

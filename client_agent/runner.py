@@ -1,0 +1,364 @@
+"""`flglm agent run`: the long-running loop of a data owner's agent (DESIGN §3 from the client's side).
+
+Order of things, so that bad data never causes a send and a crash never loses more than one step:
+1. read and validate the data file (no network yet: a bad file exits 2 having sent nothing);
+2. a heartbeat thread (the example count only with `--share-example-count`);
+3. poll `/agent/work`; act only on assignments for jobs approved through this agent (`approved.json`),
+   whatever the server says;
+4. per job: load only the client parts (front + back) and the tokenizer, re-validate the data against the
+   job (task, label set), tokenise, split train/eval locally;
+5. per step `run_client_step`, a checkpoint (adapters, optimizer, position) and a step metric (loss,
+   token count, wire bytes: numbers only);
+6. at the end of a round: adapters up (sealed), round done (the round's mean training loss, the example
+   count only if allowed), FedAvg'd adapters down, checkpoint at the start of the next round.
+
+Local evaluation of the whole model needs the server's middle blocks, so the per-round report carries the
+training loss only (see the README's note); raw text, token ids, labels and logits never leave `run_step`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from client_agent.api import AgentFailure, ControlPlaneClient, ExitCode, failure_from
+from client_agent.progress import RoundProgress
+from client_agent.state import (
+    Enrollment,
+    JobCheckpoint,
+    RoundPosition,
+    approved_jobs,
+    load_enrollment,
+    private_key_path,
+)
+from flglm import protocol
+from flglm.adapters import AdapterConfig, add_split_adapters, load_trainable_state_dict, trainable_state_dict
+from flglm.client_step import (
+    ClientChannel,
+    client_parts,
+    download_round_adapters,
+    run_client_step,
+    upload_round_adapters,
+)
+from flglm.data import (
+    DataError,
+    TokenizedDataset,
+    TokenizedExample,
+    collate,
+    detect_task,
+    iterate_batches,
+    load_examples,
+    tokenize_examples,
+    train_eval_split,
+)
+from flglm.models import load_split_parts, load_tokenizer
+from flglm.split import SplitPlan
+from flglm.step_client import StepConflict, StepUnauthorized
+from flglm.trainers import ClientSideTrainer, TrainConfig
+from flglm.wire.codec import parse_wire_dtype
+from flglm.wire.keys import ClientKeyPair, derive_channel_keys, public_key_from_b64
+from flglm.wire.sequence import SequenceCounter
+
+log = logging.getLogger("flglm.agent")
+
+TERMINAL_JOB_STATUSES = {
+    protocol.JobStatus.completed,
+    protocol.JobStatus.failed,
+    protocol.JobStatus.cancelled,
+}
+DEFAULT_BATCH_SIZE = 8
+DEFAULT_MAX_SEQ_LEN = 256
+DEFAULT_EVAL_FRACTION = 0.1
+
+
+@dataclass
+class RunOptions:
+    data_path: Path
+    share_example_count: bool = True
+    quiet: bool = False
+    stop_when_done: bool = False  # exit 0 once every approved job is over and nothing is left to decide
+    poll_s: float = 2.0
+    heartbeat_s: float = 15.0
+    result_timeout_s: float = 600.0
+
+
+def validate_data_file(path: Path) -> int:
+    """Read and validate the whole file before anything is sent; returns its example count."""
+    if not path.is_file():
+        raise DataError(path, None, "file not found")
+    return len(load_examples(path, detect_task(path)))
+
+
+def open_client(enrollment: Enrollment) -> ControlPlaneClient:
+    return ControlPlaneClient(enrollment.server_url, enrollment.credential, enrollment.ca_cert)
+
+
+class JobSession:
+    """One approved job on this agent: its client parts, data, channel and checkpoint."""
+
+    def __init__(
+        self,
+        client: ControlPlaneClient,
+        enrollment: Enrollment,
+        keypair: ClientKeyPair,
+        sequence: SequenceCounter,
+        state_dir: Path,
+        job: protocol.AgentJobView,
+        options: RunOptions,
+    ) -> None:
+        self.job, self.options, self.client = job, options, client
+        hp = job.hyperparameters
+        self.seed = int(hp.get("seed", 0))
+        self.batch_size = int(hp.get("batch_size", DEFAULT_BATCH_SIZE))
+        max_seq_len = int(hp.get("max_seq_len", DEFAULT_MAX_SEQ_LEN))
+        # Data first: a file that does not fit the job (unknown label, wrong task) stops here, unsent.
+        tokenizer = load_tokenizer(job.model_ref)
+        labels = hp.get("labels")
+        examples = load_examples(options.data_path, job.task_type.value, label_set=labels)
+        train, held_out = train_eval_split(
+            examples, float(hp.get("eval_fraction", DEFAULT_EVAL_FRACTION)), self.seed
+        )
+        self.train: TokenizedDataset = tokenize_examples(train, tokenizer, max_seq_len)
+        self.held_out_count = len(held_out)
+        if self.train.truncated:
+            log.warning(
+                "%d training rows were longer than %d tokens and truncated", self.train.truncated, max_seq_len
+            )
+        self.pad_token_id = int(
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        )
+        self.example_count = len(train) if options.share_example_count else None
+
+        plan = SplitPlan(job.split_plan.get("front_layers", 1), job.split_plan.get("back_layers", 1))
+        split = load_split_parts(job.model_ref, plan, parts={"front", "back"})
+        add_split_adapters(split, AdapterConfig(**job.adapter), self.seed)
+        config = TrainConfig(**{k: v for k, v in hp.items() if k in TrainConfig.model_fields})
+        self.trainer = ClientSideTrainer(split, config)
+        self.checkpoint = JobCheckpoint(state_dir, job.job_id)
+        self.position = self.checkpoint.position() or RoundPosition()
+        if self.checkpoint.position() is not None:
+            load_trainable_state_dict(client_parts(self.trainer), self.checkpoint.load_adapters())
+            self._load_optimizer()
+            log.info(
+                "job %d: resumed at round %d step %d (%s)",
+                job.job_id,
+                self.position.round_number,
+                self.position.next_step,
+                self.position.phase,
+            )
+        keys = derive_channel_keys(
+            keypair.private_key,
+            public_key_from_b64(job.server_public_key),
+            str(job.job_id),
+            str(enrollment.client_id),
+        )
+        wire_dtype = parse_wire_dtype(str(job.privacy.get("wire_dtype", "float32"))) or torch.float32
+        self.channel = ClientChannel(
+            client,
+            keys,
+            job.job_id,
+            enrollment.client_id,
+            wire_dtype,
+            sequence.next,
+            options.result_timeout_s,
+        )
+
+    # ---- checkpointing ------------------------------------------------------------------------------
+
+    def _optimizer_state(self) -> dict[str, object]:
+        optimizer = self.trainer.optimizer
+        if optimizer.optimizer is None or optimizer.scheduler is None:
+            return {}
+        return {"optimizer": optimizer.optimizer.state_dict(), "scheduler": optimizer.scheduler.state_dict()}
+
+    def _load_optimizer(self) -> None:
+        state = self.checkpoint.load_optimizer_state()
+        optimizer = self.trainer.optimizer
+        if state and optimizer.optimizer is not None and optimizer.scheduler is not None:
+            optimizer.optimizer.load_state_dict(state["optimizer"])
+            optimizer.scheduler.load_state_dict(state["scheduler"])
+
+    def _save(self) -> None:
+        adapters = trainable_state_dict(client_parts(self.trainer))
+        self.checkpoint.save(self.position, adapters, self._optimizer_state())
+
+    # ---- one round ------------------------------------------------------------------------------------
+
+    def _batch(self, round_number: int, step: int, steps: int) -> dict[str, torch.Tensor]:
+        """The batch of a global step, the same after a restart (seeded epochs; skip the ones before)."""
+        index = (round_number - 1) * steps + step
+        batches = iterate_batches(self.train, self.batch_size, self.seed)
+        rows: list[TokenizedExample] = next(itertools.islice(batches, index, None))
+        return collate(rows, self.pad_token_id)
+
+    def run_round(self, assignment: protocol.WorkAssignment) -> None:
+        job_id, round_number = self.job.job_id, assignment.round_number
+        if self.position.round_number > round_number:
+            return  # this round is done here; the server still waits for peers
+        if self.position.round_number < round_number:
+            # Dropped from earlier rounds (e.g. offline too long): start from the latest global adapters.
+            download_round_adapters(
+                self.trainer, self.channel, round_number - 1, self.options.result_timeout_s
+            )
+            self.position = RoundPosition(round_number)
+            self._save()
+        losses: list[float] = []
+        if self.position.phase == "steps":
+            progress = RoundProgress(
+                job_id,
+                round_number,
+                self.job.rounds,
+                assignment.steps,
+                self.position.next_step,
+                self.options.quiet,
+            )
+            try:
+                for step in range(self.position.next_step, assignment.steps):
+                    losses.append(self._run_step(round_number, step, assignment.steps, progress))
+            finally:
+                progress.close()
+            self._upload_adapters(round_number)
+            self.position.phase = "uploaded"
+            self.checkpoint.save_position(self.position)
+        if self.position.phase == "uploaded":
+            metrics = {"train_loss": sum(losses) / len(losses)} if losses else {}
+            count = self.example_count if self.example_count is not None else 0
+            self.client.round_done(
+                job_id, round_number, protocol.RoundDoneRequest(example_count=count, eval_metrics=metrics)
+            )
+            self.position.phase = "done"
+            self.checkpoint.save_position(self.position)
+        download_round_adapters(self.trainer, self.channel, round_number, self.options.result_timeout_s)
+        self.position = RoundPosition(round_number + 1)
+        self._save()
+        log.info("job %d: round %d done, FedAvg'd client adapters loaded", job_id, round_number)
+
+    def _run_step(self, round_number: int, step: int, steps: int, progress: RoundProgress) -> float:
+        batch = self._batch(round_number, step, steps)
+        tokens = int(batch["attention_mask"].sum())
+        up, down, started = self.client.bytes_up, self.client.bytes_down, time.monotonic()
+        result = run_client_step(self.trainer, self.channel, round_number, step, batch)
+        self.position.next_step = step + 1
+        self._save()
+        metric = protocol.StepMetricIn(
+            round_number=round_number,
+            step=step,
+            loss=result.loss,
+            tokens=tokens,
+            phase_timings_s={"step": time.monotonic() - started},
+            wire_bytes_up=self.client.bytes_up - up,
+            wire_bytes_down=self.client.bytes_down - down,
+        )
+        self.client.step_metric(self.job.job_id, metric)
+        progress.step_done(result.loss, tokens)
+        return result.loss
+
+    def _upload_adapters(self, round_number: int) -> None:
+        # FedAvg weighs by the example count; an owner who does not disclose it is weighted 1 (equal shares).
+        weight = self.example_count if self.example_count is not None else 1
+        try:
+            upload_round_adapters(self.trainer, self.channel, round_number, weight)
+        except StepConflict as exc:
+            # Sealing uses a fresh nonce, so a re-upload after a crash differs from the stored bytes.
+            if exc.code != "conflicting_duplicate":
+                raise
+            log.info(
+                "job %d: round %d adapters were already uploaded before a restart",
+                self.job.job_id,
+                round_number,
+            )
+
+
+class Heartbeat:
+    """Background heartbeats on their own connection; remembers the first fatal failure (e.g. revoked)."""
+
+    def __init__(self, enrollment: Enrollment, example_count: int | None, interval_s: float) -> None:
+        self.failure: AgentFailure | None = None
+        self._stop = threading.Event()
+        self._client = open_client(enrollment)
+        self._example_count, self._interval_s = example_count, interval_s
+        self._thread = threading.Thread(target=self._loop, name="flglm-agent-heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            try:
+                self._client.heartbeat(self._example_count)
+            except StepUnauthorized as exc:
+                self.failure = failure_from(exc)
+                return
+            except Exception as exc:  # a missed heartbeat is not fatal; the main loop sees real outages
+                log.warning("heartbeat failed: %s", exc)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._client.close()
+
+
+def _all_jobs_over(client: ControlPlaneClient, approved: set[int]) -> bool:
+    invitations = client.invitations()
+    if any(i.consent is protocol.ConsentStatus.invited for i in invitations):
+        return False
+    return all(
+        i.job_status in TERMINAL_JOB_STATUSES
+        for i in invitations
+        if i.consent is protocol.ConsentStatus.approved and i.job_id in approved
+    )
+
+
+def run_agent(state_dir: Path, options: RunOptions) -> ExitCode:
+    """Run until stopped (with `stop_when_done`: until every approved job is over); raises AgentFailure."""
+    enrollment = load_enrollment(state_dir)
+    example_count = validate_data_file(options.data_path)  # DataError propagates before any network call
+    log.info(
+        "%s: %d valid examples; sharing the count: %s",
+        options.data_path,
+        example_count,
+        "yes" if options.share_example_count else "no",
+    )
+    keypair = ClientKeyPair.load(private_key_path(state_dir))
+    sequence = SequenceCounter(state_dir / "sequence")
+    sessions: dict[int, JobSession] = {}
+    with open_client(enrollment) as client:
+        try:
+            client.heartbeat(example_count if options.share_example_count else None)
+            heartbeat = Heartbeat(
+                enrollment, example_count if options.share_example_count else None, options.heartbeat_s
+            )
+            heartbeat.start()
+            try:
+                while True:
+                    if heartbeat.failure is not None:
+                        raise heartbeat.failure
+                    approved = approved_jobs(state_dir)
+                    for assignment in client.work():
+                        if assignment.job_id not in approved:
+                            log.warning(
+                                "job %d: not approved through this agent; not working on it",
+                                assignment.job_id,
+                            )
+                            continue
+                        session = sessions.get(assignment.job_id)
+                        if session is None:
+                            session = JobSession(
+                                client, enrollment, keypair, sequence, state_dir, assignment.job, options
+                            )
+                            sessions[assignment.job_id] = session
+                        session.run_round(assignment)
+                    if options.stop_when_done and _all_jobs_over(client, approved):
+                        return ExitCode.done
+                    time.sleep(options.poll_s)
+            finally:
+                heartbeat.stop()
+        except DataError:
+            raise
+        except Exception as exc:
+            raise failure_from(exc) from exc
