@@ -295,9 +295,8 @@ class ClientBack(nn.Module):
         logits_to_keep: int | torch.Tensor = 0,
         past_key_values: Cache | None = None,
     ) -> torch.Tensor:
-        hidden_states = self.norm(
-            self.stack(hidden_states, attention_mask, past_key_values)
-        )  # (batch, seq, hidden)
+        hidden_states = self.stack(hidden_states, attention_mask, past_key_values)  # (batch, seq, hidden)
+        hidden_states = self.norm(hidden_states)
         # Like HF: an int keeps the last n positions (0 keeps all), a tensor indexes positions.
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, keep, :])  # (batch, kept, vocab)
