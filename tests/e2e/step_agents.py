@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,13 +56,18 @@ class DataOwner:
     example_count: int
     trainer: ClientSideTrainer = field(default_factory=tiny_client_trainer)
     losses: list[float] = field(default_factory=list)
+    attempts: list[int] = field(default_factory=list)  # per step: 1, or more when the server lost it
+    make_client: Callable[[LiveServer, str], StepClient] | None = None  # a test's own transport
     _sequence: Any = field(default_factory=lambda: itertools.count(1))
 
     def channel(self, live: LiveServer, job_id: int, server_public_b64: str) -> ClientChannel:
         keys = derive_channel_keys(
             self.keypair.private_key, public_key_from_b64(server_public_b64), str(job_id), str(self.client_id)
         )
-        client = StepClient(live.base_url, self.credential, live.tls.ca_cert, max_retries=2)
+        if self.make_client is not None:
+            client = self.make_client(live, self.credential)
+        else:
+            client = StepClient(live.base_url, self.credential, live.tls.ca_cert, max_retries=2)
         return ClientChannel(
             client, keys, job_id, self.client_id, torch.float32, lambda: next(self._sequence), 60.0
         )
@@ -125,7 +131,9 @@ def train_sequentially(api: Api, live: LiveServer, owners: list[DataOwner], job_
         for step in range(STEPS):
             for owner, channel in zip(owners, channels, strict=True):
                 batch = client_batch(owner.client_id, step + 100 * round_number)
-                owner.losses.append(run_client_step(owner.trainer, channel, round_number, step, batch).loss)
+                result = run_client_step(owner.trainer, channel, round_number, step, batch)
+                owner.losses.append(result.loss)
+                owner.attempts.append(result.attempts)
         for owner, channel in zip(owners, channels, strict=True):
             upload_round_adapters(owner.trainer, channel, round_number, owner.example_count)
             api.as_(owner.credential).ok(

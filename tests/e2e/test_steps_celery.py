@@ -84,20 +84,6 @@ def assert_losses_match_reference(runtime: StepRuntime, owners: list[DataOwner],
         assert owner.losses == pytest.approx(losses, abs=1e-4)
 
 
-def test_sequential_job_with_celery_workers_equals_the_split_step(
-    live_server: LiveServer, api: Api, workers: WorkerProcesses
-) -> None:
-    workers.start(0)
-    owners = [enroll_owner(api, f"owner-{i}", EXAMPLE_COUNTS[i]) for i in range(3)]
-    job_id = start_job(api, owners, "sequential")
-    train_sequentially(api, live_server, owners, job_id)
-    assert api.ok("GET", f"/jobs/{job_id}")["status"] == "completed"
-    runtime: StepRuntime = live_server.app.state.step_runtime
-    assert_losses_match_reference(runtime, owners, job_id)
-    counters = replica_counters(runtime, job_id)
-    assert counters["server_steps"] == len(owners) * ROUNDS * STEPS
-
-
 class KillWorkerBeforeGradients(StepClient):
     """An agent's client during which the worker dies: the first gradients upload of the chosen step
     happens only after the worker that ran its forward (and holds its graph) was SIGKILLed and replaced."""
@@ -118,25 +104,17 @@ class KillWorkerBeforeGradients(StepClient):
         return super().upload(ref, sealed)
 
 
-def test_sigkill_of_the_worker_mid_round_through_https_applies_every_step_once(
+def test_celery_workers_serve_a_job_over_https_through_a_sigkill_applying_every_step_once(
     live_server: LiveServer, api: Api, workers: WorkerProcesses
 ) -> None:
     workers.start(0)
     owners = [enroll_owner(api, f"owner-{i}", EXAMPLE_COUNTS[i]) for i in range(3)]
     job_id = start_job(api, owners, "sequential")
     victim = owners[1]
-    original_channel = victim.channel
-
-    def channel_with_kill(live: LiveServer, job: int, server_b64: str) -> Any:
-        channel = original_channel(live, job, server_b64)
-        channel.client.close()
-        channel.client = KillWorkerBeforeGradients(
-            live.base_url, victim.credential, live.tls.ca_cert, workers=workers, at=(1, 1), max_retries=2
-        )
-        return channel
-
-    victim.channel = channel_with_kill  # type: ignore[method-assign]
-    train_sequentially(api, live_server, owners, job_id)
+    victim.make_client = lambda live, credential: KillWorkerBeforeGradients(
+        live.base_url, credential, live.tls.ca_cert, workers=workers, at=(1, 1), max_retries=2
+    )
+    train_sequentially(api, live_server, owners, job_id)  # one client after another: the reference order
     assert api.ok("GET", f"/jobs/{job_id}")["status"] == "completed"
     assert len(workers.processes) == 2 and workers.processes[0].returncode is not None
     runtime: StepRuntime = live_server.app.state.step_runtime
@@ -146,3 +124,5 @@ def test_sigkill_of_the_worker_mid_round_through_https_applies_every_step_once(
     counters = replica_counters(runtime, job_id)
     assert counters["server_steps"] == len(owners) * ROUNDS * STEPS
     assert len(counters["applied"]) == len(owners) * ROUNDS * STEPS
+    assert victim.attempts == [1, 2, 1, 1]  # only the step whose graph died with the worker ran twice
+    assert all(attempts == [1] * ROUNDS * STEPS for attempts in (owners[0].attempts, owners[2].attempts))
