@@ -20,8 +20,8 @@ COPY frontend ./frontend
 # Editable: the backend serves the dashboard from /app/frontend next to its package.
 RUN pip install -e ".[server]"
 
-RUN useradd --create-home --uid 10001 flglm && mkdir -p /data /checkpoints /cache /agent \
-    && chown flglm /data /checkpoints /cache /agent
+RUN useradd --create-home --uid 10001 flglm && mkdir -p /data /checkpoints /cache /agent/state \
+    && chown -R flglm /data /checkpoints /cache /agent
 USER flglm
 EXPOSE 8443
 CMD ["flglm", "--help"]
