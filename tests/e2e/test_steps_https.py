@@ -8,6 +8,9 @@ Hostile uploads get a 4xx naming the problem, store nothing, and the next honest
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -35,6 +38,7 @@ from tests.worker.step_clients import client_batch
 from worker.blob_store import InMemoryBlobStore
 
 EXAMPLE_COUNTS = (10, 30, 60)
+REPO = Path(__file__).resolve().parents[2]
 
 
 def owners_of(api: Api, count: int = 3) -> list[DataOwner]:
@@ -253,3 +257,42 @@ def test_hostile_step_input_gets_a_clear_4xx_and_stores_nothing(
     second = run_client_step(owner.trainer, channel, 1, 1, client_batch(owner.client_id, 1))
     assert second.attempts == 1 and torch.isfinite(torch.tensor(second.loss))
     channel.client.close()
+
+
+def test_long_poll_answers_204_with_retry_after_while_the_batch_waits(
+    live_server: LiveServer, api: Api
+) -> None:
+    owners = owners_of(api)
+    job_id = start_job(api, owners, "client_batch")  # the batch waits (30 s window) for all three clients
+    owner = owners[0]
+    channel = owner.channel(live_server, job_id, server_public_key(api, owner, job_id))
+    batch = client_batch(owner.client_id, 0)
+    forward = channel.ref(1, 0, MessageDirection.activations)
+    h0 = owner.trainer.forward_front(batch)  # (batch, seq, hidden)
+    receipt = channel.client.upload(
+        forward, seal_activations(channel.keys, forward, h0, batch["attention_mask"], torch.float32)
+    )
+    assert receipt.outcome == "stored" and receipt.result_path is not None
+    waiting = api.as_(owner.credential).get(receipt.result_path, params={"wait_s": 0.3})
+    assert waiting.status_code == 204 and waiting.headers["Retry-After"] == "0"
+    with pytest.raises(TimeoutError):
+        channel.client.wait_result(forward, timeout_s=0.3)
+    channel.client.close()
+
+
+def test_the_celery_control_plane_never_imports_torch(tmp_path: Path) -> None:
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from fastapi.testclient import TestClient\n"
+        "from backend.app import create_app\n"
+        "from backend.settings import Settings\n"
+        f"app = create_app(Settings(data_dir=Path({str(tmp_path)!r}), executor='celery',"
+        " redis_url='redis://127.0.0.1:6379/12', bootstrap_admin_token='flglm_at_x'))\n"
+        "with TestClient(app) as http:\n"
+        "    assert http.get('/openapi.json').status_code == 200\n"
+        "assert type(app.state.step_runtime.dispatcher).__name__ == 'CeleryDispatcher'\n"
+        "assert 'torch' not in sys.modules, 'torch was imported by the control plane'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
