@@ -29,7 +29,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from flglm.adapters import AdapterConfig, add_split_adapters, load_trainable_state_dict
-from flglm.models import load_model, load_tokenizer
+from flglm.models import load_model, load_tokenizer, resolve_model_ref
 from flglm.split import SplitModel, SplitPlan, split_model
 
 ADAPTER_NAME = "default"  # the adapter name `inject_adapter_in_model` uses, dropped in peft's saved keys
@@ -91,7 +91,9 @@ def export_peft_adapter(
         fan_in_fan_out=any(isinstance(model.get_submodule(name), Conv1D) for name in adapted),
         bias="none",
         task_type="CAUSAL_LM",
-        base_model_name_or_path=model_ref,
+        # A local directory when the ref has one (SmolLM2's cached safetensors, a user's HF dir), so that
+        # `AutoPeftModelForCausalLM.from_pretrained(out_dir)` finds the base offline; tiny refs keep the ref.
+        base_model_name_or_path=str(resolve_model_ref(model_ref).directory or model_ref),
     )
     lora.save_pretrained(str(out))
     tensors = {peft_saved_key(name): t.contiguous() for name, t in unsplit.items()}

@@ -68,3 +68,17 @@ def test_export_rejects_state_of_another_plan(tmp_path: Path) -> None:
     _, front_back, body = randomised_split_job("tiny:llama", SplitPlan(1, 1), cfg)
     with pytest.raises(ValueError, match="adapter state does not match"):
         export_peft_adapter("tiny:llama", SplitPlan(2, 1), cfg, front_back, body, tmp_path)
+
+
+@pytest.mark.slow
+def test_smollm2_export_loads_offline_with_auto_peft(tmp_path: Path) -> None:
+    """The adapter config names the cached base directory, so AutoPeftModel needs nothing but the export."""
+    from peft import AutoPeftModelForCausalLM
+
+    cfg = AdapterConfig(r=2, target_modules=["q_proj", "v_proj"])
+    split, front_back, body = randomised_split_job("smollm2-135m", SplitPlan(2, 2), cfg)
+    out = export_peft_adapter("smollm2-135m", SplitPlan(2, 2), cfg, front_back, body, tmp_path)
+    ids = torch.tensor([[1, 504, 3458, 282, 4649, 314]])  # (batch, seq)
+    model = AutoPeftModelForCausalLM.from_pretrained(str(out)).eval()
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, split(ids), atol=1e-4)
