@@ -234,7 +234,10 @@ class JobSession:
             )
             self.position.phase = "done"
             self.checkpoint.save_position(self.position)
-        download_round_adapters(self.trainer, self.channel, round_number, self.options.result_timeout_s)
+        averaged = download_round_adapters(
+            self.trainer, self.channel, round_number, self.options.result_timeout_s
+        )
+        self.checkpoint.save_global_adapters(round_number, averaged)
         self.position = RoundPosition(round_number + 1)
         self._save()
         log.info("job %d: round %d done, FedAvg'd client adapters loaded", job_id, round_number)

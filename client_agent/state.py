@@ -6,7 +6,8 @@ Layout (default `~/.flglm-agent`, or `--state-dir` / `FLGLM_AGENT_STATE`):
   approved.json               job ids the owner approved through this agent (the runner works on no other)
   jobs/<id>/position.json     round, next step, phase of the round end
   jobs/<id>/adapters.safetensors, jobs/<id>/optimizer.pt   client adapters and optimizer state
-  jobs/<id>/sequence          the persisted message sequence counter (never reused after a restart)
+  jobs/<id>/global_round_<r>.safetensors  the FedAvg'd client adapters after round r
+  sequence                    the persisted message sequence counter (never reused after a restart)
 Every file is written atomically (temp file + rename) so a SIGKILL leaves the previous version intact.
 """
 
@@ -133,6 +134,16 @@ class JobCheckpoint:
 
     def save_position(self, position: RoundPosition) -> None:
         _write_atomically(self.directory / "position.json", json.dumps(asdict(position)).encode())
+
+    def global_adapters_path(self, round_number: int) -> Path:
+        return self.directory / f"global_round_{round_number}.safetensors"
+
+    def save_global_adapters(self, round_number: int, adapters: dict[str, Any]) -> None:
+        """Keep the FedAvg'd client adapters of every round (the owner's copy of the joint model's ends)."""
+        from safetensors.torch import save as save_safetensors
+
+        data = save_safetensors({k: v.contiguous() for k, v in adapters.items()})
+        _write_atomically(self.global_adapters_path(round_number), data)
 
     def load_adapters(self) -> dict[str, Any]:
         from safetensors.torch import load
