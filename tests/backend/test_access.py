@@ -47,6 +47,10 @@ ENDPOINTS: list[tuple[str, str, set[str]]] = [
     ("GET", "/agent/work", CLIENT),
     ("POST", "/agent/jobs/{job}/rounds/1/done", CLIENT),
     ("POST", "/agent/jobs/{job}/metrics", CLIENT),
+    ("PUT", "/agent/jobs/{job}/rounds/1/steps/0/activations/1", CLIENT),
+    ("GET", "/agent/jobs/{job}/rounds/1/steps/0/activations/1/result", CLIENT),
+    ("PUT", "/agent/jobs/{job}/rounds/1/client-adapters", CLIENT),
+    ("GET", "/agent/jobs/{job}/rounds/1/client-adapters", CLIENT),
 ]
 
 BODIES: dict[str, object] = {
@@ -78,6 +82,9 @@ def test_every_endpoint_of_the_api_is_in_the_matrix(api: Api) -> None:
     public = {("POST", "/agent/enroll"), ("GET", "/health")}
     listed = {(m, t.replace("{job}", "{job_id}").replace("{client}", "{client_id}")) for m, t, _ in ENDPOINTS}
     listed = {(m, p.replace("/rounds/1/", "/rounds/{round_number}/")) for m, p in listed}
+    listed = {
+        (m, p.replace("/steps/0/activations/1", "/steps/{step}/{direction}/{sequence}")) for m, p in listed
+    }
     assert served - public == listed
 
 
