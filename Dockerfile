@@ -5,10 +5,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
     HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 FLGLM_CACHE_DIR=/cache
 WORKDIR /app
 
-# torch first and pinned: a loose torch resolves to another build. From PyPI this is the CUDA build the GPU
-# workers need; for a CPU-only image pass --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-ARG TORCH_INDEX_URL=https://pypi.org/simple
-RUN pip install --index-url "${TORCH_INDEX_URL}" torch==2.13.0
+# torch first and pinned: a loose torch resolves to another build. From the default index this is the CUDA
+# build the GPU workers need; for a CPU-only image pass --build-arg TORCH_INDEX_URL=<your CPU wheel index>.
+ARG TORCH_INDEX_URL=""
+RUN if [ -n "${TORCH_INDEX_URL}" ]; then pip install --index-url "${TORCH_INDEX_URL}" torch==2.13.0; \
+    else pip install torch==2.13.0; fi
 
 COPY pyproject.toml README.md ./
 COPY flglm ./flglm
