@@ -99,6 +99,32 @@ def open_client(enrollment: Enrollment) -> ControlPlaneClient:
     return ControlPlaneClient(enrollment.server_url, enrollment.credential, enrollment.ca_cert)
 
 
+@dataclass
+class JobData:
+    train: TokenizedDataset
+    held_out_count: int
+    pad_token_id: int
+
+
+def prepare_job_data(data_path: Path, job: protocol.AgentJobView) -> JobData:
+    """Validate the file against the job (task, declared label set), tokenise with the job's tokenizer and
+    split train/eval locally; a DataError names the file, line and problem. Never talks to the server."""
+    hp = job.hyperparameters
+    tokenizer = load_tokenizer(job.model_ref)
+    examples = load_examples(data_path, job.task_type.value, label_set=hp.get("labels"))
+    train, held_out = train_eval_split(
+        examples, float(hp.get("eval_fraction", DEFAULT_EVAL_FRACTION)), int(hp.get("seed", 0))
+    )
+    max_seq_len = int(hp.get("max_seq_len", DEFAULT_MAX_SEQ_LEN))
+    dataset = tokenize_examples(train, tokenizer, max_seq_len)
+    if dataset.truncated:
+        log.warning(
+            "%d training rows were longer than %d tokens and truncated", dataset.truncated, max_seq_len
+        )
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return JobData(dataset, len(held_out), int(pad))
+
+
 class JobSession:
     """One approved job on this agent: its client parts, data, channel and checkpoint."""
 
@@ -116,24 +142,10 @@ class JobSession:
         hp = job.hyperparameters
         self.seed = int(hp.get("seed", 0))
         self.batch_size = int(hp.get("batch_size", DEFAULT_BATCH_SIZE))
-        max_seq_len = int(hp.get("max_seq_len", DEFAULT_MAX_SEQ_LEN))
         # Data first: a file that does not fit the job (unknown label, wrong task) stops here, unsent.
-        tokenizer = load_tokenizer(job.model_ref)
-        labels = hp.get("labels")
-        examples = load_examples(options.data_path, job.task_type.value, label_set=labels)
-        train, held_out = train_eval_split(
-            examples, float(hp.get("eval_fraction", DEFAULT_EVAL_FRACTION)), self.seed
-        )
-        self.train: TokenizedDataset = tokenize_examples(train, tokenizer, max_seq_len)
-        self.held_out_count = len(held_out)
-        if self.train.truncated:
-            log.warning(
-                "%d training rows were longer than %d tokens and truncated", self.train.truncated, max_seq_len
-            )
-        self.pad_token_id = int(
-            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        )
-        self.example_count = len(train) if options.share_example_count else None
+        data = prepare_job_data(options.data_path, job)
+        self.train, self.pad_token_id = data.train, data.pad_token_id
+        self.example_count = len(data.train) if options.share_example_count else None
 
         plan = SplitPlan(job.split_plan.get("front_layers", 1), job.split_plan.get("back_layers", 1))
         split = load_split_parts(job.model_ref, plan, parts={"front", "back"})
