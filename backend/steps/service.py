@@ -42,11 +42,12 @@ from flglm.step_protocol import (
     UploadOutcome,
     WorkerJobSpec,
     client_adapters_ref,
+    replica_queue,
     spec_blob_key,
 )
 from worker.blob_store import PutOutcome
 from worker.errors import ReplayedMessage, StepRejected
-from worker.routing import ADMIT_UPLOAD, CLIENT_FEDAVG, route_step_message
+from worker.routing import ADMIT_UPLOAD, CLIENT_FEDAVG, ROUND_END, route_step_message
 
 STEP_DIRECTIONS = (MessageDirection.activations, MessageDirection.gradients)
 STAGING_TTL_S = 600.0
@@ -281,8 +282,8 @@ def _examples_key(ref: MessageRef) -> str:
 
 
 def start_fedavg_when_complete(runtime: StepRuntime, access: StepAccess) -> None:
-    """Queue the client FedAvg of a round once every participant still in it uploaded (idempotent task;
-    it is queued at most once per backend process and round)."""
+    """Queue the client FedAvg of a round once every participant still in it uploaded, and the round-end
+    checkpoint of each server replica (idempotent tasks; queued once per backend process and round)."""
     refs = [client_adapters_ref(access.job_id, access.round_number, cid) for cid in access.round_clients]
     result_keys = [ref.result_ref().blob_key() for ref in refs]
     if all(runtime.handle_for(key) is not None for key in result_keys):
@@ -305,6 +306,13 @@ def start_fedavg_when_complete(runtime: StepRuntime, access: StepAccess) -> None
     )
     for key in result_keys:
         runtime.remember(key, handle)
+    spec = read_spec(runtime, access.job_id)
+    for replica in range(spec.replicas):  # the round-end checkpoint of every server replica
+        runtime.dispatcher.submit(
+            ROUND_END,
+            {"job_id": access.job_id, "replica": replica, "round_number": access.round_number},
+            replica_queue(replica),
+        )
 
 
 # ---- long-polls ----------------------------------------------------------------------------------
