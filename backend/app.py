@@ -22,6 +22,7 @@ from backend.housekeeping import run_housekeeping
 from backend.limits import BodySizeLimit, TokenBucketLimiter
 from backend.migrate import upgrade_to_head
 from backend.models import utc_now
+from backend.protocol_version import ProtocolVersionCheck
 from backend.server_keys import load_or_create_server_key, public_key_b64
 from backend.settings import Settings, get_settings
 from backend.steps.runtime import step_runtime_from_settings
@@ -76,6 +77,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.step_runtime = step_runtime_from_settings(settings, server_key)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(ProtocolVersionCheck)
     app.include_router(api_router, prefix=API_PREFIX)
     if FRONTEND_DIR.is_dir():
         app.mount("/", StaticFiles(directory=FRONTEND_DIR, html=True), name="dashboard")

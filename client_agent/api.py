@@ -10,6 +10,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from flglm import protocol
+from flglm.protocol import PROTOCOL_HEADER, PROTOCOL_VERSION
 from flglm.step_client import (
     StepClient,
     StepConflict,
@@ -19,8 +20,6 @@ from flglm.step_client import (
     StepUnauthorized,
 )
 
-PROTOCOL_HEADER = "X-FLGLM-Protocol"
-PROTOCOL_VERSION = "1"
 PROTOCOL_MISMATCH_STATUSES = (426,)
 
 

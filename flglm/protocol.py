@@ -12,6 +12,9 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 API_PREFIX = "/api/v1"
+# Agents send their protocol version in this header; the backend answers 426 to one it does not speak.
+PROTOCOL_HEADER = "X-FLGLM-Protocol"
+PROTOCOL_VERSION = "1"
 
 # Agent-facing paths (relative to API_PREFIX); the agent formats them with the same names.
 ENROLL_PATH = "/agent/enroll"

@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from client_agent.api import ControlPlaneClient, ExitCode, failure_from
 from client_agent.runner import prepare_job_data
 from client_agent.state import JobCheckpoint, RoundPosition, approved_jobs, record_decision
 from flglm import protocol
 from flglm.data import DataError
-from tests.backend.conftest import Api, LiveServer, enrollment_token
+from flglm.step_client import StepHttpError, StepServerUnavailable, StepUnauthorized
+from tests.backend.conftest import Api, LiveServer, enrollment_token, free_port
 from tests.client_agent.agent_processes import AgentProcess, write_jsonl
 from tests.client_agent.capture_proxy import CaptureProxy
 
@@ -128,3 +130,26 @@ print('light')
 def test_the_agent_imports_without_server_frameworks() -> None:
     result = subprocess.run([sys.executable, "-c", BLOCKER], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "light" in result.stdout, result.stderr
+
+
+def test_protocol_mismatch_and_unreachable_server_map_to_their_exit_codes(
+    live_server: LiveServer, api: Api
+) -> None:
+    with ControlPlaneClient(live_server.base_url, "no-such-credential", live_server.tls.ca_cert) as client:
+        client._http.headers[protocol.PROTOCOL_HEADER] = "99"  # an agent from the future
+        with pytest.raises(StepHttpError) as mismatch:
+            client.heartbeat(None)
+    assert mismatch.value.status == 426 and mismatch.value.code == "protocol_mismatch"
+    failure = failure_from(mismatch.value)
+    assert failure.exit_code == ExitCode.protocol_mismatch and "'99'" in str(failure)
+    client = ControlPlaneClient(live_server.base_url, "no-such-credential", live_server.tls.ca_cert)
+    with client, pytest.raises(StepUnauthorized) as unknown:  # the right version reaches authentication
+        client.heartbeat(None)
+    assert failure_from(unknown.value).exit_code == ExitCode.revoked
+
+    closed = f"https://127.0.0.1:{free_port()}"
+    client = ControlPlaneClient(closed, "x", live_server.tls.ca_cert, max_retries=2, backoff_s=0.01)
+    with client, pytest.raises(StepServerUnavailable) as unreachable:
+        client.work()
+    failure = failure_from(unreachable.value)
+    assert failure.exit_code == ExitCode.unreachable and "failed 3 times" in str(failure)
