@@ -8,7 +8,8 @@ sync dependency (threadpool); the waiting runs in the step wait pool (see `backe
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response, status
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -30,6 +31,7 @@ from flglm.step_protocol import (
 )
 
 router = APIRouter(tags=["agent steps"])
+T = TypeVar("T")
 
 OCTET_STREAM = "application/octet-stream"
 JobId = Annotated[int, Path(ge=1)]
@@ -88,6 +90,11 @@ def _receipt_response(
     return UploadReceipt(message=ref, outcome=outcome, result_path=result_path)
 
 
+async def _in_wait_pool(runtime: StepRuntime, blocking: Callable[..., T], *args: Any) -> T:
+    """Run a blocking blob-store/task call in the step pool, leaving the request threadpool alone."""
+    return await asyncio.get_running_loop().run_in_executor(runtime.wait_pool, blocking, *args)
+
+
 def _not_yet() -> Response:
     # The long-poll already waited: the agent asks again at once.
     return Response(status_code=status.HTTP_204_NO_CONTENT, headers={"Retry-After": "0"})
@@ -116,9 +123,8 @@ async def upload_step_message(
         )
     body = await _sealed_body(request)
     ref = _step_ref(access, step, direction, sequence)
-    loop = asyncio.get_running_loop()
-    outcome = await loop.run_in_executor(
-        runtime.wait_pool, service.store_upload, runtime, ref, body, settings.step_admission_timeout_s
+    outcome = await _in_wait_pool(
+        runtime, service.store_upload, runtime, ref, body, settings.step_admission_timeout_s
     )
     result_path = STEP_RESULT_PATH.format(
         job_id=ref.job_id,
@@ -168,9 +174,8 @@ async def upload_client_adapters(
     example_count: Annotated[int, Query(ge=0, description="FedAvg weight: examples this client trained on")],
 ) -> UploadReceipt:
     body = await _sealed_body(request)
-    loop = asyncio.get_running_loop()
-    outcome = await loop.run_in_executor(
-        runtime.wait_pool,
+    outcome = await _in_wait_pool(
+        runtime,
         service.store_adapters,
         runtime,
         access,
@@ -192,8 +197,7 @@ async def upload_client_adapters(
 async def wait_client_adapters(
     access: ReadAccess, runtime: RuntimeDep, wait_s: WaitSeconds = 0.0
 ) -> Response:
-    loop = asyncio.get_running_loop()
-    await loop.run_in_executor(runtime.wait_pool, service.start_fedavg_when_complete, runtime, access)
+    await _in_wait_pool(runtime, service.start_fedavg_when_complete, runtime, access)
     ref = client_adapters_ref(access.job_id, access.round_number, access.client_id)
     blob = await service.wait_for_result(runtime, ref, min(wait_s, MAX_LONG_POLL_S))
     if blob is None:

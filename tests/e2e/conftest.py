@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi import FastAPI
@@ -16,9 +17,14 @@ __all__ = ["live_server"]
 
 
 @pytest.fixture
-def settings(tmp_path: Path, request: pytest.FixtureRequest) -> Settings:
-    """The embedded default (in-process executor) unless a test passes overrides indirectly."""
-    overrides = dict(getattr(request, "param", {}))
+def settings_overrides() -> dict[str, Any]:
+    """Settings a test module changes (the Celery tests pick the executor and Redis); none by default."""
+    return {}
+
+
+@pytest.fixture
+def settings(tmp_path: Path, settings_overrides: dict[str, Any]) -> Settings:
+    """The embedded default (in-process executor, in-memory blobs) on a fresh SQLite file."""
     return Settings(
         data_dir=tmp_path / "data",
         database_url=f"sqlite:///{tmp_path / 'flglm.db'}",
@@ -27,7 +33,7 @@ def settings(tmp_path: Path, request: pytest.FixtureRequest) -> Settings:
         rate_limit_burst=10_000,
         rate_limit_per_minute=60_000,
         max_body_bytes=1024 * 1024,
-        **overrides,
+        **settings_overrides,
     )
 
 

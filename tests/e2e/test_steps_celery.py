@@ -44,24 +44,8 @@ def _celery_redis_url(redis_url: str) -> str:
 
 
 @pytest.fixture
-def celery_settings(redis_url: str) -> dict[str, Any]:
+def settings_overrides(redis_url: str) -> dict[str, Any]:
     return {"executor": "celery", "redis_url": _celery_redis_url(redis_url)}
-
-
-@pytest.fixture
-def settings(tmp_path: Path, celery_settings: dict[str, Any]) -> Settings:
-    from tests.e2e.conftest import ADMIN_TOKEN
-
-    return Settings(
-        data_dir=tmp_path / "data",
-        database_url=f"sqlite:///{tmp_path / 'flglm.db'}",
-        bootstrap_admin_token=ADMIN_TOKEN,
-        deadline_check_interval_s=0,
-        rate_limit_burst=10_000,
-        rate_limit_per_minute=60_000,
-        max_body_bytes=1024 * 1024,
-        **celery_settings,
-    )
 
 
 @pytest.fixture
