@@ -4,7 +4,8 @@ Transport only: it moves sealed bytes and never sees a tensor or a key (sealing 
 the step itself `flglm.client_step`). Paths and message models come from `flglm.step_protocol`, the same
 ones the backend serves. Connection errors and 5xx answers are retried with exponential backoff and
 jitter (every upload is idempotent, so a retried one has one effect); 4xx answers raise a typed
-`StepHttpError` carrying the server's error code and message.
+`StepHttpError` carrying the server's error code and message (426: the backend speaks another protocol
+version than `flglm.protocol.PROTOCOL_VERSION`, which every request sends).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from flglm.protocol import API_PREFIX
+from flglm.protocol import API_PREFIX, PROTOCOL_HEADER, PROTOCOL_VERSION
 from flglm.step_protocol import (
     CLIENT_ADAPTERS_PATH,
     MAX_LONG_POLL_S,
@@ -106,7 +107,8 @@ class StepClient:
         verify: Any = str(ca_cert) if ca_cert is not None else True
         self._http = httpx.Client(
             base_url=base_url.rstrip("/") + API_PREFIX,
-            headers={"Authorization": f"Bearer {credential}"},
+            # The protocol header lets the backend answer 426 to an agent of another protocol version.
+            headers={"Authorization": f"Bearer {credential}", PROTOCOL_HEADER: PROTOCOL_VERSION},
             verify=verify,
             timeout=request_timeout_s,
             transport=transport,

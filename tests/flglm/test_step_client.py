@@ -5,6 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from flglm.protocol import PROTOCOL_HEADER, PROTOCOL_VERSION
 from flglm.step_client import StepClient, StepConflict, StepRejectedPayload, StepServerUnavailable
 from flglm.step_protocol import MessageDirection, MessageRef
 
@@ -42,6 +43,7 @@ def test_connection_errors_and_5xx_are_retried_with_the_same_bytes() -> None:
     assert [r.url.path for r in seen] == ["/api/v1/agent/jobs/3/rounds/1/steps/0/activations/5"] * 3
     assert {r.content for r in seen} == {b"sealed"}
     assert all(r.headers["Authorization"] == "Bearer cred" for r in seen)
+    assert all(r.headers[PROTOCOL_HEADER] == PROTOCOL_VERSION for r in seen)
     assert all(r.headers["Content-Type"] == "application/octet-stream" for r in seen)
 
 
