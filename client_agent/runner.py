@@ -318,15 +318,18 @@ class Heartbeat:
         self._client.close()
 
 
-def _all_jobs_over(client: ControlPlaneClient, approved: set[int]) -> bool:
+def finished_outcome(client: ControlPlaneClient, approved: set[int]) -> ExitCode | None:
+    """None while an approved job is still going or an invitation awaits a decision; else `done`, or
+    `failed` when an approved job failed or was cancelled."""
     invitations = client.invitations()
     if any(i.consent is protocol.ConsentStatus.invited for i in invitations):
-        return False
-    return all(
-        i.job_status in TERMINAL_JOB_STATUSES
-        for i in invitations
-        if i.consent is protocol.ConsentStatus.approved and i.job_id in approved
-    )
+        return None
+    mine = [i for i in invitations if i.consent is protocol.ConsentStatus.approved and i.job_id in approved]
+    if any(i.job_status not in TERMINAL_JOB_STATUSES for i in mine):
+        return None
+    if any(i.job_status is not protocol.JobStatus.completed for i in mine):
+        return ExitCode.failed
+    return ExitCode.done
 
 
 def run_agent(state_dir: Path, options: RunOptions) -> ExitCode:
@@ -368,8 +371,9 @@ def run_agent(state_dir: Path, options: RunOptions) -> ExitCode:
                             )
                             sessions[assignment.job_id] = session
                         session.run_round(assignment)
-                    if options.stop_when_done and _all_jobs_over(client, approved):
-                        return ExitCode.done
+                    outcome = finished_outcome(client, approved) if options.stop_when_done else None
+                    if outcome is not None:
+                        return outcome
                     time.sleep(options.poll_s)
             finally:
                 heartbeat.stop()

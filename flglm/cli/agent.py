@@ -174,7 +174,10 @@ def run(
         return run_agent(resolve_state_dir(state_dir), options)
 
     code = _guarded(action)
-    typer.echo("all approved jobs are over", err=True)
+    if code is ExitCode.done:
+        typer.echo("every approved job completed", err=True)
+    else:
+        typer.echo("error: an approved job failed or was cancelled (see `flglm agent jobs`)", err=True)
     raise typer.Exit(code)
 
 
