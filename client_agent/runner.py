@@ -80,7 +80,7 @@ DEFAULT_EVAL_FRACTION = 0.1
 @dataclass
 class RunOptions:
     data_path: Path
-    share_example_count: bool = True
+    share_example_count: bool = False  # opt-in: the count is the only fact about the data ever sent
     quiet: bool = False
     stop_when_done: bool = False  # exit 0 once every approved job is over and nothing is left to decide
     poll_s: float = 2.0

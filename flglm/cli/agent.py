@@ -156,7 +156,7 @@ def run(
         typer.Option(
             help="tell the server how many examples you train on (FedAvg weight); off: equal weight"
         ),
-    ] = True,
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
     stop_when_done: Annotated[
         bool, typer.Option("--stop-when-done", help="exit 0 once every approved job is over")

@@ -8,6 +8,7 @@ recording proxy: every byte they send is searched for the training strings, thei
 from __future__ import annotations
 
 import json
+import re
 import signal
 import struct
 import time
@@ -103,7 +104,11 @@ def test_three_agents_train_two_rounds_with_a_crash_and_an_unapproved_peer(
         decided = agent.cli("approve", str(job_id))
         assert decided.returncode == 0 and "approved" in decided.stdout, decided.stderr
 
-    processes = [agent.start_run("--stop-when-done") for agent in agents[:3]]
+    # Owner 1 discloses its example count (FedAvg weight); the captured owner 0 keeps the default (off).
+    processes = [
+        agent.start_run("--stop-when-done", *(["--share-example-count"] * (i == 1)))
+        for i, agent in enumerate(agents[:3])
+    ]
     idle_peer = agents[3].start_run()  # invited, never approved
     try:
 
@@ -170,5 +175,8 @@ def test_three_agents_train_two_rounds_with_a_crash_and_an_unapproved_peer(
             assert row["text"].encode() not in sent and row["text"].encode() not in logs
         for pattern in token_patterns(agent.data):
             assert pattern not in sent
+    disclosed = {int(n) for n in re.findall(rb'example_count"?\s*[:=]\s*([0-9]+)', sent)}
+    # Without --share-example-count the real count (7 training rows) is never sent: 0 or an equal weight 1.
+    assert disclosed and disclosed <= {0, 1}, disclosed
     for label in LABELS:
         assert label.encode() not in sent and label.encode() not in logs
