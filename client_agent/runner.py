@@ -345,6 +345,7 @@ def run_agent(state_dir: Path, options: RunOptions) -> ExitCode:
     keypair = ClientKeyPair.load(private_key_path(state_dir))
     sequence = SequenceCounter(state_dir / "sequence")
     sessions: dict[int, JobSession] = {}
+    skipped: set[int] = set()  # jobs the server offers but the owner did not approve here (warned once)
     with open_client(enrollment) as client:
         try:
             client.heartbeat(example_count if options.share_example_count else None)
@@ -359,6 +360,9 @@ def run_agent(state_dir: Path, options: RunOptions) -> ExitCode:
                     approved = approved_jobs(state_dir)
                     for assignment in client.work():
                         if assignment.job_id not in approved:
+                            if assignment.job_id in skipped:
+                                continue
+                            skipped.add(assignment.job_id)
                             log.warning(
                                 "job %d: not approved through this agent; not working on it",
                                 assignment.job_id,
