@@ -23,8 +23,9 @@ _STEP = re.compile(r"^step-(\d{10})\.safetensors$")
 _ROUND = re.compile(r"^round-(\d{6})\.safetensors$")
 
 
-def replica_dir(checkpoint_dir: str | Path, job_id: int, replica: int) -> Path:
-    return Path(checkpoint_dir) / f"job-{job_id}" / f"replica-{replica}"
+def replica_dir(checkpoint_dir: str | Path, replica: int) -> Path:
+    """A replica's checkpoints inside the job's own checkpoint directory (already per job)."""
+    return Path(checkpoint_dir) / f"replica-{replica}"
 
 
 def client_adapters_path(checkpoint_dir: str | Path, round_number: int) -> Path:
@@ -38,8 +39,8 @@ def _newest(directory: Path, pattern: re.Pattern[str]) -> Path | None:
     return files[-1] if files else None
 
 
-def latest_server_checkpoint(checkpoint_dir: str | Path, job_id: int, replica: int = 0) -> Path | None:
-    return _newest(replica_dir(checkpoint_dir, job_id, replica), _STEP)
+def latest_server_checkpoint(checkpoint_dir: str | Path, replica: int = 0) -> Path | None:
+    return _newest(replica_dir(checkpoint_dir, replica), _STEP)
 
 
 def latest_client_adapters(checkpoint_dir: str | Path) -> Path | None:

@@ -452,11 +452,11 @@ class ServerReplica:
             replay_guard=self.guard.state(),
             applied=sorted(self.applied),
         )
-        return save_snapshot(replica_dir(self.spec.checkpoint_dir, self.spec.job_id, self.replica), snapshot)
+        return save_snapshot(replica_dir(self.spec.checkpoint_dir, self.replica), snapshot)
 
     def _restore(self) -> None:
         """Newest checkpoint, then every journalled step after it (replayed from the stored messages)."""
-        snapshot = latest_snapshot(replica_dir(self.spec.checkpoint_dir, self.spec.job_id, self.replica))
+        snapshot = latest_snapshot(replica_dir(self.spec.checkpoint_dir, self.replica))
         if snapshot is not None:
             load_trainable_state_dict(self.trainer.body, snapshot.adapters)
             optimizer = self.trainer.optimizer.optimizer

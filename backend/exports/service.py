@@ -48,7 +48,7 @@ def build_bundle(session: Session, settings: Settings, job_id: int) -> tuple[byt
     """The bundle of the job's newest adapters and its metadata; NothingToExport before the first round."""
     job = get_job(session, job_id)
     directory = job_checkpoint_dir(settings, job.id)
-    server = latest_server_checkpoint(directory, job.id, replica=0)
+    server = latest_server_checkpoint(directory, replica=0)
     client = latest_client_adapters(directory)
     if server is None or client is None:
         missing = "server adapter checkpoint" if server is None else "global client adapters"

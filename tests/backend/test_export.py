@@ -37,7 +37,7 @@ def write_trained_adapters(settings: Settings, job_id: int) -> tuple[dict[str, t
     body = trainable_state_dict(split.part("body"))
     directory = job_checkpoint_dir(settings, job_id)
     snapshot = ReplicaSnapshot(4, body, {0: {"exp_avg": torch.ones(2)}}, [], {}, [], [])
-    save_snapshot(replica_dir(directory, job_id, 0), snapshot)
+    save_snapshot(replica_dir(directory, 0), snapshot)
     save_global_client_adapters(directory, 1, client)
     return client, body
 

@@ -124,7 +124,7 @@ def write_round_adapters(settings: Settings, job_id: int, round_number: int) -> 
     """Adapter files laid out as the worker writes them (one tiny float32 tensor each), without torch."""
     directory = job_checkpoint_dir(settings, job_id)
     tensor = ({"dtype": "F32", "shape": [2]}, b"\x00\x00\x80\x3f" * 2)
-    server = replica_dir(directory, job_id, 0) / "step-0000000006.safetensors"
+    server = replica_dir(directory, 0) / "step-0000000006.safetensors"
     server.parent.mkdir(parents=True, exist_ok=True)
     server.write_bytes(write_raw_safetensors({"adapter/layers.1.q_proj.lora_A": tensor}, {}))
     client = client_adapters_path(directory, round_number)

@@ -21,7 +21,7 @@ from worker.fedavg import save_global_client_adapters
 
 
 def test_newest_round_and_step_are_found(tmp_path: Path) -> None:
-    assert latest_client_adapters(tmp_path) is None and latest_server_checkpoint(tmp_path, 3) is None
+    assert latest_client_adapters(tmp_path) is None and latest_server_checkpoint(tmp_path) is None
     for round_number in (2, 10, 9):
         save_global_client_adapters(
             str(tmp_path), round_number, {"front.a": torch.full((2,), float(round_number))}
@@ -31,9 +31,9 @@ def test_newest_round_and_step_are_found(tmp_path: Path) -> None:
     assert newest.stat().st_mode & 0o777 == 0o640
     for step in (5, 12):
         save_snapshot(
-            replica_dir(tmp_path, 3, 0), ReplicaSnapshot(step, {"w": torch.ones(1)}, {}, [], {}, [], [])
+            replica_dir(tmp_path, 0), ReplicaSnapshot(step, {"w": torch.ones(1)}, {}, [], {}, [], [])
         )
-    server = latest_server_checkpoint(tmp_path, 3)
+    server = latest_server_checkpoint(tmp_path)
     assert server is not None and server.name == "step-0000000012.safetensors"
 
 

@@ -204,7 +204,7 @@ def test_sigkill_mid_round_then_new_worker_applies_every_step_exactly_once(make_
 
     reference = reference_sequential_losses(h.spec, CLIENT_IDS, steps=3)
     assert max(abs(a - b) for a, b in zip(losses, reference, strict=True)) <= 1e-4  # nothing lost or doubled
-    snapshot = latest_snapshot(replica_dir(h.spec.checkpoint_dir, h.spec.job_id, 0))
+    snapshot = latest_snapshot(replica_dir(h.spec.checkpoint_dir, 0))
     assert snapshot is not None and snapshot.server_steps == 9
     expected = sorted(f"1:{step}:{cid}" for step in range(3) for cid in CLIENT_IDS)
     assert snapshot.applied == expected
@@ -241,7 +241,7 @@ def test_parallel_modes_complete_with_celery_workers(make_harness: Any, mode: Pa
     snapshots = []
     for replica in range(replicas):
         assert h.task(ROUND_END, replica, round_number=1)["server_steps"] == 2
-        snapshot = latest_snapshot(replica_dir(h.spec.checkpoint_dir, h.spec.job_id, replica))
+        snapshot = latest_snapshot(replica_dir(h.spec.checkpoint_dir, replica))
         assert snapshot is not None and snapshot.server_steps == 2
         snapshots.append(snapshot)
     if replicas == 2:
