@@ -1,9 +1,10 @@
 """Safetensors checkpoints of one server replica: adapters, optimizer state and counters, written atomically.
 
 File: `<job checkpoint_dir>/replica-<r>/step-<server_steps>.safetensors`, the job dir being
-`<FLGLM_CHECKPOINT_DIR>/job-<job>`. Tensors are the body's trainable weights (`adapter/<name>`) and the AdamW state (`optimizer/<param index>/<key>`); the
-safetensors metadata holds JSON for the counters, the scheduler and the replay guard. Loading uses
-safetensors only (no pickle), and the newest file is the one with the highest step number.
+`<FLGLM_CHECKPOINT_DIR>/job-<job>`. Tensors are the body's trainable weights (`adapter/<name>`) and
+the AdamW state (`optimizer/<param index>/<key>`); the safetensors metadata holds JSON for the counters,
+the scheduler and the replay guard. Loading uses safetensors only (no pickle), and the newest file is the
+one with the highest step number.
 """
 
 from __future__ import annotations
