@@ -10,7 +10,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from flglm import protocol
-from flglm.protocol import PROTOCOL_HEADER, PROTOCOL_VERSION
+from flglm.protocol import PROTOCOL_VERSION
 from flglm.step_client import (
     StepClient,
     StepConflict,
@@ -80,14 +80,13 @@ def failure_from(exc: BaseException) -> AgentFailure:
 
 
 class ControlPlaneClient(StepClient):
-    """`StepClient` (same retries, TLS verification and typed 4xx) plus the agent's JSON endpoints; every
-    request carries the protocol version so the server can refuse an incompatible agent clearly."""
+    """`StepClient` (same retries, TLS verification, typed 4xx and protocol-version header) plus the
+    agent's JSON endpoints."""
 
     def __init__(
         self, base_url: str, credential: str | None, ca_cert: str | Path | None = None, **kwargs: Any
     ) -> None:
         super().__init__(base_url, credential or "", ca_cert, **kwargs)
-        self._http.headers[PROTOCOL_HEADER] = PROTOCOL_VERSION
         if credential is None:  # enrollment is the only unauthenticated call
             del self._http.headers["Authorization"]
 
