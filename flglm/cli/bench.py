@@ -2,7 +2,48 @@
 
 import typer
 
-app = typer.Typer(help="Benchmarks (ratios measured side by side in one run).", no_args_is_help=True)
+app = typer.Typer(help="Benchmarks (ratios measured side by side in one run).", no_args_is_help=False)
+
+
+@app.callback(invoke_without_command=True)
+def stack(
+    ctx: typer.Context,
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON object as the last line."),
+    model: str = typer.Option("smollm2-135m", help="Model ref: smollm2-135m, tiny:llama (quick check)."),
+    steps: int = typer.Option(4, min=1, help="Timed steps per client (after one warm-up step)."),
+    batch_size: int = typer.Option(4, min=1, help="Rows per client batch."),
+    seq_len: int = typer.Option(64, min=2, help="Tokens per row."),
+    threads: int = typer.Option(1, min=1, help="Torch threads of every process (centralized included)."),
+    modes: str = typer.Option(
+        "sequential,client_batch_2,client_batch_4,server_hierarchical_2",
+        help="Comma-separated full-stack modes to run.",
+    ),
+    executor: str = typer.Option("inprocess", help="Server executor: inprocess (embedded) or celery."),
+) -> None:
+    """Full stack (HTTPS backend, sealed tensors, client processes) vs the centralized trainer: tokens/s."""
+    if ctx.invoked_subcommand is not None:
+        return
+    import json
+
+    from flglm.bench.stack import StackBenchConfig, run_stack_bench, stack_table
+
+    try:
+        config = StackBenchConfig(
+            model=model,
+            steps=steps,
+            batch_size=batch_size,
+            seq_len=seq_len,
+            threads=threads,
+            modes=tuple(m.strip() for m in modes.split(",") if m.strip()),
+            executor=executor,
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    result = run_stack_bench(config)
+    typer.echo(stack_table(result))
+    if not json_output:
+        return
+    typer.echo(json.dumps(result))
 
 
 @app.command("wire")
