@@ -2,7 +2,7 @@
 
 import typer
 
-from flglm.cli import agent, artifacts, bench, operator, server, worker
+from flglm.cli import agent, artifacts, bench, demo, operator, server, worker
 
 app = typer.Typer(
     help="FL-GLM: split federated fine-tuning of LLMs on data that never leaves its owners.",
@@ -10,6 +10,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(bench.app, name="bench")
+app.add_typer(demo.app, name="demo")
 app.add_typer(worker.app, name="worker")
 app.add_typer(agent.app, name="agent")
 app.add_typer(server.serve_app, name="serve")

@@ -1,0 +1,59 @@
+"""`flglm demo --quick --json` end to end as a user runs it: control plane, three agents, report (slow)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_quick_demo_prints_json_and_writes_the_report(tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "flglm.cli.main", "demo", "--quick", "--json", "--no-progress",
+         "--out", str(out), "--work-dir", str(tmp_path / "work")],
+        env=env, capture_output=True, text=True, timeout=400,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+
+    n_eval = results["eval_examples"]
+    assert n_eval == 8 * len(results["labels"]) == 64
+    for key in ("zero_shot", "centralized", "federated"):
+        r = results[key]
+        assert 0.0 <= r["accuracy_ci_low"] <= r["accuracy"] <= r["accuracy_ci_high"] <= 1.0, key
+        assert r["eval_examples"] == n_eval and r["eval_loss"] > 0
+    fed, central = results["federated"], results["centralized"]
+    # Both trainings worked: the held-out label-token loss is far below the base model's.
+    assert fed["eval_loss"] < results["zero_shot"]["eval_loss"] - 1.0
+    assert central["eval_loss"] < results["zero_shot"]["eval_loss"] - 1.0
+    assert central["last_loss"] < central["first_loss"]
+    rounds = results["federated"]["round_train_loss"]
+    assert rounds[str(results["rounds"])] < rounds["1"]
+    # Every client reported every step; the bytes are real encrypted traffic (activations both ways).
+    steps = {(s["client"], s["round"], s["step"]) for s in fed["step_losses"]}
+    assert len(steps) == results["clients"] * results["steps"] == 3 * 6
+    assert fed["wire_bytes_up"] > 0 and fed["wire_bytes_down"] > 0
+    assert results["centralized_batch_size"] == results["clients"] * results["batch_size_per_client"]
+
+    markdown = Path(results["report"]["markdown"])
+    png = Path(results["report"]["loss_png"])
+    assert markdown.parent == out and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = markdown.read_text()
+    assert "FL-GLM federated" in text and "centralized LoRA" in text and f"Seed {results['seed']}" in text
+    assert "dashboard: https://localhost:" in done.stderr
+
+
+def test_bad_skew_is_refused_before_anything_starts() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "flglm.cli.main", "demo", "--skew", "lopsided"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2 and "--skew must be iid, dirichlet or extreme" in done.stderr
