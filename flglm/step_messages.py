@@ -2,10 +2,10 @@
 
 What each direction carries inside its envelope:
 
-- activations: a safetensors dict {"hidden_states": (batch, seq, hidden) in the job's wire dtype,
-  "attention_mask": (batch, seq) int64 of 0/1}
-- activations_result, gradients, gradients_result: one tensor (batch, seq, hidden), sent in the job's
-  wire dtype and restored to the sender's compute dtype by `open_tensor`
+- activations, eval_activations: a safetensors dict {"hidden_states": (batch, seq, hidden) in the job's
+  wire dtype, "attention_mask": (batch, seq) int64 of 0/1}
+- activations_result, gradients, gradients_result, eval_result: one tensor (batch, seq, hidden), sent in
+  the job's wire dtype and restored to the sender's compute dtype by `open_tensor`
 - adapters_up, adapters_down: a safetensors dict of trainable adapter weights
 
 The envelope header binds (job, round, step, client, direction, sequence) into the AEAD data, and the
@@ -28,6 +28,7 @@ from flglm.wire.errors import EnvelopeMismatchError, WireError
 from flglm.wire.keys import ChannelKeys
 from flglm.wire.sequence import SequenceGuard
 
+FORWARD_DIRECTIONS = (MessageDirection.activations, MessageDirection.eval_activations)
 HIDDEN_STATES = "hidden_states"
 ATTENTION_MASK = "attention_mask"
 
@@ -78,8 +79,8 @@ def seal_activations(
     attention_mask: torch.Tensor,
     wire_dtype: torch.dtype,
 ) -> bytes:
-    """Envelope of h0 (batch, seq, hidden) and its attention mask (batch, seq)."""
-    _require(ref, MessageDirection.activations)
+    """Envelope of h0 (batch, seq, hidden) and its attention mask (batch, seq), for training or evaluation."""
+    _require(ref, *FORWARD_DIRECTIONS)
     tensors = {
         HIDDEN_STATES: cast_for_wire(hidden_states.detach(), wire_dtype).contiguous(),
         ATTENTION_MASK: attention_mask.long().contiguous(),
@@ -96,13 +97,13 @@ def open_activations(
     compute_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(hidden_states (batch, seq, hidden) in `compute_dtype`, attention_mask (batch, seq)), all checked."""
-    _require(ref, MessageDirection.activations)
+    _require(ref, *FORWARD_DIRECTIONS)
     header, tensors = open_tensors(
         keys,
         data,
         expected_job=str(ref.job_id),
         expected_client=str(ref.client_id),
-        expected_direction=Direction.activations,
+        expected_direction=Direction(ref.direction.value),
         expected_round=ref.round_number,
         max_payload_bytes=limits.max_bytes,
     )
@@ -111,14 +112,16 @@ def open_activations(
     _check_opened(ref, header)
     if set(tensors) != {HIDDEN_STATES, ATTENTION_MASK}:
         raise WrongPayload(
-            f"activations must hold exactly {HIDDEN_STATES!r} and {ATTENTION_MASK!r}, got {sorted(tensors)}"
+            f"{ref.direction.value} must hold exactly {HIDDEN_STATES!r} and {ATTENTION_MASK!r}, "
+            f"got {sorted(tensors)}"
         )
     hidden, mask = tensors[HIDDEN_STATES], tensors[ATTENTION_MASK]
     if hidden.dtype != limits.wire_dtype:
         raise WrongPayload(
-            f"activations dtype is {dtype_name(hidden.dtype)}; this job sends {dtype_name(limits.wire_dtype)}"
+            f"{ref.direction.value} dtype is {dtype_name(hidden.dtype)}; this job sends "
+            f"{dtype_name(limits.wire_dtype)}"
         )
-    _check_hidden(hidden, limits, "activations")
+    _check_hidden(hidden, limits, ref.direction.value)
     if mask.dtype != torch.int64 or tuple(mask.shape) != tuple(hidden.shape[:2]):
         raise WrongPayload(
             f"attention_mask must be int64 of shape {list(hidden.shape[:2])}, got "
@@ -132,12 +135,13 @@ def open_activations(
 
 
 def seal_hidden(keys: ChannelKeys, ref: MessageRef, tensor: torch.Tensor, wire_dtype: torch.dtype) -> bytes:
-    """Envelope of one (batch, seq, hidden) tensor: h1, dL/dh1 or dL/dh0."""
+    """Envelope of one (batch, seq, hidden) tensor: h1 (training or eval), dL/dh1 or dL/dh0."""
     _require(
         ref,
         MessageDirection.activations_result,
         MessageDirection.gradients,
         MessageDirection.gradients_result,
+        MessageDirection.eval_result,
     )
     return bytes(seal_tensor(keys, header_for(ref), tensor.detach().contiguous(), wire_dtype=wire_dtype))
 
@@ -150,12 +154,14 @@ def open_hidden(
     expected_shape: Sequence[int] | None = None,
     replay_guard: SequenceGuard | None = None,
 ) -> torch.Tensor:
-    """The tensor of an h1 / dL/dh1 / dL/dh0 envelope, in the sender's compute dtype, all checked."""
+    """The tensor of an h1 (training or eval) / dL/dh1 / dL/dh0 envelope, in the sender's compute dtype,
+    all checked."""
     _require(
         ref,
         MessageDirection.activations_result,
         MessageDirection.gradients,
         MessageDirection.gradients_result,
+        MessageDirection.eval_result,
     )
     header, tensor = open_tensor(
         keys,

@@ -7,6 +7,12 @@ the blob in the blob store, the AEAD associated data and the HTTP path, so the t
 A result carries the ref of the request it answers with the result direction and the *request's* sequence
 number (`MessageRef.result_ref`), so an agent knows where to long-poll the moment it has uploaded.
 A retried step (after a lost worker) uses a fresh sequence number and therefore fresh keys everywhere.
+
+Local evaluation is forward-only: `eval_activations` (h0 of an eval batch) and its `eval_result` (h1, computed
+under `torch.no_grad()`, never a training step). They use the step paths with their own direction, so their
+addresses, blob keys, AES keys and replay streams are separate from training messages (a training step and
+an eval batch with the same index can never collide); their "step" is the eval batch's index within the
+round. `EVAL_ROUND_RULE` says which round they may name.
 """
 
 from __future__ import annotations
@@ -35,13 +41,21 @@ class MessageDirection(StrEnum):
     gradients_result = "gradients_result"
     adapters_up = "adapters_up"
     adapters_down = "adapters_down"
+    eval_activations = "eval_activations"
+    eval_result = "eval_result"
 
 
 RESULT_DIRECTION: dict[MessageDirection, MessageDirection] = {
     MessageDirection.activations: MessageDirection.activations_result,
     MessageDirection.gradients: MessageDirection.gradients_result,
     MessageDirection.adapters_up: MessageDirection.adapters_down,
+    MessageDirection.eval_activations: MessageDirection.eval_result,
 }
+
+# An agent evaluates the FedAvg'd model of round r after reporting round r done and downloading its client
+# adapters, when round r is already closed (the straggler policy must never wait on evaluation). So eval
+# uploads may name the job's current round or the one before it, while the job runs or just completed.
+EVAL_ROUND_RULE = "the job's current round or the round before it, while the job is running or completed"
 
 
 class MessageRef(BaseModel):

@@ -15,7 +15,13 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from flglm.models import load_config
-from flglm.step_messages import PayloadLimits, open_activations, open_adapters, open_hidden
+from flglm.step_messages import (
+    FORWARD_DIRECTIONS,
+    PayloadLimits,
+    open_activations,
+    open_adapters,
+    open_hidden,
+)
 from flglm.step_protocol import MessageDirection, MessageRef, WorkerJobSpec
 from flglm.wire.codec import parse_wire_dtype
 from flglm.wire.directions import Direction
@@ -25,11 +31,17 @@ from flglm.wire.sequence import SequencedHeader, SequenceGuard
 from worker.engine import WorkerRuntime, read_job_spec
 from worker.errors import ForeignClient, MissingMessage, StepRejected, rejection_from_wire
 
-UPLOAD_DIRECTIONS = (MessageDirection.activations, MessageDirection.gradients, MessageDirection.adapters_up)
+UPLOAD_DIRECTIONS = (
+    MessageDirection.activations,
+    MessageDirection.gradients,
+    MessageDirection.adapters_up,
+    MessageDirection.eval_activations,
+)
 
 
 class WrongDirection(StepRejected):
-    """Agents upload activations, gradients and adapters_up only; results are the server's to write."""
+    """Agents upload activations, gradients, adapters_up and eval_activations only; results are the
+    server's to write."""
 
     http_status = 400
     code = "wrong_direction"
@@ -74,7 +86,7 @@ def admit_step_upload(
     )
     limits = payload_limits(spec)
     try:
-        if ref.direction is MessageDirection.activations:
+        if ref.direction in FORWARD_DIRECTIONS:  # training or eval h0: the same checks
             open_activations(keys, ref, blob, limits, replay_guard)
         elif ref.direction is MessageDirection.gradients:
             open_hidden(keys, ref, blob, limits, replay_guard=replay_guard)

@@ -119,6 +119,13 @@ def run_server_backward(
     return runtime.replica(job_id, replica).submit_backward(ref)
 
 
+def run_server_eval_forward(
+    runtime: WorkerRuntime, job_id: int, replica: int, message: dict[str, Any]
+) -> dict[str, Any]:
+    ref = MessageRef.model_validate(message)
+    return runtime.replica(job_id, replica).submit_eval_forward(ref)
+
+
 def run_replica_flush(runtime: WorkerRuntime, job_id: int, replica: int) -> dict[str, Any]:
     return runtime.replica(job_id, replica).flush()
 

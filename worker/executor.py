@@ -27,6 +27,7 @@ from worker.routing import (
     REPLICA_FLUSH,
     ROUND_END,
     SERVER_BACKWARD,
+    SERVER_EVAL_FORWARD,
     SERVER_FORWARD,
     raise_if_rejected,
     rejection_result,
@@ -38,6 +39,7 @@ TaskFunction = Callable[..., dict[str, Any]]
 TASK_FUNCTIONS: dict[str, TaskFunction] = {
     SERVER_FORWARD: engine.run_server_forward,
     SERVER_BACKWARD: engine.run_server_backward,
+    SERVER_EVAL_FORWARD: engine.run_server_eval_forward,
     REPLICA_FLUSH: engine.run_replica_flush,
     ROUND_END: engine.run_round_end,
     CLIENT_FEDAVG: run_client_fedavg,
@@ -192,6 +194,7 @@ __all__ = [
     "REPLICA_FLUSH",
     "ROUND_END",
     "SERVER_BACKWARD",
+    "SERVER_EVAL_FORWARD",
     "SERVER_FORWARD",
     "CeleryExecutor",
     "Executor",

@@ -10,6 +10,14 @@ messages it used, *before* any result of that step is published. A restarted rep
 checkpoint and replays the journal entries after it from the stored messages, so a step is never lost
 once an agent could have seen its result, and the `applied` set stops a retried step from being applied
 again.
+
+Evaluation forwards (`submit_eval_forward`) are not steps: they run the body at once, under
+`torch.no_grad()` in eval mode with the current server adapters, publish h1 and keep nothing (no graph, no
+journal entry, no counter, no optimizer state). They need no ordering with the training group: the replica
+runs one task at a time (its lock and its single queue), an optimizer step only happens inside a training
+task, and a no-grad forward leaves the in-flight graph's saved tensors alone. So an eval forward runs
+between two training tasks, waiting at most for the task that is running, and never delays the in-flight
+step by more than its own forward.
 """
 
 from __future__ import annotations
@@ -211,6 +219,35 @@ class ServerReplica:
                 group.first_gradient_at = time.monotonic()
             self._advance()
             return {"status": "done" if self.store.get(ref.result_ref().blob_key()) else "pending"}
+
+    def submit_eval_forward(self, ref: MessageRef) -> dict[str, Any]:
+        """Run an eval_activations upload through the body without a graph and publish its eval_result."""
+        with self._lock:
+            self._check_addressed(ref, MessageDirection.eval_activations)
+            if self.store.get(ref.result_ref().blob_key()) is not None:
+                return {"status": "done"}  # a repeated task: the result is already published
+            blob = self._load(ref)
+            hidden, mask = self._opened(
+                lambda: open_activations(self._channel(ref.client_id), ref, blob, self.limits, self.guard)
+            )
+            h1 = self._eval_body(hidden.to(self.device), mask.to(self.device))  # (batch, seq, hidden)
+            self._publish(ref.result_ref(), h1)
+            return {"status": "done"}
+
+    def _eval_body(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The body in eval mode (no adapter dropout), same dtype and autocast as training, no graph."""
+        trainer = self.trainer
+        body = trainer.body
+        dtype = next((p.dtype for p in body.parameters() if p.is_floating_point()), torch.float32)
+        body.eval()
+        try:
+            with (
+                torch.no_grad(),
+                torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=trainer.cfg.bf16_autocast),
+            ):
+                return body(hidden.to(dtype), mask)  # (batch, seq, hidden)
+        finally:
+            body.train()  # the trainer keeps the body in train mode between steps
 
     def _abandon_older_attempt(self, ref: MessageRef) -> None:
         """A newer forward from a client whose older forward is in flight without gradients means the agent

@@ -13,6 +13,7 @@ from worker import errors
 
 SERVER_FORWARD = "flglm.server_forward"
 SERVER_BACKWARD = "flglm.server_backward"
+SERVER_EVAL_FORWARD = "flglm.server_eval_forward"
 REPLICA_FLUSH = "flglm.replica_flush"
 ROUND_END = "flglm.round_end"
 CLIENT_FEDAVG = "flglm.client_fedavg"
@@ -38,11 +39,16 @@ def raise_if_rejected(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def route_step_message(spec: WorkerJobSpec, ref: MessageRef) -> tuple[str, dict[str, Any], str]:
-    """(task name, kwargs, queue) for an uploaded forward or gradient message."""
+    """(task name, kwargs, queue) for an uploaded forward, gradient or eval forward message; all go to the
+    replica queue (the eval forward needs that replica's current server adapters)."""
     if ref.client_id not in spec.client_ids():
         raise errors.ForeignClient(f"client {ref.client_id} is not a client of job {spec.job_id}")
     replica = spec.replica_of(ref.client_id)
-    names = {MessageDirection.activations: SERVER_FORWARD, MessageDirection.gradients: SERVER_BACKWARD}
+    names = {
+        MessageDirection.activations: SERVER_FORWARD,
+        MessageDirection.gradients: SERVER_BACKWARD,
+        MessageDirection.eval_activations: SERVER_EVAL_FORWARD,
+    }
     if ref.direction not in names:
         raise errors.ReplicaMisrouted(f"{ref.direction.value} messages are not server step tasks")
     kwargs = {"job_id": spec.job_id, "replica": replica, "message": ref.model_dump(mode="json")}

@@ -55,6 +55,20 @@ def upload_access(
     return service.check_step_access(session, client.id, job_id, round_number, uploading=True)
 
 
+def step_upload_access(
+    job_id: JobId,
+    round_number: RoundNumber,
+    direction: MessageDirection,
+    session: SessionDep,
+    client: ClientDep,
+) -> StepAccess:
+    """Like `upload_access`; eval forwards may also name the round before the current one."""
+    evaluating = direction is MessageDirection.eval_activations
+    return service.check_step_access(
+        session, client.id, job_id, round_number, uploading=True, evaluating=evaluating
+    )
+
+
 def read_access(
     job_id: JobId, round_number: RoundNumber, session: SessionDep, client: ClientDep
 ) -> StepAccess:
@@ -62,6 +76,7 @@ def read_access(
 
 
 UploadAccess = Annotated[StepAccess, Depends(upload_access)]
+StepUploadAccess = Annotated[StepAccess, Depends(step_upload_access)]
 ReadAccess = Annotated[StepAccess, Depends(read_access)]
 
 
@@ -109,7 +124,7 @@ def _not_yet() -> Response:
 async def upload_step_message(
     request: Request,
     response: Response,
-    access: UploadAccess,
+    access: StepUploadAccess,
     runtime: RuntimeDep,
     settings: SettingsDep,
     step: Annotated[int, Path(ge=0)],
@@ -118,7 +133,7 @@ async def upload_step_message(
 ) -> UploadReceipt:
     if direction not in service.STEP_DIRECTIONS:
         raise service.NotAnUpload(
-            f"agents upload activations and gradients here, not {direction.value} "
+            f"agents upload activations, gradients and eval_activations here, not {direction.value} "
             "(adapters go to the client-adapters path)"
         )
     body = await _sealed_body(request)
@@ -140,7 +155,8 @@ async def upload_step_message(
     STEP_RESULT_PATH,
     response_class=Response,
     responses={200: {"content": {OCTET_STREAM: {}}}, 204: {"description": "not ready yet; ask again"}},
-    summary="Long-poll the sealed result of an upload (h1 for activations, dL/dh0 for gradients)",
+    summary="Long-poll the sealed result of an upload (h1 for activations and eval_activations, dL/dh0 for "
+    "gradients)",
 )
 async def wait_step_result(
     access: ReadAccess,

@@ -36,6 +36,7 @@ from backend.steps.runtime import StepRuntime, TaskHandle
 from flglm.protocol import JobStatus, RoundParticipantStatus
 from flglm.step_protocol import (
     DEFAULT_QUEUE,
+    EVAL_ROUND_RULE,
     JobClient,
     MessageDirection,
     MessageRef,
@@ -49,7 +50,11 @@ from worker.blob_store import PutOutcome
 from worker.errors import ReplayedMessage, StepRejected
 from worker.routing import ADMIT_UPLOAD, CLIENT_FEDAVG, ROUND_END, route_step_message
 
-STEP_DIRECTIONS = (MessageDirection.activations, MessageDirection.gradients)
+STEP_DIRECTIONS = (
+    MessageDirection.activations,
+    MessageDirection.gradients,
+    MessageDirection.eval_activations,
+)
 STAGING_TTL_S = 600.0
 # Engine settings an operator may put in a job's hyperparameters (the rest are optimizer settings).
 ENGINE_HYPERPARAMETERS = (
@@ -173,15 +178,33 @@ class StepAccess:
 
 
 def check_step_access(
-    session: Session, client_id: int, job_id: int, round_number: int, *, uploading: bool
+    session: Session,
+    client_id: int,
+    job_id: int,
+    round_number: int,
+    *,
+    uploading: bool,
+    evaluating: bool = False,
 ) -> StepAccess:
-    """404 unless the client approved the job; uploads need the job running and this its current round."""
+    """404 unless the client approved the job; uploads need the job running and this its current round.
+
+    Eval uploads (`evaluating`) follow `EVAL_ROUND_RULE` instead: an agent evaluates round r's FedAvg'd
+    model after round r closed, when round r + 1 may be open or the job may have just completed.
+    """
     job = job_for_client(session, job_id, client_id, approved=True)
-    if uploading and job.status != JobStatus.running:
+    if uploading and evaluating:
+        if job.status not in (JobStatus.running, JobStatus.completed):
+            raise JobNotRunning(f"job {job_id} is {job.status}; eval messages need it running or completed")
+        if round_number not in (job.current_round, job.current_round - 1):
+            raise StaleRound(
+                f"eval messages of job {job_id} may name {EVAL_ROUND_RULE} ({job.current_round}), "
+                f"not round {round_number}"
+            )
+    elif uploading and job.status != JobStatus.running:
         raise JobNotRunning(f"job {job_id} is {job.status}; step messages are accepted while it runs")
     if not uploading and job.status not in (JobStatus.running, JobStatus.completed):
         raise JobNotRunning(f"job {job_id} is {job.status}")
-    if uploading and round_number != job.current_round:
+    if uploading and not evaluating and round_number != job.current_round:
         raise StaleRound(
             f"round {round_number} of job {job_id} is not its current round ({job.current_round})"
         )

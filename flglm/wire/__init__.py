@@ -5,9 +5,11 @@ Shared by the client agent and the worker; imports neither FastAPI, SQLAlchemy n
 What crosses the wire
     Per step and client: h0 (`activations`, client → server), h1 (`activations_result`), dL/dh1
     (`gradients`, client → server), dL/dh0 (`gradients_result`); per round: client-block adapter weights
-    (`adapters_up`) and their FedAvg (`adapters_down`). Tensors are raw little-endian bytes whose dtype and
-    shape live in the authenticated header (`codec` has a self-describing variant); tensor dicts are
-    safetensors whose header we validate before safetensors reads it. Nothing is ever unpickled.
+    (`adapters_up`) and their FedAvg (`adapters_down`); for local evaluation, forward only: h0 of an eval
+    batch (`eval_activations`, client → server) and its h1 (`eval_result`). Tensors are raw little-endian
+    bytes whose dtype and shape live in the authenticated header (`codec` has a self-describing variant);
+    tensor dicts are safetensors whose header we validate before safetensors reads it. Nothing is ever
+    unpickled.
 
 Keys (`keys`)
     At enrollment the client agent generates an X25519 key pair; the private key is written 0600

@@ -21,6 +21,8 @@ class Direction(StrEnum):
     gradients_result = "gradients_result"  # dL/dh0 from the server's backward, server → client
     adapters_up = "adapters_up"  # client-block adapter weights at round end, client → server
     adapters_down = "adapters_down"  # FedAvg result of the client adapters, server → client
+    eval_activations = "eval_activations"  # h0 of a local-evaluation batch (forward only), client → server
+    eval_result = "eval_result"  # h1 of that batch, computed without a graph, server → client
 
     @property
     def sender(self) -> Sender:
@@ -28,4 +30,6 @@ class Direction(StrEnum):
         return Sender.client if self in _CLIENT_SENT else Sender.server
 
 
-_CLIENT_SENT = frozenset({Direction.activations, Direction.gradients, Direction.adapters_up})
+_CLIENT_SENT = frozenset(
+    {Direction.activations, Direction.gradients, Direction.adapters_up, Direction.eval_activations}
+)
