@@ -10,11 +10,17 @@ The client adapters at the start of round 1 are the deterministic initial adapte
 the job's seed (`flglm.adapters.add_split_adapters(split, cfg, seed)`), so there is nothing to download
 then; after round r each client uploads its adapters (`upload_round_adapters`) and loads the FedAvg'd ones
 (`download_round_adapters`) before round r + 1. The agent (client_agent/) owns data, state and the CLI.
+
+`run_client_eval_forward` is the forward-only path for local evaluation: front (no grad) → seal h0 as
+`eval_activations` → upload → long-poll `eval_result` → back (no grad) → logits, which stay here.
+`remote_score_fn` wraps it as the `score_fn(input_ids, attention_mask)` of `flglm.evaluation`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -137,3 +143,65 @@ def download_round_adapters(
     state = open_adapters(channel.keys, result, sealed, expected=expected)
     load_trainable_state_dict(parts, state)
     return state
+
+
+@contextmanager
+def _evaluating(trainer: ClientSideTrainer, device: torch.device) -> Iterator[None]:
+    """Front and back in eval mode (no adapter dropout), no autograd; train mode again afterwards."""
+    parts = client_parts(trainer)
+    parts.eval()
+    try:
+        with (
+            torch.no_grad(),
+            torch.autocast(device.type, dtype=torch.bfloat16, enabled=trainer.cfg.bf16_autocast),
+        ):
+            yield
+    finally:
+        parts.train()
+
+
+def run_client_eval_forward(
+    trainer: ClientSideTrainer,
+    channel: ClientChannel,
+    round_number: int,
+    eval_index: int,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+) -> torch.Tensor:
+    """Logits (batch, seq, vocab) of the whole split model for one batch, through the server, no training.
+
+    `eval_index` numbers the eval batches of a round (the message's "step"); eval messages have their own
+    direction, so it never collides with a training step. The server runs its body with its current
+    adapters under no_grad and keeps nothing; nothing here touches gradients or the optimizer.
+    """
+    with _evaluating(trainer, input_ids.device):
+        h0 = trainer.front(input_ids, attention_mask)  # (batch, seq, hidden)
+    limits = PayloadLimits(channel.wire_dtype, h0.shape[-1], h0.shape[0], h0.shape[1])
+    forward = channel.ref(round_number, eval_index, MessageDirection.eval_activations)
+    channel.client.upload(
+        forward, seal_activations(channel.keys, forward, h0, attention_mask, channel.wire_dtype)
+    )
+    sealed = channel.client.wait_result(forward, channel.result_timeout_s)
+    h1 = open_hidden(
+        channel.keys, forward.result_ref(), sealed, limits, tuple(h0.shape)
+    )  # (batch, seq, hidden)
+    with _evaluating(trainer, input_ids.device):
+        back_dtype = next(
+            (p.dtype for p in trainer.back.parameters() if p.is_floating_point()), torch.float32
+        )
+        return trainer.back(h1.to(back_dtype), attention_mask).float()  # (batch, seq, vocab)
+
+
+def remote_score_fn(
+    trainer: ClientSideTrainer, channel: ClientChannel, round_number: int, first_index: int = 0
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """`score_fn(input_ids, attention_mask) -> logits` for `flglm.evaluation`, one eval forward per call,
+    numbering the round's eval batches from `first_index`."""
+    indices = itertools.count(first_index)
+
+    def score(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return run_client_eval_forward(
+            trainer, channel, round_number, next(indices), input_ids, attention_mask
+        )
+
+    return score

@@ -321,7 +321,10 @@ def report_round_done(
 ) -> RoundDoneResponse:
     """A participant finished its steps of a round; the last one to finish closes the round.
 
-    Repeating the same report is harmless (idempotent): it answers the current state.
+    Repeating the same report is harmless (idempotent): it answers the current state. A repeated report of a
+    finished participant may add eval metrics, even after the round closed: the agent evaluates the
+    round's FedAvg'd model once it downloaded it, which is after its first report (the round must not wait
+    on evaluation). The example count stays the first one.
     """
     job_for_client(session, job_id, client_id, approved=True)
     job = get_job(session, job_id, for_update=True)
@@ -333,6 +336,10 @@ def report_round_done(
             f"client {client_id} is not a participant of round {number} of job {job_id}"
         )
     if participant.status == RoundParticipantStatus.finished:
+        merged = {**(participant.eval_metrics or {}), **report.eval_metrics}
+        if merged != (participant.eval_metrics or {}):
+            participant.eval_metrics = merged  # a new dict: the JSON column sees the change
+            session.flush()
         return _round_done_response(session, job_id, number)
     if participant.status == RoundParticipantStatus.dropped:
         raise StaleRound(f"client {client_id} was dropped from round {number}: {participant.drop_reason}")
