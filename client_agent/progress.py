@@ -1,4 +1,5 @@
-"""Progress bars for `flglm agent run` (round, step, loss, tokens/s, ETA); quiet mode prints nothing."""
+"""Progress bars for `flglm agent run` (round, step, loss, tokens/s, ETA) and each round's eval metrics; quiet
+mode prints nothing."""
 
 from __future__ import annotations
 
@@ -34,3 +35,14 @@ class RoundProgress:
 
     def close(self) -> None:
         self._bar.close()
+
+
+def show_round_eval(job_id: int, round_number: int, metrics: dict[str, float], quiet: bool) -> None:
+    """One line under the bars: the round's eval metrics of the global model (n = eval examples)."""
+    if quiet:
+        return
+    shown = " ".join(f"{name}={value:.4f}" for name, value in metrics.items() if name != "eval_examples")
+    tqdm.write(
+        f"job {job_id} round {round_number} eval (n={metrics.get('eval_examples', 0):.0f}): {shown}",
+        file=sys.stderr,
+    )

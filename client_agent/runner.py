@@ -10,10 +10,16 @@ Order of things, so that bad data never causes a send and a crash never loses mo
 5. per step `run_client_step`, a checkpoint (adapters, optimizer, position) and a step metric (loss,
    token count, wire bytes: numbers only);
 6. at the end of a round: adapters up (sealed), round done (the round's mean training loss, the example
-   count only if allowed), FedAvg'd adapters down, checkpoint at the start of the next round.
+   count only if allowed), FedAvg'd adapters down, local evaluation of that global model, a second round-done
+   report that adds the eval metrics, checkpoint at the start of the next round.
 
-Local evaluation of the whole model needs the server's middle blocks, so the per-round report carries the
-training loss only (see the README's note); raw text, token ids, labels and logits never leave `run_step`.
+Local evaluation (`JobSession.evaluate`) runs after the FedAvg download, so it scores the new global client
+adapters with the server's current adapters, through forward-only eval messages (`remote_score_fn`). The
+round is closed by then (its straggler deadline never waits on evaluation), which the backend allows for
+eval uploads (`flglm.step_protocol.EVAL_ROUND_RULE`) and for the repeated round-done report. It uses at most
+`eval_examples` held-out examples (job hyperparameter, default 32; 0 turns it off) and, for generation,
+`eval_max_new_tokens` (default 16) greedy tokens. Only aggregate numbers are reported (eval_loss,
+eval_examples, accuracy with its 95 % interval or rouge_l); raw text, token ids, labels and logits stay here.
 """
 
 from __future__ import annotations
@@ -24,11 +30,12 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from client_agent.api import AgentFailure, ControlPlaneClient, ExitCode, failure_from
-from client_agent.progress import RoundProgress
+from client_agent.progress import RoundProgress, show_round_eval
 from client_agent.state import (
     Enrollment,
     JobCheckpoint,
@@ -43,23 +50,27 @@ from flglm.client_step import (
     ClientChannel,
     client_parts,
     download_round_adapters,
+    remote_score_fn,
     run_client_step,
     upload_round_adapters,
 )
 from flglm.data import (
     DataError,
+    Example,
     TokenizedDataset,
     TokenizedExample,
     collate,
     detect_task,
     iterate_batches,
+    label_set_of,
     load_examples,
     tokenize_examples,
     train_eval_split,
 )
 from flglm.models import load_split_parts, load_tokenizer
+from flglm.round_eval import DEFAULT_EVAL_EXAMPLES, DEFAULT_MAX_NEW_TOKENS, round_eval_metrics
 from flglm.split import SplitPlan
-from flglm.step_client import StepConflict, StepUnauthorized
+from flglm.step_client import StepConflict, StepHttpError, StepUnauthorized
 from flglm.trainers import ClientSideTrainer, TrainConfig
 from flglm.wire.codec import parse_wire_dtype
 from flglm.wire.keys import ClientKeyPair, derive_channel_keys, public_key_from_b64
@@ -102,8 +113,15 @@ def open_client(enrollment: Enrollment) -> ControlPlaneClient:
 @dataclass
 class JobData:
     train: TokenizedDataset
-    held_out_count: int
+    held_out: list[Example]
+    label_set: list[str]
     pad_token_id: int
+    max_seq_len: int
+    tokenizer: Any
+
+    @property
+    def held_out_count(self) -> int:
+        return len(self.held_out)
 
 
 def prepare_job_data(data_path: Path, job: protocol.AgentJobView) -> JobData:
@@ -122,7 +140,8 @@ def prepare_job_data(data_path: Path, job: protocol.AgentJobView) -> JobData:
             "%d training rows were longer than %d tokens and truncated", dataset.truncated, max_seq_len
         )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return JobData(dataset, len(held_out), int(pad))
+    labels = list(hp["labels"]) if hp.get("labels") else label_set_of(examples)
+    return JobData(dataset, held_out, labels, int(pad), max_seq_len, tokenizer)
 
 
 class JobSession:
@@ -144,7 +163,10 @@ class JobSession:
         self.batch_size = int(hp.get("batch_size", DEFAULT_BATCH_SIZE))
         # Data first: a file that does not fit the job (unknown label, wrong task) stops here, unsent.
         data = prepare_job_data(options.data_path, job)
+        self.data = data
         self.train, self.pad_token_id = data.train, data.pad_token_id
+        self.eval_examples = int(hp.get("eval_examples", DEFAULT_EVAL_EXAMPLES))
+        self.eval_max_new_tokens = int(hp.get("eval_max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
         self.example_count = len(data.train) if options.share_example_count else None
 
         plan = SplitPlan(job.split_plan.get("front_layers", 1), job.split_plan.get("back_layers", 1))
@@ -250,9 +272,42 @@ class JobSession:
             self.trainer, self.channel, round_number, self.options.result_timeout_s
         )
         self.checkpoint.save_global_adapters(round_number, averaged)
+        eval_metrics = self.evaluate(round_number)
+        if eval_metrics:
+            count = self.example_count if self.example_count is not None else 0
+            self.client.round_done(
+                job_id,
+                round_number,
+                protocol.RoundDoneRequest(example_count=count, eval_metrics=eval_metrics),
+            )
+            show_round_eval(job_id, round_number, eval_metrics, self.options.quiet)
         self.position = RoundPosition(round_number + 1)
         self._save()
         log.info("job %d: round %d done, FedAvg'd client adapters loaded", job_id, round_number)
+
+    def evaluate(self, round_number: int) -> dict[str, float]:
+        """Eval metrics of the model the client parts hold now (after FedAvg: the global model of the round),
+        on at most `eval_examples` held-out examples; {} when off, without eval data, or when the server
+        refuses (e.g. this client was dropped), which is logged and never stops training."""
+        if self.eval_examples <= 0 or not self.data.held_out:
+            return {}
+        score_fn = remote_score_fn(self.trainer, self.channel, round_number)
+        try:
+            return round_eval_metrics(
+                score_fn,
+                self.data.held_out,
+                self.data.tokenizer,
+                task=self.job.task_type.value,
+                max_length=self.data.max_seq_len,
+                batch_size=self.batch_size,
+                pad_token_id=self.pad_token_id,
+                label_set=self.data.label_set,
+                max_examples=self.eval_examples,
+                max_new_tokens=self.eval_max_new_tokens,
+            )
+        except (StepHttpError, TimeoutError) as exc:
+            log.warning("job %d: round %d evaluation skipped: %s", self.job.job_id, round_number, exc)
+            return {}
 
     def _run_step(self, round_number: int, step: int, steps: int, progress: RoundProgress) -> float:
         batch = self._batch(round_number, step, steps)

@@ -159,6 +159,20 @@ def test_three_agents_train_two_rounds_with_a_crash_and_an_unapproved_peer(
     assert len(seen) == 3 * ROUNDS * STEPS
     assert all(m["loss"] is not None and m["tokens"] > 0 for m in metrics)
 
+    # Local eval of each round's global model, reported by every agent in its round-done report: the eval
+    # loss and the accuracy with its interval and n (one held-out example each: 8 rows, eval_fraction 0.1).
+    for round_ in api.ok("GET", f"/jobs/{job_id}/rounds"):
+        reported = {p["client_id"]: p["eval_metrics"] for p in round_["participants"]}
+        assert len(reported) == 3, round_
+        for eval_metrics in reported.values():
+            assert eval_metrics["eval_examples"] == 1, (round_["number"], eval_metrics)
+            assert eval_metrics["accuracy"] in (0.0, 1.0) and 0 < eval_metrics["eval_loss"] < 50
+            assert (
+                eval_metrics["accuracy_ci_low"]
+                <= eval_metrics["accuracy"]
+                <= eval_metrics["accuracy_ci_high"]
+            )
+
     # The unapproved agent never worked on the job: no step or adapter traffic, no job state.
     idle_lines = proxies[1].request_lines()
     assert any("/agent/work" in line for line in idle_lines), idle_lines
