@@ -57,3 +57,36 @@ def test_bad_skew_is_refused_before_anything_starts() -> None:
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert done.returncode == 2 and "--skew must be iid, dirichlet or extreme" in done.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(320)
+def test_own_data_and_model_without_an_eval_file(tmp_path: Path) -> None:
+    """`--data DIR --model REF`: one file per client; with no eval file a balanced set is held out first."""
+    data = tmp_path / "data"
+    data.mkdir()
+    words = ["quokka", "zeppelin", "harbour", "obsidian", "lantern", "walrus", "fjord", "cobalt"]
+    for owner in range(3):
+        rows = [
+            {
+                "text": f"{words[i % 8]} {words[(i * 3 + owner) % 8]}",
+                "label": ["plum", "kiwi"][(i + owner) % 2],
+            }
+            for i in range(16)
+        ]
+        (data / f"owner-{owner}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "flglm.cli.main", "demo", "--data", str(data), "--model", "tiny:llama:0",
+         "--rounds", "1", "--steps-per-round", "2", "--batch-size", "2", "--json", "--no-progress",
+         "--out", str(tmp_path / "report"), "--threads", "1"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    assert results["model"] == "tiny:llama:0" and results["labels"] == ["kiwi", "plum"]
+    assert results["eval_examples"] == 2 * 4  # 24 per label in all, a fifth (rounded down) held out
+    assert results["train_examples"] == 48 - 8
+    assert sorted(results["client_label_counts"]) == ["owner-0", "owner-1", "owner-2"]
+    assert results["federated"]["wire_bytes_up"] > 0
+    assert (tmp_path / "report" / "report.md").is_file()
