@@ -1,5 +1,7 @@
 """`flglm bench`: side-by-side benchmarks that report ratios measured in one run."""
 
+from pathlib import Path
+
 import typer
 
 app = typer.Typer(help="Benchmarks (ratios measured side by side in one run).", no_args_is_help=False)
@@ -19,6 +21,7 @@ def stack(
         help="Comma-separated full-stack modes to run.",
     ),
     executor: str = typer.Option("inprocess", help="Server executor: inprocess (embedded) or celery."),
+    work_dir: Path | None = typer.Option(None, help="Keep backend/client logs here (default: a temp dir)."),
 ) -> None:
     """Full stack (HTTPS backend, sealed tensors, client processes) vs the centralized trainer: tokens/s."""
     if ctx.invoked_subcommand is not None:
@@ -39,7 +42,7 @@ def stack(
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
-    result = run_stack_bench(config)
+    result = run_stack_bench(config, work_dir)
     typer.echo(stack_table(result))
     if not json_output:
         return
