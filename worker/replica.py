@@ -16,8 +16,8 @@ Evaluation forwards (`submit_eval_forward`) are not steps: they run the body at 
 journal entry, no counter, no optimizer state). They need no ordering with the training group: the replica
 runs one task at a time (its lock and its single queue), an optimizer step only happens inside a training
 task, and a no-grad forward leaves the in-flight graph's saved tensors alone. So an eval forward runs
-between two training tasks, waiting at most for the task that is running, and never delays the in-flight
-step by more than its own forward.
+between two training tasks as soon as its own task comes up on the replica's queue, never waits for a
+training group's gradients or batch window, and delays the training step by at most its own forward.
 """
 
 from __future__ import annotations
