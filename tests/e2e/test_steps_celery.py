@@ -15,6 +15,7 @@ import redis
 
 from backend.settings import Settings
 from backend.steps.runtime import StepRuntime
+from flglm.client_step import run_client_eval_forward
 from flglm.step_client import StepClient
 from flglm.step_protocol import MessageDirection, MessageRef, UploadReceipt, replica_queue
 from tests.backend.conftest import Api, LiveServer
@@ -25,9 +26,11 @@ from tests.e2e.step_agents import (
     enroll_owner,
     published_spec,
     reference_sequential_losses,
+    server_public_key,
     start_job,
     train_sequentially,
 )
+from tests.worker.step_clients import client_batch
 from tests.worker.test_celery_worker import WorkerProcesses
 from worker.routing import REPLICA_COUNTERS
 
@@ -110,3 +113,13 @@ def test_celery_workers_serve_a_job_over_https_through_a_sigkill_applying_every_
     assert len(counters["applied"]) == len(owners) * ROUNDS * STEPS
     assert victim.attempts == [1, 2, 1, 1]  # only the step whose graph died with the worker ran twice
     assert all(attempts == [1] * ROUNDS * STEPS for attempts in (owners[0].attempts, owners[2].attempts))
+    # An eval forward of the completed job's last round through the Celery worker: logits, no server step.
+    owner = owners[0]
+    channel = owner.channel(live_server, job_id, server_public_key(api, owner, job_id))
+    batch = client_batch(owner.client_id, 7)
+    logits = run_client_eval_forward(
+        owner.trainer, channel, ROUNDS, 0, batch["input_ids"], batch["attention_mask"]
+    )  # (batch, seq, vocab)
+    assert logits.shape[:2] == batch["input_ids"].shape and bool(logits.isfinite().all())
+    assert replica_counters(runtime, job_id) == counters
+    channel.client.close()
