@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
@@ -11,6 +12,10 @@ from typing import Annotated
 import typer
 
 app = typer.Typer(help="Run the end-to-end demo.", no_args_is_help=False)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # so that `kill` (SIGTERM) also stops the server and agents it started
 
 
 @app.callback(invoke_without_command=True)
@@ -80,6 +85,7 @@ def demo(
         "eval_per_label": eval_per_label,
     }
     options = replace(options, **{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]
+    signal.signal(signal.SIGTERM, _interrupt)
     results = run_demo(options)
     if as_json:
         typer.echo(json.dumps(results))
