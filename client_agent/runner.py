@@ -55,6 +55,7 @@ from flglm.client_step import (
     upload_round_adapters,
 )
 from flglm.data import (
+    DEFAULT_CLASSIFICATION_TEMPLATE,
     DataError,
     Example,
     TokenizedDataset,
@@ -129,7 +130,12 @@ def prepare_job_data(data_path: Path, job: protocol.AgentJobView) -> JobData:
     split train/eval locally; a DataError names the file, line and problem. Never talks to the server."""
     hp = job.hyperparameters
     tokenizer = load_tokenizer(job.model_ref)
-    examples = load_examples(data_path, job.task_type.value, label_set=hp.get("labels"))
+    examples = load_examples(
+        data_path,
+        job.task_type.value,
+        label_set=hp.get("labels"),
+        template=str(hp.get("template", DEFAULT_CLASSIFICATION_TEMPLATE)),
+    )
     train, held_out = train_eval_split(
         examples, float(hp.get("eval_fraction", DEFAULT_EVAL_FRACTION)), int(hp.get("seed", 0))
     )

@@ -25,8 +25,8 @@ from flglm.models import load_model, load_tokenizer
 from flglm.split import SplitPlan
 from flglm.trainers import TrainConfig
 
-# The agent verbalises rows with the default template (it takes no template from the job), so the
-# centralized run and every score use it too: all three models see exactly the same strings.
+# The job leaves `template` at the default the agents verbalise with, and the centralized run and every
+# score use it too: all three models see exactly the same strings.
 TEMPLATE = DEFAULT_CLASSIFICATION_TEMPLATE
 
 

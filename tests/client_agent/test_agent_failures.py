@@ -77,11 +77,11 @@ def test_bad_data_files_name_file_line_and_problem_and_send_nothing(
         proxy.close()
 
 
-def agent_job_view(labels: list[str]) -> protocol.AgentJobView:
+def agent_job_view(labels: list[str], **hyperparameters: object) -> protocol.AgentJobView:
     return protocol.AgentJobView(
         job_id=1, name="j", model_ref="tiny:llama:0", task_type=protocol.TaskType.classification,
         parallel_mode=protocol.ParallelMode.sequential, rounds=1, steps_per_round=1,
-        hyperparameters={"labels": labels, "max_seq_len": 16}, privacy={},
+        hyperparameters={"labels": labels, "max_seq_len": 16, **hyperparameters}, privacy={},
         job_status=protocol.JobStatus.running,
         consent=protocol.ConsentStatus.approved, split_plan={}, adapter={}, current_round=1,
         server_public_key="",
@@ -96,6 +96,14 @@ def test_job_data_is_checked_against_the_job_labels_and_long_rows_are_counted(tm
     data = prepare_job_data(path, agent_job_view(["calm", "storm"]))
     assert len(data.train) + data.held_out_count == 3
     assert data.train.truncated >= 1
+
+
+def test_rows_are_verbalised_with_the_job_template(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "owner.jsonl", GOOD_ROWS * 5)
+    job = agent_job_view(["calm", "storm"], template="Story: {text}\nMood:", eval_fraction=0.5)
+    data = prepare_job_data(path, job)
+    assert data.held_out and all(example.prompt.startswith("Story: ") for example in data.held_out)
+    assert all(example.prompt_suffix == "\nMood:" for example in data.held_out)
 
 
 def test_state_files_are_private_and_checkpoints_round_trip(tmp_path: Path) -> None:
