@@ -473,16 +473,21 @@ def write_client_files(
     eval_examples: Sequence[Example] | None = None,
     labels: Sequence[str] | None = None,
     template: str | None = None,
+    names: Sequence[str] | None = None,
 ) -> list[Path]:
-    """Write `client-1.jsonl`, ... (one per partition), `eval.jsonl` and, for classification, `labels.json`.
+    """Write `client-1.jsonl`, ... (or `<name>.jsonl` per partition when `names` is given), `eval.jsonl`
+    and, for classification, `labels.json`.
 
     This is the layout `flglm demo` and `--data DIR` read back with `read_data_dir`.
     """
+    if names is not None and len(names) != len(partitions):
+        raise ValueError(f"{len(names)} client names for {len(partitions)} partitions")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     for number, examples in enumerate(partitions, start=1):
-        path = out / f"client-{number}.jsonl"
+        stem = names[number - 1] if names is not None else f"client-{number}"
+        path = out / f"{stem}.jsonl"
         write_examples_jsonl(examples, path)
         written.append(path)
     if eval_examples is not None:

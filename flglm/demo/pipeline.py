@@ -95,6 +95,7 @@ def prepare_data(options: DemoOptions, data_root: Path) -> DataDir:
     given = read_data_dir(options.data_dir, template=TEMPLATE)
     if given.task != "classification" or not given.labels:
         raise ValueError(f"{options.data_dir}: the demo needs classification data (text + label rows)")
+    names = list(given.clients)
     parts = list(given.clients.values())
     eval_examples = given.eval_examples
     if eval_examples is None:  # no eval file: hold out a balanced set from the union and keep the rest
@@ -105,7 +106,7 @@ def prepare_data(options: DemoOptions, data_root: Path) -> DataDir:
         eval_examples, _ = carve_balanced_eval(union, per_label, options.seed)
         held = {id(ex) for ex in eval_examples}
         parts = [[ex for ex in part if id(ex) not in held] for part in parts]
-    write_client_files(parts, data_root, eval_examples, given.labels, TEMPLATE)
+    write_client_files(parts, data_root, eval_examples, given.labels, TEMPLATE, names=names)
     return read_data_dir(data_root, template=TEMPLATE)
 
 

@@ -47,6 +47,14 @@ def test_write_then_read_round_trip(tmp_path: Path) -> None:
     assert data.eval_examples is not None and data.eval_examples[0].label == "DW"
 
 
+def test_client_files_keep_their_owners_names(tmp_path: Path) -> None:
+    parts = [[classification_example("a", "x")], [classification_example("b", "y")]]
+    write_client_files(parts, tmp_path, labels=["x", "y"], names=["hospital-a", "clinic-b"])
+    assert sorted(read_data_dir(tmp_path).clients) == ["clinic-b", "hospital-a"]
+    with pytest.raises(ValueError, match="1 client names for 2 partitions"):
+        write_client_files(parts, tmp_path / "bad", names=["only-one"])
+
+
 def test_user_directory_with_csv_and_no_labels_file(tmp_path: Path) -> None:
     (tmp_path / "hospital-a.csv").write_text("text,label\nfever,flu\ncough,cold\n", encoding="utf-8")
     (tmp_path / "hospital-b.jsonl").write_text(json.dumps({"text": "sneeze", "label": "allergy"}) + "\n")
