@@ -45,8 +45,13 @@ def read_job_spec(store: BlobStore, job_id: int) -> WorkerJobSpec:
     return WorkerJobSpec.model_validate_json(data)
 
 
-def pick_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+def pick_device(slot: int = 0, override: str | None = None) -> torch.device:
+    """The device of the worker serving replica `slot`: `override` (FLGLM_WORKER_DEVICE) when set, else GPU
+    slot % GPU count (`--scale worker=N` gives every container all GPUs), else the CPU."""
+    if override:
+        return torch.device(override)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return torch.device("cuda", slot % gpus) if gpus else torch.device("cpu")
 
 
 def load_server_body(spec: WorkerJobSpec) -> nn.Module:

@@ -22,6 +22,12 @@ class WorkerSettings(BaseSettings):
     task_max_deliveries: int = 3  # a task redelivered more often (it keeps killing workers) is dropped
     # Redis redelivers an unacknowledged task (its worker died) after this long; above the time limit.
     broker_visibility_timeout_s: float = 900.0
+    # `flglm worker --replica auto`: who holds a slot lease (default: the hostname, i.e. the container) and
+    # how long a lease outlives its last heartbeat (renewed every third of it).
+    worker_identity: str | None = None
+    slot_lease_ttl_s: float = 30.0
+    # Force the torch device ("cpu", "cuda:1"); default: GPU slot % GPU count, or the CPU without a GPU.
+    worker_device: str | None = None
 
     def resolved_server_key_file(self) -> Path:
         return self.server_key_file or self.data_dir / "server_x25519.key"

@@ -13,6 +13,7 @@ import threading
 from typing import Any
 
 import redis
+import torch
 from celery import Task
 
 from flglm.step_protocol import replica_queue
@@ -20,7 +21,7 @@ from flglm.wire.keys import load_private_key
 from worker.admission import RedisSequenceGuard
 from worker.blob_store import RedisBlobStore
 from worker.celery_app import app, settings
-from worker.engine import WorkerRuntime
+from worker.engine import WorkerRuntime, pick_device
 from worker.executor import REPLICA_FLUSH, TASK_FUNCTIONS, call_task
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,13 @@ log = logging.getLogger(__name__)
 _runtime: WorkerRuntime | None = None
 _runtime_lock = threading.Lock()
 _redis: redis.Redis | None = None
+_device_slot = 0  # the replica slot whose GPU this process uses (set by `flglm worker` before it starts)
+
+
+def use_device_of_slot(slot: int) -> None:
+    """Pick this process's device from its replica slot (GPU slot % GPU count; see engine.pick_device)."""
+    global _device_slot
+    _device_slot = slot
 
 
 def _redis_client() -> redis.Redis:
@@ -51,10 +59,14 @@ def worker_runtime() -> WorkerRuntime:
     global _runtime
     with _runtime_lock:
         if _runtime is None:
+            device = pick_device(_device_slot, settings.worker_device)
+            if device.type == "cuda":
+                torch.cuda.set_device(device)  # libraries that allocate on plain "cuda" land on our GPU too
             _runtime = WorkerRuntime(
                 RedisBlobStore(_redis_client()),
                 load_private_key(settings.resolved_server_key_file()),
                 _schedule_flush,
+                device=device,
                 upload_guard=RedisSequenceGuard(_redis_client()),
             )
         return _runtime

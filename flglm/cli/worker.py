@@ -3,23 +3,88 @@
 One process per replica slot: `--replica 0` consumes `flglm.replica.0`, where every job's replica 0 sends
 its forward and backward tasks. The pool is `solo` (or one thread) on purpose: the autograd graph of a
 forward stays in this process's memory until its backward arrives on the same queue, which prefork
-children would not share.
+children would not share. `--replica auto` (what `docker compose up --scale worker=N` runs) leases the
+lowest free slot in Redis instead (worker.slots) and exits with status 3 if that lease is ever taken by
+another worker, so that no two processes consume one replica queue. `flglm worker slots` lists the leases.
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+import dataclasses
+import json
+import os
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from flglm.step_protocol import DEFAULT_QUEUE, replica_queue
 
+if TYPE_CHECKING:
+    from worker.slots import SlotClaim
+
 app = typer.Typer(help="Run a Celery worker serving server replicas.", no_args_is_help=False)
+
+AUTO_REPLICA = "auto"
+
+
+def parse_replica_slots(values: list[str]) -> list[int] | None:
+    """The fixed slots of `--replica K ...`, or None for `--replica auto`."""
+    if AUTO_REPLICA in values:
+        if len(values) > 1:
+            raise typer.BadParameter("--replica auto takes no other --replica", param_hint="--replica")
+        return None
+    try:
+        slots = sorted({int(value) for value in values})
+    except ValueError:
+        raise typer.BadParameter(
+            f"replica slots are numbers >= 0 or 'auto', not {values}", param_hint="--replica"
+        ) from None
+    if any(slot < 0 for slot in slots):
+        raise typer.BadParameter("replica slots are >= 0", param_hint="--replica")
+    return slots
+
+
+def claim_free_slot(max_replicas: int) -> tuple[SlotClaim, int]:
+    """Lease the lowest free slot (or fail with a message that says why) and keep it with a heartbeat."""
+    import redis
+
+    from worker.settings import get_worker_settings
+    from worker.slots import LEASE_LOST_EXIT_CODE, NoFreeSlot, SlotClaim, default_identity
+
+    settings = get_worker_settings()
+    claim = SlotClaim(
+        redis.Redis.from_url(settings.redis_url),
+        settings.worker_identity or default_identity(),
+        settings.slot_lease_ttl_s,
+    )
+    try:
+        slot = claim.claim(max_replicas)
+    except (NoFreeSlot, redis.RedisError) as exc:
+        typer.echo(f"flglm worker: cannot claim a replica slot: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+    def stop_consuming(reason: str) -> None:
+        # Never share a queue: leave at once; the unacknowledged task is redelivered to the slot's owner.
+        typer.echo(f"flglm worker: {reason}; exiting so that it is restarted on a free slot", err=True)
+        os._exit(LEASE_LOST_EXIT_CODE)
+
+    claim.start_heartbeat(stop_consuming)
+    typer.echo(f"flglm worker: claimed replica slot {slot} as {claim.owner} ({claim.how})", err=True)
+    return claim, slot
 
 
 @app.callback(invoke_without_command=True)
 def run(
-    replica: Annotated[list[int], typer.Option("--replica", "-r", help="replica slot(s) to serve")] = [0],  # noqa: B006
+    ctx: typer.Context,
+    replica: Annotated[
+        list[str],
+        typer.Option(
+            "--replica", "-r", help="replica slot(s) to serve, or 'auto': lease the lowest free slot in Redis"
+        ),
+    ] = ["0"],  # noqa: B006
+    max_replicas: Annotated[
+        int, typer.Option(min=1, help="with --replica auto: slots 0..N-1 may be claimed")
+    ] = 64,
     default_queue: Annotated[
         bool, typer.Option(help="also consume the default queue (client FedAvg)")
     ] = True,
@@ -30,28 +95,65 @@ def run(
     ] = None,
 ) -> None:
     """Start the worker in the foreground (Ctrl-C stops it; a running step is lost and retried)."""
+    if ctx.invoked_subcommand is not None:
+        return
     if pool not in ("solo", "threads"):
         raise typer.BadParameter("pool must be 'solo' or 'threads': replica graphs live in one process")
-    if any(r < 0 for r in replica):
-        raise typer.BadParameter("replica slots are >= 0")
-    queues = [replica_queue(r) for r in sorted(set(replica))] + ([DEFAULT_QUEUE] if default_queue else [])
+    slots = parse_replica_slots(replica)
+    claim = None
+    if slots is None:
+        claim, slot = claim_free_slot(max_replicas)
+        slots = [slot]
+    queues = [replica_queue(r) for r in slots] + ([DEFAULT_QUEUE] if default_queue else [])
     from worker.celery_app import app as celery_app
+    from worker.tasks import use_device_of_slot
 
-    name = hostname or f"flglm-r{'-'.join(str(r) for r in sorted(set(replica)))}@%h"
-    celery_app.worker_main(
-        [
-            "worker",
-            "-Q",
-            ",".join(queues),
-            "-P",
-            pool,
-            "-c",
-            "1",
-            "-n",
-            name,
-            "--loglevel",
-            loglevel,
-            "--without-gossip",
-            "--without-mingle",
-        ]
-    )
+    use_device_of_slot(slots[0])
+    name = hostname or f"flglm-r{'-'.join(str(r) for r in slots)}@%h"
+    try:
+        celery_app.worker_main(
+            [
+                "worker",
+                "-Q",
+                ",".join(queues),
+                "-P",
+                pool,
+                "-c",
+                "1",
+                "-n",
+                name,
+                "--loglevel",
+                loglevel,
+                "--without-gossip",
+                "--without-mingle",
+            ]
+        )
+    finally:
+        if claim is not None:
+            claim.release()
+
+
+@app.command("slots")
+def list_slots(
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """List the replica slots leased by `--replica auto` workers: slot, owner, seconds until expiry."""
+    import redis
+
+    from worker.settings import get_worker_settings
+    from worker.slots import read_slot_leases
+
+    try:
+        leases = read_slot_leases(redis.Redis.from_url(get_worker_settings().redis_url))
+    except redis.RedisError as exc:
+        typer.echo(f"flglm worker slots: cannot read the leases from Redis: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if as_json:
+        typer.echo(json.dumps({"slots": [dataclasses.asdict(lease) for lease in leases]}))
+        return
+    if not leases:
+        typer.echo("no replica slot is leased (fixed --replica K workers hold no lease)")
+        return
+    typer.echo(f"{'slot':>4}  {'expires in':>10}  owner")
+    for lease in leases:
+        typer.echo(f"{lease.slot:>4}  {lease.ttl_s:>9.1f}s  {lease.owner}")
