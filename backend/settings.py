@@ -23,6 +23,8 @@ class Settings(BaseSettings):
     step_wait_threads: int = 64
     step_admission_timeout_s: float = 30.0
     checkpoint_dir: Path | None = None
+    # Generation: how long a caller waits for a worker to open a session (loads the body) or run one call.
+    generation_task_timeout_s: float = 120.0
 
     heartbeat_lease_s: float = 60.0
     # How often the app enforces round deadlines and heartbeat leases; 0 disables the loop (tests call it).

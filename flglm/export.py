@@ -29,7 +29,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from flglm.adapters import AdapterConfig, add_split_adapters, load_trainable_state_dict
-from flglm.models import load_model, load_tokenizer, resolve_model_ref
+from flglm.models import load_model, load_split_parts, load_tokenizer, resolve_model_ref
 from flglm.split import SplitModel, SplitPlan, split_model
 
 ADAPTER_NAME = "default"  # the adapter name `inject_adapter_in_model` uses, dropped in peft's saved keys
@@ -147,5 +147,15 @@ def split_from_bundle(bundle: ExportBundle) -> SplitModel:
     split = add_split_adapters(split_model(load_model(bundle.model_ref), bundle.plan), bundle.adapter_cfg, 0)
     load_trainable_state_dict(split.as_module_dict(["front", "back"]), bundle.front_back_state)
     load_trainable_state_dict(split.part("body"), bundle.body_state)
+    split.as_module_dict().eval()
+    return split
+
+
+def client_parts_from_bundle(bundle: ExportBundle) -> SplitModel:
+    """Only the front and back with the job's global client adapters (the caller's half of remote-body
+    generation; only their weights are read from disk). The body is None: a worker runs it."""
+    split = load_split_parts(bundle.model_ref, bundle.plan, parts={"front", "back"})
+    add_split_adapters(split, bundle.adapter_cfg, 0)
+    load_trainable_state_dict(split.as_module_dict(["front", "back"]), bundle.front_back_state)
     split.as_module_dict().eval()
     return split

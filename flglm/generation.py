@@ -2,13 +2,17 @@
 
 Each part keeps its own `DynamicCache` (built from the model config, so it addresses layers by their index in
 the whole model and fills only its own), which is what lets the body's cache live on another machine than the
-client's front and back caches. Per step only the new position's hidden state (batch, 1, hidden) and the
+caller's front and back caches. Per step only the new positions' hidden states (batch, new, hidden) and the
 growing attention mask cross the cut, as in training.
 
 `generate_through_split` takes the body as a `BodyStep` callable, `(hidden_states, attention_mask) ->
-hidden_states`: `LocalBody` runs the server body in-process with its cache; a remote body (a worker) would
-keep its cache per generation session and is called the same way. Greedy decoding equals the unsplit
-model's `generate(do_sample=False)` token for token (tests), with the same EOS/padding rules.
+hidden_states`: `LocalBody` runs the server body in this process with its cache (offline use, tests);
+`RemoteBody` sends each call through a transport (bytes in, bytes out) to a worker that keeps the body's
+cache in a generation session (`worker.generation`): the backend's generate route submits the call to the
+executor, `flglm generate` posts it to the session routes (`flglm.generation_protocol`). Both directions are
+safetensors dicts built and checked here (`encode_body_input` / `decode_body_input`, `encode_body_output` /
+`decode_body_output`), never pickle. Greedy decoding equals the unsplit model's `generate(do_sample=False)`
+token for token (tests), with the same EOS/padding rules.
 """
 
 from __future__ import annotations
@@ -19,9 +23,13 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from flglm.generation_protocol import ATTENTION_MASK, HIDDEN_STATES
 from flglm.split import ServerBody, SplitModel
+from flglm.step_messages import WrongPayload
+from flglm.wire.codec import FLOAT_WIRE_DTYPES, decode_tensors, dtype_name, encode_tensors
 
 BodyStep = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+BodyTransport = Callable[[bytes], bytes]  # encoded body input -> encoded body output
 
 
 class LocalBody:
@@ -33,6 +41,68 @@ class LocalBody:
 
     def __call__(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.body(hidden_states, attention_mask, past_key_values=self.cache)  # (batch, new, hidden)
+
+
+def encode_body_input(hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> bytes:
+    """Safetensors of the new positions' hidden states (batch, new, hidden) and mask (batch, cached + new)."""
+    return encode_tensors({HIDDEN_STATES: hidden_states, ATTENTION_MASK: attention_mask.long()})
+
+
+def decode_body_input(
+    data: bytes, hidden_size: int, max_batch_size: int, max_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden_states, attention_mask) from untrusted bytes; `WrongPayload` (or a `DecodeError`) naming the
+    problem for anything else: names, dtypes, ranks, hidden size, batch and token limits, mask values."""
+    cells = max_batch_size * max_tokens
+    tensors = decode_tensors(data, max_bytes=cells * (hidden_size * 4 + 8) + 4096)
+    if set(tensors) != {HIDDEN_STATES, ATTENTION_MASK}:
+        raise WrongPayload(f"body input holds {sorted(tensors)}; expected {[ATTENTION_MASK, HIDDEN_STATES]}")
+    hidden, mask = tensors[HIDDEN_STATES], tensors[ATTENTION_MASK]
+    if dtype_name(hidden.dtype) not in FLOAT_WIRE_DTYPES:
+        raise WrongPayload(
+            f"hidden_states dtype {dtype_name(hidden.dtype)}; expected one of {FLOAT_WIRE_DTYPES}"
+        )
+    if hidden.dim() != 3 or hidden.shape[-1] != hidden_size:
+        raise WrongPayload(f"hidden_states shape {list(hidden.shape)}; expected (batch, new, {hidden_size})")
+    batch, new = hidden.shape[0], hidden.shape[1]
+    if not 1 <= batch <= max_batch_size:
+        raise WrongPayload(f"hidden_states batch {batch} outside 1..{max_batch_size}")
+    if new < 1:
+        raise WrongPayload("hidden_states hold no position")
+    if mask.dtype != torch.int64 or mask.dim() != 2 or mask.shape[0] != batch:
+        raise WrongPayload(
+            f"attention_mask {dtype_name(mask.dtype)} {list(mask.shape)}; expected int64 ({batch}, tokens)"
+        )
+    if not new <= mask.shape[1] <= max_tokens:
+        raise WrongPayload(f"attention_mask covers {mask.shape[1]} tokens; expected {new}..{max_tokens}")
+    if bool(((mask != 0) & (mask != 1)).any()):
+        raise WrongPayload("attention_mask values must be 0 or 1")
+    return hidden, mask
+
+
+def encode_body_output(hidden_states: torch.Tensor) -> bytes:
+    return encode_tensors({HIDDEN_STATES: hidden_states})
+
+
+def decode_body_output(data: bytes, like: torch.Tensor) -> torch.Tensor:
+    """The body's output, which must have the shape and dtype of the input it answers (`like`)."""
+    expected = {HIDDEN_STATES: (like.dtype, tuple(like.shape))}
+    return decode_tensors(data, max_bytes=like.numel() * like.element_size(), expected=expected)[
+        HIDDEN_STATES
+    ]
+
+
+class RemoteBody:
+    """The server body on a worker: each call goes through `transport` (encoded input -> encoded output);
+    the worker's generation session holds the body's KV cache."""
+
+    def __init__(self, transport: BodyTransport) -> None:
+        self.transport = transport
+
+    def __call__(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        answer = self.transport(encode_body_input(hidden_states, attention_mask))
+        output = decode_body_output(answer, hidden_states)  # (batch, new, hidden)
+        return output.to(hidden_states.device)
 
 
 @dataclass(frozen=True)

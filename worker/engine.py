@@ -23,7 +23,9 @@ from flglm.step_protocol import MessageRef, WorkerJobSpec, spec_blob_key
 from flglm.wire.sequence import ReplayGuard, SequenceGuard
 from worker.blob_store import BlobStore
 from worker.errors import UnknownJob
+from worker.generation import GenerationSessions
 from worker.replica import ServerReplica
+from worker.settings import get_worker_settings
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +82,8 @@ class WorkerRuntime:
         self.schedule_flush = schedule_flush
         self.device = device or pick_device()
         self.replicas: dict[tuple[int, int], ServerReplica] = {}
+        # Generation sessions (body + KV cache per session) of the caller-side split generation.
+        self.generation = GenerationSessions.from_settings(get_worker_settings(), self.device)
         self._lock = threading.Lock()
 
     def replica(self, job_id: int, replica: int) -> ServerReplica:

@@ -74,6 +74,29 @@ class ReplicaBusy(StepRejected):
     code = "replica_busy"
 
 
+class UnknownGenerationSession(StepRejected):
+    """A body call or close for a generation session this worker does not hold: never opened, closed,
+    idle past its TTL, evicted by newer sessions, or lost with its worker. The caller opens a new one."""
+
+    http_status = 404
+    code = "unknown_generation_session"
+
+
+class GenerationOutOfOrder(StepRejected):
+    """A body call whose attention mask does not continue the session's KV cache (a repeated, lost or
+    concurrent call, or another batch): the cache would no longer match the caller's."""
+
+    http_status = 409
+    code = "generation_out_of_order"
+
+
+class NoServerCheckpoint(StepRejected):
+    """A generation session asked for a job whose server adapters were never checkpointed."""
+
+    http_status = 409
+    code = "no_server_checkpoint"
+
+
 class JournalGap(RuntimeError):
     """A journalled step cannot be replayed (its messages expired): resuming would lose applied steps."""
 

@@ -20,8 +20,12 @@ from worker import engine, errors
 from worker.admission import run_admit_upload
 from worker.blob_store import BlobStore, InMemoryBlobStore, RedisBlobStore
 from worker.fedavg import run_client_fedavg
+from worker.generation import run_body_generate, run_body_generate_close, run_body_generate_open
 from worker.routing import (
     ADMIT_UPLOAD,
+    BODY_GENERATE,
+    BODY_GENERATE_CLOSE,
+    BODY_GENERATE_OPEN,
     CLIENT_FEDAVG,
     REPLICA_COUNTERS,
     REPLICA_FLUSH,
@@ -45,6 +49,9 @@ TASK_FUNCTIONS: dict[str, TaskFunction] = {
     CLIENT_FEDAVG: run_client_fedavg,
     REPLICA_COUNTERS: engine.replica_counters,
     ADMIT_UPLOAD: run_admit_upload,
+    BODY_GENERATE_OPEN: run_body_generate_open,
+    BODY_GENERATE: run_body_generate,
+    BODY_GENERATE_CLOSE: run_body_generate_close,
 }
 
 
@@ -188,6 +195,9 @@ def executor_from_settings(
 
 __all__ = [
     "ADMIT_UPLOAD",
+    "BODY_GENERATE",
+    "BODY_GENERATE_CLOSE",
+    "BODY_GENERATE_OPEN",
     "CLIENT_FEDAVG",
     "DEFAULT_QUEUE",
     "REPLICA_COUNTERS",

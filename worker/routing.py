@@ -19,6 +19,10 @@ ROUND_END = "flglm.round_end"
 CLIENT_FEDAVG = "flglm.client_fedavg"
 REPLICA_COUNTERS = "flglm.replica_counters"
 ADMIT_UPLOAD = "flglm.admit_upload"
+# Generation sessions (worker.generation): all on replica_queue(0), whose one process holds the KV caches.
+BODY_GENERATE_OPEN = "flglm.body_generate_open"
+BODY_GENERATE = "flglm.body_generate"
+BODY_GENERATE_CLOSE = "flglm.body_generate_close"
 
 _REJECTION_KINDS: list[type[errors.StepRejected]] = [
     errors.StepRejected,

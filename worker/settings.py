@@ -22,6 +22,9 @@ class WorkerSettings(BaseSettings):
     task_max_deliveries: int = 3  # a task redelivered more often (it keeps killing workers) is dropped
     # Redis redelivers an unacknowledged task (its worker died) after this long; above the time limit.
     broker_visibility_timeout_s: float = 900.0
+    # Generation sessions (worker.generation): dropped after this long unused, and beyond this many (LRU).
+    generation_session_ttl_s: float = 300.0
+    generation_max_sessions: int = 8
     # `flglm worker --replica auto`: who holds a slot lease (default: the hostname, i.e. the container) and
     # how long a lease outlives its last heartbeat (renewed every third of it).
     worker_identity: str | None = None

@@ -20,6 +20,7 @@ for router in (
     jobs.router,
     jobs.agent_router,
     exports.router,
+    exports.generation_router,
     metrics.router,
     metrics.agent_router,
     steps.router,

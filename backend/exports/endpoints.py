@@ -1,19 +1,42 @@
-"""`GET /jobs/{id}/export` (the adapters as one safetensors bundle, admins) and `POST /jobs/{id}/generate`."""
+"""`GET /jobs/{id}/export` (the adapters as one safetensors bundle, admins), `POST /jobs/{id}/generate`, and
+the generation-session routes through which `flglm generate` runs the body on a worker.
+
+Generation always splits the model: front and back at the caller (this backend for `/generate`, the CLI
+for the session routes), the body with its KV cache on a worker (`worker.generation`). The session routes
+are for admins only, who already hold the client adapters through the export; what crosses them (hidden
+states after the front, the body's output) is protected by TLS like every other route, not by the per-client
+AES keys of training, because the operator is not a data owner.
+"""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path
-from fastapi.responses import Response
+from fastapi import APIRouter, Path, Request, Response, status
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from backend.api.deps import AdminDep, OperatorDep, SessionDep, SettingsDep
-from backend.exports import service
+from backend.exports import service, sessions
 from backend.exports.schemas import GenerateRequest, GenerateView
+from backend.jobs.service import get_job
+from backend.steps.endpoints import RuntimeDep
+from flglm.generation_protocol import (
+    GENERATION_BODY_PATH,
+    GENERATION_SESSION_PATH,
+    GENERATION_SESSIONS_PATH,
+    SESSION_ID_PATTERN,
+    TENSORS_MEDIA_TYPE,
+    GenerationSessionView,
+)
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
+generation_router = APIRouter(tags=["generation"])  # session paths are full paths (flglm.generation_protocol)
 
-EXPORT_MEDIA_TYPE = "application/vnd.safetensors"
+EXPORT_MEDIA_TYPE = TENSORS_MEDIA_TYPE
+JobId = Annotated[int, Path(ge=1)]
+SessionId = Annotated[str, Path(pattern=SESSION_ID_PATTERN, description="from opening the session")]
+BODY_MEDIA_TYPES = (TENSORS_MEDIA_TYPE, "application/octet-stream")
 
 
 @router.get(
@@ -21,9 +44,7 @@ EXPORT_MEDIA_TYPE = "application/vnd.safetensors"
     response_class=Response,
     responses={200: {"content": {EXPORT_MEDIA_TYPE: {}}, "description": "safetensors bundle"}},
 )
-def export_job(
-    job_id: Annotated[int, Path(ge=1)], session: SessionDep, settings: SettingsDep, admin: AdminDep
-) -> Response:
+def export_job(job_id: JobId, session: SessionDep, settings: SettingsDep, admin: AdminDep) -> Response:
     bundle = service.export_bundle(session, settings, admin.actor, job_id)
     return Response(
         bundle,
@@ -34,11 +55,71 @@ def export_job(
 
 @router.post("/{job_id}/generate", response_model=GenerateView)
 def generate(
-    job_id: Annotated[int, Path(ge=1)],
+    job_id: JobId,
     request: GenerateRequest,
     session: SessionDep,
     settings: SettingsDep,
+    runtime: RuntimeDep,
     operator: OperatorDep,
 ) -> GenerateView:
-    """Complete prompts with the job's trained model, through the split (all parts in the backend)."""
-    return service.generate_completions(session, settings, operator.actor, job_id, request)
+    """Complete prompts with the job's trained model: front and back here, the body on a worker."""
+    return sessions.generate_completions(session, settings, runtime, operator.actor, job_id, request)
+
+
+@generation_router.post(
+    GENERATION_SESSIONS_PATH, response_model=GenerationSessionView, status_code=status.HTTP_201_CREATED
+)
+def open_generation_session(
+    job_id: JobId, session: SessionDep, settings: SettingsDep, runtime: RuntimeDep, admin: AdminDep
+) -> GenerationSessionView:
+    """Open a session on a worker holding the job's body (newest server adapters) and a fresh KV cache.
+
+    The caller runs the front and back from the export bundle. Idle sessions close after `idle_ttl_s`.
+    """
+    return sessions.open_generation_session(session, settings, runtime, admin.actor, job_id)
+
+
+@generation_router.post(
+    GENERATION_BODY_PATH,
+    response_class=Response,
+    responses={200: {"content": {TENSORS_MEDIA_TYPE: {}}, "description": "safetensors {hidden_states}"}},
+)
+async def run_generation_body(
+    request: Request,
+    job_id: JobId,
+    session_id: SessionId,
+    session: SessionDep,
+    settings: SettingsDep,
+    runtime: RuntimeDep,
+    admin: AdminDep,
+) -> Response:
+    """Run the body on the new positions: the request is safetensors {hidden_states (batch, new, hidden) in
+    float32/float16/bfloat16, attention_mask (batch, cached + new) int64}; the answer is safetensors
+    {hidden_states} of the same shape and dtype. 422 for wrong names, dtypes, hidden size or limits, 409 for
+    a mask that does not continue the session's cache, 404 for a session the worker does not hold."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip()
+    if content_type not in BODY_MEDIA_TYPES:
+        raise StarletteHTTPException(415, f"send the tensors as {TENSORS_MEDIA_TYPE}, not {content_type!r}")
+    await run_in_threadpool(get_job, session, job_id)
+    data = await request.body()
+    timeout_s = settings.generation_task_timeout_s
+    output = await run_in_threadpool(sessions.run_body, runtime, timeout_s, job_id, session_id, data)
+    return Response(content=output, media_type=TENSORS_MEDIA_TYPE)
+
+
+@generation_router.delete(GENERATION_SESSION_PATH, status_code=status.HTTP_204_NO_CONTENT)
+def close_generation_session(
+    job_id: JobId,
+    session_id: SessionId,
+    session: SessionDep,
+    settings: SettingsDep,
+    runtime: RuntimeDep,
+    admin: AdminDep,
+) -> Response:
+    """Close a session (its KV cache is dropped); 404 when the worker no longer holds it."""
+    get_job(session, job_id)
+    if not sessions.close_session(runtime, settings.generation_task_timeout_s, job_id, session_id):
+        raise sessions.GenerationSessionNotFound(
+            f"generation session {session_id} of job {job_id} is not open"
+        )
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

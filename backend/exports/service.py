@@ -4,6 +4,10 @@ Tensors: `body/<server body param>` from replica 0's newest checkpoint (replicas
 end) and `client/<front.… | back.…>` from the newest plaintext FedAvg result (see
 `worker.artifact_paths`). Metadata: the job's model ref, split plan and adapter config as JSON, so the CLI
 can rebuild the unsplit PEFT adapter with `flglm.export` without asking anything else.
+
+The bundle is also the caller's half of split generation: the backend's generate route and `flglm generate`
+load its client adapters into the front and back, while the body runs on a worker from the same server
+checkpoint (see `backend.exports.sessions`).
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ from sqlalchemy.orm import Session
 
 from backend.audit.service import record
 from backend.errors import Conflict
-from backend.exports.schemas import GenerateRequest, GenerateView
 from backend.jobs.service import get_job
 from backend.settings import Settings
 from worker.artifact_paths import (
@@ -65,23 +68,3 @@ def build_bundle(session: Session, settings: Settings, job_id: int) -> tuple[byt
         "client_adapters": client.name,
     }
     return write_raw_safetensors(tensors, metadata), metadata
-
-
-def generate_completions(
-    session: Session, settings: Settings, actor: str, job_id: int, request: GenerateRequest
-) -> GenerateView:
-    """Generate through the job's split model in this process (front, body and back, each with a KV cache).
-
-    torch is imported here only: the control plane stays torch-free until someone asks for generation.
-    """
-    from backend.exports.inference import complete_prompts
-
-    bundle, metadata = build_bundle(session, settings, job_id)
-    completions = complete_prompts(bundle, request)
-    record(session, actor, "job.generate", "job", job_id, {"prompts": len(request.prompts)})
-    return GenerateView(
-        completions=completions,
-        model_ref=metadata["model_ref"],
-        server_checkpoint=metadata["server_checkpoint"],
-        client_adapters=metadata["client_adapters"],
-    )

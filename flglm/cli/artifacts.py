@@ -1,18 +1,26 @@
 """`flglm job export` (the trained model as a PEFT adapter / merged weights) and `flglm generate`.
 
 Both download the job's adapter bundle (`GET /jobs/{id}/export`, admin) or read one saved with `--bundle`.
-`generate` then runs the split locally: front and back at the caller, the body in this process too, each
-part with its own KV cache (see flglm.generation); torch is imported only when a command runs.
+`generate` runs the split with a KV cache in every part (see flglm.generation): front and back in this
+process from the bundle's client adapters, the body on a worker through a generation session
+(`flglm.generation_client`, closed at the end, also on error). `--bundle` (offline, no server) and
+`--local-body` run the body in this process too. torch is imported only when a command runs.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from flglm.cli.operator import DEFAULT_SERVER, CaCert, Server, Token, call_api, job_app
+
+if TYPE_CHECKING:
+    import torch
+
+    from flglm.generation import BodyStep
+    from flglm.split import SplitModel
 
 BundleFile = Annotated[
     Path | None,
@@ -64,6 +72,14 @@ def export(
     typer.echo(str(written))
 
 
+LocalBodyFlag = Annotated[
+    bool,
+    typer.Option(
+        "--local-body", help="run the body in this process too (the server only exports the bundle)"
+    ),
+]
+
+
 def generate(
     job_id: int,
     prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="a prompt (repeat for a batch)")],
@@ -73,36 +89,55 @@ def generate(
     top_k: Annotated[int, typer.Option(min=0)] = 0,
     seed: int = 0,
     bundle: BundleFile = None,
+    local_body: LocalBodyFlag = False,
     server: Server = DEFAULT_SERVER,
     token: Token = "",
     ca_cert: CaCert = None,
 ) -> None:
-    """Generate a completion of each PROMPT with JOB's trained adapters, through the split model."""
-    from flglm.export import read_export_bundle, split_from_bundle
-    from flglm.generation import SamplingConfig, generate_through_split
+    """Generate a completion of each PROMPT with JOB's trained adapters, through the split model.
+
+    Front and back run here; the body runs on a worker through a generation session (closed at the end),
+    unless --bundle (offline) or --local-body runs it here too.
+    """
+    from flglm.export import client_parts_from_bundle, read_export_bundle, split_from_bundle
+    from flglm.generation import RemoteBody, SamplingConfig, generate_through_split
+    from flglm.generation_client import GenerationApiError, GenerationSessionClient
     from flglm.models import load_tokenizer
 
+    try:
+        sampling = SamplingConfig(max_new_tokens, do_sample, temperature, top_k, seed)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
     data = fetch_bundle(job_id, bundle, server, token, ca_cert)
     try:
         parsed = read_export_bundle(data)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
-    split = split_from_bundle(parsed)
     tokenizer = load_tokenizer(parsed.model_ref)
     tokenizer.padding_side = "left"
     encoded = tokenizer(prompt, return_tensors="pt", padding=True)
-    try:
-        sampling = SamplingConfig(max_new_tokens, do_sample, temperature, top_k, seed)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
-    sequences = generate_through_split(
-        split,
-        encoded["input_ids"],
-        encoded["attention_mask"],
-        sampling,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id or 0,
-    )
+
+    def run(split: SplitModel, body: BodyStep | None) -> torch.Tensor:
+        return generate_through_split(
+            split,
+            encoded["input_ids"],
+            encoded["attention_mask"],
+            sampling,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id or 0,
+            body_step=body,
+        )
+
+    if bundle is not None or local_body:
+        sequences = run(split_from_bundle(parsed), None)
+    else:
+        try:
+            with GenerationSessionClient(server, token, job_id, ca_cert) as remote:
+                remote.open()
+                sequences = run(client_parts_from_bundle(parsed), RemoteBody(remote.run_body))
+        except GenerationApiError as exc:
+            typer.echo(f"error {exc.code}: {exc.message}", err=True)
+            raise typer.Exit(1) from None
     new_tokens = sequences[:, encoded["input_ids"].shape[1] :]  # (batch, new)
     for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True):
         typer.echo(text)
