@@ -106,7 +106,7 @@ def test_compose_commands_and_settings_match_the_code() -> None:
     services = document["services"]
     assert {"postgres", "redis", "backend", "worker"} <= set(services)
     for name, service in services.items():
-        assert "healthcheck" in service or name in ("agent", "worker-1"), f"{name} has no healthcheck"
+        assert "healthcheck" in service or name == "agent", f"{name} has no healthcheck"
 
 
 def test_a_wrong_option_or_variable_would_be_caught() -> None:
@@ -117,6 +117,8 @@ def test_a_wrong_option_or_variable_would_be_caught() -> None:
     document["services"]["worker"]["environment"]["FLGLM_CHECKPOINT_DIR"] = "/c"  # backend-only setting
     problems = "\n".join(compose_problems(document))
     assert "--replicas" in problems and "srv" in problems
+    for bad in (["--replica", "all"], ["--replica", "auto", "--replica", "1"], ["--max-replicas", "0"]):
+        assert command_problems("worker", ["flglm", "worker", *bad]) != [], bad
     assert "FLGLM_DATABASE " in problems and "worker: FLGLM_CHECKPOINT_DIR" in problems
 
 
@@ -150,13 +152,33 @@ def test_ports_volumes_and_paths_agree() -> None:
         devices = worker["deploy"]["resources"]["reservations"]["devices"]
         assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
         replicas.append(option_value(worker["command"], "--replica"))
-    assert len(set(replicas)) == len(replicas), "two workers on one replica queue would split its graphs"
+    fixed = [replica for replica in replicas if replica != "auto"]
+    assert len(set(fixed)) == len(fixed), "two workers on one replica queue would split its graphs"
     declared = set(load_compose()["volumes"])
     for name, service in services.items():
         for volume in service.get("volumes", []):
             source = volume.split(":")[0]
             bind_mount = source.startswith((".", "/", "${"))
             assert bind_mount or source in declared, f"{name}: volume {source} undeclared"
+
+
+def test_one_scalable_worker_service_leases_its_replica_slot() -> None:
+    """`docker compose up --scale worker=N`: one worker service, every container a slot lease and all GPUs."""
+    services = load_compose()["services"]
+    assert [name for name in services if name.startswith(WORKER_PREFIX)] == ["worker"]
+    worker = services["worker"]
+    command = worker["command"]
+    assert command[:2] == ["flglm", "worker"] and option_value(command, "--replica") == "auto"
+    assert option_value(command, "--pool") == "solo"  # a replica's graphs live in one process
+    assert int(option_value(command, "--max-replicas") or 0) >= 8
+    assert "container_name" not in worker and "ports" not in worker  # both would make --scale fail
+    (devices,) = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert devices["count"] == "all" and "device_ids" not in devices  # the worker picks slot % GPU count
+    assert float(worker["environment"]["FLGLM_SLOT_LEASE_TTL_S"]) > 0
+    assert "stop_grace_period" in worker  # time to finish the running step and release the lease
+    header = (ROOT / "docker-compose.yml").read_text().split("services:")[0]
+    assert "--scale worker=" in header and "flglm worker slots" in header
+    assert command_problems("worker", ["flglm", "worker", "slots", "--json"]) == []
 
 
 def test_env_example_names_real_settings() -> None:

@@ -73,13 +73,22 @@ def claim_free_slot(max_replicas: int) -> tuple[SlotClaim, int]:
     return claim, slot
 
 
+def check_replica_option(values: list[str]) -> list[str]:
+    """Reject a bad --replica while parsing (so that a wrong compose command fails its static test too)."""
+    parse_replica_slots(values)
+    return values
+
+
 @app.callback(invoke_without_command=True)
 def run(
     ctx: typer.Context,
     replica: Annotated[
         list[str],
         typer.Option(
-            "--replica", "-r", help="replica slot(s) to serve, or 'auto': lease the lowest free slot in Redis"
+            "--replica",
+            "-r",
+            help="replica slot(s) to serve, or 'auto': lease the lowest free slot in Redis",
+            callback=check_replica_option,
         ),
     ] = ["0"],  # noqa: B006
     max_replicas: Annotated[

@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,10 +59,20 @@ class WorkerProcesses:
     def __init__(self, redis_url: str, key_file: Path, log_dir: Path) -> None:
         self.redis_url, self.key_file, self.log_dir = redis_url, key_file, log_dir
         self.processes: list[subprocess.Popen[bytes]] = []
+        self.run_id = random.randrange(10**9)
 
-    def start(self, *replicas: int) -> subprocess.Popen[bytes]:
-        env = dict(os.environ)
-        env.update(
+    def log_path(self, index: int) -> Path:
+        return self.log_dir / f"worker-{index}.log"
+
+    def node_name(self, index: int) -> str:
+        return f"test-{index}-{self.run_id}@{socket.gethostname()}"
+
+    def start(
+        self, *replicas: int | str, options: Sequence[str] = (), env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        """`flglm worker --replica R ...` (R a slot or 'auto') with `options`, node name `node_name(i)`."""
+        worker_env = dict(os.environ)
+        worker_env.update(
             FLGLM_REDIS_URL=self.redis_url,
             FLGLM_SERVER_KEY_FILE=str(self.key_file),
             FLGLM_BROKER_VISIBILITY_TIMEOUT_S="5",  # redeliver a dead worker's task quickly
@@ -69,6 +80,7 @@ class WorkerProcesses:
             TRANSFORMERS_OFFLINE="1",
             OMP_NUM_THREADS="1",
             PYTHONPATH=str(REPO),
+            **(env or {}),
         )
         args = [
             sys.executable,
@@ -78,14 +90,15 @@ class WorkerProcesses:
             "--loglevel",
             "warning",
             "--hostname",
-            f"test-{len(self.processes)}-{random.randrange(10**9)}@%h",
+            self.node_name(len(self.processes)),
+            *options,
         ]
         for replica in replicas:
             args += ["--replica", str(replica)]
-        if replicas and replicas[0] != 0:
+        if replicas and replicas[0] not in (0, "auto"):
             args.append("--no-default-queue")
-        log = open(self.log_dir / f"worker-{len(self.processes)}.log", "wb")  # noqa: SIM115
-        process = subprocess.Popen(args, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        log = open(self.log_path(len(self.processes)), "wb")  # noqa: SIM115
+        process = subprocess.Popen(args, env=worker_env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         self.processes.append(process)
         return process
 
