@@ -1,0 +1,52 @@
+"""A job with trained adapters on the checkpoint volume, and its unsplit model's greedy reference output."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from backend.settings import Settings
+from flglm.adapters import AdapterConfig, add_split_adapters, load_trainable_state_dict
+from flglm.models import load_model, load_tokenizer
+from flglm.split import SplitPlan, split_model
+from tests.backend.conftest import Api, job_spec
+from tests.backend.test_export import write_trained_adapters
+
+PROMPTS = ["the news today", "a storm over the"]  # different lengths: the batch is left-padded
+NEW_TOKENS = 6
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The prompts as the caller tokenizes them and what the unsplit model generates from them."""
+
+    input_ids: torch.Tensor  # (batch, prompt), left-padded
+    attention_mask: torch.Tensor  # (batch, prompt)
+    sequences: torch.Tensor  # (batch, prompt + new), the unsplit model's greedy `generate`
+    completions: list[str]
+
+
+def trained_job(api: Api, settings: Settings) -> tuple[int, Reference]:
+    """A tiny-llama job whose server checkpoint and client average exist, and the unsplit reference."""
+    job_id: int = api.ok("POST", "/jobs", 201, json=job_spec([], model_ref="tiny:llama"))["id"]
+    client, body = write_trained_adapters(settings, job_id)
+    model = load_model("tiny:llama").eval()
+    split = add_split_adapters(split_model(model, SplitPlan(1, 1)), AdapterConfig(r=8), 0)
+    load_trainable_state_dict(split.as_module_dict(["front", "back"]), client)
+    load_trainable_state_dict(split.part("body"), body)  # `model` shares these modules: it is the reference
+    tokenizer = load_tokenizer("tiny:llama")
+    tokenizer.padding_side = "left"
+    encoded = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        sequences = model.generate(  # type: ignore[operator]
+            input_ids=encoded["input_ids"],
+            attention_mask=encoded["attention_mask"],
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id or 0,
+        )
+    new_tokens = sequences[:, encoded["input_ids"].shape[1] :]  # (batch, new)
+    completions = list(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+    return job_id, Reference(encoded["input_ids"], encoded["attention_mask"], sequences, completions)
