@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 
 import pytest
 import redis
+import torch
 
+from tests.worker.test_celery_worker import REPO
+from worker.engine import pick_device
 from worker.slots import NoFreeSlot, SlotClaim, read_slot_leases, slot_key
 
 pytestmark = pytest.mark.redis
@@ -141,3 +147,24 @@ def test_a_live_process_with_the_same_identity_keeps_its_slot(
     other = new_claim(slot_redis, claims, "same-host")
     assert other.claim(4) == 1 and other.how == "free"
     assert slot_redis.get(slot_key(0)) == alive.owner.encode()
+
+
+def test_device_of_a_slot() -> None:
+    assert pick_device(3, "cpu") == torch.device("cpu")  # FLGLM_WORKER_DEVICE wins
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for slot in range(5):
+        expected = torch.device("cuda", slot % gpus) if gpus else torch.device("cpu")
+        assert pick_device(slot) == expected
+
+
+def test_auto_worker_without_redis_fails_clearly() -> None:
+    env = dict(os.environ, FLGLM_REDIS_URL="redis://127.0.0.1:1/0", PYTHONPATH=str(REPO))
+    done = subprocess.run(
+        [sys.executable, "-m", "flglm.cli.main", "worker", "--replica", "auto"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1 and "cannot claim a replica slot" in done.stderr
