@@ -1,4 +1,5 @@
-"""A job with trained adapters on the checkpoint volume, and its unsplit model's greedy reference output."""
+"""A job with trained adapters on the checkpoint volume, its unsplit model's greedy output, and the session
+routes driven the way `flglm generate` drives them."""
 
 from __future__ import annotations
 
@@ -8,9 +9,13 @@ import torch
 
 from backend.settings import Settings
 from flglm.adapters import AdapterConfig, add_split_adapters, load_trainable_state_dict
+from flglm.export import client_parts_from_bundle, read_export_bundle
+from flglm.generation import RemoteBody, SamplingConfig, generate_through_split
+from flglm.generation_client import GenerationSessionClient
+from flglm.generation_protocol import TENSORS_MEDIA_TYPE
 from flglm.models import load_model, load_tokenizer
 from flglm.split import SplitPlan, split_model
-from tests.backend.conftest import Api, job_spec
+from tests.backend.conftest import ADMIN_TOKEN, Api, LiveServer, job_spec
 from tests.backend.test_export import write_trained_adapters
 
 PROMPTS = ["the news today", "a storm over the"]  # different lengths: the batch is left-padded
@@ -50,3 +55,35 @@ def trained_job(api: Api, settings: Settings) -> tuple[int, Reference]:
     new_tokens = sequences[:, encoded["input_ids"].shape[1] :]  # (batch, new)
     completions = list(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
     return job_id, Reference(encoded["input_ids"], encoded["attention_mask"], sequences, completions)
+
+
+HIDDEN = 32  # tiny:llama's hidden size
+
+
+def session_client(live_server: LiveServer, job_id: int, token: str = ADMIN_TOKEN) -> GenerationSessionClient:
+    return GenerationSessionClient(live_server.base_url, token, job_id, live_server.tls.ca_cert)
+
+
+def generate_through_sessions(
+    live_server: LiveServer, api: Api, job_id: int, reference: Reference
+) -> torch.Tensor:
+    """What `flglm generate` does: front and back here from the export bundle, the body through the routes."""
+    split = client_parts_from_bundle(read_export_bundle(api.get(f"/jobs/{job_id}/export").content))
+    tokenizer = load_tokenizer("tiny:llama")
+    with session_client(live_server, job_id) as remote:
+        opened = remote.open()
+        assert opened.hidden_size == HIDDEN and opened.server_checkpoint.startswith("step-")
+        return generate_through_split(
+            split,
+            reference.input_ids,
+            reference.attention_mask,
+            SamplingConfig(max_new_tokens=NEW_TOKENS),
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id or 0,
+            body_step=RemoteBody(remote.run_body),
+        )
+
+
+def body_call(api: Api, job_id: int, session_id: str, data: bytes, media: str = TENSORS_MEDIA_TYPE) -> int:
+    path = f"/jobs/{job_id}/generate/sessions/{session_id}/body"
+    return api.post(path, content=data, headers={"Content-Type": media}).status_code

@@ -14,44 +14,19 @@ from typer.testing import CliRunner
 
 from backend.settings import Settings
 from flglm.cli.main import app as cli
-from flglm.export import client_parts_from_bundle, read_export_bundle
-from flglm.generation import RemoteBody, SamplingConfig, encode_body_input, generate_through_split
-from flglm.generation_client import GenerationApiError, GenerationSessionClient
+from flglm.generation import encode_body_input
+from flglm.generation_client import GenerationApiError
 from flglm.generation_protocol import TENSORS_MEDIA_TYPE
-from flglm.models import load_tokenizer
 from tests.backend.conftest import ADMIN_TOKEN, Api, LiveServer, job_spec
-from tests.e2e.generation_jobs import NEW_TOKENS, PROMPTS, Reference, trained_job
-
-HIDDEN = 32  # tiny:llama's hidden size
-
-
-def session_client(live_server: LiveServer, job_id: int, token: str = ADMIN_TOKEN) -> GenerationSessionClient:
-    return GenerationSessionClient(live_server.base_url, token, job_id, live_server.tls.ca_cert)
-
-
-def generate_through_sessions(
-    live_server: LiveServer, api: Api, job_id: int, reference: Reference
-) -> torch.Tensor:
-    """What `flglm generate` does: front and back here from the export bundle, the body through the routes."""
-    split = client_parts_from_bundle(read_export_bundle(api.get(f"/jobs/{job_id}/export").content))
-    tokenizer = load_tokenizer("tiny:llama")
-    with session_client(live_server, job_id) as remote:
-        opened = remote.open()
-        assert opened.hidden_size == HIDDEN and opened.server_checkpoint.startswith("step-")
-        return generate_through_split(
-            split,
-            reference.input_ids,
-            reference.attention_mask,
-            SamplingConfig(max_new_tokens=NEW_TOKENS),
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id or 0,
-            body_step=RemoteBody(remote.run_body),
-        )
-
-
-def body_call(api: Api, job_id: int, session_id: str, data: bytes, media: str = TENSORS_MEDIA_TYPE) -> int:
-    path = f"/jobs/{job_id}/generate/sessions/{session_id}/body"
-    return api.post(path, content=data, headers={"Content-Type": media}).status_code
+from tests.e2e.generation_jobs import (
+    HIDDEN,
+    NEW_TOKENS,
+    PROMPTS,
+    body_call,
+    generate_through_sessions,
+    session_client,
+    trained_job,
+)
 
 
 def test_generate_route_and_session_routes_equal_the_unsplit_model(
