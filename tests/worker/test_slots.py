@@ -157,14 +157,13 @@ def test_device_of_a_slot() -> None:
         assert pick_device(slot) == expected
 
 
+def run_flglm(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`flglm ARGS` in a subprocess against the given Redis."""
+    env = dict(os.environ, FLGLM_REDIS_URL=redis_url, PYTHONPATH=str(REPO))
+    command = [sys.executable, "-m", "flglm.cli.main", *args]
+    return subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
 def test_auto_worker_without_redis_fails_clearly() -> None:
-    env = dict(os.environ, FLGLM_REDIS_URL="redis://127.0.0.1:1/0", PYTHONPATH=str(REPO))
-    done = subprocess.run(
-        [sys.executable, "-m", "flglm.cli.main", "worker", "--replica", "auto"],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = run_flglm("redis://127.0.0.1:1/0", "worker", "--replica", "auto")
     assert done.returncode == 1 and "cannot claim a replica slot" in done.stderr

@@ -7,10 +7,8 @@ short lease TTL so that a killed worker's slot frees itself within the test.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,8 +19,8 @@ from celery import Celery
 
 from flglm.step_protocol import DEFAULT_QUEUE, replica_queue
 from flglm.wire.keys import generate_private_key, save_private_key
-from tests.worker.test_celery_worker import REPO, WorkerProcesses
-from tests.worker.test_slots import clear_slot_leases
+from tests.worker.test_celery_worker import WorkerProcesses
+from tests.worker.test_slots import clear_slot_leases, run_flglm
 from worker.slots import LEASE_LOST_EXIT_CODE, read_slot_leases, slot_key
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
@@ -80,16 +78,8 @@ def log_text(workers: WorkerProcesses, index: int) -> str:
 
 
 def slots_command(redis_url: str) -> dict[str, list[dict[str, object]]]:
-    env = dict(os.environ, FLGLM_REDIS_URL=redis_url, PYTHONPATH=str(REPO))
-    done = subprocess.run(
-        [sys.executable, "-m", "flglm.cli.main", "worker", "slots", "--json"],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    )
+    done = run_flglm(redis_url, "worker", "slots", "--json")
+    assert done.returncode == 0, done.stderr
     answer: dict[str, list[dict[str, object]]] = json.loads(done.stdout.strip().splitlines()[-1])
     return answer
 
