@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import DynamicCache
@@ -185,3 +186,26 @@ def generate_through_split(
         new_ids = token[:, None]  # (batch, 1)
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones((attention_mask.shape[0], 1))], 1)
     return sequences
+
+
+def complete_texts(
+    split: SplitModel,
+    tokenizer: Any,
+    prompts: list[str],
+    sampling: SamplingConfig,
+    body_step: BodyStep | None = None,
+) -> list[str]:
+    """The completion (new text only) of each prompt, batched left-padded through `generate_through_split`."""
+    tokenizer.padding_side = "left"
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True)
+    sequences = generate_through_split(
+        split,
+        encoded["input_ids"],
+        encoded["attention_mask"],
+        sampling,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id or 0,
+        body_step=body_step,
+    )
+    new_tokens = sequences[:, encoded["input_ids"].shape[1] :]  # (batch, new)
+    return list(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))

@@ -13,7 +13,7 @@ import threading
 
 from backend.exports.schemas import GenerateRequest
 from flglm.export import client_parts_from_bundle, read_export_bundle
-from flglm.generation import BodyTransport, RemoteBody, SamplingConfig, generate_through_split
+from flglm.generation import BodyTransport, RemoteBody, SamplingConfig, complete_texts
 from flglm.models import load_tokenizer
 from flglm.split import SplitModel
 
@@ -37,17 +37,6 @@ def complete_prompts(bundle: bytes, request: GenerateRequest, body_transport: Bo
     )
     with _lock:
         split, model_ref = _client_parts_for(bundle)
-        tokenizer = load_tokenizer(model_ref)
-        tokenizer.padding_side = "left"
-        encoded = tokenizer(request.prompts, return_tensors="pt", padding=True)
-        sequences = generate_through_split(
-            split,
-            encoded["input_ids"],
-            encoded["attention_mask"],
-            sampling,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id or 0,
-            body_step=RemoteBody(body_transport),
+        return complete_texts(
+            split, load_tokenizer(model_ref), request.prompts, sampling, RemoteBody(body_transport)
         )
-    new_tokens = sequences[:, encoded["input_ids"].shape[1] :]  # (batch, new)
-    return list(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))

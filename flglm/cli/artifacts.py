@@ -10,17 +10,11 @@ process from the bundle's client adapters, the body on a worker through a genera
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
 from flglm.cli.operator import DEFAULT_SERVER, CaCert, Server, Token, call_api, job_app
-
-if TYPE_CHECKING:
-    import torch
-
-    from flglm.generation import BodyStep
-    from flglm.split import SplitModel
 
 BundleFile = Annotated[
     Path | None,
@@ -100,7 +94,7 @@ def generate(
     unless --bundle (offline) or --local-body runs it here too.
     """
     from flglm.export import client_parts_from_bundle, read_export_bundle, split_from_bundle
-    from flglm.generation import RemoteBody, SamplingConfig, generate_through_split
+    from flglm.generation import RemoteBody, SamplingConfig, complete_texts
     from flglm.generation_client import GenerationApiError, GenerationSessionClient
     from flglm.models import load_tokenizer
 
@@ -114,30 +108,18 @@ def generate(
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     tokenizer = load_tokenizer(parsed.model_ref)
-    tokenizer.padding_side = "left"
-    encoded = tokenizer(prompt, return_tensors="pt", padding=True)
-
-    def run(split: SplitModel, body: BodyStep | None) -> torch.Tensor:
-        return generate_through_split(
-            split,
-            encoded["input_ids"],
-            encoded["attention_mask"],
-            sampling,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id or 0,
-            body_step=body,
-        )
-
     if bundle is not None or local_body:
-        sequences = run(split_from_bundle(parsed), None)
+        completions = complete_texts(split_from_bundle(parsed), tokenizer, prompt, sampling)
     else:
         try:
             with GenerationSessionClient(server, token, job_id, ca_cert) as remote:
                 remote.open()
-                sequences = run(client_parts_from_bundle(parsed), RemoteBody(remote.run_body))
+                body = RemoteBody(remote.run_body)
+                completions = complete_texts(
+                    client_parts_from_bundle(parsed), tokenizer, prompt, sampling, body
+                )
         except GenerationApiError as exc:
             typer.echo(f"error {exc.code}: {exc.message}", err=True)
             raise typer.Exit(1) from None
-    new_tokens = sequences[:, encoded["input_ids"].shape[1] :]  # (batch, new)
-    for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True):
+    for text in completions:
         typer.echo(text)

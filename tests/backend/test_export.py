@@ -104,7 +104,8 @@ def test_export_route_bundle_and_cli(api: Api, settings: Settings, tmp_path: Pat
     text = tokenizer.decode(expected[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
     assert result.output.rstrip("\n") == text
 
-    # The API route runs the same split generation in the backend process; viewers may call it.
+    # The API route runs the same split generation (front and back in the backend, the body on the
+    # in-process worker); viewers may call it.
     viewer = api.ok("POST", "/auth/tokens", 201, json={"name": "v", "role": "viewer"})["token"]
     answer = api.as_(viewer).ok(
         "POST", f"/jobs/{job_id}/generate", json={"prompts": ["the news today"], "max_new_tokens": 5}
