@@ -123,12 +123,11 @@ class GenerationSessions:
         idle_ttl_s: float = 300.0,
         max_sessions: int = 8,
         clock: Callable[[], float] = time.monotonic,
-        load_body: Callable[[BodyKey, torch.device], ServerBody] = load_generation_body,
     ) -> None:
         if max_sessions < 1 or idle_ttl_s <= 0:
             raise ValueError(f"need max_sessions >= 1 and idle_ttl_s > 0, got {max_sessions}, {idle_ttl_s}")
         self.device, self.idle_ttl_s, self.max_sessions = device, idle_ttl_s, max_sessions
-        self._clock, self._load_body = clock, load_body
+        self._clock = clock
         self._sessions: OrderedDict[tuple[int, str], GenerationSession] = OrderedDict()  # oldest use first
         self._bodies: dict[BodyKey, ServerBody] = {}
         self._lock = threading.Lock()
@@ -151,7 +150,7 @@ class GenerationSessions:
                     body_key.checkpoint,
                     self.device,
                 )
-                self._bodies[body_key] = self._load_body(body_key, self.device)
+                self._bodies[body_key] = load_generation_body(body_key, self.device)
             body = self._bodies[body_key]
             cache = DynamicCache(config=body.stack.config)  # type: ignore[arg-type]
             self._sessions[key] = GenerationSession(body_key, body, cache, self._clock())

@@ -23,6 +23,8 @@ from worker.generation import GenerationSessions
 from worker.routing import raise_if_rejected
 
 HIDDEN = 32  # tiny:llama
+# The worker runs the body on its GPU when it has one: cover that path wherever a GPU is present.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def trained_split() -> SplitModel:
@@ -59,10 +61,11 @@ def clock() -> Clock:
     return Clock()
 
 
-@pytest.fixture
-def runtime(clock: Clock) -> WorkerRuntime:
-    runtime = WorkerRuntime(InMemoryBlobStore(), generate_private_key(), lambda *_: None, torch.device("cpu"))
-    runtime.generation = GenerationSessions(torch.device("cpu"), idle_ttl_s=60, max_sessions=2, clock=clock)
+@pytest.fixture(params=DEVICES)
+def runtime(clock: Clock, request: pytest.FixtureRequest) -> WorkerRuntime:
+    device = torch.device(request.param)
+    runtime = WorkerRuntime(InMemoryBlobStore(), generate_private_key(), lambda *_: None, device)
+    runtime.generation = GenerationSessions(device, idle_ttl_s=60, max_sessions=2, clock=clock)
     return runtime
 
 
@@ -108,7 +111,7 @@ def test_sessions_share_the_body_and_keep_their_own_caches(
     reference_a = LocalBody(split.part("body").eval(), split.part("body").stack.config)
     with torch.no_grad():
         expected = reference_a(prompt_a, mask_a)  # (batch, seq, hidden)
-    assert torch.allclose(body_call(runtime, "a", prompt_a, mask_a), expected, atol=1e-5)
+    assert torch.allclose(body_call(runtime, "a", prompt_a, mask_a), expected, atol=1e-4)
     # Session b's call in between leaves a's cache alone.
     assert body_call(runtime, "b", prompt_b, torch.ones(1, 3, dtype=torch.long)).shape == (1, 3, HIDDEN)
     step, mask_a = (
@@ -117,7 +120,7 @@ def test_sessions_share_the_body_and_keep_their_own_caches(
     )
     with torch.no_grad():
         expected = reference_a(step, mask_a)
-    assert torch.allclose(body_call(runtime, "a", step, mask_a), expected, atol=1e-5)
+    assert torch.allclose(body_call(runtime, "a", step, mask_a), expected, atol=1e-4)
     # A repeated call (its mask no longer continues the cache) and another batch size are refused.
     assert body_call(runtime, "a", step, mask_a)["code"] == "generation_out_of_order"
     other_batch = body_call(runtime, "a", step[:1], torch.ones(1, mask_a.shape[1] + 1, dtype=torch.long))
