@@ -10,6 +10,10 @@ Bodies are shared by the sessions of the same (model, split plan, adapter config
 caches are not. A session is dropped when closed, when unused for `idle_ttl_s`, or, as the least recently
 used, when a new one would exceed `max_sessions`; a body without sessions is dropped with its last one.
 A call on a session that is not here is the typed refusal `UnknownGenerationSession` (HTTP 404).
+
+A body call is not idempotent (it appends to the cache), so each call must continue the cache exactly: its
+mask covers the cached tokens plus its new ones, else `GenerationOutOfOrder` (409). A Celery task redelivered
+after its worker died finds no session (the cache died with that process) and is refused the same way.
 """
 
 from __future__ import annotations
