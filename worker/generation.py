@@ -101,13 +101,12 @@ class GenerationSession:
             if self.batch_size is not None and batch != self.batch_size:
                 raise GenerationOutOfOrder(f"batch {batch} in a session of batch {self.batch_size}")
             cached = self.cached_tokens
+            # The mask was checked against MAX_SESSION_TOKENS, so this also bounds the cache.
             if attention_mask.shape[1] != cached + new:
                 raise GenerationOutOfOrder(
                     f"attention_mask covers {attention_mask.shape[1]} tokens; the session cached {cached} "
                     f"and this call adds {new}, so it must cover {cached + new}"
                 )
-            if cached + new > MAX_SESSION_TOKENS:
-                raise WrongTensor(f"the session would hold {cached + new} tokens; limit {MAX_SESSION_TOKENS}")
             parameter = next(self.body.parameters())
             output = self.body(
                 hidden_states.to(parameter.device, parameter.dtype),
