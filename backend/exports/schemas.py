@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from flglm.generation_protocol import MAX_SESSION_BATCH
+
 
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    prompts: list[str] = Field(min_length=1, max_length=8)
+    prompts: list[str] = Field(
+        min_length=1, max_length=MAX_SESSION_BATCH
+    )  # one batch of a generation session
     max_new_tokens: int = Field(32, ge=1, le=256)
     do_sample: bool = False
     temperature: float = Field(1.0, gt=0)
