@@ -10,9 +10,8 @@ from flglm.generation_protocol import MAX_SESSION_BATCH
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    prompts: list[str] = Field(
-        min_length=1, max_length=MAX_SESSION_BATCH
-    )  # one batch of a generation session
+    # One batch of a generation session on the worker.
+    prompts: list[str] = Field(min_length=1, max_length=MAX_SESSION_BATCH)
     max_new_tokens: int = Field(32, ge=1, le=256)
     do_sample: bool = False
     temperature: float = Field(1.0, gt=0)
