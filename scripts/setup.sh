@@ -29,4 +29,13 @@ if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1; then
     echo "warning: /usr/bin/chromium missing and not root; install Debian's chromium for browser tests" >&2
   fi
 fi
+# Debian's docker-compose (1.29, no daemon needed): tests/test_compose.py has it parse docker-compose.yml.
+if ! command -v docker-compose >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  if [ "$(id -u)" = "0" ]; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null) \
+      || echo "warning: could not install docker-compose; the compose parse test will fail" >&2
+  else
+    echo "warning: docker-compose missing and not root; install Debian's docker-compose for the compose test" >&2
+  fi
+fi
 echo "setup done: $VENV"
