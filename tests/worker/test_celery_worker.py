@@ -37,13 +37,11 @@ RESULT_WAIT_S = 15.0
 
 
 def clear_worker_queues(redis_url: str) -> str:
-    """The workers' Redis URL (database 14), with leftover queues of an interrupted run removed."""
+    """The workers' Redis URL (database 14, theirs alone), emptied: an interrupted or earlier run leaves
+    queues and 30-day job specs there, and a stale spec of the same job id carries other client keys."""
     url = redis_url.rsplit("/", 1)[0] + "/14"
     client = redis.Redis.from_url(url)
-    for key in client.scan_iter("flglm.*"):
-        client.delete(key)
-    for key in ("unacked", "unacked_index", "unacked_mutex"):
-        client.delete(key)
+    client.flushdb()
     client.close()
     return url
 
