@@ -122,7 +122,7 @@ def test_client_batch_gives_the_per_client_gradients_of_one_by_one(tmp_path: Pat
             assert torch.allclose(alone, batched[cid], atol=1e-5, rtol=0), cid
         one_by_one.step()  # one step on the summed gradients, like the batch
         expected = trainable_state_dict(one_by_one.body)
-        got = trainable_state_dict(h.replica().trainer.body)  # on the worker's device (cuda where there is one)
+        got = trainable_state_dict(h.replica().trainer.body)  # on the worker device (cuda if any)
         assert max((expected[k] - got[k].cpu()).abs().max().item() for k in expected) <= 1e-5
         assert h.counters()["server_steps"] == 1
     finally:
