@@ -9,7 +9,8 @@ import pytest
 
 from tests.backend.conftest import Agent, Api, enroll, job_spec, running_job
 
-# (method, path template, who may call it). Templates use {job}, {client}; bodies are valid for the caller.
+# (method, path template, who may call it). Templates use {job}, {client}, {session}; bodies are valid for the
+# caller.
 OPERATOR_READ = {"admin", "viewer"}
 ADMIN = {"admin"}
 CLIENT = {"client"}
@@ -37,6 +38,9 @@ ENDPOINTS: list[tuple[str, str, set[str]]] = [
     ("GET", "/jobs/{job}/artifacts", OPERATOR_READ),
     ("GET", "/jobs/{job}/export", ADMIN),
     ("POST", "/jobs/{job}/generate", OPERATOR_READ),
+    ("POST", "/jobs/{job}/generate/sessions", ADMIN),
+    ("POST", "/jobs/{job}/generate/sessions/{session}/body", ADMIN),
+    ("DELETE", "/jobs/{job}/generate/sessions/{session}", ADMIN),
     ("GET", "/metrics", OPERATOR_READ),
     ("GET", "/metrics/jobs/{job}/progress", OPERATOR_READ),
     ("GET", "/audit", ADMIN),
@@ -67,7 +71,7 @@ BODIES: dict[str, object] = {
 
 
 def _call(api: Api, method: str, template: str, job_id: int, client_id: int) -> int:
-    path = template.format(job=job_id, client=client_id)
+    path = template.format(job=job_id, client=client_id, session="0" * 32)
     body = BODIES.get(template)
     return api.request(method, path, json=body if method == "POST" else None).status_code
 
@@ -80,7 +84,15 @@ def test_every_endpoint_of_the_api_is_in_the_matrix(api: Api) -> None:
         for method in operations
     }
     public = {("POST", "/agent/enroll"), ("GET", "/health")}
-    listed = {(m, t.replace("{job}", "{job_id}").replace("{client}", "{client_id}")) for m, t, _ in ENDPOINTS}
+    listed = {
+        (
+            m,
+            t.replace("{job}", "{job_id}")
+            .replace("{client}", "{client_id}")
+            .replace("{session}", "{session_id}"),
+        )
+        for m, t, _ in ENDPOINTS
+    }
     listed = {(m, p.replace("/rounds/1/", "/rounds/{round_number}/")) for m, p in listed}
     listed = {
         (m, p.replace("/steps/0/activations/1", "/steps/{step}/{direction}/{sequence}")) for m, p in listed
