@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import enum
 from datetime import datetime
 from typing import Annotated, Any
 
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from flglm.wire.keys import public_key_from_b64
 
 API_PREFIX = "/api/v1"
 # Agents send their protocol version in this header; the backend answers 426 to one it does not speak.
@@ -90,15 +89,9 @@ class ConsentDecision(enum.StrEnum):
 def validate_public_key_b64(value: str) -> str:
     """Check that `value` is base64 of a raw 32-byte X25519 public key; returns it unchanged.
 
-    Same rules as `flglm.wire.keys.public_key_from_b64`, without importing `flglm.wire` (which loads torch).
+    `KeyFormatError` is a ValueError, so pydantic reports it as a validation error naming the field.
     """
-    try:
-        raw = base64.b64decode(value.strip(), validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError("public key is not valid base64") from None
-    if len(raw) != X25519_PUBLIC_KEY_BYTES:
-        raise ValueError(f"public key is {len(raw)} bytes; an X25519 public key is {X25519_PUBLIC_KEY_BYTES}")
-    X25519PublicKey.from_public_bytes(raw)
+    public_key_from_b64(value)
     return value
 
 

@@ -7,8 +7,14 @@ import secrets
 from pathlib import Path
 
 
-def write_file_atomically(path: str | os.PathLike[str], data: bytes, mode: int = 0o600) -> None:
-    """Replace `path` with `data` so that a crash leaves either the old or the new file, never a torn one."""
+def write_file_atomically(
+    path: str | os.PathLike[str], data: bytes, mode: int = 0o600, replace: bool = True
+) -> None:
+    """Replace `path` with `data` so that a crash leaves either the old or the new file, never a torn one.
+
+    `replace=False` creates `path` only if it does not exist (FileExistsError otherwise): of writers racing
+    to create it, exactly one wins and the others can read the winner's file.
+    """
     target = Path(path)
     temp = target.with_name(f".{target.name}.{secrets.token_hex(8)}.tmp")
     # O_EXCL with the final mode at creation: secrets are never, even briefly, readable by others.
@@ -25,7 +31,13 @@ def write_file_atomically(path: str | os.PathLike[str], data: bytes, mode: int =
         temp.unlink(missing_ok=True)
         raise
     os.close(fd)
-    os.replace(temp, target)
+    if replace:
+        os.replace(temp, target)
+    else:
+        try:
+            os.link(temp, target)  # atomic and refuses an existing target, unlike rename
+        finally:
+            temp.unlink(missing_ok=True)
     dir_fd = os.open(target.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)  # make the rename itself durable

@@ -82,13 +82,17 @@ class ClientKeyPair:
         return public_key_to_b64(self.public_key)
 
 
-def save_private_key(private_key: X25519PrivateKey, path: str | os.PathLike[str]) -> None:
-    """Write the key as unencrypted PKCS#8 PEM, mode 0600, atomically (temp file + fsync + rename)."""
+def save_private_key(
+    private_key: X25519PrivateKey, path: str | os.PathLike[str], replace: bool = True
+) -> None:
+    """Write the key as unencrypted PKCS#8 PEM, mode 0600, atomically (temp file + fsync + rename).
+
+    `replace=False`: FileExistsError when `path` exists (see `write_file_atomically`)."""
     target = Path(path)
     pem = private_key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    write_file_atomically(target, pem, mode=0o600)
+    write_file_atomically(target, pem, mode=0o600, replace=replace)
 
 
 def load_private_key(path: str | os.PathLike[str]) -> X25519PrivateKey:
