@@ -55,6 +55,7 @@ class ApiToken(Base):
     role: Mapped[str] = mapped_column(sa.String(16))
     token_hash: Mapped[str] = mapped_column(sa.String(64), unique=True)
     created_at: Mapped[datetime] = mapped_column(default=utc_now)
+    last_used_at: Mapped[datetime | None]  # to the minute (see `backend.auth.service.note_api_token_use`)
     revoked_at: Mapped[datetime | None]
 
 
@@ -186,7 +187,7 @@ class Artifact(Base):
 
 
 class AuditEvent(Base):
-    """Append-only: the code only ever inserts and reads these rows."""
+    """Append-only: the code only inserts and reads these rows; database triggers refuse UPDATE and DELETE."""
 
     __tablename__ = "audit_events"
 

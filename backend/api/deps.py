@@ -11,9 +11,10 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from backend.auth.schemas import Principal, Role
-from backend.auth.service import authenticate, require_role
+from backend.auth.service import authenticate, note_api_token_use, require_role
 from backend.errors import RateLimited
 from backend.limits import TokenBucketLimiter
+from backend.models import utc_now
 from backend.settings import Settings
 
 bearer_scheme = HTTPBearer(auto_error=False)
@@ -47,10 +48,15 @@ SettingsDep = Annotated[Settings, Depends(get_settings_from_app)]
 
 
 def get_principal(
+    request: Request,
     session: SessionDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
 ) -> Principal:
-    return authenticate(session, credentials.credentials if credentials else None)
+    """Checked on every request (a revoked token or client is refused at once); API tokens note their use."""
+    principal = authenticate(session, credentials.credentials if credentials else None)
+    if principal.kind == "token":
+        note_api_token_use(session, request.app.state.session_factory, principal.id, utc_now())
+    return principal
 
 
 CurrentPrincipal = Annotated[Principal, Depends(get_principal)]

@@ -6,6 +6,7 @@ from fastapi import APIRouter
 
 from backend.audit.endpoints import router as audit_router
 from backend.auth.endpoints import router as auth_router
+from backend.auth.endpoints import tokens_router
 from backend.clients import endpoints as clients
 from backend.exports import endpoints as exports
 from backend.jobs import endpoints as jobs
@@ -15,6 +16,7 @@ from backend.steps import endpoints as steps
 api_router = APIRouter()
 for router in (
     auth_router,
+    tokens_router,
     clients.router,
     clients.agent_router,
     jobs.router,

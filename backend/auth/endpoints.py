@@ -1,14 +1,22 @@
-"""`/auth`: who am I, and API tokens for operators (rate-limited)."""
+"""`/auth/me` (who am I) and `/tokens` (operators' API tokens: list, create, revoke), rate-limited."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, status
+from typing import Annotated
+
+from fastapi import APIRouter, Path, status
 
 from backend.api.deps import AdminDep, CurrentPrincipal, RateLimitDep, SessionDep
-from backend.auth.schemas import ApiTokenCreate, ApiTokenCreated, PrincipalView, Role
-from backend.auth.service import create_api_token
+from backend.api.pagination import Page, PageDep
+from backend.auth.repository import ApiTokenRepository
+from backend.auth.schemas import ApiTokenCreate, ApiTokenCreated, ApiTokenView, PrincipalView, Role
+from backend.auth.service import create_api_token, revoke_api_token
+from backend.models import utc_now
 
 router = APIRouter(prefix="/auth", tags=["auth"], dependencies=[RateLimitDep])
+tokens_router = APIRouter(prefix="/tokens", tags=["tokens"], dependencies=[RateLimitDep])
+
+TokenId = Annotated[int, Path(ge=1)]
 
 
 @router.get("/me", response_model=PrincipalView)
@@ -16,14 +24,32 @@ def who_am_i(principal: CurrentPrincipal) -> PrincipalView:
     return PrincipalView(kind=principal.kind, id=principal.id, name=principal.name, role=principal.role)
 
 
-@router.post("/tokens", response_model=ApiTokenCreated, status_code=status.HTTP_201_CREATED)
+@tokens_router.get("", response_model=Page[ApiTokenView])
+def list_tokens(session: SessionDep, _: AdminDep, page: PageDep) -> Page[ApiTokenView]:
+    """Every API token, revoked ones included, oldest first; never a secret or its hash."""
+    rows, total = ApiTokenRepository(session).page(limit=page.limit, offset=page.offset)
+    items = [ApiTokenView.model_validate(row) for row in rows]
+    return Page(items=items, total=total, limit=page.limit, offset=page.offset)
+
+
+@tokens_router.post("", response_model=ApiTokenCreated, status_code=status.HTTP_201_CREATED)
 def create_token(body: ApiTokenCreate, session: SessionDep, admin: AdminDep) -> ApiTokenCreated:
+    """A named token with a role; its secret is in this answer only (the server keeps a hash)."""
     token, secret = create_api_token(session, admin.actor, body.name, Role(body.role))
-    return ApiTokenCreated(
-        id=token.id,
-        name=token.name,
-        role=token.role,
-        created_at=token.created_at,
-        revoked_at=None,
-        token=secret,
-    )
+    return ApiTokenCreated(**ApiTokenView.model_validate(token).model_dump(), token=secret)
+
+
+@tokens_router.delete("/{token_id}", response_model=ApiTokenView)
+def revoke_token(token_id: TokenId, session: SessionDep, admin: AdminDep) -> ApiTokenView:
+    """Revoke at once: every later request with it is a 401. 409 for the last active admin token."""
+    return ApiTokenView.model_validate(revoke_api_token(session, admin.actor, token_id, utc_now()))
+
+
+# The first home of token creation, kept so existing scripts keep working.
+router.post(
+    "/tokens",
+    response_model=ApiTokenCreated,
+    status_code=status.HTTP_201_CREATED,
+    deprecated=True,
+    summary="Create Token (deprecated: use POST /tokens)",
+)(create_token)

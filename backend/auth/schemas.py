@@ -44,12 +44,15 @@ class ApiTokenCreate(BaseModel):
 
 
 class ApiTokenView(BaseModel):
+    """What anyone may see of a token: never its secret nor the secret's hash."""
+
     model_config = ConfigDict(from_attributes=True)
 
     id: int
     name: str
     role: str
     created_at: datetime
+    last_used_at: datetime | None = Field(description="to the minute; null when never used")
     revoked_at: datetime | None
 
 

@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from datetime import datetime, timedelta
 
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm.attributes import set_committed_value
 
 from backend.audit.service import record
 from backend.auth.repository import ApiTokenRepository
 from backend.auth.schemas import Principal, Role
 from backend.clients.repository import ClientRepository
-from backend.errors import Forbidden, Unauthorized
+from backend.errors import Conflict, Forbidden, NotFound, Unauthorized
 from backend.models import ApiToken, utc_now
 from flglm.protocol import ClientStatus
 
 API_TOKEN_PREFIX = "flglm_at_"
 CLIENT_CREDENTIAL_PREFIX = "flglm_cc_"
 ENROLLMENT_TOKEN_PREFIX = "flglm_et_"
+# `last_used_at` is kept to this resolution, so an operator's requests write it at most once a minute.
+LAST_USED_RESOLUTION = timedelta(minutes=1)
 
 
 class MissingCredential(Unauthorized):
@@ -30,6 +34,14 @@ class InvalidCredential(Unauthorized):
 
 class InsufficientRole(Forbidden):
     code = "insufficient_role"
+
+
+class ApiTokenNotFound(NotFound):
+    code = "api_token_not_found"
+
+
+class LastAdminToken(Conflict):
+    code = "last_admin_token"
 
 
 def new_secret(prefix: str) -> str:
@@ -72,6 +84,47 @@ def create_api_token(session: Session, actor: str, name: str, role: Role) -> tup
     )
     record(session, actor, "api_token.create", "api_token", token.id, {"name": name, "role": role.value})
     return token, secret
+
+
+def revoke_api_token(session: Session, actor: str, token_id: int, now: datetime) -> ApiToken:
+    """Revoke at once (every later request with it is a 401); never the last active admin token."""
+    tokens = ApiTokenRepository(session)
+    token = tokens.get(token_id)
+    if token is None:
+        raise ApiTokenNotFound(f"no API token with id {token_id}")
+    is_admin = token.role == Role.admin.value
+    if is_admin:
+        tokens.lock_active_admin_ids()  # PostgreSQL: concurrent revokes of admin tokens queue here
+    if not tokens.mark_revoked(token_id, now):
+        session.refresh(token)
+        return token  # already revoked: revoking again changes nothing
+    # Counted after the write, so two concurrent revokes cannot both see "one admin left" (PostgreSQL: the
+    # row locks above; SQLite: the write lock that the UPDATE took).
+    if is_admin and tokens.count_active_admins() == 0:
+        raise LastAdminToken(
+            f"API token {token_id} ({token.name}) is the last active admin token; create another admin "
+            "token (POST /api/v1/tokens) before revoking it"
+        )
+    record(
+        session, actor, "api_token.revoke", "api_token", token.id, {"name": token.name, "role": token.role}
+    )
+    return token
+
+
+def note_api_token_use(
+    session: Session, session_factory: sessionmaker[Session], token_id: int, now: datetime
+) -> None:
+    """Record the token's use (to `LAST_USED_RESOLUTION`) in its own short transaction.
+
+    Not in the request's transaction: that one may stay open through a long-poll or a generation call, and
+    must not hold the SQLite write lock (or the token's row lock) all that time.
+    """
+    token = ApiTokenRepository(session).get(token_id)  # already loaded by `authenticate`
+    if token is None or (token.last_used_at is not None and now - token.last_used_at < LAST_USED_RESOLUTION):
+        return
+    with session_factory.begin() as writer:
+        ApiTokenRepository(writer).mark_used(token_id, now, stale_before=now - LAST_USED_RESOLUTION)
+    set_committed_value(token, "last_used_at", now)  # what this request shows, without writing it again
 
 
 def ensure_bootstrap_admin(session: Session, configured_token: str) -> str | None:

@@ -62,8 +62,17 @@ def empty_all_tables(url: str) -> None:
         if url.startswith("postgresql"):
             conn.execute(sa.text(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE"))
         else:
+            # The audit log's append-only triggers refuse DELETE (PostgreSQL's TRUNCATE skips row triggers):
+            # lift them for the wipe and put the same ones back.
+            triggers = conn.execute(
+                sa.text("SELECT name, sql FROM sqlite_master WHERE type = 'trigger'")
+            ).all()
+            for name, _ in triggers:
+                conn.execute(sa.text(f'DROP TRIGGER "{name}"'))
             for table in tables:
                 conn.execute(sa.text(f"DELETE FROM {table}"))
+            for _, sql in triggers:
+                conn.execute(sa.text(sql))
     engine.dispose()
 
 

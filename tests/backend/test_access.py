@@ -1,4 +1,4 @@
-"""Roles × endpoints: no credential → 401, a forbidden role → 403; clients never see each other's objects."""
+"""Roles × endpoints: a missing, forged or revoked credential → 401, a wrong role → 403; clients isolated."""
 
 from __future__ import annotations
 
@@ -19,6 +19,9 @@ ANY = {"admin", "viewer", "client"}
 ENDPOINTS: list[tuple[str, str, set[str]]] = [
     ("GET", "/auth/me", ANY),
     ("POST", "/auth/tokens", ADMIN),
+    ("GET", "/tokens", ADMIN),
+    ("POST", "/tokens", ADMIN),
+    ("DELETE", "/tokens/{token}", ADMIN),
     ("POST", "/clients/enrollment-tokens", ADMIN),
     ("GET", "/clients", OPERATOR_READ),
     ("GET", "/clients/{client}", OPERATOR_READ),
@@ -59,6 +62,7 @@ ENDPOINTS: list[tuple[str, str, set[str]]] = [
 
 BODIES: dict[str, object] = {
     "/auth/tokens": {"name": "x", "role": "viewer"},
+    "/tokens": {"name": "x", "role": "viewer"},
     "/clients/enrollment-tokens": {"name": "matrix-new"},
     "/jobs": job_spec([]),
     "/jobs/{job}/participants": {"clients": ["matrix-client"]},
@@ -70,8 +74,8 @@ BODIES: dict[str, object] = {
 }
 
 
-def _call(api: Api, method: str, template: str, job_id: int, client_id: int) -> int:
-    path = template.format(job=job_id, client=client_id, session="0" * 32)
+def _call(api: Api, method: str, template: str, job_id: int, client_id: int, token_id: int) -> int:
+    path = template.format(job=job_id, client=client_id, session="0" * 32, token=token_id)
     body = BODIES.get(template)
     return api.request(method, path, json=body if method == "POST" else None).status_code
 
@@ -89,7 +93,8 @@ def test_every_endpoint_of_the_api_is_in_the_matrix(api: Api) -> None:
             m,
             t.replace("{job}", "{job_id}")
             .replace("{client}", "{client_id}")
-            .replace("{session}", "{session_id}"),
+            .replace("{session}", "{session_id}")
+            .replace("{token}", "{token_id}"),
         )
         for m, t, _ in ENDPOINTS
     }
@@ -102,13 +107,17 @@ def test_every_endpoint_of_the_api_is_in_the_matrix(api: Api) -> None:
 
 def test_role_matrix(api: Api) -> None:
     """One set-up, every (endpoint, principal) pair; the mismatches are reported together."""
-    viewer_token = api.ok("POST", "/auth/tokens", 201, json={"name": "viewer", "role": "viewer"})["token"]
+    viewer = api.ok("POST", "/tokens", 201, json={"name": "viewer", "role": "viewer"})
+    revoked = api.ok("POST", "/tokens", 201, json={"name": "gone", "role": "admin"})
+    api.ok("DELETE", f"/tokens/{revoked['id']}")
+    viewer_token = viewer["token"]
     client = enroll(api, "matrix-client")
     job_id = api.ok("POST", "/jobs", 201, json=job_spec(["matrix-client"]))["id"]
     api.ok("POST", f"/jobs/{job_id}/open")
     callers = {
         "nobody": api.as_(None),
         "forged": api.as_("flglm_at_forged"),
+        "revoked": api.as_(revoked["token"]),  # an admin token until it was revoked: refused everywhere
         "viewer": api.as_(viewer_token),
         "client": client.api,
         "admin": api,
@@ -118,8 +127,8 @@ def test_role_matrix(api: Api) -> None:
         for role, caller in callers.items():
             if role == "admin" and "admin" in allowed:
                 continue  # the admin's own calls would mutate the fixture (revoke, cancel); covered elsewhere
-            status = _call(caller, method, template, job_id, client.client_id)
-            if role in ("nobody", "forged"):
+            status = _call(caller, method, template, job_id, client.client_id, viewer["id"])
+            if role in ("nobody", "forged", "revoked"):
                 expected_ok = status == 401
             elif role in allowed:
                 expected_ok = status not in (401, 403)
