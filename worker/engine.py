@@ -2,13 +2,20 @@
 
 Tasks carry ids and message refs only (JSON); tensors travel through the blob store. A worker process
 loads nothing until a job's first task arrives, then keeps that job's replica (body on the GPU when there
-is one) in `WorkerRuntime.replicas` for as long as the process lives.
+is one) in `WorkerRuntime.replicas` until the job ends: the backend then queues `flglm.release_job` on
+every replica queue of the job (behind the round-end checkpoint, same queue), which drops the replica.
+Anything missed (a backend restart between its commit and the release, a lost message) is caught by the
+idle TTL: after every task, a replica unused for `replica_idle_ttl_s` that holds no step in flight is
+checkpointed and dropped. Either way a later task of that job (an eval forward after the job completed)
+reloads it from its checkpoint (+ journal), as after a crash.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -74,7 +81,9 @@ class WorkerRuntime:
         schedule_flush: FlushScheduler,
         device: torch.device | None = None,
         upload_guard: SequenceGuard | None = None,
+        replica_idle_ttl_s: float | None = None,
     ) -> None:
+        settings = get_worker_settings()
         self.store = store
         # Replay guard of upload admission (shared by all processes when it lives in Redis).
         self.upload_guard: SequenceGuard = upload_guard or ReplayGuard()
@@ -82,8 +91,12 @@ class WorkerRuntime:
         self.schedule_flush = schedule_flush
         self.device = device or pick_device()
         self.replicas: dict[tuple[int, int], ServerReplica] = {}
+        self.replica_idle_ttl_s = (
+            settings.replica_idle_ttl_s if replica_idle_ttl_s is None else replica_idle_ttl_s
+        )
+        self._last_used: dict[tuple[int, int], float] = {}  # monotonic time a task last asked for it
         # Generation sessions (body + KV cache per session) of the caller-side split generation.
-        self.generation = GenerationSessions.from_settings(get_worker_settings(), self.device)
+        self.generation = GenerationSessions.from_settings(settings, self.device)
         self._lock = threading.Lock()
 
     def replica(self, job_id: int, replica: int) -> ServerReplica:
@@ -102,13 +115,56 @@ class WorkerRuntime:
                     lambda delay: self.schedule_flush(job_id, replica, delay),
                     self.device,
                 )
+            self._last_used[key] = time.monotonic()
             return self.replicas[key]
 
-    def forget(self, job_id: int) -> None:
-        """Drop a finished job's replicas from memory."""
+    def held(self, job_id: int, replica: int) -> ServerReplica | None:
+        """The replica if it is in memory (never loads it, nor counts as a use)."""
         with self._lock:
-            for key in [k for k in self.replicas if k[0] == job_id]:
+            return self.replicas.get((job_id, replica))
+
+    def forget(self, job_id: int, replica: int | None = None) -> list[int]:
+        """Drop a finished job's replicas (or only `replica`) from memory, checkpointing nothing; returns the
+        replica numbers dropped. Only the process consuming a replica's queue may drop it mid-job."""
+        with self._lock:
+            keys = [k for k in self.replicas if k[0] == job_id and replica in (None, k[1])]
+            for key in keys:
                 del self.replicas[key]
+                self._last_used.pop(key, None)
+        if keys:
+            log.info("released job %s replicas %s", job_id, [k[1] for k in keys])
+            self._free_memory()
+        return [k[1] for k in keys]
+
+    def evict_idle_replicas(self) -> list[tuple[int, int]]:
+        """Checkpoint and drop every replica unused for longer than `replica_idle_ttl_s` that is not busy
+        (see `ServerReplica.checkpoint_if_idle`); a replica whose checkpoint fails stays. Returns the keys."""
+        now = time.monotonic()
+        evicted = []
+        with self._lock:
+            for key, last_used in list(self._last_used.items()):
+                if now - last_used <= self.replica_idle_ttl_s:
+                    continue
+                try:
+                    if not self.replicas[key].checkpoint_if_idle():
+                        continue
+                except Exception:  # a full disk, say: keep the replica (its state lives nowhere else)
+                    log.exception("job %s replica %s: idle checkpoint failed; keeping it", *key)
+                    continue
+                del self.replicas[key]
+                del self._last_used[key]
+                evicted.append(key)
+        if evicted:
+            log.info("evicted idle replicas %s (idle over %s s)", evicted, self.replica_idle_ttl_s)
+            self._free_memory()
+        return evicted
+
+    def _free_memory(self) -> None:
+        """Return a dropped replica's memory now: its module graph may hold reference cycles, and PyTorch's
+        CUDA allocator keeps freed blocks cached for this process unless told otherwise."""
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 # ---- the task bodies: plain functions of (runtime, JSON arguments) -> JSON result ------------------------
@@ -136,14 +192,27 @@ def run_server_eval_forward(
 
 
 def run_replica_flush(runtime: WorkerRuntime, job_id: int, replica: int) -> dict[str, Any]:
-    return runtime.replica(job_id, replica).flush()
+    """A replica's timer. One that left memory (released, evicted, or its process restarted) has nothing
+    to flush, since waiting forwards and graphs live only in memory: never load it for this."""
+    held = runtime.held(job_id, replica)
+    if held is None:
+        return {"status": "not_loaded"}
+    return held.flush()
 
 
 def run_round_end(runtime: WorkerRuntime, job_id: int, replica: int, round_number: int) -> dict[str, Any]:
     return runtime.replica(job_id, replica).end_round(round_number)
 
 
-def replica_counters(runtime: WorkerRuntime, job_id: int, replica: int) -> dict[str, Any]:
-    """Step counters of a replica (for monitoring and tests)."""
-    held = runtime.replica(job_id, replica)
+def run_release_job(runtime: WorkerRuntime, job_id: int, replica: int) -> dict[str, Any]:
+    """The job ended: drop its replica from this process (queued behind the round-end checkpoint)."""
+    return {"status": "released", "dropped": runtime.forget(job_id, replica)}
+
+
+def replica_counters(runtime: WorkerRuntime, job_id: int, replica: int, load: bool = True) -> dict[str, Any]:
+    """Step counters of a replica (for monitoring and tests); with `load=False`, a replica that is not in
+    this process's memory answers `{"loaded": False}` instead of being loaded."""
+    held = runtime.replica(job_id, replica) if load else runtime.held(job_id, replica)
+    if held is None:
+        return {"loaded": False}
     return {"server_steps": held.server_steps, "applied": sorted(held.applied)}

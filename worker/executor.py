@@ -27,6 +27,7 @@ from worker.routing import (
     BODY_GENERATE_CLOSE,
     BODY_GENERATE_OPEN,
     CLIENT_FEDAVG,
+    RELEASE_JOB,
     REPLICA_COUNTERS,
     REPLICA_FLUSH,
     ROUND_END,
@@ -48,6 +49,7 @@ TASK_FUNCTIONS: dict[str, TaskFunction] = {
     ROUND_END: engine.run_round_end,
     CLIENT_FEDAVG: run_client_fedavg,
     REPLICA_COUNTERS: engine.replica_counters,
+    RELEASE_JOB: engine.run_release_job,
     ADMIT_UPLOAD: run_admit_upload,
     BODY_GENERATE_OPEN: run_body_generate_open,
     BODY_GENERATE: run_body_generate,
@@ -56,11 +58,14 @@ TASK_FUNCTIONS: dict[str, TaskFunction] = {
 
 
 def call_task(runtime: engine.WorkerRuntime, name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Run one task function; a refusal becomes a JSON result (never a retry: the input is at fault)."""
+    """Run one task function; a refusal becomes a JSON result (never a retry: the input is at fault).
+    Afterwards, replicas idle past the runtime's TTL leave memory (no timer thread: tasks drive it)."""
     try:
         return TASK_FUNCTIONS[name](runtime, **kwargs)
     except errors.StepRejected as exc:
         return rejection_result(exc)
+    finally:
+        runtime.evict_idle_replicas()
 
 
 class TaskHandle(Protocol):
@@ -89,8 +94,12 @@ class _FutureHandle:
 class InProcessExecutor:
     """Runs the task functions in this process: one single-threaded lane per queue, timers for countdowns."""
 
-    def __init__(self, store: BlobStore, server_private_key: X25519PrivateKey) -> None:
-        self.runtime = engine.WorkerRuntime(store, server_private_key, self._schedule_flush)
+    def __init__(
+        self, store: BlobStore, server_private_key: X25519PrivateKey, replica_idle_ttl_s: float | None = None
+    ) -> None:
+        self.runtime = engine.WorkerRuntime(
+            store, server_private_key, self._schedule_flush, replica_idle_ttl_s=replica_idle_ttl_s
+        )
         self._lanes: dict[str, ThreadPoolExecutor] = {}
         self._timers: set[threading.Timer] = set()
         self._lock = threading.Lock()
@@ -200,6 +209,7 @@ __all__ = [
     "BODY_GENERATE_OPEN",
     "CLIENT_FEDAVG",
     "DEFAULT_QUEUE",
+    "RELEASE_JOB",
     "REPLICA_COUNTERS",
     "REPLICA_FLUSH",
     "ROUND_END",

@@ -275,6 +275,20 @@ class ServerReplica:
             path = self.checkpoint()
             return {"status": "checkpointed", "server_steps": self.server_steps, "path": str(path)}
 
+    def checkpoint_if_idle(self) -> bool:
+        """Checkpoint a replica that may leave memory: True unless a task is running on it (its lock is
+        taken) or it holds work whose loss would cost an agent a retry (a forward waiting for its batch, a
+        graph waiting for its gradients). A reload from this checkpoint restores it exactly."""
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
+            if self._arrivals or self._inflight is not None or self.trainer.pending_steps:
+                return False
+            self.checkpoint()
+            return True
+        finally:
+            self._lock.release()
+
     # ---- scheduling -------------------------------------------------------------------------------
 
     def _advance(self) -> None:

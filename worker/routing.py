@@ -18,6 +18,7 @@ REPLICA_FLUSH = "flglm.replica_flush"
 ROUND_END = "flglm.round_end"
 CLIENT_FEDAVG = "flglm.client_fedavg"
 REPLICA_COUNTERS = "flglm.replica_counters"
+RELEASE_JOB = "flglm.release_job"  # a job ended: drop its replica from the memory of the queue's worker
 ADMIT_UPLOAD = "flglm.admit_upload"
 # Generation sessions (worker.generation): all on replica_queue(0), whose one process holds the KV caches.
 BODY_GENERATE_OPEN = "flglm.body_generate_open"

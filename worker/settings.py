@@ -25,6 +25,9 @@ class WorkerSettings(BaseSettings):
     # Generation sessions (worker.generation): dropped after this long unused, and beyond this many (LRU).
     generation_session_ttl_s: float = 300.0
     generation_max_sessions: int = 8
+    # A job's replica unused this long (holding no step in flight) is checkpointed and dropped from memory:
+    # the safety net behind the backend's release task (`flglm.release_job`) when a job ends.
+    replica_idle_ttl_s: float = 3600.0
     # `flglm worker --replica auto`: who holds a slot lease (default: the hostname, i.e. the container) and
     # how long a lease outlives its last heartbeat (renewed every third of it).
     worker_identity: str | None = None

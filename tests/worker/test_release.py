@@ -1,0 +1,116 @@
+"""Replicas leave a worker's memory: the release task behind the round-end checkpoint, and the idle TTL
+(checkpoint, drop, reload exactly; never while a forward waits or a graph is in flight)."""
+
+from __future__ import annotations
+
+import weakref
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flglm.adapters import trainable_state_dict
+from flglm.protocol import ParallelMode
+from flglm.step_protocol import replica_queue
+from tests.worker.step_clients import client_batch, reference_sequential_losses
+from tests.worker.test_engine import CLIENT_IDS, Harness
+from worker.checkpoints import latest_snapshot, replica_dir
+from worker.executor import RELEASE_JOB, REPLICA_COUNTERS, ROUND_END
+
+
+def task(h: Harness, name: str, replica: int = 0, **kwargs: Any) -> dict[str, Any]:
+    kwargs = {"job_id": h.spec.job_id, "replica": replica, **kwargs}
+    return h.executor.submit(name, kwargs, replica_queue(replica)).get(timeout_s=60)
+
+
+def is_loaded(h: Harness, replica: int = 0) -> bool:
+    """Asked on the replica's own queue, so every task queued before has run."""
+    return task(h, REPLICA_COUNTERS, replica, load=False) != {"loaded": False}
+
+
+def test_release_runs_after_the_round_end_checkpoint_and_the_job_reloads_from_it(tmp_path: Path) -> None:
+    h = Harness(tmp_path, checkpoint_every=100)  # only the round end checkpoints
+    try:
+        h.sequential_step(1, 0)
+        adapters = trainable_state_dict(h.replica().trainer.body)
+        # Both queued at once, as the backend does at the job's end: the lane runs them in order.
+        round_end = h.executor.submit(
+            ROUND_END, {"job_id": h.spec.job_id, "replica": 0, "round_number": 1}, replica_queue(0)
+        )
+        release = h.executor.submit(RELEASE_JOB, {"job_id": h.spec.job_id, "replica": 0}, replica_queue(0))
+        assert round_end.get(timeout_s=60)["server_steps"] == 3
+        assert release.get(timeout_s=60) == {"status": "released", "dropped": [0]}
+        assert not is_loaded(h) and h.executor.runtime.replicas == {}
+        assert task(h, RELEASE_JOB) == {"status": "released", "dropped": []}  # idempotent
+        snapshot = latest_snapshot(replica_dir(h.spec.checkpoint_dir, 0))
+        assert snapshot is not None and snapshot.server_steps == 3
+        # A later task of the job loads the replica again, from that checkpoint.
+        assert task(h, REPLICA_COUNTERS)["server_steps"] == 3
+        reloaded = trainable_state_dict(h.replica().trainer.body)
+        assert all(torch.equal(adapters[k], reloaded[k]) for k in adapters)
+    finally:
+        h.executor.close()
+
+
+def test_an_idle_replica_is_checkpointed_dropped_freed_and_reloads_exactly(tmp_path: Path) -> None:
+    h = Harness(tmp_path, checkpoint_every=100)
+    runtime = h.executor.runtime
+    try:
+        assert runtime.replica_idle_ttl_s == 3600.0  # FLGLM_REPLICA_IDLE_TTL_S's default
+        losses = h.sequential_step(1, 0)  # 3 server steps, no checkpoint yet
+        replica = h.replica()
+        adapters = {k: v.clone() for k, v in trainable_state_dict(replica.trainer.body).items()}
+        applied = set(replica.applied)
+        assert latest_snapshot(replica_dir(h.spec.checkpoint_dir, 0)) is None
+        freed = weakref.ref(replica)
+        del replica
+        assert is_loaded(h)  # used moments ago: not idle
+
+        runtime.replica_idle_ttl_s = 0.0  # everything unused is now past its TTL
+        assert is_loaded(h)  # the task that asks does not load or use it; eviction runs after it
+        assert runtime.replicas == {} and not is_loaded(h)
+        assert freed() is None, "the evicted replica is still referenced"
+        snapshot = latest_snapshot(replica_dir(h.spec.checkpoint_dir, 0))
+        assert snapshot is not None and snapshot.server_steps == 3 and set(snapshot.applied) == applied
+        assert all(torch.equal(adapters[k], snapshot.adapters[k]) for k in adapters)
+
+        runtime.replica_idle_ttl_s = 3600.0
+        reloaded = h.replica()
+        assert reloaded.server_steps == 3 and reloaded.applied == applied
+        state = trainable_state_dict(reloaded.trainer.body)
+        assert all(torch.equal(adapters[k], state[k]) for k in adapters)
+        # Training goes on as if nothing happened: optimizer moments and counters came back too.
+        losses += h.sequential_step(1, 1)
+        reference = reference_sequential_losses(h.spec, CLIENT_IDS, steps=2)
+        assert max(abs(a - b) for a, b in zip(losses, reference, strict=True)) <= 1e-4
+    finally:
+        h.executor.close()
+
+
+def test_a_replica_with_a_waiting_forward_or_a_graph_in_flight_is_never_evicted(tmp_path: Path) -> None:
+    h = Harness(tmp_path, parallel_mode=ParallelMode.client_batch, checkpoint_every=100)
+    runtime = h.executor.runtime
+    spec, store, public = h.spec, h.store, h.server_public
+    try:
+        batches = {cid: client_batch(cid, 0) for cid in CLIENT_IDS}
+        forwards = {
+            cid: c.upload_forward(store, spec, public, 1, 0, batches[cid]) for cid, c in h.clients.items()
+        }
+        assert h.send(forwards[11])["status"] == "pending"  # waits (30 s window) for the other two
+        runtime.replica_idle_ttl_s = 0.0
+        assert is_loaded(h) and runtime.evict_idle_replicas() == [] and is_loaded(h)
+        for cid in (12, 13):
+            h.send(forwards[cid])
+        assert h.replica().trainer.pending_steps  # the batch's graph waits for its gradients
+        assert runtime.evict_idle_replicas() == [] and is_loaded(h)
+        uploads = {
+            cid: c.upload_gradients(store, spec, public, forwards[cid], batches[cid])
+            for cid, c in h.clients.items()
+        }
+        statuses = [h.send(uploads[cid][1])["status"] for cid in CLIENT_IDS]
+        assert statuses == ["pending", "pending", "done"]
+        assert runtime.replicas == {}  # the step is applied: the last task's eviction took the replica
+        snapshot = latest_snapshot(replica_dir(spec.checkpoint_dir, 0))
+        assert snapshot is not None and snapshot.server_steps == 1
+    finally:
+        h.executor.close()
