@@ -1,4 +1,4 @@
-"""Migrations: empty → head → base on both databases, and the models never drift from them."""
+"""Migrations: empty → head → base on both databases, the models never drift, the audit log is append-only."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from backend.migrate import MIGRATIONS_DIR, downgrade, upgrade_to_head
+from backend.migrate import MIGRATIONS_DIR, downgrade, upgrade, upgrade_to_head
 from backend.models import Base
 from tests.backend.conftest import fresh_postgres_schema
 
@@ -53,3 +53,73 @@ def test_upgrade_downgrade_roundtrip_and_no_drift(empty_db_url: str) -> None:
 def test_migration_files_have_dated_names() -> None:
     names = sorted(p.name for p in (MIGRATIONS_DIR / "versions").glob("*.py") if p.name != "__init__.py")
     assert names and all(name[:4].isdigit() and name[4] == "_" and name[10] == "_" for name in names)
+
+
+AUDIT_ROW = {
+    "at": "2026-11-26 00:00:00",
+    "actor": "system",
+    "action": "test",
+    "object_type": "t",
+    "detail": "{}",
+}
+TAMPERING = {
+    "UPDATE": "UPDATE audit_events SET actor = 'mallory'",
+    "DELETE": "DELETE FROM audit_events",
+}
+
+
+def _execute(url: str, statement: str, params: dict[str, str] | None = None) -> None:
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text(statement), params or {})
+    finally:
+        engine.dispose()
+
+
+def _audit_actors(url: str) -> list[str]:
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            return list(conn.scalars(sa.text("SELECT actor FROM audit_events ORDER BY id")))
+    finally:
+        engine.dispose()
+
+
+def _insert_audit_row(url: str) -> None:
+    columns = ", ".join(AUDIT_ROW)
+    values = ", ".join(f":{name}" for name in AUDIT_ROW)
+    _execute(url, f"INSERT INTO audit_events ({columns}) VALUES ({values})", AUDIT_ROW)
+
+
+def _token_columns(url: str) -> set[str]:
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    try:
+        return {column["name"] for column in sa.inspect(engine).get_columns("api_tokens")}
+    finally:
+        engine.dispose()
+
+
+def test_audit_log_is_append_only_from_0002_and_it_downgrades_cleanly(empty_db_url: str) -> None:
+    upgrade(empty_db_url, "0001")
+    _insert_audit_row(empty_db_url)  # a row written before the triggers existed is protected too
+    upgrade_to_head(empty_db_url)
+    assert "last_used_at" in _token_columns(empty_db_url)
+    for kind, statement in TAMPERING.items():
+        with pytest.raises(sa.exc.DBAPIError, match=f"append-only: {kind} is not allowed"):
+            _execute(empty_db_url, statement)
+    _insert_audit_row(empty_db_url)  # appending still works
+    assert _audit_actors(empty_db_url) == ["system", "system"]
+
+    downgrade(empty_db_url, "0001")  # triggers (and PostgreSQL's function) and the column go
+    assert "last_used_at" not in _token_columns(empty_db_url)
+    _execute(empty_db_url, TAMPERING["UPDATE"])
+    assert _audit_actors(empty_db_url) == ["mallory", "mallory"]
+    _execute(empty_db_url, TAMPERING["DELETE"])
+    assert _audit_actors(empty_db_url) == []
+
+    upgrade_to_head(empty_db_url)  # and the guard comes back
+    _insert_audit_row(empty_db_url)
+    with pytest.raises(sa.exc.DBAPIError, match="append-only"):
+        _execute(empty_db_url, TAMPERING["DELETE"])
+    assert _audit_actors(empty_db_url) == ["system"]
