@@ -17,6 +17,7 @@ app.add_typer(server.serve_app, name="serve")
 app.add_typer(server.db_app, name="db")
 app.add_typer(operator.job_app, name="job")
 app.add_typer(operator.client_app, name="client")
+app.add_typer(operator.token_app, name="token")
 app.command("generate")(artifacts.generate)
 
 

@@ -1,4 +1,4 @@
-"""Operator verbs over the REST API (`flglm job ...`, `flglm client ...`), with httpx over HTTPS.
+"""Operator verbs over the REST API (`flglm job`, `flglm client`, `flglm token`), with httpx over HTTPS.
 
 Every command takes `--server`, `--token` and `--ca-cert` (or FLGLM_SERVER, FLGLM_TOKEN, FLGLM_CA_CERT) and
 prints the API's JSON answer; an API error prints `error <code>: <message>` and exits 1.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import httpx
 import typer
@@ -18,6 +18,7 @@ from flglm.protocol import API_PREFIX, JobSpec
 
 job_app = typer.Typer(help="Submit and steer training jobs.", no_args_is_help=True)
 client_app = typer.Typer(help="Enroll, list and revoke client agents.", no_args_is_help=True)
+token_app = typer.Typer(help="List, create and revoke operators' API tokens (admin).", no_args_is_help=True)
 
 Server = Annotated[str, typer.Option("--server", envvar="FLGLM_SERVER", help="control plane base URL")]
 Token = Annotated[str, typer.Option("--token", envvar="FLGLM_TOKEN", help="operator API token")]
@@ -159,3 +160,36 @@ def revoke(
 ) -> None:
     """Revoke a client at once: its next request is refused (401); other clients are untouched."""
     _print(call_api("POST", f"/clients/{client_id}/revoke", server, token, ca_cert))
+
+
+@token_app.command("list")
+def list_tokens(
+    limit: int = 50,
+    offset: int = 0,
+    server: Server = DEFAULT_SERVER,
+    token: Token = "",
+    ca_cert: CaCert = None,
+) -> None:
+    """List API tokens, revoked ones included (never their secrets)."""
+    _print(call_api("GET", "/tokens", server, token, ca_cert, params=_page_params(None, limit, offset)))
+
+
+@token_app.command("create")
+def create_token(
+    name: Annotated[str, typer.Argument(help="who or what uses it, e.g. ci-bot")],
+    role: Annotated[Literal["admin", "viewer"], typer.Option(help="viewer is read-only")] = "viewer",
+    server: Server = DEFAULT_SERVER,
+    token: Token = "",
+    ca_cert: CaCert = None,
+) -> None:
+    """Create a token; its secret ("token") is printed this once only."""
+    body = {"name": name, "role": role}
+    _print(call_api("POST", "/tokens", server, token, ca_cert, json=body))
+
+
+@token_app.command("revoke")
+def revoke_token(
+    token_id: int, server: Server = DEFAULT_SERVER, token: Token = "", ca_cert: CaCert = None
+) -> None:
+    """Revoke a token at once (its next request is a 401); the last active admin token cannot be revoked."""
+    _print(call_api("DELETE", f"/tokens/{token_id}", server, token, ca_cert))

@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -58,15 +59,20 @@ def served(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         assert f"--ca-cert {ca_cert}" in stderr  # the CA path is printed for agents and the CLI
 
 
+def run_cli(env: dict[str, str], *args: str, code: int = 0) -> Any:
+    """`flglm ARGS` in this process: its JSON answer, or its output when it must exit with `code` != 0."""
+    result = CliRunner().invoke(app, list(args), env=env)
+    assert result.exit_code == code, (args, result.output)
+    return json.loads(result.stdout) if code == 0 else result.output
+
+
 def test_operator_cli_over_https(served: tuple[str, Path], tmp_path: Path) -> None:
     base_url, ca_cert = served
     runner = CliRunner()
     env = {"FLGLM_SERVER": base_url, "FLGLM_TOKEN": ADMIN, "FLGLM_CA_CERT": str(ca_cert)}
 
     def flglm(*args: str, code: int = 0) -> object:
-        result = runner.invoke(app, list(args), env=env)
-        assert result.exit_code == code, (args, result.output)
-        return json.loads(result.stdout) if code == 0 else result.output
+        return run_cli(env, *args, code=code)
 
     token = flglm("client", "enroll-token", "lab-1", "--expires-in", "600")
     assert isinstance(token, dict) and token["token"].startswith("flglm_et_")
@@ -95,6 +101,36 @@ def test_operator_cli_over_https(served: tuple[str, Path], tmp_path: Path) -> No
     assert wrong_token.exit_code == 1 and "invalid_credential" in wrong_token.output
     no_ca = runner.invoke(app, ["job", "list"], env={**env, "FLGLM_CA_CERT": None})
     assert no_ca.exit_code == 1 and "CERTIFICATE_VERIFY_FAILED" in no_ca.output  # untrusted: refused
+
+
+def test_token_cli_round_trip(served: tuple[str, Path]) -> None:
+    """create → list (no secrets) → use → revoke → 401; viewers cannot manage tokens; last-admin guard."""
+    base_url, ca_cert = served
+    admin_env = {"FLGLM_SERVER": base_url, "FLGLM_TOKEN": ADMIN, "FLGLM_CA_CERT": str(ca_cert)}
+    created = run_cli(admin_env, "token", "create", "ci-bot")
+    assert created["role"] == "viewer" and created["token"].startswith("flglm_at_")
+    listed = run_cli(admin_env, "token", "list")
+    assert [(t["name"], t["role"]) for t in listed["items"]] == [
+        ("bootstrap-admin", "admin"),
+        ("ci-bot", "viewer"),
+    ]
+    assert all("token" not in item for item in listed["items"])
+    assert ADMIN not in json.dumps(listed) and created["token"] not in json.dumps(listed)
+
+    bot_env = {**admin_env, "FLGLM_TOKEN": created["token"]}
+    assert run_cli(bot_env, "job", "list")["total"] == 0
+    assert "insufficient_role" in run_cli(bot_env, "token", "create", "sneaky", "--role", "admin", code=1)
+    assert "--role" in run_cli(admin_env, "token", "create", "x", "--role", "root", code=2)
+
+    revoked = run_cli(admin_env, "token", "revoke", str(created["id"]))
+    assert revoked["id"] == created["id"] and revoked["revoked_at"] is not None
+    assert "invalid_credential" in run_cli(bot_env, "job", "list", code=1)
+    admin_id = listed["items"][0]["id"]
+    assert "last_admin_token" in run_cli(admin_env, "token", "revoke", str(admin_id), code=1)
+    assert "api_token_not_found" in run_cli(admin_env, "token", "revoke", "9999", code=1)
+    after = run_cli(admin_env, "token", "list")["items"]
+    assert [t["revoked_at"] is None for t in after] == [True, False]
+    assert after[0]["last_used_at"] is not None
 
 
 def test_db_upgrade_and_downgrade(tmp_path: Path) -> None:
