@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,21 +23,24 @@ def empty_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return fresh_postgres_schema(request.getfixturevalue("postgres_url"), "flglm_test_backend_migrations")
 
 
-def _tables(url: str) -> set[str]:
+@contextlib.contextmanager
+def _engine(url: str) -> Iterator[sa.Engine]:
+    """A connection-per-use engine, disposed after (so no connection outlives a migration step)."""
     engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
     try:
-        return set(sa.inspect(engine).get_table_names())
+        yield engine
     finally:
         engine.dispose()
+
+
+def _tables(url: str) -> set[str]:
+    with _engine(url) as engine:
+        return set(sa.inspect(engine).get_table_names())
 
 
 def _drift(url: str) -> list[object]:
-    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
-    try:
-        with engine.connect() as conn:
-            return list(compare_metadata(MigrationContext.configure(conn), Base.metadata))
-    finally:
-        engine.dispose()
+    with _engine(url) as engine, engine.connect() as conn:
+        return list(compare_metadata(MigrationContext.configure(conn), Base.metadata))
 
 
 def test_upgrade_downgrade_roundtrip_and_no_drift(empty_db_url: str) -> None:
@@ -69,21 +74,13 @@ TAMPERING = {
 
 
 def _execute(url: str, statement: str, params: dict[str, str] | None = None) -> None:
-    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
-    try:
-        with engine.begin() as conn:
-            conn.execute(sa.text(statement), params or {})
-    finally:
-        engine.dispose()
+    with _engine(url) as engine, engine.begin() as conn:
+        conn.execute(sa.text(statement), params or {})
 
 
 def _audit_actors(url: str) -> list[str]:
-    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
-    try:
-        with engine.connect() as conn:
-            return list(conn.scalars(sa.text("SELECT actor FROM audit_events ORDER BY id")))
-    finally:
-        engine.dispose()
+    with _engine(url) as engine, engine.connect() as conn:
+        return list(conn.scalars(sa.text("SELECT actor FROM audit_events ORDER BY id")))
 
 
 def _insert_audit_row(url: str) -> None:
@@ -93,11 +90,8 @@ def _insert_audit_row(url: str) -> None:
 
 
 def _token_columns(url: str) -> set[str]:
-    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
-    try:
+    with _engine(url) as engine:
         return {column["name"] for column in sa.inspect(engine).get_columns("api_tokens")}
-    finally:
-        engine.dispose()
 
 
 def test_audit_log_is_append_only_from_0002_and_it_downgrades_cleanly(empty_db_url: str) -> None:
