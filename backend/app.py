@@ -19,6 +19,7 @@ from backend.auth.service import ensure_bootstrap_admin
 from backend.db import create_db_engine, create_session_factory
 from backend.errors import install_error_handlers
 from backend.housekeeping import run_housekeeping
+from backend.jobs.finished import on_jobs_finished
 from backend.limits import BodySizeLimit, TokenBucketLimiter
 from backend.migrate import upgrade_to_head
 from backend.models import utc_now
@@ -26,6 +27,7 @@ from backend.protocol_version import ProtocolVersionCheck
 from backend.server_keys import load_or_create_server_key, public_key_b64
 from backend.settings import Settings, get_settings
 from backend.steps.runtime import step_runtime_from_settings
+from backend.steps.service import release_job_replicas
 from flglm.protocol import API_PREFIX
 
 log = logging.getLogger(__name__)
@@ -74,7 +76,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.rate_limiter = TokenBucketLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst)
     server_key = load_or_create_server_key(settings.resolved_server_key_file())
     app.state.server_public_key_b64 = public_key_b64(server_key)
-    app.state.step_runtime = step_runtime_from_settings(settings, server_key)
+    step_runtime = step_runtime_from_settings(settings, server_key)
+    app.state.step_runtime = step_runtime
+    # A job that ended frees its server replicas on the workers once that end is committed.
+    on_jobs_finished(session_factory, lambda job_ids: release_job_replicas(step_runtime, job_ids))
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(ProtocolVersionCheck)

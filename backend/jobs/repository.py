@@ -9,6 +9,8 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from backend.db import fetch_page
+from backend.jobs.finished import note_finished
+from backend.jobs.lifecycle import TERMINAL_STATES
 from backend.models import Client, Job, JobParticipant, Round, RoundParticipant
 from flglm.protocol import ConsentStatus, RoundStatus
 
@@ -35,14 +37,18 @@ class JobRepository:
         return fetch_page(self.session, query, limit=limit, offset=offset)
 
     def set_status_if(self, job_id: int, expected: Collection[str], new: str, **values: Any) -> bool:
-        """`UPDATE jobs SET status=new WHERE id=.. AND status IN expected`: True for the one winner."""
+        """`UPDATE jobs SET status=new WHERE id=.. AND status IN expected`: True for the one winner, which
+        notes a job that ends here for the after-commit work (see `backend.jobs.finished`)."""
         result = self.session.execute(
             sa.update(Job)
             .where(Job.id == job_id, Job.status.in_(list(expected)))
             .values(status=new, **values)
             .execution_options(synchronize_session=False)
         )
-        return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+        won = bool(result.rowcount == 1)  # type: ignore[attr-defined]
+        if won and new in TERMINAL_STATES:
+            note_finished(self.session, job_id)
+        return won
 
 
 class ParticipantRepository:

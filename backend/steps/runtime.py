@@ -87,8 +87,11 @@ class InProcessDispatcher:
     """The embedded default: `worker.executor.InProcessExecutor`, built on the first task, so a control
     plane that never serves a step never imports torch."""
 
-    def __init__(self, store: BlobStore, server_private_key: X25519PrivateKey) -> None:
+    def __init__(
+        self, store: BlobStore, server_private_key: X25519PrivateKey, replica_idle_ttl_s: float | None = None
+    ) -> None:
         self._store, self._key = store, server_private_key
+        self._replica_idle_ttl_s = replica_idle_ttl_s
         self._executor: Any = None
         self._lock = threading.Lock()
 
@@ -97,7 +100,7 @@ class InProcessDispatcher:
             if self._executor is None:
                 from worker.executor import InProcessExecutor  # loads the engine and torch
 
-                self._executor = InProcessExecutor(self._store, self._key)
+                self._executor = InProcessExecutor(self._store, self._key, self._replica_idle_ttl_s)
             executor = self._executor
         handle: TaskHandle = executor.submit(name, kwargs, queue, countdown_s)
         return handle
@@ -147,4 +150,5 @@ def step_runtime_from_settings(settings: Settings, server_private_key: X25519Pri
             settings.step_wait_threads,
         )
     store = InMemoryBlobStore()
-    return StepRuntime(store, InProcessDispatcher(store, server_private_key), settings.step_wait_threads)
+    dispatcher = InProcessDispatcher(store, server_private_key, settings.replica_idle_ttl_s)
+    return StepRuntime(store, dispatcher, settings.step_wait_threads)

@@ -48,7 +48,7 @@ from flglm.step_protocol import (
 )
 from worker.blob_store import PutOutcome
 from worker.errors import ReplayedMessage, StepRejected
-from worker.routing import ADMIT_UPLOAD, CLIENT_FEDAVG, ROUND_END, route_step_message
+from worker.routing import ADMIT_UPLOAD, CLIENT_FEDAVG, RELEASE_JOB, ROUND_END, route_step_message
 
 STEP_DIRECTIONS = (
     MessageDirection.activations,
@@ -162,6 +162,21 @@ def read_spec(runtime: StepRuntime, job_id: int) -> WorkerJobSpec:
     if data is None:
         raise JobNotServed(f"job {job_id} has no worker spec (it never started on this deployment)")
     return WorkerJobSpec.model_validate_json(data)
+
+
+def release_job_replicas(runtime: StepRuntime, job_ids: list[int]) -> None:
+    """Jobs ended (committed): queue `flglm.release_job` on each of their replica queues, so every worker
+    drops its replica from memory. Each queue runs its tasks in order, one at a time, so the release runs
+    after the round-end checkpoint queued before it (`start_fedavg_when_complete`). A job that never
+    started has no spec and nothing loaded."""
+    for job_id in job_ids:
+        try:
+            spec = read_spec(runtime, job_id)
+        except JobNotServed:
+            continue
+        for replica in range(spec.replicas):
+            kwargs = {"job_id": job_id, "replica": replica}
+            runtime.dispatcher.submit(RELEASE_JOB, kwargs, replica_queue(replica))
 
 
 # ---- access --------------------------------------------------------------------------------------
