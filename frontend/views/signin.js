@@ -37,7 +37,7 @@ export function renderSignIn({ signIn, showError }) {
       { id: "token-help", class: "help" },
       "An admin token (first start prints one and writes it to ~/.flglm/admin_token) or a viewer token ",
       "from ",
-      h("code", {}, "POST /api/v1/auth/tokens"),
+      h("code", {}, "flglm token create NAME"),
       ". It stays in this browser tab only.",
     ),
     button,
