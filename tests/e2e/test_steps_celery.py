@@ -59,9 +59,9 @@ def workers(settings: Settings, tmp_path: Path, live_server: LiveServer) -> Iter
     processes.stop_all()
 
 
-def replica_counters(runtime: StepRuntime, job_id: int) -> dict[str, Any]:
-    handle = runtime.dispatcher.submit(REPLICA_COUNTERS, {"job_id": job_id, "replica": 0}, replica_queue(0))
-    return handle.get(60)
+def replica_counters(runtime: StepRuntime, job_id: int, load: bool = True) -> dict[str, Any]:
+    kwargs = {"job_id": job_id, "replica": 0, "load": load}
+    return runtime.dispatcher.submit(REPLICA_COUNTERS, kwargs, replica_queue(0)).get(60)
 
 
 def assert_losses_match_reference(runtime: StepRuntime, owners: list[DataOwner], job_id: int) -> None:
@@ -105,6 +105,8 @@ def test_celery_workers_serve_a_job_over_https_through_a_sigkill_applying_every_
     assert api.ok("GET", f"/jobs/{job_id}")["status"] == "completed"
     assert len(workers.processes) == 2 and workers.processes[0].returncode is not None
     runtime: StepRuntime = live_server.app.state.step_runtime
+    # The job's end queued `flglm.release_job` behind the round-end checkpoint: the worker let go of it.
+    assert replica_counters(runtime, job_id, load=False) == {"loaded": False}
     # The new worker resumed from the checkpoint + journal, the agent retried the lost step from its
     # forward: the same losses as the uninterrupted reference, and one server step per client step.
     assert_losses_match_reference(runtime, owners, job_id)
@@ -113,7 +115,8 @@ def test_celery_workers_serve_a_job_over_https_through_a_sigkill_applying_every_
     assert len(counters["applied"]) == len(owners) * ROUNDS * STEPS
     assert victim.attempts == [1, 2, 1, 1]  # only the step whose graph died with the worker ran twice
     assert all(attempts == [1] * ROUNDS * STEPS for attempts in (owners[0].attempts, owners[2].attempts))
-    # An eval forward of the completed job's last round through the Celery worker: logits, no server step.
+    # An eval forward of the completed job's last round through the Celery worker (the counters above
+    # reloaded the released replica from its round-end checkpoint): logits, no server step.
     owner = owners[0]
     channel = owner.channel(live_server, job_id, server_public_key(api, owner, job_id))
     batch = client_batch(owner.client_id, 7)
