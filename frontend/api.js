@@ -78,6 +78,7 @@ export async function download(path, fallbackName) {
 
 export const get = (path) => request("GET", path);
 export const post = (path, body) => request("POST", path, body);
+export const del = (path) => request("DELETE", path);
 
 /** Query string from an object, leaving out empty values. */
 export function query(params) {

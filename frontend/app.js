@@ -1,4 +1,4 @@
-/** The dashboard shell: sign-in state, hash routes (#/jobs, #/jobs/7, #/clients, #/audit) and the error banner. */
+/** The dashboard shell: sign-in state, hash routes (#/jobs, #/jobs/7, #/clients, #/tokens, #/audit), error banner. */
 
 import { ApiError, get, session } from "./api.js";
 import { fill, h } from "./dom.js";
@@ -8,12 +8,14 @@ import { renderJob } from "./views/job.js";
 import { renderJobForm } from "./views/job_form.js";
 import { renderJobs } from "./views/jobs.js";
 import { renderSignIn } from "./views/signin.js";
+import { renderTokens } from "./views/tokens.js";
 
 const ROUTES = [
   { pattern: /^#\/jobs\/new$/, view: renderJobForm, adminOnly: true },
   { pattern: /^#\/jobs\/(\d+)$/, view: renderJob },
   { pattern: /^#\/jobs$/, view: renderJobs },
   { pattern: /^#\/clients$/, view: renderClients },
+  { pattern: /^#\/tokens$/, view: renderTokens, adminOnly: true },
   { pattern: /^#\/audit$/, view: renderAudit, adminOnly: true },
 ];
 
@@ -76,6 +78,7 @@ function renderChrome() {
     nav,
     link("#/jobs", "Jobs"),
     link("#/clients", "Clients"),
+    principal.role === "admin" ? link("#/tokens", "API tokens") : null,
     principal.role === "admin" ? link("#/audit", "Audit log") : null,
   );
   fill(

@@ -82,7 +82,7 @@ def dashboard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dashboard]:
         api = Api(http)
         agents = [enroll(api, name, example_count=n) for name, n in (("hospital-a", 1200), ("clinic-b", 800))]
         spare = enroll(api, "old-laptop")
-        viewer = api.ok("POST", "/auth/tokens", 201, json={"name": "ops-viewer", "role": "viewer"})["token"]
+        viewer = api.ok("POST", "/tokens", 201, json={"name": "ops-viewer", "role": "viewer"})["token"]
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             yield Dashboard(base_url, api, agents, spare, viewer, browser, settings)
@@ -298,4 +298,39 @@ def test_api_errors_are_shown_in_plain_words(dashboard: Dashboard) -> None:
     page.goto(f"{dashboard.base_url}/#/jobs/9999")
     expect(page.get_by_role("alert")).to_contain_text("does not exist")
     expect(page.get_by_role("heading", name="Job not found")).to_be_visible()
+    context.close()
+
+
+def test_admin_lists_creates_and_revokes_api_tokens(dashboard: Dashboard) -> None:
+    context, page = signed_in_page(dashboard, ADMIN_TOKEN)
+    page.get_by_role("link", name="API tokens").click()
+    tokens = page.get_by_role("table")
+    expect(tokens).to_contain_text("bootstrap-admin")
+    expect(tokens).to_contain_text("ops-viewer")
+    assert ADMIN_TOKEN not in page.content() and dashboard.viewer_token not in page.content()
+
+    page.get_by_label("Token name").fill("ci-bot")
+    page.get_by_role("button", name="Create token").click()
+    secret = page.get_by_test_id("new-token").inner_text()
+    assert secret.startswith("flglm_at_")
+    assert dashboard.api.as_(secret).ok("GET", "/auth/me")["role"] == "viewer"
+    row = page.get_by_role("row", name=re.compile("ci-bot"))
+    page.once("dialog", lambda dialog: dialog.accept())
+    row.get_by_role("button", name="Revoke ci-bot").click()
+    expect(row).to_contain_text("revoked")
+    expect(row.get_by_role("button")).to_have_count(0)
+    assert dashboard.api.as_(secret).get("/auth/me").status_code == 401
+
+    # The admin's own token is the only admin one: revoking it is refused, in words.
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.get_by_role("button", name="Revoke bootstrap-admin").click()
+    expect(page.get_by_role("alert")).to_contain_text("last active admin token")
+    expect(page.get_by_role("row", name=re.compile("bootstrap-admin"))).to_contain_text("active")
+    page.screenshot(path=str(SCREENSHOTS / "tokens-page.png"), full_page=True)
+    context.close()
+
+    context, page = signed_in_page(dashboard, dashboard.viewer_token)
+    expect(page.get_by_role("link", name="API tokens")).to_have_count(0)
+    page.goto(f"{dashboard.base_url}/#/tokens")
+    expect(page.get_by_role("heading", name="Admins only")).to_be_visible()
     context.close()
