@@ -57,6 +57,8 @@ def test_create_use_revoke_then_401(api: Api) -> None:
     assert bot.ok("GET", "/jobs")["total"] == 0
     listed = _tokens(api)["ci-bot"]
     assert listed["last_used_at"] is not None and listed["revoked_at"] is None
+    bot.ok("GET", "/clients")
+    assert _tokens(api)["ci-bot"]["last_used_at"] == listed["last_used_at"]  # written once a minute at most
 
     revoked = api.ok("DELETE", f"/tokens/{created['id']}")
     assert revoked["revoked_at"] is not None and set(revoked) == VIEW_FIELDS
