@@ -16,6 +16,7 @@ import gc
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -38,6 +39,10 @@ log = logging.getLogger(__name__)
 
 # (job id, replica, delay in seconds): make `run_replica_flush` run on that replica's queue later.
 FlushScheduler = Callable[[int, int, float], None]
+# A replica loaded again after its job's release (the agents' final evaluation runs after the job completed)
+# serves a short burst of eval forwards: it leaves memory after this much idle time, not the full TTL.
+RELEASED_REPLICA_IDLE_TTL_S = 60.0
+_RELEASED_REMEMBERED = 4096  # released (job, replica) keys this process remembers, newest kept
 
 
 def publish_job_spec(store: BlobStore, spec: WorkerJobSpec, ttl_s: float | None = None) -> None:
@@ -94,7 +99,9 @@ class WorkerRuntime:
         self.replica_idle_ttl_s = (
             settings.replica_idle_ttl_s if replica_idle_ttl_s is None else replica_idle_ttl_s
         )
+        self.released_replica_idle_ttl_s = RELEASED_REPLICA_IDLE_TTL_S
         self._last_used: dict[tuple[int, int], float] = {}  # monotonic time a task last asked for it
+        self._released: OrderedDict[tuple[int, int], None] = OrderedDict()
         # Generation sessions (body + KV cache per session) of the caller-side split generation.
         self.generation = GenerationSessions.from_settings(settings, self.device)
         self._lock = threading.Lock()
@@ -105,7 +112,15 @@ class WorkerRuntime:
             key = (job_id, replica)
             if key not in self.replicas:
                 spec = read_job_spec(self.store, job_id)
-                log.info("loading job %s replica %s (%s) on %s", job_id, replica, spec.model_ref, self.device)
+                again = " again after its release" if key in self._released else ""
+                log.info(
+                    "loading job %s replica %s (%s) on %s%s",
+                    job_id,
+                    replica,
+                    spec.model_ref,
+                    self.device,
+                    again,
+                )
                 self.replicas[key] = ServerReplica(
                     spec,
                     replica,
@@ -125,25 +140,35 @@ class WorkerRuntime:
 
     def forget(self, job_id: int, replica: int | None = None) -> list[int]:
         """Drop a finished job's replicas (or only `replica`) from memory, checkpointing nothing; returns the
-        replica numbers dropped. Only the process consuming a replica's queue may drop it mid-job."""
+        replica numbers dropped. Only the process consuming a replica's queue may drop it mid-job. If a
+        later task loads one again, it is evicted after `released_replica_idle_ttl_s` of idleness."""
         with self._lock:
             keys = [k for k in self.replicas if k[0] == job_id and replica in (None, k[1])]
             for key in keys:
                 del self.replicas[key]
                 self._last_used.pop(key, None)
+            for key in {*keys, *([(job_id, replica)] if replica is not None else [])}:
+                self._released[key] = None
+                self._released.move_to_end(key)
+            while len(self._released) > _RELEASED_REMEMBERED:
+                self._released.popitem(last=False)
         if keys:
             log.info("released job %s replicas %s", job_id, [k[1] for k in keys])
             self._free_memory()
         return [k[1] for k in keys]
 
     def evict_idle_replicas(self) -> list[tuple[int, int]]:
-        """Checkpoint and drop every replica unused for longer than `replica_idle_ttl_s` that is not busy
-        (see `ServerReplica.checkpoint_if_idle`); a replica whose checkpoint fails stays. Returns the keys."""
+        """Checkpoint and drop every replica unused for longer than `replica_idle_ttl_s` (the shorter
+        `released_replica_idle_ttl_s` for a released job's) that is not busy (see
+        `ServerReplica.checkpoint_if_idle`); a replica whose checkpoint fails stays. Returns the keys."""
         now = time.monotonic()
         evicted = []
         with self._lock:
             for key, last_used in list(self._last_used.items()):
-                if now - last_used <= self.replica_idle_ttl_s:
+                ttl_s = self.replica_idle_ttl_s
+                if key in self._released:
+                    ttl_s = min(ttl_s, self.released_replica_idle_ttl_s)
+                if now - last_used <= ttl_s:
                     continue
                 try:
                     if not self.replicas[key].checkpoint_if_idle():
@@ -155,7 +180,7 @@ class WorkerRuntime:
                 del self._last_used[key]
                 evicted.append(key)
         if evicted:
-            log.info("evicted idle replicas %s (idle over %s s)", evicted, self.replica_idle_ttl_s)
+            log.info("evicted idle replicas %s", evicted)
             self._free_memory()
         return evicted
 

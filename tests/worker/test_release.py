@@ -30,8 +30,11 @@ def is_loaded(h: Harness, replica: int = 0) -> bool:
 
 def test_release_runs_after_the_round_end_checkpoint_and_the_job_reloads_from_it(tmp_path: Path) -> None:
     h = Harness(tmp_path, checkpoint_every=100)  # only the round end checkpoints
+    runtime = h.executor.runtime
+    runtime.released_replica_idle_ttl_s = 0.0  # applies only to the replicas of released jobs
     try:
         h.sequential_step(1, 0)
+        assert is_loaded(h)
         adapters = trainable_state_dict(h.replica().trainer.body)
         # Both queued at once, as the backend does at the job's end: the lane runs them in order.
         round_end = h.executor.submit(
@@ -40,14 +43,16 @@ def test_release_runs_after_the_round_end_checkpoint_and_the_job_reloads_from_it
         release = h.executor.submit(RELEASE_JOB, {"job_id": h.spec.job_id, "replica": 0}, replica_queue(0))
         assert round_end.get(timeout_s=60)["server_steps"] == 3
         assert release.get(timeout_s=60) == {"status": "released", "dropped": [0]}
-        assert not is_loaded(h) and h.executor.runtime.replicas == {}
+        assert not is_loaded(h) and runtime.replicas == {}
         assert task(h, RELEASE_JOB) == {"status": "released", "dropped": []}  # idempotent
         snapshot = latest_snapshot(replica_dir(h.spec.checkpoint_dir, 0))
         assert snapshot is not None and snapshot.server_steps == 3
-        # A later task of the job loads the replica again, from that checkpoint.
-        assert task(h, REPLICA_COUNTERS)["server_steps"] == 3
+        # A later task of the job (an eval forward, say) loads the replica again, from that checkpoint...
         reloaded = trainable_state_dict(h.replica().trainer.body)
         assert all(torch.equal(adapters[k], reloaded[k]) for k in adapters)
+        # ...and it leaves again after the released jobs' short idle TTL, not the full one.
+        assert runtime.replica_idle_ttl_s == 3600.0 and is_loaded(h)
+        assert not is_loaded(h) and runtime.replicas == {}
     finally:
         h.executor.close()
 
