@@ -16,11 +16,17 @@ from tests.worker.step_clients import client_batch, reference_sequential_losses
 from tests.worker.test_engine import CLIENT_IDS, Harness
 from worker.checkpoints import latest_snapshot, replica_dir
 from worker.executor import RELEASE_JOB, REPLICA_COUNTERS, ROUND_END
+from worker.replica import ServerReplica
 
 
 def task(h: Harness, name: str, replica: int = 0, **kwargs: Any) -> dict[str, Any]:
     kwargs = {"job_id": h.spec.job_id, "replica": replica, **kwargs}
     return h.executor.submit(name, kwargs, replica_queue(replica)).get(timeout_s=60)
+
+
+def cpu_adapters(replica: ServerReplica) -> dict[str, torch.Tensor]:
+    """The server adapters, copied to the CPU (the replica lives on cuda on a GPU worker)."""
+    return {k: v.detach().cpu().clone() for k, v in trainable_state_dict(replica.trainer.body).items()}
 
 
 def is_loaded(h: Harness, replica: int = 0) -> bool:
@@ -35,7 +41,7 @@ def test_release_runs_after_the_round_end_checkpoint_and_the_job_reloads_from_it
     try:
         h.sequential_step(1, 0)
         assert is_loaded(h)
-        adapters = trainable_state_dict(h.replica().trainer.body)
+        adapters = cpu_adapters(h.replica())
         # Both queued at once, as the backend does at the job's end: the lane runs them in order.
         round_end = h.executor.submit(
             ROUND_END, {"job_id": h.spec.job_id, "replica": 0, "round_number": 1}, replica_queue(0)
@@ -48,7 +54,7 @@ def test_release_runs_after_the_round_end_checkpoint_and_the_job_reloads_from_it
         snapshot = latest_snapshot(replica_dir(h.spec.checkpoint_dir, 0))
         assert snapshot is not None and snapshot.server_steps == 3
         # A later task of the job (an eval forward, say) loads the replica again, from that checkpoint...
-        reloaded = trainable_state_dict(h.replica().trainer.body)
+        reloaded = cpu_adapters(h.replica())
         assert all(torch.equal(adapters[k], reloaded[k]) for k in adapters)
         # ...and it leaves again after the released jobs' short idle TTL, not the full one.
         assert runtime.replica_idle_ttl_s == 3600.0 and is_loaded(h)
@@ -64,7 +70,7 @@ def test_an_idle_replica_is_checkpointed_dropped_freed_and_reloads_exactly(tmp_p
         assert runtime.replica_idle_ttl_s == 3600.0  # FLGLM_REPLICA_IDLE_TTL_S's default
         losses = h.sequential_step(1, 0)  # 3 server steps, no checkpoint yet
         replica = h.replica()
-        adapters = {k: v.clone() for k, v in trainable_state_dict(replica.trainer.body).items()}
+        adapters = cpu_adapters(replica)
         applied = set(replica.applied)
         assert latest_snapshot(replica_dir(h.spec.checkpoint_dir, 0)) is None
         freed = weakref.ref(replica)
@@ -82,7 +88,7 @@ def test_an_idle_replica_is_checkpointed_dropped_freed_and_reloads_exactly(tmp_p
         runtime.replica_idle_ttl_s = 3600.0
         reloaded = h.replica()
         assert reloaded.server_steps == 3 and reloaded.applied == applied
-        state = trainable_state_dict(reloaded.trainer.body)
+        state = cpu_adapters(reloaded)
         assert all(torch.equal(adapters[k], state[k]) for k in adapters)
         # Training goes on as if nothing happened: optimizer moments and counters came back too.
         losses += h.sequential_step(1, 1)
