@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from backend.settings import Settings
 from worker.blob_store import BlobStore, InMemoryBlobStore, RedisBlobStore
-from worker.routing import raise_if_rejected
+from worker.routing import RELEASE_JOB, raise_if_rejected
 
 # How often a Celery task's state is read from the result backend while someone waits on it. Celery's own
 # `AsyncResult.get` shares one pub/sub consumer that is not safe across threads, so each waiter reads the
@@ -83,6 +83,16 @@ class CeleryDispatcher:
         self.app.close()
 
 
+class _Answered:
+    """The handle of a task answered without running it."""
+
+    def __init__(self, result: dict[str, Any]) -> None:
+        self._result = result
+
+    def get(self, timeout_s: float) -> dict[str, Any]:
+        return self._result
+
+
 class InProcessDispatcher:
     """The embedded default: `worker.executor.InProcessExecutor`, built on the first task, so a control
     plane that never serves a step never imports torch."""
@@ -97,6 +107,8 @@ class InProcessDispatcher:
 
     def submit(self, name: str, kwargs: dict[str, Any], queue: str, countdown_s: float = 0.0) -> TaskHandle:
         with self._lock:
+            if self._executor is None and name == RELEASE_JOB:
+                return _Answered({"status": "released", "dropped": []})  # no task ran: nothing is loaded
             if self._executor is None:
                 from worker.executor import InProcessExecutor  # loads the engine and torch
 

@@ -1,6 +1,9 @@
-"""A job's end reaches the after-commit callback (which releases its worker replicas) only once committed."""
+"""A job's end reaches the after-commit callback (which releases its worker replicas) only once committed;
+the embedded executor answers a release without loading the engine when no step ever ran."""
 
 from __future__ import annotations
+
+from fastapi import FastAPI
 
 from backend.db import create_db_engine, create_session_factory
 from backend.jobs import service
@@ -8,7 +11,8 @@ from backend.jobs.finished import on_jobs_finished
 from backend.models import utc_now
 from backend.settings import Settings
 from flglm.protocol import JobSpec, JobStatus
-from tests.backend.conftest import job_spec
+from flglm.step_protocol import spec_blob_key
+from tests.backend.conftest import Api, enroll, job_spec, running_job
 
 
 def test_only_committed_job_ends_reach_the_callback(settings: Settings) -> None:
@@ -34,3 +38,11 @@ def test_only_committed_job_ends_reach_the_callback(settings: Settings) -> None:
         assert service.get_job(session, undone).status == JobStatus.draft
         assert service.get_job(session, running).status == JobStatus.waiting_for_clients
     engine.dispose()
+
+
+def test_a_job_that_ends_before_any_step_loads_no_engine_to_release_it(api: Api, app: FastAPI) -> None:
+    job_id = running_job(api, [enroll(api, "owner")])
+    runtime = app.state.step_runtime
+    assert runtime.store.get(spec_blob_key(job_id)) is not None  # the workers know the job: it is released
+    assert api.ok("POST", f"/jobs/{job_id}/cancel")["status"] == "cancelled"
+    assert runtime.dispatcher._executor is None  # no executor (nor torch) was built just to release nothing
