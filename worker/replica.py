@@ -9,7 +9,9 @@ Exactly once: every applied optimizer step gets a journal entry (write-once, in 
 messages it used, *before* any result of that step is published. A restarted replica loads its newest
 checkpoint and replays the journal entries after it from the stored messages, so a step is never lost
 once an agent could have seen its result, and the `applied` set stops a retried step from being applied
-again.
+again. Replay publishes each replayed step's dL/dh0 (recomputed on the same weights, so the same values) when
+the crash came between the journal entry and the result: the agent waiting for it gets the result of the
+step that was applied, instead of retrying the step's forward on weights that already contain it.
 
 Evaluation forwards (`submit_eval_forward`) are not steps: they run the body at once, under
 `torch.no_grad()` in eval mode with the current server adapters, publish h1 and keep nothing (no graph, no
@@ -385,7 +387,7 @@ class ServerReplica:
                 self._publish(arrival.ref.result_ref(), h1[first:end, :seq, :])
         return group
 
-    def _finish_group(self, group: InflightGroup, publish: bool = True) -> None:
+    def _finish_group(self, group: InflightGroup, publish: bool = True, journal: bool = True) -> None:
         """One backward for the group (missing gradients count as zero), one optimizer step, journal,
         maybe sync and checkpoint, then the per-client dL/dh0."""
         grad = torch.zeros(
@@ -409,7 +411,7 @@ class ServerReplica:
             self.trainer.step()
             self.server_steps += 1
             self.applied |= keys
-            if publish:
+            if publish and journal:
                 self._journal(group)
             self._after_step()
         if publish:
@@ -547,7 +549,7 @@ class ServerReplica:
                 self._note_sequence(ref)
                 group.gradients[ref.client_id] = (ref, grad.to(self.device))
             before = self.server_steps
-            self._finish_group(group, publish=False)
+            self._finish_group(group, journal=False)  # publishes dL/dh0 if the crash came before
             if self.server_steps != before + 1:
                 raise JournalGap(f"journal entry {before + 1} did not replay as one applied step")
             log.info("replica %s: replayed journalled step %s", self.replica, self.server_steps)

@@ -287,6 +287,36 @@ def test_checkpoint_and_journal_resume_exactly(harness: Harness, tmp_path: Path)
         restarted.close()
 
 
+def test_a_crash_between_journal_and_result_publishes_the_result_on_replay(harness: Harness) -> None:
+    """The step was applied and journalled, then the worker died before publishing dL/dh0: the restarted
+    replica replays it and publishes the same dL/dh0, so the waiting agent finishes that step instead of
+    retrying its forward on weights that already contain it."""
+    harness.sequential_step(1, 0)
+    harness.sequential_step(1, 1)  # 6 server steps; the last checkpoint is at 6
+    client = harness.clients[11]
+    batch = client_batch(11, 2 + 100)
+    fwd = client.upload_forward(harness.store, harness.spec, harness.server_public, 1, 2, batch)
+    assert harness.send(fwd)["status"] == "done"
+    _, grad_ref, _ = client.upload_gradients(harness.store, harness.spec, harness.server_public, fwd, batch)
+    assert harness.send(grad_ref)["status"] == "done"  # step 7: journalled, then dL/dh0 published
+    published = client.receive(harness.store, harness.spec, harness.server_public, grad_ref)
+    harness.executor.close()
+    harness.store.delete(grad_ref.result_ref().blob_key())  # as if the worker died before publishing
+
+    restarted = InProcessExecutor(harness.store, harness.server_key)
+    try:
+        assert restarted.runtime.replica(7, 0).server_steps == 7  # replayed from the journal, once
+        harness.executor = restarted
+        replayed = client.receive(harness.store, harness.spec, harness.server_public, grad_ref)
+        assert torch.equal(replayed, published)
+        assert (
+            harness.send(grad_ref)["status"] == "done"
+        )  # the redelivered backward task: answered, not re-run
+        assert harness.counters()["server_steps"] == 7
+    finally:
+        restarted.close()
+
+
 def test_round_end_checkpoint_and_client_fedavg(harness: Harness) -> None:
     harness.sequential_step(1, 0)
     result = harness.executor.submit(
