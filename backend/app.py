@@ -102,7 +102,12 @@ async def _housekeeping_loop(app: FastAPI, settings: Settings) -> None:
         await asyncio.sleep(settings.deadline_check_interval_s)
         try:
             await run_in_threadpool(
-                run_housekeeping, app.state.session_factory, utc_now(), settings.heartbeat_lease_s
+                run_housekeeping,
+                app.state.session_factory,
+                utc_now(),
+                settings.heartbeat_lease_s,
+                settings.job_keys_dir(),
+                settings.job_key_retention_s,
             )
         except Exception:  # keep the loop alive; the next pass retries
             log.exception("housekeeping pass failed")

@@ -42,6 +42,12 @@ class Conflict(DomainError):
     code = "conflict"
 
 
+class Gone(DomainError):
+    """The object existed but is gone for good (a job's server key deleted after its retention)."""
+
+    code = "gone"
+
+
 class InvalidInput(DomainError):
     code = "invalid_input"
 
@@ -67,6 +73,7 @@ HTTP_STATUS_BY_KIND: dict[type[DomainError], int] = {
     Forbidden: 403,
     NotFound: 404,
     Conflict: 409,
+    Gone: 410,
     InvalidInput: 422,
     RateLimited: 429,
     BadRequest: 400,
@@ -81,6 +88,7 @@ CODE_BY_HTTP_STATUS = {
     404: "not_found",
     405: "method_not_allowed",
     409: "conflict",
+    410: "gone",
     413: "body_too_large",
     422: "validation_error",
     429: "rate_limited",

@@ -1,26 +1,40 @@
-"""Periodic control-plane duties: heartbeat leases and round deadlines, in one transaction per pass."""
+"""Periodic control-plane duties: heartbeat leases, round deadlines, expired job keys (one transaction)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from backend.clients.service import mark_silent_clients_offline
-from backend.jobs.service import enforce_round_deadlines
+from backend.jobs.service import delete_expired_job_keys, enforce_round_deadlines
 
 
 @dataclass(frozen=True)
 class HousekeepingReport:
     clients_marked_offline: list[int]
     rounds_closed_by_deadline: list[tuple[int, int]]
+    job_keys_deleted: list[int]
 
 
 def run_housekeeping(
-    session_factory: sessionmaker[Session], now: datetime, lease_s: float
+    session_factory: sessionmaker[Session],
+    now: datetime,
+    lease_s: float,
+    job_keys_dir: Path | None = None,
+    job_key_retention_s: float = 86400.0,
 ) -> HousekeepingReport:
+    """One pass; `job_keys_dir` None skips the job keys (lifecycle tests that hold none)."""
     with session_factory() as session, session.begin():
         offline = mark_silent_clients_offline(session, now, lease_s)
         overdue = enforce_round_deadlines(session, now)
-    return HousekeepingReport(clients_marked_offline=offline, rounds_closed_by_deadline=overdue)
+        deleted = (
+            []
+            if job_keys_dir is None
+            else delete_expired_job_keys(session, now, job_key_retention_s, job_keys_dir)
+        )
+    return HousekeepingReport(
+        clients_marked_offline=offline, rounds_closed_by_deadline=overdue, job_keys_deleted=deleted
+    )

@@ -107,6 +107,11 @@ class Job(Base):
     status: Mapped[str] = mapped_column(sa.String(32), index=True)
     current_round: Mapped[int] = mapped_column(default=0)
     failure_reason: Mapped[str | None] = mapped_column(sa.Text)
+    # The job's own server X25519 public key (base64), set when the job opens; NULL for jobs from before
+    # per-job keys, which use the deployment key. Its private half: `backend.server_keys.job_key_path`.
+    server_public_key: Mapped[str | None] = mapped_column(sa.String(64))
+    # When housekeeping deleted the private key file (its retention after the job ended ran out).
+    server_key_deleted_at: Mapped[datetime | None]
     created_by: Mapped[str] = mapped_column(sa.String(100))
     created_at: Mapped[datetime] = mapped_column(default=utc_now)
     updated_at: Mapped[datetime] = mapped_column(default=utc_now, onupdate=utc_now)

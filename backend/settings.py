@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     # written 0600 to `<data_dir>/admin_token`.
     bootstrap_admin_token: str = ""
     server_key_file: Path | None = None
+    # Each job's server private key (`<data_dir>/job-keys/job-<id>.key`) is deleted this long after the
+    # job ended (forward secrecy); the agents' final evaluation of the last round runs within it.
+    job_key_retention_s: float = Field(default=86400.0, ge=0)
     run_migrations_on_start: bool = True
 
     ssl_certfile: Path | None = None
@@ -55,6 +58,9 @@ class Settings(BaseSettings):
 
     def resolved_server_key_file(self) -> Path:
         return self.server_key_file or self.data_dir / "server_x25519.key"
+
+    def job_keys_dir(self) -> Path:
+        return self.data_dir / "job-keys"
 
 
 @lru_cache(maxsize=1)

@@ -153,6 +153,9 @@ class WorkerJobSpec(BaseModel):
     max_batch_size: int = Field(64, ge=1)
     max_seq_len: int = Field(4096, ge=1)
     checkpoint_dir: str = Field(min_length=1)
+    # The job's own server X25519 private key file (0600; written by the backend when the job opened, and
+    # deleted a retention period after it ended). None: the job uses the worker's deployment key.
+    server_key_file: str | None = Field(None, min_length=1)
     checkpoint_every: int = Field(10, ge=1)  # server steps between checkpoints (one more at round end)
     server_fedavg_every: int = Field(10, ge=1)  # server_hierarchical: steps between replica FedAvg
     batch_window_s: float = Field(2.0, ge=0)  # batch modes: how long a batch waits for its stragglers

@@ -135,5 +135,5 @@ def run_admit_upload(
     blob = runtime.store.get(staging_key)
     if blob is None:
         raise MissingMessage(f"nothing staged at {staging_key}")
-    admit_step_upload(spec, runtime.server_private_key, ref, blob, runtime.upload_guard)
+    admit_step_upload(spec, runtime.server_key_for(spec), ref, blob, runtime.upload_guard)
     return {"status": "admitted"}

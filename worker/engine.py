@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -28,9 +29,10 @@ from flglm.adapters import AdapterConfig, add_split_adapters
 from flglm.models import load_split_parts
 from flglm.split import SplitPlan
 from flglm.step_protocol import MessageRef, WorkerJobSpec, spec_blob_key
+from flglm.wire.keys import load_private_key
 from flglm.wire.sequence import ReplayGuard, SequenceGuard
 from worker.blob_store import BlobStore
-from worker.errors import UnknownJob
+from worker.errors import JobKeyDeleted, UnknownJob
 from worker.generation import GenerationSessions
 from worker.replica import ServerReplica
 from worker.settings import get_worker_settings
@@ -77,7 +79,13 @@ def load_server_body(spec: WorkerJobSpec) -> nn.Module:
 
 
 class WorkerRuntime:
-    """What one worker process holds: the blob store, the server key and its cached replicas."""
+    """What one worker process holds: the blob store, the server keys and its cached replicas.
+
+    `server_private_key` is the deployment's key; a job whose spec names its own key file
+    (`WorkerJobSpec.server_key_file`) uses that one instead (`server_key_for`), cached here until the job's
+    release and checked to still exist on every use, so once the backend deleted it this process refuses
+    the job's messages too (`JobKeyDeleted`), whatever it still holds in memory.
+    """
 
     def __init__(
         self,
@@ -105,13 +113,42 @@ class WorkerRuntime:
         # Generation sessions (body + KV cache per session) of the caller-side split generation.
         self.generation = GenerationSessions.from_settings(settings, self.device)
         self._lock = threading.Lock()
+        self._job_keys: dict[int, X25519PrivateKey] = {}
+        self._job_keys_lock = threading.Lock()  # apart from `_lock`: `replica` asks for keys while holding it
+
+    def server_key_for(self, spec: WorkerJobSpec) -> X25519PrivateKey:
+        """The server private key of `spec`'s job: its own key file, else the deployment key."""
+        if spec.server_key_file is None:
+            return self.server_private_key
+        with self._job_keys_lock:
+            if not os.path.exists(spec.server_key_file):
+                self._job_keys.pop(spec.job_id, None)
+                raise JobKeyDeleted(
+                    f"job {spec.job_id}'s server key was deleted (its retention after the job ended ran "
+                    "out); its messages can no longer be opened"
+                )
+            if spec.job_id not in self._job_keys:
+                try:
+                    self._job_keys[spec.job_id] = load_private_key(spec.server_key_file)  # refuses non-0600
+                except FileNotFoundError:
+                    raise JobKeyDeleted(f"job {spec.job_id}'s server key was deleted just now") from None
+            return self._job_keys[spec.job_id]
 
     def replica(self, job_id: int, replica: int) -> ServerReplica:
         """The cached replica, loading body + checkpoint (+ journal replay) on the job's first task."""
         with self._lock:
             key = (job_id, replica)
-            if key not in self.replicas:
+            held = self.replicas.get(key)
+            if held is not None:
+                try:
+                    self.server_key_for(held.spec)  # refuses once the job's key file is gone
+                except JobKeyDeleted:
+                    del self.replicas[key]
+                    self._last_used.pop(key, None)
+                    raise
+            else:
                 spec = read_job_spec(self.store, job_id)
+                server_key = self.server_key_for(spec)  # before the body loads: a deleted key refuses at once
                 again = " again after its release" if key in self._released else ""
                 log.info(
                     "loading job %s replica %s (%s) on %s%s",
@@ -126,7 +163,7 @@ class WorkerRuntime:
                     replica,
                     load_server_body(spec),
                     self.store,
-                    self.server_private_key,
+                    server_key,
                     lambda delay: self.schedule_flush(job_id, replica, delay),
                     self.device,
                 )
@@ -152,6 +189,8 @@ class WorkerRuntime:
                 self._released.move_to_end(key)
             while len(self._released) > _RELEASED_REMEMBERED:
                 self._released.popitem(last=False)
+        with self._job_keys_lock:
+            self._job_keys.pop(job_id, None)  # a later task of the job loads it again while it exists
         if keys:
             log.info("released job %s replicas %s", job_id, [k[1] for k in keys])
             self._free_memory()

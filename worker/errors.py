@@ -52,6 +52,14 @@ class WrongTensor(StepRejected):
     code = "wrong_tensor"
 
 
+class JobKeyDeleted(StepRejected):
+    """The job's server private key file was deleted (its retention after the job ended ran out): none of
+    its messages can be opened or sealed any more, by design (forward secrecy)."""
+
+    http_status = 410
+    code = "job_key_deleted"
+
+
 class StepGraphMissing(StepRejected):
     """A gradient for a step whose forward graph is not held here (evicted, lost with a worker, or never
     run): the agent retries the step from the forward with a fresh sequence number."""

@@ -48,9 +48,10 @@ def run_client_fedavg(
         raise ValueError("client FedAvg got two uploads from one client")
     if all(runtime.store.get(ref.result_ref().blob_key()) is not None for ref in refs):
         return {"status": "done", "clients": [ref.client_id for ref in refs]}
+    server_key = runtime.server_key_for(spec)
     keys = {
         ref.client_id: derive_channel_keys(
-            runtime.server_private_key,
+            server_key,
             public_key_from_b64(spec.public_key_of(ref.client_id)),
             str(job_id),
             str(ref.client_id),

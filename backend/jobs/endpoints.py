@@ -54,7 +54,7 @@ def _transition_route(action: str) -> None:
     def transition(
         job_id: JobId, session: SessionDep, admin: AdminDep, request: Request, settings: SettingsDep
     ) -> JobView:
-        job = service.transition(session, admin.actor, job_id, action, utc_now())
+        job = service.transition(session, admin.actor, job_id, action, utc_now(), settings.job_keys_dir())
         if action == "start":  # the workers learn the job (participants' keys) before any step arrives
             spec = steps_service.worker_job_spec(session, job, settings)
             steps_service.publish_job_spec(request.app.state.step_runtime, spec)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Collection
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -35,6 +36,20 @@ class JobRepository:
         conditions = [] if status is None else [Job.status == status]
         query = sa.select(Job).where(*conditions).order_by(Job.id.desc())
         return fetch_page(self.session, query, limit=limit, offset=offset)
+
+    def ended_with_server_key(self, ended_before: datetime) -> list[int]:
+        """Ids of terminal jobs last updated before `ended_before` whose server key file is not deleted."""
+        query = (
+            sa.select(Job.id)
+            .where(
+                Job.status.in_(list(TERMINAL_STATES)),
+                Job.server_public_key.is_not(None),
+                Job.server_key_deleted_at.is_(None),
+                Job.updated_at < ended_before,
+            )
+            .order_by(Job.id)
+        )
+        return list(self.session.scalars(query).all())
 
     def set_status_if(self, job_id: int, expected: Collection[str], new: str, **values: Any) -> bool:
         """`UPDATE jobs SET status=new WHERE id=.. AND status IN expected`: True for the one winner, which

@@ -8,15 +8,17 @@ both databases; the loser gets a 409.
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from pathlib import Path
 
 from sqlalchemy.orm import Session
 
 from backend.audit.service import record
 from backend.clients.repository import ClientRepository
-from backend.errors import Conflict, Forbidden, InvalidInput, NotFound
+from backend.errors import Conflict, Forbidden, Gone, InvalidInput, NotFound
 from backend.jobs.lifecycle import CONSENT_OPEN_STATES, TERMINAL_STATES, TRANSITIONS
 from backend.jobs.repository import JobRepository, ParticipantRepository, RoundRepository
 from backend.models import Job, JobParticipant, Round, RoundParticipant
+from backend.server_keys import create_job_key, delete_job_key
 from flglm.protocol import (
     AgentJobView,
     ClientStatus,
@@ -70,6 +72,10 @@ class NotRoundParticipant(Forbidden):
 
 class JobNotRunning(Conflict):
     code = "job_not_running"
+
+
+class JobKeyDeleted(Gone):
+    code = "job_key_deleted"
 
 
 # --- operator side --------------------------------------------------------------------------------
@@ -142,8 +148,19 @@ def _invite(session: Session, actor: str, job: Job, names: list[str], now: datet
     session.flush()
 
 
-def transition(session: Session, actor: str, job_id: int, action: str, now: datetime) -> Job:
-    """Apply an operator action (`open`, `start`, `pause`, `resume`, `cancel`); illegal ones raise 409."""
+def transition(
+    session: Session,
+    actor: str,
+    job_id: int,
+    action: str,
+    now: datetime,
+    job_keys_dir: Path | None = None,
+) -> Job:
+    """Apply an operator action (`open`, `start`, `pause`, `resume`, `cancel`); illegal ones raise 409.
+
+    `open` gives the job its own server key pair in `job_keys_dir` (see `backend.server_keys` for why at
+    open, and why a rollback leaves nothing usable); without a directory it keeps the deployment key.
+    """
     allowed_from, target = TRANSITIONS[action]
     job = get_job(session, job_id, for_update=True)
     previous = job.status
@@ -161,6 +178,10 @@ def transition(session: Session, actor: str, job_id: int, action: str, now: date
     record(session, actor, f"job.{action}", "job", job.id, {"from": previous, "to": target.value})
     job = get_job(session, job_id)
     rounds = RoundRepository(session)
+    if action == "open" and job_keys_dir is not None and job.server_public_key is None:
+        # Only the winner of the conditional update above gets here: one key per job.
+        job.server_public_key = create_job_key(job_keys_dir, job.id)
+        record(session, actor, "job.server_key_created", "job", job.id, {"public_key": job.server_public_key})
     if action == "start":
         _open_round(session, job, 1, approved, now)
     elif action == "resume":
@@ -202,6 +223,43 @@ def enforce_round_deadlines(session: Session, now: datetime) -> list[tuple[int, 
         if _apply_round_policy(session, job, round_, now, "deadline passed"):
             handled.append((job_id, number))
     return handled
+
+
+def delete_expired_job_keys(
+    session: Session, now: datetime, retention_s: float, job_keys_dir: Path
+) -> list[int]:
+    """Forward secrecy: delete the server key file of every job that ended more than `retention_s` ago.
+
+    The file goes first, then the row notes it; a rollback after the unlink leaves the row unmarked and
+    the next pass marks it (the unlink is idempotent). Afterwards the job's uploads get `JobKeyDeleted`.
+    """
+    deleted = []
+    for job_id in JobRepository(session).ended_with_server_key(now - timedelta(seconds=retention_s)):
+        job = get_job(session, job_id, for_update=True)
+        if job.server_key_deleted_at is not None or job.status not in TERMINAL_STATES:
+            continue
+        file_existed = delete_job_key(job_keys_dir, job.id)
+        job.server_key_deleted_at = now
+        record(
+            session,
+            SYSTEM,
+            "job.server_key_deleted",
+            "job",
+            job.id,
+            {"retention_s": retention_s, "file_existed": file_existed},
+        )
+        deleted.append(job.id)
+    session.flush()
+    return deleted
+
+
+def ensure_server_key_available(job: Job) -> None:
+    """409/410-style refusal for a job whose server key was deleted: nobody can open its messages now."""
+    if job.server_key_deleted_at is not None:
+        raise JobKeyDeleted(
+            f"job {job.id}'s server key was deleted at {job.server_key_deleted_at.isoformat()} "
+            "(its retention after the job ended ran out); its messages can no longer be opened"
+        )
 
 
 def drop_client_from_open_rounds(session: Session, client_id: int, reason: str, now: datetime) -> None:
@@ -477,11 +535,12 @@ def _invitation_view(job: Job, participant: JobParticipant) -> InvitationView:
     )
 
 
-def _agent_job_view(job: Job, participant: JobParticipant, server_public_key: str) -> AgentJobView:
+def _agent_job_view(job: Job, participant: JobParticipant, deployment_public_key: str) -> AgentJobView:
+    """The job's own server public key; jobs opened before per-job keys existed use the deployment's."""
     return AgentJobView(
         **_invitation_view(job, participant).model_dump(),
         split_plan=job.split_plan,
         adapter=job.adapter,
         current_round=job.current_round,
-        server_public_key=server_public_key,
+        server_public_key=job.server_public_key or deployment_public_key,
     )

@@ -23,14 +23,22 @@ from backend.errors import (
     Conflict,
     DomainError,
     Forbidden,
+    Gone,
     InvalidInput,
     NotFound,
     PayloadTooLarge,
     Unavailable,
 )
 from backend.jobs.repository import ParticipantRepository, RoundRepository
-from backend.jobs.service import JobNotRunning, NotRoundParticipant, StaleRound, job_for_client
+from backend.jobs.service import (
+    JobNotRunning,
+    NotRoundParticipant,
+    StaleRound,
+    ensure_server_key_available,
+    job_for_client,
+)
 from backend.models import Job
+from backend.server_keys import job_key_path
 from backend.settings import Settings
 from backend.steps.runtime import StepRuntime, TaskHandle
 from flglm.protocol import JobStatus, RoundParticipantStatus
@@ -100,6 +108,7 @@ _KIND_BY_STATUS: dict[int, type[DomainError]] = {
     403: Forbidden,
     404: NotFound,
     409: Conflict,
+    410: Gone,
     413: PayloadTooLarge,
     422: InvalidInput,
     503: Unavailable,
@@ -144,6 +153,10 @@ def _build_spec(
         replicas=job.replicas,
         clients=job_clients,
         wire_dtype=job.privacy.get("wire_dtype", "float32"),
+        # Jobs opened before per-job keys (no public key in the row) stay on the deployment key.
+        server_key_file=(
+            str(job_key_path(settings.job_keys_dir(), job.id)) if job.server_public_key is not None else None
+        ),
         checkpoint_dir=str(settings.resolved_checkpoint_dir() / f"job-{job.id}"),
         **{name: hyper[name] for name in ENGINE_HYPERPARAMETERS if name in hyper},
     )
@@ -204,9 +217,12 @@ def check_step_access(
     """404 unless the client approved the job; uploads need the job running and this its current round.
 
     Eval uploads (`evaluating`) follow `EVAL_ROUND_RULE` instead: an agent evaluates round r's FedAvg'd
-    model after round r closed, when round r + 1 may be open or the job may have just completed.
+    model after round r closed, when round r + 1 may be open or the job may have just completed. Once the
+    job's server key was deleted (retention after its end), every upload is a 410 `job_key_deleted`.
     """
     job = job_for_client(session, job_id, client_id, approved=True)
+    if uploading:
+        ensure_server_key_available(job)
     if uploading and evaluating:
         if job.status not in (JobStatus.running, JobStatus.completed):
             raise JobNotRunning(f"job {job_id} is {job.status}; eval messages need it running or completed")

@@ -14,10 +14,11 @@ What crosses the wire
 Keys (`keys`)
     At enrollment the client agent generates an X25519 key pair; the private key is written 0600
     (atomically) and never leaves the client; only its public half (raw 32 bytes, base64) goes to the
-    control plane. The server side holds an X25519 key pair whose private half lives with the workers and
-    whose public half the control plane publishes to the job's clients (a fresh server key pair per job
-    is recommended: deleting it after the job means a later server compromise cannot decrypt recorded
-    traffic). Both sides compute the same X25519 secret and expand it with HKDF-SHA256 (salt = SHA-256 of
+    control plane. The server side holds a fresh X25519 key pair per job (made when the job opens), whose
+    private half the workers read from a 0600 file and whose public half the control plane publishes to
+    the job's clients; jobs from before per-job keys use the deployment's key pair. The job's private key
+    is deleted a retention period after the job ended, so a later server compromise cannot decrypt that
+    job's recorded traffic, and a leaked job key exposes no other job. Both sides compute the same X25519 secret and expand it with HKDF-SHA256 (salt = SHA-256 of
     the label and both public keys; info = label, job id, client id, direction, each length-prefixed) into
     one AES-256 key per (job, client, direction). Different jobs, clients and directions get independent
     keys: a leaked job key reveals nothing of another job, and a server reply cannot be reflected back to
@@ -60,8 +61,8 @@ Does not protect against
     model; how much text they leak is measured by the privacy audit, with optional noise as defence).
     Metadata: job and client ids, shapes, sizes and timing are authenticated but not hidden (TLS hides
     them from the path). A stolen client private key or server private key exposes that key pair's
-    channels, past and future (no forward secrecy within one key pair's life; per-job server keys bound
-    it). A control plane that publishes a substituted public key (compare `public_key_fingerprint` out of
+    channels, past and future (no forward secrecy within one key pair's life: a server key stolen while
+    its job runs, or within its retention, exposes that job; per-job keys bound it to the one job). A control plane that publishes a substituted public key (compare `public_key_fingerprint` out of
     band if that is in your threat model). Denial of service (dropping or delaying messages). The
     precision lost by a float16/bfloat16 wire dtype is a training effect, not a security one.
 """
