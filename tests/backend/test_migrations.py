@@ -117,3 +117,57 @@ def test_audit_log_is_append_only_from_0002_and_it_downgrades_cleanly(empty_db_u
     with pytest.raises(sa.exc.DBAPIError, match="append-only"):
         _execute(empty_db_url, TAMPERING["DELETE"])
     assert _audit_actors(empty_db_url) == ["system"]
+
+
+JOB_ROW = {
+    "name": "j",
+    "model_ref": "m",
+    "task_type": "generation",
+    "split_plan": "{}",
+    "adapter": "{}",
+    "hyperparameters": "{}",
+    "privacy": "{}",
+    "parallel_mode": "sequential",
+    "replicas": 1,
+    "rounds": 1,
+    "steps_per_round": 1,
+    "min_clients": 1,
+    "round_timeout_s": 60.0,
+    "straggler_policy": "drop",
+    "status": "running",
+    "current_round": 1,
+    "created_by": "admin",
+    "created_at": "2026-11-26 00:00:00",
+    "updated_at": "2026-11-26 00:00:00",
+}
+
+
+def _job_columns_and_rows(url: str) -> tuple[set[str], int]:
+    with _engine(url) as engine, engine.connect() as conn:
+        columns = {column["name"] for column in sa.inspect(engine).get_columns("jobs")}
+        rows = conn.execute(sa.text("SELECT count(*) FROM job_participants")).scalar_one()
+        return columns, int(rows)
+
+
+def test_0003_adds_the_job_key_columns_and_drops_them_keeping_every_row(empty_db_url: str) -> None:
+    upgrade(empty_db_url, "0002")
+    columns = ", ".join(JOB_ROW)
+    _execute(
+        empty_db_url, f"INSERT INTO jobs ({columns}) VALUES ({', '.join(f':{c}' for c in JOB_ROW)})", JOB_ROW
+    )
+    _execute(
+        empty_db_url,
+        "INSERT INTO clients (name, status, example_count, created_at) "
+        "VALUES ('c', 'active', 0, '2026-11-26')",
+    )
+    _execute(
+        empty_db_url,
+        "INSERT INTO job_participants (job_id, client_id, consent, invited_at) "
+        "SELECT j.id, c.id, 'approved', '2026-11-26' FROM jobs j, clients c",
+    )
+    upgrade_to_head(empty_db_url)
+    columns_at_head, participants = _job_columns_and_rows(empty_db_url)
+    assert {"server_public_key", "server_key_deleted_at"} <= columns_at_head and participants == 1
+    downgrade(empty_db_url, "0002")  # no table rebuild: nothing cascades from the jobs table
+    columns_before, participants = _job_columns_and_rows(empty_db_url)
+    assert not {"server_public_key", "server_key_deleted_at"} & columns_before and participants == 1
