@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from flglm.bench.stack import MODES, StackBenchConfig, mode_figures
 
@@ -64,3 +65,11 @@ def test_unknown_mode_and_executor_are_named() -> None:
         StackBenchConfig(modes=("pipeline",))
     with pytest.raises(ValueError, match="executor must be"):
         StackBenchConfig(executor="ray")
+
+
+def test_a_centralized_device_the_machine_lacks_is_refused_up_front() -> None:
+    with pytest.raises(ValueError, match="cpu or cuda"):
+        StackBenchConfig(model="tiny:llama", centralized_device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            StackBenchConfig(model="tiny:llama", centralized_device="cuda")

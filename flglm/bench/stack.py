@@ -64,6 +64,7 @@ class StackBenchConfig:
     threads: int = 1
     modes: tuple[str, ...] = tuple(MODES)
     executor: str = "inprocess"
+    centralized_device: str = "cpu"  # "cuda": the like-for-like reference where the server body has a GPU
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.modes if m not in MODES]
@@ -71,6 +72,15 @@ class StackBenchConfig:
             raise ValueError(f"unknown mode(s) {unknown}; known: {', '.join(MODES)}")
         if self.executor not in ("inprocess", "celery"):
             raise ValueError(f"executor must be 'inprocess' or 'celery', not {self.executor!r}")
+        if self.centralized_device != "cpu" and not self.centralized_device.startswith("cuda"):
+            raise ValueError(f"centralized device must be cpu or cuda[:N], not {self.centralized_device!r}")
+        if self.centralized_device != "cpu":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError(
+                    f"centralized device {self.centralized_device}: this machine has no CUDA GPU"
+                )
         if self.steps < 1 or self.batch_size < 1 or self.seq_len < 2 or self.threads < 1:
             raise ValueError("steps, batch size and threads must be >= 1, seq len >= 2")
 
@@ -190,23 +200,25 @@ class CentralizedReference:
 
         torch.set_num_threads(config.threads)
         self.config = config
+        self.device = torch.device(config.centralized_device)
         model = load_model(config.model)
         add_split_adapters(split_model(model, SplitPlan(**SPLIT_PLAN)), AdapterConfig(**ADAPTER), seed=0)
-        self.trainer = CentralizedTrainer(model, TrainConfig(**TRAIN))
+        self.trainer = CentralizedTrainer(model.to(self.device), TrainConfig(**TRAIN))
         self.tokenizer = load_tokenizer(config.model)
         self.trainer.train_step(self.batch(0, 0))  # warm-up, as the clients' step 0
 
     def batch(self, client: int, step: int) -> dict[str, Any]:
         from flglm.bench.stack_batches import stack_bench_batch
 
-        return stack_bench_batch(self.tokenizer, self.config.batch_size, self.config.seq_len, client, step)
+        batch = stack_bench_batch(self.tokenizer, self.config.batch_size, self.config.seq_len, client, step)
+        return {name: tensor.to(self.device) for name, tensor in batch.items()}
 
     def measure(self, clients: int) -> dict[str, Any]:
         """Exactly the batches of clients 0..clients-1, steps 1..S: one optimizer step per client batch."""
         batches = [self.batch(c, s) for s in range(1, self.config.steps + 1) for c in range(clients)]
         start, cpu_start = time.perf_counter(), time.process_time()
         for item in batches:
-            self.trainer.train_step(item)
+            self.trainer.train_step(item)  # returns the loss as a float: the step has finished on a GPU too
         seconds = time.perf_counter() - start
         tokens = sum(int(item["attention_mask"].sum()) for item in batches)
         return {
@@ -386,6 +398,7 @@ def run_stack_bench(config: StackBenchConfig, work_dir: Path | None = None) -> d
         "seq_len": config.seq_len,
         "threads_per_process": config.threads,
         "executor": config.executor,
+        "centralized_device": config.centralized_device,
         "wire_dtype": "float32",
         "adapters": "lora r=8 all-linear on front, body and back",
         "cpu_count": os.cpu_count(),

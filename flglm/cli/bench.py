@@ -21,6 +21,9 @@ def stack(
         help="Comma-separated full-stack modes to run.",
     ),
     executor: str = typer.Option("inprocess", help="Server executor: inprocess (embedded) or celery."),
+    centralized_device: str = typer.Option(
+        "cpu", help="Device of the centralized reference: cpu, or cuda where the server body has a GPU."
+    ),
     work_dir: Path | None = typer.Option(None, help="Keep backend/client logs here (default: a temp dir)."),
 ) -> None:
     """Full stack (HTTPS backend, sealed tensors, client processes) vs the centralized trainer: tokens/s."""
@@ -39,6 +42,7 @@ def stack(
             threads=threads,
             modes=tuple(m.strip() for m in modes.split(",") if m.strip()),
             executor=executor,
+            centralized_device=centralized_device,
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
