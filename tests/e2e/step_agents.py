@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import itertools
+import stat
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,7 +33,13 @@ from flglm.split import SplitPlan
 from flglm.step_client import StepClient
 from flglm.step_protocol import WorkerJobSpec, spec_blob_key
 from flglm.trainers import ClientSideTrainer, ServerSideTrainer, TrainConfig
-from flglm.wire.keys import ClientKeyPair, derive_channel_keys, public_key_from_b64
+from flglm.wire.keys import (
+    ClientKeyPair,
+    derive_channel_keys,
+    load_private_key,
+    public_key_from_b64,
+    public_key_to_b64,
+)
 from tests.backend.conftest import Api, LiveServer, enrollment_token, job_spec
 from tests.worker.step_clients import ADAPTER, MODEL_REF, TRAIN, client_batch
 from worker.engine import load_server_body
@@ -111,6 +119,19 @@ def start_job(api: Api, owners: list[DataOwner], mode: str, **overrides: Any) ->
 def server_public_key(api: Api, owner: DataOwner, job_id: int) -> str:
     key: str = api.as_(owner.credential).ok("GET", AGENT_JOB_PATH.format(job_id=job_id))["server_public_key"]
     return key
+
+
+def assert_job_has_its_own_key(live: LiveServer, api: Api, owner: DataOwner, job_id: int) -> Path:
+    """The workers' spec names the job's 0600 key file, whose public half (not the deployment's) the agents
+    got; returns its path."""
+    spec = published_spec(live.app.state.step_runtime, job_id)
+    assert spec.server_key_file is not None
+    key_file = Path(spec.server_key_file)
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    published = server_public_key(api, owner, job_id)
+    assert published == public_key_to_b64(load_private_key(key_file).public_key())
+    assert published != live.app.state.server_public_key_b64
+    return key_file
 
 
 def finish_round(api: Api, owner: DataOwner, channel: ClientChannel, job_id: int, round_number: int) -> None:

@@ -23,6 +23,7 @@ from tests.e2e.step_agents import (
     ROUNDS,
     STEPS,
     DataOwner,
+    assert_job_has_its_own_key,
     enroll_owner,
     published_spec,
     reference_sequential_losses,
@@ -32,6 +33,7 @@ from tests.e2e.step_agents import (
 )
 from tests.worker.step_clients import client_batch
 from tests.worker.test_celery_worker import WorkerProcesses
+from worker.errors import JobKeyDeleted
 from worker.routing import REPLICA_COUNTERS
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
@@ -97,6 +99,7 @@ def test_celery_workers_serve_a_job_over_https_through_a_sigkill_applying_every_
     workers.start(0)
     owners = [enroll_owner(api, f"owner-{i}", EXAMPLE_COUNTS[i]) for i in range(3)]
     job_id = start_job(api, owners, "sequential")
+    key_file = assert_job_has_its_own_key(live_server, api, owners[0], job_id)  # the workers load it
     victim = owners[1]
     victim.make_client = lambda live, credential: KillWorkerBeforeGradients(
         live.base_url, credential, live.tls.ca_cert, workers=workers, at=(1, 1), max_retries=2
@@ -126,3 +129,9 @@ def test_celery_workers_serve_a_job_over_https_through_a_sigkill_applying_every_
     assert logits.shape[:2] == batch["input_ids"].shape and bool(logits.isfinite().all())
     assert replica_counters(runtime, job_id) == counters
     channel.client.close()
+    # The backend deleted the job's key (retention after its end): the worker refuses the job's replica
+    # with a clear 410 instead of serving it from memory, and goes on serving other tasks.
+    key_file.unlink()
+    with pytest.raises(JobKeyDeleted):
+        replica_counters(runtime, job_id)
+    assert replica_counters(runtime, job_id, load=False) == {"loaded": False}

@@ -10,21 +10,25 @@ from __future__ import annotations
 import itertools
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 import torch
 
+from backend.housekeeping import run_housekeeping
+from backend.models import utc_now
 from backend.settings import Settings
 from backend.steps.runtime import StepRuntime
-from flglm.client_step import run_client_step
+from flglm.client_step import run_client_eval_forward, run_client_step
 from flglm.step_client import StepConflict, StepHttpError
 from flglm.step_messages import seal_activations, seal_hidden
 from flglm.step_protocol import STEP_MESSAGE_PATH, STEP_RESULT_PATH, MessageDirection, MessageRef
 from tests.backend.conftest import Api, LiveServer
 from tests.e2e.step_agents import (
     DataOwner,
+    assert_job_has_its_own_key,
     client_states,
     enroll_owner,
     published_spec,
@@ -60,10 +64,13 @@ def assert_same_adapters(owners: list[DataOwner]) -> None:
         assert all(torch.equal(state[name], first[name]) for name in first)
 
 
-def test_sequential_job_over_https_equals_the_split_step(live_server: LiveServer, api: Api) -> None:
+def test_sequential_job_over_https_equals_the_split_step(
+    live_server: LiveServer, api: Api, settings: Settings
+) -> None:
     owners = owners_of(api)
     job_id = start_job(api, owners, "sequential")
-    train_sequentially(api, live_server, owners, job_id)
+    key_file = assert_job_has_its_own_key(live_server, api, owners[0], job_id)
+    train_sequentially(api, live_server, owners, job_id)  # steps, FedAvg and admission: the job's key
     assert_job_completed(api, job_id)
     assert_same_adapters(owners)
     runtime: StepRuntime = live_server.app.state.step_runtime
@@ -71,6 +78,19 @@ def test_sequential_job_over_https_equals_the_split_step(live_server: LiveServer
     for owner, losses in zip(owners, expected, strict=True):
         assert len(owner.losses) == len(losses) == 4
         assert owner.losses == pytest.approx(losses, abs=1e-4)
+
+    # Forward secrecy: once the retention after the end ran out, the key is gone and so is any upload.
+    later = utc_now() + timedelta(seconds=settings.job_key_retention_s + 1)
+    report = run_housekeeping(
+        live_server.app.state.session_factory, later, 10 * settings.job_key_retention_s, key_file.parent
+    )
+    assert report.job_keys_deleted == [job_id] and not key_file.exists()
+    owner = owners[0]
+    channel = owner.channel(live_server, job_id, server_public_key(api, owner, job_id))
+    batch = client_batch(owner.client_id, 5)
+    with pytest.raises(StepHttpError) as gone, channel.client:
+        run_client_eval_forward(owner.trainer, channel, 2, 0, batch["input_ids"], batch["attention_mask"])
+    assert (gone.value.status, gone.value.code) == (410, "job_key_deleted")
 
 
 @pytest.mark.parametrize(
