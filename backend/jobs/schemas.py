@@ -31,6 +31,10 @@ class JobView(BaseModel):
     status: JobStatus
     current_round: int
     failure_reason: str | None
+    # The job's own server X25519 public key (base64; null for jobs from before per-job keys, which use the
+    # deployment key), for comparing out of band; and when its private key was deleted after the job ended.
+    server_public_key: str | None
+    server_key_deleted_at: datetime | None
     created_by: str
     created_at: datetime
     updated_at: datetime

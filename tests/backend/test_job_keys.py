@@ -124,6 +124,11 @@ def test_retention_deletes_the_ended_jobs_key_audits_it_and_later_uploads_get_41
     assert job_key_path(keys_dir, still_running).exists()  # a running job keeps its key
     assert housekeeping(RETENTION_S + 120) == []  # done once
     assert _audit_actions(api, ended).count("job.server_key_deleted") == 1
+    shown = api.ok("GET", f"/jobs/{ended}")
+    assert shown["server_key_deleted_at"] is not None and shown["server_public_key"] == _agent_key(
+        agent, ended
+    )
+    assert api.ok("GET", f"/jobs/{still_running}")["server_key_deleted_at"] is None
 
     response = agent.api.request(
         "PUT",

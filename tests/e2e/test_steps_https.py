@@ -91,6 +91,10 @@ def test_sequential_job_over_https_equals_the_split_step(
     with pytest.raises(StepHttpError) as gone, channel.client:
         run_client_eval_forward(owner.trainer, channel, 2, 0, batch["input_ids"], batch["attention_mask"])
     assert (gone.value.status, gone.value.code) == (410, "job_key_deleted")
+    # Export and generation read plaintext checkpoints: no key needed.
+    assert api.get(f"/jobs/{job_id}/export").status_code == 200
+    answer = api.ok("POST", f"/jobs/{job_id}/generate", json={"prompts": ["hello"], "max_new_tokens": 2})
+    assert len(answer["completions"]) == 1
 
 
 @pytest.mark.parametrize(
