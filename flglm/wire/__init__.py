@@ -18,11 +18,12 @@ Keys (`keys`)
     private half the workers read from a 0600 file and whose public half the control plane publishes to
     the job's clients; jobs from before per-job keys use the deployment's key pair. The job's private key
     is deleted a retention period after the job ended, so a later server compromise cannot decrypt that
-    job's recorded traffic, and a leaked job key exposes no other job. Both sides compute the same X25519 secret and expand it with HKDF-SHA256 (salt = SHA-256 of
-    the label and both public keys; info = label, job id, client id, direction, each length-prefixed) into
-    one AES-256 key per (job, client, direction). Different jobs, clients and directions get independent
-    keys: a leaked job key reveals nothing of another job, and a server reply cannot be reflected back to
-    the server as a client message because each direction has its own key and exactly one sender.
+    job's recorded traffic, and a leaked job key exposes no other job. Both sides compute the same X25519
+    secret and expand it with HKDF-SHA256 (salt = SHA-256 of the label and both public keys; info = label,
+    job id, client id, direction, each length-prefixed) into one AES-256 key per (job, client, direction).
+    Different jobs, clients and directions get independent keys: a leaked job key reveals nothing of another
+    job, and a server reply cannot be reflected back to the server as a client message because each
+    direction has its own key and exactly one sender.
 
 Envelope (`envelope`)
     header (job, round, step, client, direction, sequence, format, dtype, shape, wire dtype, payload and
@@ -62,8 +63,9 @@ Does not protect against
     Metadata: job and client ids, shapes, sizes and timing are authenticated but not hidden (TLS hides
     them from the path). A stolen client private key or server private key exposes that key pair's
     channels, past and future (no forward secrecy within one key pair's life: a server key stolen while
-    its job runs, or within its retention, exposes that job; per-job keys bound it to the one job). A control plane that publishes a substituted public key (compare `public_key_fingerprint` out of
-    band if that is in your threat model). Denial of service (dropping or delaying messages). The
+    its job runs, or within its retention, exposes that job; per-job keys bound it to the one job). A
+    control plane that publishes a substituted public key (compare `public_key_fingerprint` out of band if
+    that is in your threat model). Denial of service (dropping or delaying messages). The
     precision lost by a float16/bfloat16 wire dtype is a training effect, not a security one.
 """
 
