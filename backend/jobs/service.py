@@ -262,12 +262,17 @@ def ensure_server_key_available(job: Job) -> None:
         )
 
 
-def drop_client_from_open_rounds(session: Session, client_id: int, reason: str, now: datetime) -> None:
-    """A client went offline, was revoked or withdrew: drop it from its open rounds and apply the policy."""
+def drop_client_from_open_rounds(
+    session: Session, client_id: int, reason: str, now: datetime, job_id: int | None = None
+) -> None:
+    """A client went offline or was revoked (every job), or withdrew from one job (`job_id`): drop it from
+    those open rounds and apply each job's straggler policy."""
     rounds = RoundRepository(session)
-    for job_id, number in rounds.open_rounds_with_client(client_id):
-        job = get_job(session, job_id, for_update=True)
-        round_ = _get_round(session, job_id, number, for_update=True)
+    for open_job_id, number in rounds.open_rounds_with_client(client_id):
+        if job_id is not None and open_job_id != job_id:
+            continue  # withdrawing from one job leaves the client's other jobs alone
+        job = get_job(session, open_job_id, for_update=True)
+        round_ = _get_round(session, open_job_id, number, for_update=True)
         participant = rounds.participant(round_.id, client_id)
         if round_.status != RoundStatus.open or participant is None:
             continue
@@ -331,7 +336,7 @@ def decide(
         session.flush()
         record(session, actor, f"job.consent.{new.value}", "job", job_id, {"client_id": client_id})
         if new is ConsentStatus.declined:
-            drop_client_from_open_rounds(session, client_id, "withdrew consent", now)
+            drop_client_from_open_rounds(session, client_id, "withdrew consent", now, job_id=job_id)
     return _invitation_view(get_job(session, job_id), participant)
 
 

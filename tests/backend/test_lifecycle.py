@@ -121,9 +121,13 @@ def test_consent_gates_work_metrics_and_start(api: Api) -> None:
 def test_withdrawal_during_a_round_applies_the_policy(api: Api) -> None:
     a, b = enroll(api, "w-a"), enroll(api, "w-b")
     job_id = running_job(api, [a, b], min_clients=2, rounds=3)
+    other_job = running_job(api, [a, b], min_clients=2, rounds=3)  # b stays in this one
     a.api.ok("POST", f"/agent/jobs/{job_id}/rounds/1/done", json={"example_count": 3})
     # b withdraws: only one participant is left, below min_clients, so the job fails.
     b.api.ok("POST", f"/agent/invitations/{job_id}/decision", json={"decision": "decline"})
     job = api.ok("GET", f"/jobs/{job_id}")
     assert job["status"] == "failed" and "withdrew consent" in job["failure_reason"]
     assert api.ok("GET", f"/jobs/{job_id}/rounds")[0]["status"] == "failed"
+    # Withdrawing from one job leaves b's other jobs alone.
+    assert api.ok("GET", f"/jobs/{other_job}")["status"] == "running"
+    assert api.ok("GET", f"/jobs/{other_job}/rounds")[0]["status"] == "open"
