@@ -239,6 +239,7 @@ class JobSession:
 
     def run_round(self, assignment: protocol.WorkAssignment) -> None:
         job_id, round_number = self.job.job_id, assignment.round_number
+        self._resend_unsent_metric()
         if self.position.round_number > round_number:
             return  # this round is done here; the server still waits for peers
         if self.position.round_number < round_number:
@@ -321,7 +322,6 @@ class JobSession:
         up, down, started = self.client.bytes_up, self.client.bytes_down, time.monotonic()
         result = run_client_step(self.trainer, self.channel, round_number, step, batch)
         self.position.next_step = step + 1
-        self._save()
         metric = protocol.StepMetricIn(
             round_number=round_number,
             step=step,
@@ -331,9 +331,30 @@ class JobSession:
             wire_bytes_up=self.client.bytes_up - up,
             wire_bytes_down=self.client.bytes_down - down,
         )
-        self.client.step_metric(self.job.job_id, metric)
+        # Outbox first, position second: a crash after the position was saved still reports this step.
+        self.checkpoint.save_unsent_metric(metric.model_dump(mode="json"))
+        self._save()
+        self._post_metric(metric)
         progress.step_done(result.loss, tokens)
         return result.loss
+
+    def _post_metric(self, metric: protocol.StepMetricIn) -> None:
+        """Report a step metric, then drop it from the outbox (the server keeps the first of a repeat)."""
+        self.client.step_metric(self.job.job_id, metric)
+        self.checkpoint.clear_unsent_metric()
+
+    def _resend_unsent_metric(self) -> None:
+        """After a restart: the last step's metric, if the agent died before the server confirmed it."""
+        pending = self.checkpoint.unsent_metric()
+        if pending is None:
+            return
+        try:
+            self._post_metric(protocol.StepMetricIn.model_validate(pending))
+        except StepHttpError as exc:
+            if exc.status in (401, 403):
+                raise
+            log.warning("job %d: dropping an unsent step metric the server refuses: %s", self.job.job_id, exc)
+            self.checkpoint.clear_unsent_metric()
 
     def _upload_adapters(self, round_number: int) -> None:
         # FedAvg weighs by the example count; an owner who does not disclose it is weighted 1 (equal shares).

@@ -132,6 +132,21 @@ class JobCheckpoint:
         _write_atomically(self.directory / "optimizer.pt", buffer.getvalue())
         self.save_position(position)
 
+    @property
+    def unsent_metric_path(self) -> Path:
+        return self.directory / "unsent_metric.json"
+
+    def save_unsent_metric(self, metric: dict[str, Any]) -> None:
+        """A step metric about to be posted, kept until the server has it (resent after a crash)."""
+        _write_atomically(self.unsent_metric_path, json.dumps(metric).encode())
+
+    def unsent_metric(self) -> dict[str, Any] | None:
+        path = self.unsent_metric_path
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+    def clear_unsent_metric(self) -> None:
+        self.unsent_metric_path.unlink(missing_ok=True)
+
     def save_position(self, position: RoundPosition) -> None:
         _write_atomically(self.directory / "position.json", json.dumps(asdict(position)).encode())
 

@@ -21,6 +21,21 @@ class StepMetricRepository:
         self.session.flush()
         return metric
 
+    def find(self, job_id: int, client_id: int, round_number: int, step: int) -> StepMetric | None:
+        """The first metric a client reported for a step (agents resend one they are unsure arrived)."""
+        query = (
+            sa.select(StepMetric)
+            .where(
+                StepMetric.job_id == job_id,
+                StepMetric.client_id == client_id,
+                StepMetric.round_number == round_number,
+                StepMetric.step == step,
+            )
+            .order_by(StepMetric.id)
+            .limit(1)
+        )
+        return self.session.scalars(query).first()
+
     def page(
         self,
         *,

@@ -36,7 +36,11 @@ def record_step_metric(
         raise JobNotAcceptingMetrics(f"job {job_id} is {job.status}")
     if metric.round_number > job.current_round:
         raise MetricForUnknownRound(f"round_number: job {job_id} is at round {job.current_round}")
-    return StepMetricRepository(session).add(
+    repository = StepMetricRepository(session)
+    first = repository.find(job_id, client_id, metric.round_number, metric.step)
+    if first is not None:
+        return first  # a resend after an agent restart (or a retried step): the first report stands
+    return repository.add(
         StepMetric(job_id=job_id, client_id=client_id, created_at=now, **metric.model_dump())
     )
 

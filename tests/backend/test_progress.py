@@ -45,6 +45,19 @@ def test_progress_reports_each_clients_latest_step_traffic_and_replica(api: Api)
     assert all(client["online"] and client["last_heartbeat_at"] for client in progress["clients"])
 
 
+def test_a_resent_step_metric_is_kept_once_the_first_report_stands(api: Api) -> None:
+    agent = enroll(api, "resender")
+    job_id = running_job(api, [agent])
+    first = {"round_number": 1, "step": 0, "loss": 2.5, "tokens": 100}
+    created = agent.api.ok("POST", f"/agent/jobs/{job_id}/metrics", 201, json=first)
+    again = agent.api.ok("POST", f"/agent/jobs/{job_id}/metrics", 201, json={**first, "loss": 9.0})
+    assert again["id"] == created["id"] and again["loss"] == 2.5
+    metrics = api.ok("GET", "/metrics", params={"job_id": job_id})["items"]
+    assert [(m["step"], m["loss"]) for m in metrics] == [(0, 2.5)]
+    progress = api.ok("GET", f"/metrics/jobs/{job_id}/progress")
+    assert (progress["steps_reported"], progress["tokens"]) == (1, 100)
+
+
 def test_progress_of_unknown_job_is_404_and_needs_a_token(api: Api) -> None:
     assert api.get("/metrics/jobs/999/progress").status_code == 404
     assert api.as_(None).get("/metrics/jobs/999/progress").status_code == 401

@@ -104,6 +104,11 @@ def test_three_agents_train_two_rounds_with_a_crash_and_an_unapproved_peer(
         decided = agent.cli("approve", str(job_id))
         assert decided.returncode == 0 and "approved" in decided.stdout, decided.stderr
 
+    # Owner 2 died right after a step whose metric may not have reached the server: its outbox goes first.
+    agents[2].job_dir(job_id).mkdir(parents=True, mode=0o700)
+    unsent = {"round_number": 1, "step": 0, "loss": 123.0, "tokens": 1}
+    (agents[2].job_dir(job_id) / "unsent_metric.json").write_text(json.dumps(unsent))
+
     # Owner 1 discloses its example count (FedAvg weight); the captured owner 0 keeps the default (off).
     processes = [
         agent.start_run("--stop-when-done", *(["--share-example-count"] * (i == 1)))
@@ -156,7 +161,12 @@ def test_three_agents_train_two_rounds_with_a_crash_and_an_unapproved_peer(
     metrics = api.ok("GET", "/metrics", params={"job_id": job_id, "limit": 200})["items"]
     seen = {(m["client_id"], m["round_number"], m["step"]) for m in metrics}
     assert len({m["client_id"] for m in metrics}) == 3
-    assert len(seen) == 3 * ROUNDS * STEPS
+    assert len(seen) == 3 * ROUNDS * STEPS  # owner 0's step 0 too, although it was killed right after it
+    resent = [
+        m for m in metrics if m["loss"] == 123.0
+    ]  # owner 2's outbox; its real step 0 report was a repeat
+    assert [(m["round_number"], m["step"]) for m in resent] == [(1, 0)]
+    assert not (agents[2].job_dir(job_id) / "unsent_metric.json").exists()
     assert all(m["loss"] is not None and m["tokens"] > 0 for m in metrics)
 
     # Local eval of each round's global model, reported by every agent in its round-done report: the eval
