@@ -387,9 +387,9 @@ class ServerReplica:
                 self._publish(arrival.ref.result_ref(), h1[first:end, :seq, :])
         return group
 
-    def _finish_group(self, group: InflightGroup, publish: bool = True, journal: bool = True) -> None:
-        """One backward for the group (missing gradients count as zero), one optimizer step, journal,
-        maybe sync and checkpoint, then the per-client dL/dh0."""
+    def _finish_group(self, group: InflightGroup, journal: bool = True) -> None:
+        """One backward for the group (missing gradients count as zero), one optimizer step, journal (not
+        when replaying the journal), maybe sync and checkpoint, then the per-client dL/dh0."""
         grad = torch.zeros(
             (group.rows[-1][1], group.padded_seq, self.limits.hidden_size), device=self.device
         )  # (sum batch_i, padded_seq, hidden)
@@ -411,15 +411,14 @@ class ServerReplica:
             self.trainer.step()
             self.server_steps += 1
             self.applied |= keys
-            if publish and journal:
+            if journal:
                 self._journal(group)
             self._after_step()
-        if publish:
-            for member, (first, end) in zip(group.members, group.rows, strict=True):
-                entry = group.gradients.get(member.ref.client_id)
-                if entry is not None:
-                    seq = member.hidden_states.shape[1]
-                    self._publish(entry[0].result_ref(), grad_h0[first:end, :seq, :])
+        for member, (first, end) in zip(group.members, group.rows, strict=True):
+            entry = group.gradients.get(member.ref.client_id)
+            if entry is not None:
+                seq = member.hidden_states.shape[1]
+                self._publish(entry[0].result_ref(), grad_h0[first:end, :seq, :])
 
     def _zero_grads(self) -> None:
         for parameter in self.trainer.body.parameters():
