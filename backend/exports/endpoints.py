@@ -14,13 +14,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Request, Response, status
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from backend.api.deps import AdminDep, OperatorDep, SessionDep, SettingsDep
 from backend.exports import service, sessions
 from backend.exports.schemas import GenerateRequest, GenerateView
 from backend.jobs.service import get_job
-from backend.steps.endpoints import RuntimeDep
+from backend.steps.endpoints import RuntimeDep, in_wait_pool, read_typed_body
 from flglm.generation_protocol import (
     GENERATION_BODY_PATH,
     GENERATION_SESSION_PATH,
@@ -97,13 +96,11 @@ async def run_generation_body(
     float32/float16/bfloat16, attention_mask (batch, cached + new) int64}; the answer is safetensors
     {hidden_states} of the same shape and dtype. 422 for wrong names, dtypes, hidden size or limits, 409 for
     a mask that does not continue the session's cache, 404 for a session the worker does not hold."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip()
-    if content_type not in BODY_MEDIA_TYPES:
-        raise StarletteHTTPException(415, f"send the tensors as {TENSORS_MEDIA_TYPE}, not {content_type!r}")
+    data = await read_typed_body(request, BODY_MEDIA_TYPES, "the tensors")
     await run_in_threadpool(get_job, session, job_id)
-    data = await request.body()
     timeout_s = settings.generation_task_timeout_s
-    output = await run_in_threadpool(sessions.run_body, runtime, timeout_s, job_id, session_id, data)
+    # Waits for a worker task (up to timeout_s, once per token): the step pool, not the request threadpool.
+    output = await in_wait_pool(runtime, sessions.run_body, runtime, timeout_s, job_id, session_id, data)
     return Response(content=output, media_type=TENSORS_MEDIA_TYPE)
 
 

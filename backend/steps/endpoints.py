@@ -91,10 +91,11 @@ def _step_ref(access: StepAccess, step: int, direction: MessageDirection, sequen
     )
 
 
-async def _sealed_body(request: Request) -> bytes:
+async def read_typed_body(request: Request, accepted: tuple[str, ...], what: str) -> bytes:
+    """The raw request body; 415 naming `accepted[0]` when the content type is none of `accepted`."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip()
-    if content_type != OCTET_STREAM:
-        raise StarletteHTTPException(415, f"send the sealed envelope as {OCTET_STREAM}, not {content_type!r}")
+    if content_type not in accepted:
+        raise StarletteHTTPException(415, f"send {what} as {accepted[0]}, not {content_type!r}")
     return await request.body()
 
 
@@ -105,7 +106,7 @@ def _receipt_response(
     return UploadReceipt(message=ref, outcome=outcome, result_path=result_path)
 
 
-async def _in_wait_pool(runtime: StepRuntime, blocking: Callable[..., T], *args: Any) -> T:
+async def in_wait_pool(runtime: StepRuntime, blocking: Callable[..., T], *args: Any) -> T:
     """Run a blocking blob-store/task call in the step pool, leaving the request threadpool alone."""
     return await asyncio.get_running_loop().run_in_executor(runtime.wait_pool, blocking, *args)
 
@@ -136,9 +137,9 @@ async def upload_step_message(
             f"agents upload activations, gradients and eval_activations here, not {direction.value} "
             "(adapters go to the client-adapters path)"
         )
-    body = await _sealed_body(request)
+    body = await read_typed_body(request, (OCTET_STREAM,), "the sealed envelope")
     ref = _step_ref(access, step, direction, sequence)
-    outcome = await _in_wait_pool(
+    outcome = await in_wait_pool(
         runtime, service.store_upload, runtime, ref, body, settings.step_admission_timeout_s
     )
     result_path = STEP_RESULT_PATH.format(
@@ -189,8 +190,8 @@ async def upload_client_adapters(
     settings: SettingsDep,
     example_count: Annotated[int, Query(ge=0, description="FedAvg weight: examples this client trained on")],
 ) -> UploadReceipt:
-    body = await _sealed_body(request)
-    outcome = await _in_wait_pool(
+    body = await read_typed_body(request, (OCTET_STREAM,), "the sealed envelope")
+    outcome = await in_wait_pool(
         runtime,
         service.store_adapters,
         runtime,
@@ -213,7 +214,7 @@ async def upload_client_adapters(
 async def wait_client_adapters(
     access: ReadAccess, runtime: RuntimeDep, wait_s: WaitSeconds = 0.0
 ) -> Response:
-    await _in_wait_pool(runtime, service.start_fedavg_when_complete, runtime, access)
+    await in_wait_pool(runtime, service.start_fedavg_when_complete, runtime, access)
     ref = client_adapters_ref(access.job_id, access.round_number, access.client_id)
     blob = await service.wait_for_result(runtime, ref, min(wait_s, MAX_LONG_POLL_S))
     if blob is None:
