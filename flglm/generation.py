@@ -26,7 +26,7 @@ from transformers import DynamicCache
 
 from flglm.generation_protocol import ATTENTION_MASK, HIDDEN_STATES
 from flglm.split import ServerBody, SplitModel
-from flglm.step_messages import WrongPayload
+from flglm.step_messages import PayloadLimits, WrongPayload
 from flglm.wire.codec import FLOAT_WIRE_DTYPES, decode_tensors, dtype_name, encode_tensors
 
 BodyStep = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -54,8 +54,8 @@ def decode_body_input(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(hidden_states, attention_mask) from untrusted bytes; `WrongPayload` (or a `DecodeError`) naming the
     problem for anything else: names, dtypes, ranks, hidden size, batch and token limits, mask values."""
-    cells = max_batch_size * max_tokens
-    tensors = decode_tensors(data, max_bytes=cells * (hidden_size * 4 + 8) + 4096)
+    limits = PayloadLimits(torch.float32, hidden_size, max_batch_size, max_tokens)  # the step messages' bound
+    tensors = decode_tensors(data, max_bytes=limits.max_bytes)
     if set(tensors) != {HIDDEN_STATES, ATTENTION_MASK}:
         raise WrongPayload(f"body input holds {sorted(tensors)}; expected {[ATTENTION_MASK, HIDDEN_STATES]}")
     hidden, mask = tensors[HIDDEN_STATES], tensors[ATTENTION_MASK]

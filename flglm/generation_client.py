@@ -21,6 +21,7 @@ from flglm.generation_protocol import (
     GenerationSessionView,
 )
 from flglm.protocol import API_PREFIX
+from flglm.step_client import api_error_fields
 
 
 class GenerationApiError(RuntimeError):
@@ -30,15 +31,8 @@ class GenerationApiError(RuntimeError):
 
 
 def _raise_for_error(response: httpx.Response) -> None:
-    if not response.is_error:
-        return
-    code, message = f"http_{response.status_code}", response.text[:500]
-    try:
-        error = response.json()["error"]
-        code, message = str(error["code"]), str(error["message"])
-    except (ValueError, KeyError, TypeError):
-        pass
-    raise GenerationApiError(response.status_code, code, message)
+    if response.is_error:
+        raise GenerationApiError(response.status_code, *api_error_fields(response))
 
 
 class GenerationSessionClient:

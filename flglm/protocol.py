@@ -25,8 +25,6 @@ AGENT_JOB_PATH = "/agent/jobs/{job_id}"
 ROUND_DONE_PATH = "/agent/jobs/{job_id}/rounds/{round_number}/done"
 STEP_METRICS_PATH = "/agent/jobs/{job_id}/metrics"
 
-X25519_PUBLIC_KEY_BYTES = 32
-
 
 class JobStatus(enum.StrEnum):
     draft = "draft"

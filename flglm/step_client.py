@@ -208,11 +208,17 @@ def _message_path(template: str, ref: MessageRef) -> str:
     )
 
 
-def _http_error(response: httpx.Response) -> StepHttpError:
+def api_error_fields(response: httpx.Response) -> tuple[str, str]:
+    """The `(code, message)` of the API's error body; `http_<status>` and the raw text for anything else."""
     code, message = f"http_{response.status_code}", response.text[:500]
     try:
         body = response.json()
         code, message = str(body["error"]["code"]), str(body["error"]["message"])
     except (ValueError, KeyError, TypeError):
         pass
+    return code, message
+
+
+def _http_error(response: httpx.Response) -> StepHttpError:
+    code, message = api_error_fields(response)
     return _ERRORS.get(response.status_code, StepHttpError)(response.status_code, code, message)

@@ -72,9 +72,11 @@ class StackBenchConfig:
             raise ValueError(f"unknown mode(s) {unknown}; known: {', '.join(MODES)}")
         if self.executor not in ("inprocess", "celery"):
             raise ValueError(f"executor must be 'inprocess' or 'celery', not {self.executor!r}")
-        if self.centralized_device != "cpu" and not self.centralized_device.startswith("cuda"):
-            raise ValueError(f"centralized device must be cpu or cuda[:N], not {self.centralized_device!r}")
         if self.centralized_device != "cpu":
+            if not self.centralized_device.startswith("cuda"):
+                raise ValueError(
+                    f"centralized device must be cpu or cuda[:N], not {self.centralized_device!r}"
+                )
             import torch
 
             if not torch.cuda.is_available():

@@ -40,6 +40,6 @@ def write_file_atomically(
             temp.unlink(missing_ok=True)
     dir_fd = os.open(target.parent, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)  # make the rename itself durable
+        os.fsync(dir_fd)  # make the rename (or link) itself durable
     finally:
         os.close(dir_fd)

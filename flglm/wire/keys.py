@@ -87,7 +87,7 @@ def save_private_key(
 ) -> None:
     """Write the key as unencrypted PKCS#8 PEM, mode 0600, atomically (temp file + fsync + rename).
 
-    `replace=False`: FileExistsError when `path` exists (see `write_file_atomically`)."""
+    `replace=False`: a link instead of the rename; FileExistsError when `path` exists."""
     target = Path(path)
     pem = private_key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
