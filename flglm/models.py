@@ -37,7 +37,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from flglm.split import PART_NAMES, PartName, SplitModel, SplitPlan, split_model
+from flglm.adapters import AdapterConfig, add_split_adapters
+from flglm.split import PART_NAMES, PartName, ServerBody, SplitModel, SplitPlan, split_model
 from flglm.tiny_models import TINY_ARCHITECTURES, build_tiny_model, tiny_config, train_tiny_tokenizer
 
 SMOLLM2_REFS = ("smollm2-135m", "smollm2-135m-instruct")
@@ -178,6 +179,15 @@ def load_split_parts(
     split = split_model(skeleton.eval(), plan, parts=set(parts))
     _materialise_from_safetensors(skeleton, split.as_module_dict(), source.directory, dtype)
     return split
+
+
+def load_server_body_with_adapters(
+    ref: str, plan: SplitPlan, adapter: AdapterConfig, seed: int
+) -> ServerBody:
+    """Only the body's weights, with fresh server-side adapters drawn from `seed` (what a worker serves)."""
+    split = load_split_parts(ref, plan, parts={"body"})
+    add_split_adapters(split, adapter, seed)
+    return split.part("body")
 
 
 def _checkpoint_files(directory: Path) -> list[Path]:

@@ -25,8 +25,8 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from torch import nn
 
-from flglm.adapters import AdapterConfig, add_split_adapters
-from flglm.models import load_split_parts
+from flglm.adapters import AdapterConfig
+from flglm.models import load_server_body_with_adapters
 from flglm.split import SplitPlan
 from flglm.step_protocol import MessageRef, WorkerJobSpec, spec_blob_key
 from flglm.wire.keys import load_private_key
@@ -73,9 +73,7 @@ def pick_device(slot: int = 0, override: str | None = None) -> torch.device:
 def load_server_body(spec: WorkerJobSpec) -> nn.Module:
     """Only the body's weights, with the job's server-side adapters (same seed as every client)."""
     plan = SplitPlan(spec.split_plan.front_layers, spec.split_plan.back_layers)
-    split = load_split_parts(spec.model_ref, plan, parts={"body"})
-    add_split_adapters(split, AdapterConfig(**spec.adapter), spec.seed)
-    return split.part("body")
+    return load_server_body_with_adapters(spec.model_ref, plan, AdapterConfig(**spec.adapter), spec.seed)
 
 
 class WorkerRuntime:

@@ -31,10 +31,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import DynamicCache
 
-from flglm.adapters import AdapterConfig, add_split_adapters, load_trainable_state_dict
+from flglm.adapters import AdapterConfig, load_trainable_state_dict
 from flglm.generation import decode_body_input, encode_body_output
 from flglm.generation_protocol import BLOB_TTL_S, MAX_SESSION_BATCH, MAX_SESSION_TOKENS
-from flglm.models import load_split_parts
+from flglm.models import load_server_body_with_adapters
 from flglm.split import ServerBody, SplitPlan
 from flglm.wire.errors import WireError
 from worker.artifact_paths import latest_server_checkpoint
@@ -67,9 +67,9 @@ class BodyKey:
 
 def load_generation_body(key: BodyKey, device: torch.device) -> ServerBody:
     """Only the body's weights, with the server adapters of `key.checkpoint`, in eval mode on `device`."""
-    split = load_split_parts(key.model_ref, SplitPlan(key.front_layers, key.back_layers), parts={"body"})
-    add_split_adapters(split, AdapterConfig(**json.loads(key.adapter_json)), seed=0)
-    body = split.part("body")
+    plan = SplitPlan(key.front_layers, key.back_layers)
+    adapter = AdapterConfig(**json.loads(key.adapter_json))
+    body = load_server_body_with_adapters(key.model_ref, plan, adapter, seed=0)  # overwritten just below
     load_trainable_state_dict(body, load_snapshot(Path(key.checkpoint)).adapters)
     return body.eval().requires_grad_(False).to(device)
 
