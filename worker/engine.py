@@ -182,7 +182,10 @@ class WorkerRuntime:
             for key in keys:
                 del self.replicas[key]
                 self._last_used.pop(key, None)
-            for key in {*keys, *([(job_id, replica)] if replica is not None else [])}:
+            released = set(keys)
+            if replica is not None:
+                released.add((job_id, replica))  # remembered even when it was not loaded here
+            for key in released:
                 self._released[key] = None
                 self._released.move_to_end(key)
             while len(self._released) > _RELEASED_REMEMBERED:
