@@ -102,7 +102,7 @@ def test_export_route_bundle_and_cli(api: Api, settings: Settings, tmp_path: Pat
         pad_token_id=tokenizer.pad_token_id or 0,
     )
     text = tokenizer.decode(expected[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
-    assert result.output.rstrip("\n") == text
+    assert result.stdout_bytes.decode() == f"{text}\n"  # raw: `output` would turn a trailing "\r\n" into "\n"
 
     # The API route runs the same split generation (front and back in the backend, the body on the
     # in-process worker); viewers may call it.
