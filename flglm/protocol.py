@@ -114,8 +114,64 @@ class SplitPlanSpec(StrictModel):
 
 
 class PrivacySpec(StrictModel):
-    activation_noise_std: float = Field(default=0.0, ge=0.0)
+    """What the data owner's agent does to every tensor before it leaves (see `flglm.privacy.defences`)."""
+
     wire_dtype: str = Field(default="float32", pattern="^(float32|float16|bfloat16)$")
+    activation_noise: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1000.0,
+        allow_inf_nan=False,
+        description="Gaussian noise on h0 after clipping: noise vector norm ≈ this × the clip norm",
+    )
+    activation_clip: float = Field(
+        default=1.0,
+        gt=0.0,
+        le=100.0,
+        allow_inf_nan=False,
+        description="per-token L2 clip of h0, × the public input block's median output norm",
+    )
+    gradient_noise: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1000.0,
+        allow_inf_nan=False,
+        description="Gaussian noise on dL/dh1: std per coordinate = this × the tensor's RMS",
+    )
+    private_front: bool = Field(
+        default=False,
+        description="input-block adapters from a private seed, never uploaded, never averaged",
+    )
+    private_init_scale: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=10.0,
+        allow_inf_nan=False,
+        description="private_front only: adapted input-block weights start this × ‖W‖ from public",
+    )
+    decorrelation: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=100.0,
+        allow_inf_nan=False,
+        description="private_front only: NoPeek weight of distance correlation between embeddings and h0",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "activation_noise_std" in data:
+            raise ValueError(
+                "privacy.activation_noise_std was never applied and is gone: use activation_noise "
+                "(noise-to-clip ratio) with activation_clip"
+            )
+        return data
+
+    @model_validator(mode="after")
+    def _private_only(self) -> PrivacySpec:
+        if not self.private_front and (self.private_init_scale > 0 or self.decorrelation > 0):
+            raise ValueError("private_init_scale and decorrelation need private_front: true")
+        return self
 
 
 class JobSpec(StrictModel):
@@ -191,6 +247,12 @@ class InvitationView(BaseModel):
     privacy: dict[str, Any]
     job_status: JobStatus
     consent: ConsentStatus
+    audited_token_recovery: float | None = Field(
+        default=None,
+        description="share of training tokens the strongest audited attack recovered from what the server "
+        "receives under this job's settings; None when these settings were never audited",
+    )
+    audited_attack: str | None = None
 
 
 class ConsentRequest(StrictModel):
