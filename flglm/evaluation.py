@@ -79,7 +79,10 @@ def wilson_interval(successes: int, total: int, z: float = 1.959963984540054) ->
     denominator = 1 + z * z / total
     centre = (p + z * z / (2 * total)) / denominator
     half_width = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denominator
-    return max(0.0, centre - half_width), min(1.0, centre + half_width)
+    # At 0 or total successes the bound on that side is exactly the estimate (rounding gave 1 - 2e-16).
+    low = 0.0 if successes == 0 else max(0.0, centre - half_width)
+    high = 1.0 if successes == total else min(1.0, centre + half_width)
+    return low, high
 
 
 # ------------------------------------------------------------------------------------------------ losses

@@ -73,6 +73,8 @@ def test_wilson_interval_known_values() -> None:
     low, high = wilson_interval(128, 400)  # 32 % on 400 examples: about +-4.6 points
     assert (low, high) == (pytest.approx(0.2762, abs=1e-4), pytest.approx(0.3672, abs=1e-4))
     assert wilson_interval(0, 0) == (0.0, 1.0)
+    for total in range(1, 300):  # the interval always holds the estimate, even all-or-nothing ones
+        assert wilson_interval(total, total)[1] == 1.0 and wilson_interval(0, total)[0] == 0.0
     with pytest.raises(ValueError):
         wilson_interval(5, 3)
 
