@@ -40,6 +40,11 @@ class BlobStore(Protocol):
         """Remove `key` (no error when absent)."""
         ...
 
+    def replace(self, key: str, data: bytes, ttl_s: float) -> None:
+        """Store `data` under `key`, overwriting it: small status records only (a privacy audit's progress);
+        tensor blobs are write-once (`put_if_absent`). Waiters of `wait_for` are not woken."""
+        ...
+
 
 class InMemoryBlobStore:
     """The embedded default: a dict guarded by a `threading.Condition` that wakes waiters on every put."""
@@ -87,6 +92,10 @@ class InMemoryBlobStore:
     def delete(self, key: str) -> None:
         with self._changed:
             self._blobs.pop(key, None)
+
+    def replace(self, key: str, data: bytes, ttl_s: float) -> None:
+        with self._changed:
+            self._blobs[key] = (bytes(data), time.monotonic() + ttl_s)
 
 
 class RedisBlobStore:
@@ -155,3 +164,6 @@ class RedisBlobStore:
 
     def delete(self, key: str) -> None:
         self._redis.delete(self._data_key(key), self._ready_key(key))
+
+    def replace(self, key: str, data: bytes, ttl_s: float) -> None:
+        self._redis.set(self._data_key(key), data, px=max(int(ttl_s * 1000), 1))

@@ -21,12 +21,15 @@ from worker.admission import run_admit_upload
 from worker.blob_store import BlobStore, InMemoryBlobStore, RedisBlobStore
 from worker.fedavg import run_client_fedavg
 from worker.generation import run_body_generate, run_body_generate_close, run_body_generate_open
+from worker.privacy_audit import run_privacy_audit_task
 from worker.routing import (
     ADMIT_UPLOAD,
     BODY_GENERATE,
     BODY_GENERATE_CLOSE,
     BODY_GENERATE_OPEN,
     CLIENT_FEDAVG,
+    PRIVACY_AUDIT,
+    PRIVACY_QUEUE,
     RELEASE_JOB,
     REPLICA_COUNTERS,
     REPLICA_FLUSH,
@@ -54,6 +57,7 @@ TASK_FUNCTIONS: dict[str, TaskFunction] = {
     BODY_GENERATE_OPEN: run_body_generate_open,
     BODY_GENERATE: run_body_generate,
     BODY_GENERATE_CLOSE: run_body_generate_close,
+    PRIVACY_AUDIT: run_privacy_audit_task,
 }
 
 
@@ -209,6 +213,8 @@ __all__ = [
     "BODY_GENERATE_OPEN",
     "CLIENT_FEDAVG",
     "DEFAULT_QUEUE",
+    "PRIVACY_AUDIT",
+    "PRIVACY_QUEUE",
     "RELEASE_JOB",
     "REPLICA_COUNTERS",
     "REPLICA_FLUSH",

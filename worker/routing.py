@@ -24,6 +24,10 @@ ADMIT_UPLOAD = "flglm.admit_upload"
 BODY_GENERATE_OPEN = "flglm.body_generate_open"
 BODY_GENERATE = "flglm.body_generate"
 BODY_GENERATE_CLOSE = "flglm.body_generate_close"
+# Privacy audits (worker.privacy_audit): minutes of torch, on their own queue (`flglm worker
+# --no-privacy-queue` keeps them off a worker; in process they get their own lane: no replica lane waits).
+PRIVACY_AUDIT = "flglm.privacy_audit"
+PRIVACY_QUEUE = "flglm.privacy"
 
 _REJECTION_KINDS: list[type[errors.StepRejected]] = [
     errors.StepRejected,

@@ -22,7 +22,7 @@ from worker.admission import RedisSequenceGuard
 from worker.blob_store import RedisBlobStore
 from worker.celery_app import app, settings
 from worker.engine import WorkerRuntime, pick_device
-from worker.executor import REPLICA_FLUSH, TASK_FUNCTIONS, call_task
+from worker.executor import PRIVACY_AUDIT, REPLICA_FLUSH, TASK_FUNCTIONS, call_task
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +81,18 @@ def _too_many_deliveries(task_id: str | None, attempt: int) -> bool:
     return count > settings.task_max_deliveries
 
 
+# A privacy audit runs for minutes, possibly past the broker's visibility timeout: it is acknowledged on
+# receipt so that Redis never hands it to a second worker while it runs. A worker that dies loses it; the
+# control plane marks it failed once its heartbeat stops (worker.privacy_records).
+ACKED_ON_RECEIPT = frozenset({PRIVACY_AUDIT})
+
+
 def _register(name: str) -> None:
     @app.task(
         name=name,
         bind=True,
-        acks_late=True,
-        reject_on_worker_lost=True,
+        acks_late=name not in ACKED_ON_RECEIPT,
+        reject_on_worker_lost=name not in ACKED_ON_RECEIPT,
         autoretry_for=(redis.ConnectionError, redis.TimeoutError),
         max_retries=settings.task_max_retries,
         retry_backoff=True,

@@ -1,4 +1,4 @@
-"""`flglm worker`: a Celery worker that serves server replicas (and the stateless default queue).
+"""`flglm worker`: a Celery worker that serves server replicas (and the default and privacy-audit queues).
 
 One process per replica slot: `--replica 0` consumes `flglm.replica.0`, where every job's replica 0 sends
 its forward and backward tasks. The pool is `solo` (or one thread) on purpose: the autograd graph of a
@@ -97,6 +97,13 @@ def run(
     default_queue: Annotated[
         bool, typer.Option(help="also consume the default queue (client FedAvg)")
     ] = True,
+    privacy_queue: Annotated[
+        bool,
+        typer.Option(
+            help="also consume the privacy-audit queue (flglm.privacy): an audit holds this process for its "
+            "minutes, so its replica queue waits meanwhile; --no-privacy-queue on busy replicas"
+        ),
+    ] = True,
     pool: Annotated[str, typer.Option(help="solo or threads (one thread); never prefork")] = "solo",
     loglevel: Annotated[str, typer.Option(help="Celery log level")] = "info",
     hostname: Annotated[
@@ -113,7 +120,10 @@ def run(
     if slots is None:
         claim, slot = claim_free_slot(max_replicas)
         slots = [slot]
+    from worker.routing import PRIVACY_QUEUE
+
     queues = [replica_queue(r) for r in slots] + ([DEFAULT_QUEUE] if default_queue else [])
+    queues += [PRIVACY_QUEUE] if privacy_queue else []
     from worker.celery_app import app as celery_app
     from worker.tasks import use_device_of_slot
 

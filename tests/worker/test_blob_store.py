@@ -49,6 +49,18 @@ def test_delete_frees_the_key(store: BlobStore) -> None:
     store.delete("d")
 
 
+def test_replace_overwrites_and_renews_the_ttl(store: BlobStore) -> None:
+    store.replace("status", b"one", ttl_s=0.3)
+    store.replace("status", b"two", ttl_s=0.3)
+    assert store.get("status") == b"two"
+    time.sleep(0.2)
+    store.replace("status", b"three", ttl_s=0.3)  # a heartbeat: the record lives on
+    time.sleep(0.2)
+    assert store.get("status") == b"three"
+    time.sleep(0.25)
+    assert store.get("status") is None
+
+
 def test_wait_for_returns_existing_blob_at_once(store: BlobStore) -> None:
     store.put_if_absent("here", b"data", ttl_s=30)
     assert store.wait_for("here", timeout_s=5) == b"data"
