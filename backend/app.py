@@ -23,6 +23,7 @@ from backend.jobs.finished import on_jobs_finished
 from backend.limits import BodySizeLimit, TokenBucketLimiter
 from backend.migrate import upgrade_to_head
 from backend.models import utc_now
+from backend.privacy.service import fail_orphaned_audits
 from backend.protocol_version import ProtocolVersionCheck
 from backend.server_keys import load_or_create_server_key, public_key_b64
 from backend.settings import Settings, get_settings
@@ -45,6 +46,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     session_factory = create_session_factory(engine)
     with session_factory() as session, session.begin():
         new_admin_secret = ensure_bootstrap_admin(session, settings.bootstrap_admin_token)
+        if settings.executor == "inprocess":  # its audits ran in the previous process, which is gone
+            fail_orphaned_audits(session, utc_now())
     if new_admin_secret:
         _publish_admin_token(settings.data_dir / "admin_token", new_admin_secret)
 
@@ -108,6 +111,8 @@ async def _housekeeping_loop(app: FastAPI, settings: Settings) -> None:
                 settings.heartbeat_lease_s,
                 settings.job_keys_dir(),
                 settings.job_key_retention_s,
+                app.state.step_runtime.store,
+                settings.privacy_audit_queue_timeout_s,
             )
         except Exception:  # keep the loop alive; the next pass retries
             log.exception("housekeeping pass failed")

@@ -1,4 +1,5 @@
-"""Periodic control-plane duties: heartbeat leases, round deadlines, expired job keys (one transaction)."""
+"""Periodic control-plane duties: heartbeat leases, round deadlines, expired job keys (one transaction), then
+the privacy audits' progress (a transaction of its own: a blob store that is down must not undo the rest)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from backend.clients.service import mark_silent_clients_offline
 from backend.jobs.service import delete_expired_job_keys, enforce_round_deadlines
+from backend.privacy.service import sync_active_audits
+from worker.blob_store import BlobStore
 
 
 @dataclass(frozen=True)
@@ -17,6 +20,7 @@ class HousekeepingReport:
     clients_marked_offline: list[int]
     rounds_closed_by_deadline: list[tuple[int, int]]
     job_keys_deleted: list[int]
+    privacy_audits_synced: list[int]
 
 
 def run_housekeeping(
@@ -25,8 +29,11 @@ def run_housekeeping(
     lease_s: float,
     job_keys_dir: Path | None = None,
     job_key_retention_s: float = 86400.0,
+    audit_store: BlobStore | None = None,
+    audit_queue_timeout_s: float = 6 * 3600.0,
 ) -> HousekeepingReport:
-    """One pass; `job_keys_dir` None skips the job keys (lifecycle tests that hold none)."""
+    """One pass; `job_keys_dir` None skips the job keys (lifecycle tests that hold none), `audit_store` None
+    the privacy audits."""
     with session_factory() as session, session.begin():
         offline = mark_silent_clients_offline(session, now, lease_s)
         overdue = enforce_round_deadlines(session, now)
@@ -35,6 +42,13 @@ def run_housekeeping(
             if job_keys_dir is None
             else delete_expired_job_keys(session, now, job_key_retention_s, job_keys_dir)
         )
+    synced = []
+    if audit_store is not None:
+        with session_factory() as session, session.begin():
+            synced = sync_active_audits(session, audit_store, now, audit_queue_timeout_s)
     return HousekeepingReport(
-        clients_marked_offline=offline, rounds_closed_by_deadline=overdue, job_keys_deleted=deleted
+        clients_marked_offline=offline,
+        rounds_closed_by_deadline=overdue,
+        job_keys_deleted=deleted,
+        privacy_audits_synced=synced,
     )

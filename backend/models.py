@@ -203,3 +203,39 @@ class AuditEvent(Base):
     object_type: Mapped[str] = mapped_column(sa.String(32))
     object_id: Mapped[str | None] = mapped_column(sa.String(64))
     detail: Mapped[dict[str, Any]]
+
+
+class PrivacyAuditRun(Base):
+    """One privacy audit of a job's settings: queued, running (progress), completed (the report) or failed.
+
+    Its task writes progress and outcome to the blob store under `task_key` (`worker.privacy_records`); the
+    control plane copies them here (`backend.privacy.service.sync_audit`). At most one queued or running
+    audit per job: a partial unique index, so two racing starts cannot both insert one.
+    """
+
+    __tablename__ = "privacy_audits"
+    __table_args__ = (
+        sa.Index(
+            "ix_privacy_audits_one_active_per_job",
+            "job_id",
+            unique=True,
+            postgresql_where=sa.text("status IN ('queued', 'running')"),
+            sqlite_where=sa.text("status IN ('queued', 'running')"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(sa.ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    status: Mapped[str] = mapped_column(sa.String(16), index=True)
+    task_key: Mapped[str] = mapped_column(sa.String(64), unique=True)
+    request: Mapped[dict[str, Any]]  # the `AuditRequest` JSON: the job's settings as audited, and the text
+    settings_key: Mapped[str] = mapped_column(sa.String(64))  # sha256 of the audited settings alone
+    progress_stage: Mapped[str | None] = mapped_column(sa.String(200))
+    progress_done: Mapped[int | None]
+    progress_total: Mapped[int | None]
+    result: Mapped[dict[str, Any] | None]  # the `PrivacyAudit` JSON once completed
+    error: Mapped[str | None] = mapped_column(sa.Text)
+    created_by: Mapped[str] = mapped_column(sa.String(100))
+    created_at: Mapped[datetime] = mapped_column(default=utc_now)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]

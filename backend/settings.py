@@ -28,6 +28,8 @@ class Settings(BaseSettings):
     replica_idle_ttl_s: float = 3600.0
     # Generation: how long a caller waits for a worker to open a session (loads the body) or run one call.
     generation_task_timeout_s: float = 120.0
+    # A privacy audit that no worker started within this long is marked failed (no worker consumes its queue).
+    privacy_audit_queue_timeout_s: float = Field(default=6 * 3600.0, gt=0)
 
     heartbeat_lease_s: float = 60.0
     # How often the app enforces round deadlines and heartbeat leases; 0 disables the loop (tests call it).

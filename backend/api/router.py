@@ -11,6 +11,7 @@ from backend.clients import endpoints as clients
 from backend.exports import endpoints as exports
 from backend.jobs import endpoints as jobs
 from backend.metrics import endpoints as metrics
+from backend.privacy import endpoints as privacy
 from backend.steps import endpoints as steps
 
 api_router = APIRouter()
@@ -26,6 +27,7 @@ for router in (
     metrics.router,
     metrics.agent_router,
     steps.router,
+    privacy.router,
     audit_router,
 ):
     api_router.include_router(router)

@@ -18,6 +18,7 @@ from backend.errors import Conflict, Forbidden, Gone, InvalidInput, NotFound
 from backend.jobs.lifecycle import CONSENT_OPEN_STATES, TERMINAL_STATES, TRANSITIONS
 from backend.jobs.repository import JobRepository, ParticipantRepository, RoundRepository
 from backend.models import Job, JobParticipant, Round, RoundParticipant
+from backend.privacy.matching import audited_figure
 from backend.server_keys import create_job_key, delete_job_key
 from flglm.protocol import (
     AgentJobView,
@@ -312,7 +313,7 @@ def job_for_client(session: Session, job_id: int, client_id: int, *, approved: b
 def list_invitations(session: Session, client_id: int) -> list[InvitationView]:
     visible = [status for status in JobStatus if status != JobStatus.draft]
     rows = ParticipantRepository(session).list_for_client(client_id, job_statuses=visible)
-    return [_invitation_view(job, participant) for participant, job in rows]
+    return [_invitation_view(session, job, participant) for participant, job in rows]
 
 
 def decide(
@@ -337,14 +338,14 @@ def decide(
         record(session, actor, f"job.consent.{new.value}", "job", job_id, {"client_id": client_id})
         if new is ConsentStatus.declined:
             drop_client_from_open_rounds(session, client_id, "withdrew consent", now, job_id=job_id)
-    return _invitation_view(get_job(session, job_id), participant)
+    return _invitation_view(session, get_job(session, job_id), participant)
 
 
 def agent_job_view(session: Session, client_id: int, job_id: int, server_public_key: str) -> AgentJobView:
     job = job_for_client(session, job_id, client_id)
     participant = ParticipantRepository(session).get(job_id, client_id)
     assert participant is not None
-    return _agent_job_view(job, participant, server_public_key)
+    return _agent_job_view(session, job, participant, server_public_key)
 
 
 def work_for(session: Session, client_id: int, server_public_key: str) -> list[WorkAssignment]:
@@ -367,7 +368,7 @@ def work_for(session: Session, client_id: int, server_public_key: str) -> list[W
                 round_number=round_.number,
                 steps=job.steps_per_round,
                 deadline_at=round_.deadline_at,
-                job=_agent_job_view(job, participant, server_public_key),
+                job=_agent_job_view(session, job, participant, server_public_key),
             )
         )
     return assignments
@@ -524,7 +525,9 @@ def _round_done_response(session: Session, job_id: int, number: int) -> RoundDon
     )
 
 
-def _invitation_view(job: Job, participant: JobParticipant) -> InvitationView:
+def _invitation_view(session: Session, job: Job, participant: JobParticipant) -> InvitationView:
+    """With the figure of the newest completed privacy audit of the job's current settings (else None)."""
+    token_recovery, attack = audited_figure(session, job)
     return InvitationView(
         job_id=job.id,
         name=job.name,
@@ -537,13 +540,17 @@ def _invitation_view(job: Job, participant: JobParticipant) -> InvitationView:
         privacy=job.privacy,
         job_status=JobStatus(job.status),
         consent=ConsentStatus(participant.consent),
+        audited_token_recovery=token_recovery,
+        audited_attack=attack,
     )
 
 
-def _agent_job_view(job: Job, participant: JobParticipant, deployment_public_key: str) -> AgentJobView:
+def _agent_job_view(
+    session: Session, job: Job, participant: JobParticipant, deployment_public_key: str
+) -> AgentJobView:
     """The job's own server public key; jobs opened before per-job keys existed use the deployment's."""
     return AgentJobView(
-        **_invitation_view(job, participant).model_dump(),
+        **_invitation_view(session, job, participant).model_dump(),
         split_plan=job.split_plan,
         adapter=job.adapter,
         current_round=job.current_round,

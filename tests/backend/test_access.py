@@ -39,6 +39,9 @@ ENDPOINTS: list[tuple[str, str, set[str]]] = [
     ("GET", "/jobs/{job}/rounds", OPERATOR_READ),
     ("POST", "/jobs/{job}/rounds/1/close", ADMIN),
     ("GET", "/jobs/{job}/artifacts", OPERATOR_READ),
+    ("POST", "/jobs/{job}/privacy-audits", ADMIN),
+    ("GET", "/jobs/{job}/privacy-audits", OPERATOR_READ),
+    ("GET", "/jobs/{job}/privacy-audits/1", OPERATOR_READ),
     ("GET", "/jobs/{job}/export", ADMIN),
     ("POST", "/jobs/{job}/generate", OPERATOR_READ),
     ("POST", "/jobs/{job}/generate/sessions", ADMIN),
@@ -99,6 +102,7 @@ def test_every_endpoint_of_the_api_is_in_the_matrix(api: Api) -> None:
         for m, t, _ in ENDPOINTS
     }
     listed = {(m, p.replace("/rounds/1/", "/rounds/{round_number}/")) for m, p in listed}
+    listed = {(m, p.replace("/privacy-audits/1", "/privacy-audits/{audit_id}")) for m, p in listed}
     listed = {
         (m, p.replace("/steps/0/activations/1", "/steps/{step}/{direction}/{sequence}")) for m, p in listed
     }

@@ -171,3 +171,39 @@ def test_0003_adds_the_job_key_columns_and_drops_them_keeping_every_row(empty_db
     downgrade(empty_db_url, "0002")  # no table rebuild: nothing cascades from the jobs table
     columns_before, participants = _job_columns_and_rows(empty_db_url)
     assert not {"server_public_key", "server_key_deleted_at"} & columns_before and participants == 1
+
+
+def _insert_privacy_audit(url: str, status: str, task_key: str) -> None:
+    _execute(
+        url,
+        "INSERT INTO privacy_audits (job_id, status, task_key, request, settings_key, created_by, created_at) "
+        "SELECT id, :status, :task_key, '{}', 'k', 'admin', '2026-11-27 00:00:00' FROM jobs",
+        {"status": status, "task_key": task_key},
+    )
+
+
+def test_0004_adds_privacy_audits_with_one_active_audit_per_job_and_drops_them(empty_db_url: str) -> None:
+    upgrade(empty_db_url, "0003")
+    assert "privacy_audits" not in _tables(empty_db_url)
+    columns = ", ".join(JOB_ROW)
+    _execute(
+        empty_db_url, f"INSERT INTO jobs ({columns}) VALUES ({', '.join(f':{c}' for c in JOB_ROW)})", JOB_ROW
+    )
+    upgrade(empty_db_url, "0004")
+    _insert_privacy_audit(empty_db_url, "completed", "a")
+    _insert_privacy_audit(empty_db_url, "failed", "b")
+    _insert_privacy_audit(empty_db_url, "queued", "c")
+    for status in ("queued", "running"):  # a second active audit of the job is refused by the database
+        with pytest.raises(sa.exc.IntegrityError):
+            _insert_privacy_audit(empty_db_url, status, f"second-{status}")
+    _execute(empty_db_url, "UPDATE privacy_audits SET status = 'completed' WHERE task_key = 'c'")
+    _insert_privacy_audit(empty_db_url, "running", "d")  # once it ended, the next one may run
+    with _engine(empty_db_url) as engine, engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM privacy_audits")).scalar_one() == 4
+
+    downgrade(empty_db_url, "0003")  # the table goes; the jobs stay
+    assert "privacy_audits" not in _tables(empty_db_url)
+    with _engine(empty_db_url) as engine, engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM jobs")).scalar_one() == 1
+    upgrade_to_head(empty_db_url)
+    assert "privacy_audits" in _tables(empty_db_url)
