@@ -2,7 +2,7 @@
 
 import typer
 
-from flglm.cli import agent, artifacts, bench, demo, operator, server, worker
+from flglm.cli import agent, artifacts, bench, demo, operator, privacy, server, worker
 
 app = typer.Typer(
     help="FL-GLM: split federated fine-tuning of LLMs on data that never leaves its owners.",
@@ -18,6 +18,7 @@ app.add_typer(server.db_app, name="db")
 app.add_typer(operator.job_app, name="job")
 app.add_typer(operator.client_app, name="client")
 app.add_typer(operator.token_app, name="token")
+app.add_typer(privacy.app, name="privacy")
 app.command("generate")(artifacts.generate)
 
 
