@@ -39,6 +39,9 @@ from flglm.wire.codec import parse_wire_dtype
 
 AuditProgress = Callable[[str, int, int], None]  # (stage, done, total)
 SWEEP_CANDIDATES = 256
+GUIDE_CANDIDATES = 64
+FULL_SWEEP_POSITIONS = 8  # positions checked against a whole-vocabulary exact sweep
+FULL_SWEEP_BUDGET_S = 90.0
 INVERTER_STEPS = 300
 INVERTER_PUBLIC_SEQUENCES = 2048
 
@@ -150,7 +153,7 @@ def run_privacy_audit(request: AuditRequest, progress: AuditProgress | None = No
         privacy.activation_clip, privacy.activation_noise, reference, hidden
     )
     attacker_front = copy.deepcopy(client_front)
-    private_seed = secrets.randbits(62) if privacy.private_front else request.seed
+    private_seed = secrets.randbits(40) if privacy.private_front else request.seed
     add_adapters(client_front, adapter, part_seed(private_seed, "front"))
     if privacy.private_front:
         perturb_private_adapters(
@@ -165,32 +168,9 @@ def run_privacy_audit(request: AuditRequest, progress: AuditProgress | None = No
         observed = _wire(defence(clean_h0, noise), privacy.wire_dtype)  # what the server decodes
 
     results: list[AttackResult] = []
-    if "known_weights_inversion" in request.attacks:
-        t0 = time.monotonic()
-        codes = attacks.vocabulary_codes(attacker_front, vocab)
-        predicted, _ = attacks.sweep_inversion(
-            attacker_front,
-            observed,
-            codes,
-            defence.clip_norm,
-            SWEEP_CANDIDATES,
-            report("known-weights inversion (positions)"),
-        )
-        known = "the public input block" if privacy.private_front else "the client's exact input block"
-        results.append(
-            _result(
-                "known_weights_inversion",
-                "h0",
-                f"whole-vocabulary scan + exact re-run of the {SWEEP_CANDIDATES} best candidates on the "
-                f"recovered prefix, with {known}",
-                predicted,
-                truth,
-                tokenizer,
-                t0,
-            )
-        )
-
-    if "learned_inverter" in request.attacks:
+    inverter: attacks.TokenInverter | None = None
+    if {"learned_inverter", "known_weights_inversion"} & set(request.attacks):
+        # Trained first: its top tokens also guide the sweep's shortlist past the first layer.
         t0 = time.monotonic()
         simulated = copy.deepcopy(attacker_front)
 
@@ -211,17 +191,50 @@ def run_privacy_audit(request: AuditRequest, progress: AuditProgress | None = No
             seed=request.seed,
             progress=report("learned inverter (training steps)"),
         )
-        results.append(
-            _result(
-                "learned_inverter",
-                "h0",
-                f"MLP inverter trained {INVERTER_STEPS} steps on {len(text.public)} public sequences through "
-                "simulated clients with the job's defences (fresh private perturbation and noise per batch)",
-                attacks.invert(inverter, observed),
-                truth,
-                tokenizer,
-                t0,
+        if "learned_inverter" in request.attacks:
+            results.append(
+                _result(
+                    "learned_inverter",
+                    "h0",
+                    f"MLP inverter trained {INVERTER_STEPS} steps on {len(text.public)} public sequences "
+                    "through simulated clients with the job's defences (fresh private perturbation and noise "
+                    "per batch)",
+                    attacks.invert(inverter, observed),
+                    truth,
+                    tokenizer,
+                    t0,
+                )
             )
+
+    if "known_weights_inversion" in request.attacks:
+        assert inverter is not None
+        t0 = time.monotonic()
+        codes = attacks.vocabulary_codes(attacker_front, vocab)
+        guide = attacks.inverter_top_tokens(inverter, observed, GUIDE_CANDIDATES)
+        predicted, margin = attacks.sweep_inversion(
+            attacker_front,
+            observed,
+            codes,
+            defence.clip_norm,
+            SWEEP_CANDIDATES,
+            report("known-weights inversion (positions)"),
+            guide=guide,
+        )
+        recall = _shortlist_recall(observed, codes, guide, truth, defence.clip_norm)
+        check = _full_sweep_check(attacker_front, observed, predicted, truth, vocab, defence, request, report)
+        known = "the public input block" if privacy.private_front else "the client's exact input block"
+        result = _result(
+            "known_weights_inversion",
+            "h0",
+            f"whole-vocabulary scan + exact re-run on the recovered prefix of the {SWEEP_CANDIDATES} nearest "
+            f"token codes and the inverter's {GUIDE_CANDIDATES} top tokens, with {known}",
+            predicted,
+            truth,
+            tokenizer,
+            t0,
+        )
+        results.append(
+            result.model_copy(update={"checks": {"shortlist_recall": recall, "margin": margin, **check}})
         )
 
     if "gradient_next_token" in request.attacks:
@@ -279,3 +292,60 @@ def _gradient_attack(
         tokenizer,
         t0,
     )
+
+
+def _shortlist_recall(
+    observed: torch.Tensor,
+    codes: torch.Tensor,
+    guide: torch.Tensor,
+    truth: torch.Tensor,
+    clip_norm: float | None,
+) -> float:
+    """Share of positions whose true token was among the sweep's candidates (what bounds the sweep)."""
+    flat = observed.reshape(-1, observed.shape[-1]).float()
+    clipped = attacks.clip_rows(codes, clip_norm)
+    near = torch.cat(
+        [
+            torch.cdist(flat[i : i + 1024], clipped).topk(SWEEP_CANDIDATES, largest=False).indices
+            for i in range(0, len(flat), 1024)
+        ]
+    )  # (positions, k)
+    candidates = torch.cat([near, guide.reshape(len(flat), -1)], dim=1)
+    return float((candidates == truth.reshape(-1, 1)).any(1).float().mean())
+
+
+def _full_sweep_check(
+    front: nn.Module,
+    observed: torch.Tensor,
+    predicted: torch.Tensor,
+    truth: torch.Tensor,
+    vocab: int,
+    defence: ActivationDefence,
+    request: AuditRequest,
+    report: Callable[[str], attacks.Progress],
+) -> dict[str, float]:
+    """Run the shortlist-free sweep at a few random positions (within a time budget): how often it finds the
+    true token, and how often it beats the shortlisted answer (then the sweep above underestimates)."""
+    generator = random.Random(request.seed + 1)
+    rows, seq = truth.shape
+    positions = [(generator.randrange(rows), generator.randrange(seq)) for _ in range(FULL_SWEEP_POSITIONS)]
+    started = time.monotonic()
+    checked: list[tuple[int, int]] = []
+    found: list[int] = []
+    for position in positions:
+        if checked and time.monotonic() - started > FULL_SWEEP_BUDGET_S:
+            break  # at least one position, then as many as the budget allows
+        sweep = attacks.full_vocabulary_sweep(
+            front, observed, predicted, [position], vocab, defence.clip_norm
+        )
+        found.append(int(sweep[0]))
+        checked.append(position)
+        report("full-vocabulary check (positions)")(len(checked), len(positions))
+    truth_at = torch.tensor([int(truth[r, t]) for r, t in checked])
+    shortlisted = torch.tensor([int(predicted[r, t]) for r, t in checked])
+    exact = torch.tensor(found)
+    return {
+        "full_sweep_positions": float(len(checked)),
+        "full_sweep_recovered": float((exact == truth_at).float().mean()),
+        "full_sweep_beat_shortlist": float(((exact == truth_at) & (shortlisted != truth_at)).float().mean()),
+    }

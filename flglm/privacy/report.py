@@ -49,6 +49,9 @@ class AttackResult(BaseModel):
     exact_sequences: float
     rouge_l: float
     wall_s: float
+    checks: dict[str, float] = Field(
+        default_factory=dict, description="diagnostics of the attack itself, e.g. its shortlist's recall"
+    )
 
 
 class PrivacyAudit(BaseModel):
