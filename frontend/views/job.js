@@ -3,6 +3,7 @@
 import { download, get, post } from "../api.js";
 import { badge, fill, formatAgo, formatBytes, formatNumber, h, table } from "../dom.js";
 import { LossChart } from "./loss_chart.js";
+import { privacyAuditCard } from "./privacy_audit.js";
 
 const POLL_MS = 1500; // the issue asks for updates at least every 2 s
 const METRICS_PAGE = 500;
@@ -43,6 +44,7 @@ export function renderJob({ principal, params, showError }) {
     exported: h("div", {}),
   };
   const chartCard = h("section", { class: "card span-2", "aria-labelledby": "loss-title" }, h("h2", { id: "loss-title" }, "Loss"), regions.chart);
+  const privacyAudit = privacyAuditCard(jobId, { isAdmin, showError });
   const element = h(
     "section",
     { class: "job-page" },
@@ -61,6 +63,7 @@ export function renderJob({ principal, params, showError }) {
       h("section", { class: "card span-3", "aria-labelledby": "clients-title" }, h("h2", { id: "clients-title" }, "Clients"), regions.clients),
       h("section", { class: "card span-2", "aria-labelledby": "eval-title" }, h("h2", { id: "eval-title" }, "Evaluation per round"), regions.evaluation),
       h("section", { class: "card", "aria-labelledby": "replicas-title" }, h("h2", { id: "replicas-title" }, "Server replicas"), regions.replicas),
+      privacyAudit.element,
     ),
   );
 
@@ -129,6 +132,7 @@ export function renderJob({ principal, params, showError }) {
     renderEvaluation(rounds, names);
     renderPrivacy(job);
     renderExport(rounds);
+    privacyAudit.refresh(); // its own request and errors: a slow audit list never holds up the page
   }
 
   function renderHead(job) {
