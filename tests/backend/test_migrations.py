@@ -176,8 +176,8 @@ def test_0003_adds_the_job_key_columns_and_drops_them_keeping_every_row(empty_db
 def _insert_privacy_audit(url: str, status: str, task_key: str) -> None:
     _execute(
         url,
-        "INSERT INTO privacy_audits (job_id, status, task_key, request, settings_key, created_by, created_at) "
-        "SELECT id, :status, :task_key, '{}', 'k', 'admin', '2026-11-27 00:00:00' FROM jobs",
+        "INSERT INTO privacy_audits (job_id, status, task_key, request, settings_key, created_by, "
+        "created_at) SELECT id, :status, :task_key, '{}', 'k', 'admin', '2026-11-27 00:00:00' FROM jobs",
         {"status": status, "task_key": task_key},
     )
 
