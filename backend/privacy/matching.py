@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from backend.models import Job
 from backend.privacy.repository import PrivacyAuditRepository
-from flglm.privacy.report import AuditRequest, PrivacyAudit
+from flglm.privacy.report import AuditRequest
 
 # The fields of `AuditRequest` that are the job's settings; the others only choose the text attacked.
 SETTINGS_FIELDS = ("model_ref", "split_plan", "adapter_r", "adapter_alpha", "privacy")
@@ -55,5 +55,9 @@ def audited_figure(session: Session, job: Job) -> tuple[float | None, str | None
     audit = None if key is None else PrivacyAuditRepository(session).newest_completed(job.id, key)
     if audit is None or audit.result is None:
         return None, None
-    report = PrivacyAudit.model_validate(audit.result)
-    return report.strongest_token_recovery, report.strongest_attack
+    # Two fields read as stored, not the whole report re-validated: a report written by an older version of
+    # `PrivacyAudit` must never break the agents' invitations.
+    recovery, attack = audit.result.get("strongest_token_recovery"), audit.result.get("strongest_attack")
+    if not isinstance(recovery, int | float) or isinstance(recovery, bool) or not isinstance(attack, str):
+        return None, None
+    return float(recovery), attack

@@ -254,9 +254,18 @@ def show_audit(
 
 
 def audit_view(audit: PrivacyAuditRun, current_settings_key: str | None) -> PrivacyAuditView:
-    """The row as the API shows it; the admin's own texts are counted, not echoed."""
-    request = AuditRequest.model_validate(audit.request)
-    result = None if audit.result is None else PrivacyAudit.model_validate(audit.result)
+    """The row as the API shows it; the admin's own texts are counted, not echoed. A row written by another
+    version of the report models is shown as stored (request) or with its report left out, saying why."""
+    try:
+        request = AuditRequest.model_validate(audit.request)
+    except ValidationError:
+        request = AuditRequest.model_construct(**audit.request)
+    result, error = None, audit.error
+    if audit.result is not None:
+        try:
+            result = PrivacyAudit.model_validate(audit.result)
+        except ValidationError as exc:
+            error = f"the stored report does not match this version's report format: {_errors(exc)}"
     if result is not None:
         result = result.model_copy(update={"request": result.request.model_copy(update={"texts": None})})
     running = audit.status == AuditStatus.running and audit.progress_stage is not None
@@ -281,5 +290,5 @@ def audit_view(audit: PrivacyAuditRun, current_settings_key: str | None) -> Priv
             else None
         ),
         result=result,
-        error=audit.error,
+        error=error,
     )

@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 from backend.app import create_app
 from backend.housekeeping import run_housekeeping
 from backend.models import Job, PrivacyAuditRun, utc_now
+from backend.privacy.matching import job_audit_request, settings_key
 from backend.privacy.service import LOST, NOT_PICKED_UP, RESTARTED
 from backend.settings import Settings
 from tests.backend.conftest import Agent, Api, enroll, job_spec
@@ -142,6 +143,40 @@ def test_a_restarted_in_process_control_plane_fails_the_audits_it_was_running(
     assert audit["status"] == "failed" and audit["error"] == RESTARTED.format(status="queued")
     # The job is free for a new audit at once.
     assert api.post(f"/jobs/{job_id}/privacy-audits", json=QUICK).status_code == 202
+
+
+def test_a_report_stored_by_another_version_never_breaks_the_list_or_the_invitations(
+    api: Api, app: FastAPI
+) -> None:
+    """A completed row whose report no longer validates (the report models changed since it was written)."""
+    agent = enroll(api, "owner-c")
+    job_id = tiny_job(api, ["owner-c"])
+    api.ok("POST", f"/jobs/{job_id}/open")
+    stored = {"strongest_token_recovery": 0.25, "strongest_attack": "learned_inverter", "attacks": "renamed"}
+    with app.state.session_factory() as session, session.begin():
+        job = session.get(Job, job_id)
+        assert job is not None
+        request = job_audit_request(job, {"sequences": 4})
+        session.add(
+            PrivacyAuditRun(
+                job_id=job_id,
+                status="completed",
+                task_key="old-version",
+                request=request.model_dump(mode="json"),
+                settings_key=settings_key(request),
+                result=stored,
+                created_by="admin",
+                created_at=utc_now(),
+                finished_at=utc_now(),
+            )
+        )
+    [audit] = api.ok("GET", f"/jobs/{job_id}/privacy-audits")["items"]
+    assert audit["status"] == "completed" and audit["result"] is None
+    assert audit["error"].startswith("the stored report does not match this version's report format: ")
+    assert "attacks: Input should be a valid list" in audit["error"]
+    assert api.ok("GET", f"/jobs/{job_id}/privacy-audits/{audit['id']}") == audit
+    invitation = _invitation(agent, job_id)
+    assert (invitation["audited_token_recovery"], invitation["audited_attack"]) == (0.25, "learned_inverter")
 
 
 # --- who may, and what is refused -------------------------------------------------------------------
