@@ -14,6 +14,10 @@ then; after round r each client uploads its adapters (`upload_round_adapters`) a
 `run_client_eval_forward` is the forward-only path for local evaluation: front (no grad) → seal h0 as
 `eval_activations` → upload → long-poll `eval_result` → back (no grad) → logits, which stay here.
 `remote_score_fn` wraps it as the `score_fn(input_ids, attention_mask)` of `flglm.evaluation`.
+
+Defences (the trainer's `ClientDefence`) apply to everything that leaves: the h0 of training and of eval
+forwards, dL/dh1. With a private input block (`private_front`) only the output block's adapters go up and
+come down at round ends (`shared_parts`); the input block's stay in this process and its checkpoints.
 """
 
 from __future__ import annotations
@@ -75,8 +79,16 @@ class ClientStepResult:
 
 
 def client_parts(trainer: ClientSideTrainer) -> nn.Module:
-    """The client's trainable parts under stable names ("front.…", "back.…"): what FedAvg averages."""
+    """The client's parts under stable names ("front.…", "back.…"): what its checkpoints hold, and what
+    FedAvg averages unless the input block is private (see `shared_parts`)."""
     return nn.ModuleDict({"front": trainer.front, "back": trainer.back})
+
+
+def shared_parts(trainer: ClientSideTrainer) -> nn.Module:
+    """The parts whose adapters are uploaded and averaged: both, or only "back.…" with a private front."""
+    if trainer.defence is not None and trainer.defence.private_front:
+        return nn.ModuleDict({"back": trainer.back})
+    return client_parts(trainer)
 
 
 def run_client_step(
@@ -128,15 +140,15 @@ def upload_round_adapters(
     """Send this client's adapters at the end of `round_number` (idempotent for the same sealed bytes;
     the StepClient retries the same bytes, so a lost answer is harmless)."""
     ref = client_adapters_ref(channel.job_id, round_number, channel.client_id)
-    sealed = seal_adapters(channel.keys, ref, trainable_state_dict(client_parts(trainer)))
+    sealed = seal_adapters(channel.keys, ref, trainable_state_dict(shared_parts(trainer)))
     channel.client.upload_adapters(channel.job_id, round_number, sealed, example_count)
 
 
 def download_round_adapters(
     trainer: ClientSideTrainer, channel: ClientChannel, round_number: int, timeout_s: float = 600.0
 ) -> dict[str, torch.Tensor]:
-    """Wait for the FedAvg of `round_number`, load it into the client's parts and return it."""
-    parts = client_parts(trainer)
+    """Wait for the FedAvg of `round_number`, load it into the shared parts and return it."""
+    parts = shared_parts(trainer)
     expected = {name: (t.dtype, tuple(t.shape)) for name, t in trainable_state_dict(parts).items()}
     result = client_adapters_ref(channel.job_id, round_number, channel.client_id).result_ref()
     sealed = channel.client.get_adapters(channel.job_id, round_number, timeout_s)
@@ -175,7 +187,7 @@ def run_client_eval_forward(
     adapters under no_grad and keeps nothing; nothing here touches gradients or the optimizer.
     """
     with _evaluating(trainer, input_ids.device):
-        h0 = trainer.front(input_ids, attention_mask)  # (batch, seq, hidden)
+        h0 = trainer.eval_front(input_ids, attention_mask)  # (batch, seq, hidden), defended
     limits = PayloadLimits(channel.wire_dtype, h0.shape[-1], h0.shape[0], h0.shape[1])
     forward = channel.ref(round_number, eval_index, MessageDirection.eval_activations)
     channel.client.upload(

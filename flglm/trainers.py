@@ -5,6 +5,11 @@ optimizer step per side. `ClientSideTrainer` and `ServerSideTrainer` are exactly
 worker run; `SplitTrainer` wires them together in-process. Both sides use the same AdamW settings and
 schedule as `CentralizedTrainer`; AdamW updates each parameter independently, so one optimizer over all
 parameters equals one optimizer per side and the losses match step for step.
+
+A `ClientDefence` (flglm.privacy.client) makes the client side defend what it sends: h0 is clipped and noised
+inside the graph (so the front's backward goes through the clip), dL/dh1 gets its noise after the back's
+backward, and a NoPeek penalty joins the server's dL/dh0 in the front's backward. Without one (the default)
+every trainer computes exactly the undefended step.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from flglm.adapters import trainable_parameters
+from flglm.privacy.client import ClientDefence
 from flglm.split import ServerBody, SplitModel, position_ids_from_attention_mask
 
 IGNORE_INDEX = -100
@@ -118,20 +124,37 @@ def _compute_dtype(module: nn.Module) -> torch.dtype:
 class ClientSideTrainer:
     """A data owner's side: front + back, the loss, and their optimizer. Labels never leave this object."""
 
-    def __init__(self, split: SplitModel, cfg: TrainConfig) -> None:
-        self.front, self.back, self.cfg = split.part("front"), split.part("back"), cfg
+    def __init__(self, split: SplitModel, cfg: TrainConfig, defence: ClientDefence | None = None) -> None:
+        self.front, self.back, self.cfg, self.defence = split.part("front"), split.part("back"), cfg, defence
         parts = split.as_module_dict(["front", "back"]).train()
         self.optimizer = SideOptimizer(trainable_parameters(parts), cfg)
         self._dtype = _compute_dtype(self.back)
         self._h0: torch.Tensor | None = None
+        self._penalty: torch.Tensor | None = None
         self._h1: torch.Tensor | None = None
         self._loss: torch.Tensor | None = None
+        self.last_decorrelation: float | None = None  # λ·dCor of the last training forward, when on
 
     def forward_front(self, batch: LMBatch) -> torch.Tensor:
-        """Run the input block; returns a detached copy of h0 to send, keeping the graph here."""
+        """Run the input block and the defences; returns a detached copy of h0 to send, keeping the graph."""
         with _autocast(self.cfg, batch["input_ids"].device):
-            self._h0 = self.front(batch["input_ids"], batch["attention_mask"])  # (batch, seq, hidden)
-        return self._h0.detach().clone()
+            h0 = self.front(batch["input_ids"], batch["attention_mask"])  # (batch, seq, hidden)
+        self._penalty = None
+        if self.defence is not None:
+            # Outside autocast: the penalty's distances and the clip's norms want float32.
+            self._penalty = self.defence.decorrelation_penalty(
+                self.front, batch["input_ids"], batch["attention_mask"], h0
+            )
+            self.last_decorrelation = None if self._penalty is None else float(self._penalty.detach())
+            h0 = self.defence.defend_h0(h0)  # (batch, seq, hidden), still in the graph
+        self._h0 = h0
+        return h0.detach().clone()
+
+    def eval_front(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """h0 of a forward-only pass (the caller sets no_grad/eval), defended like a training h0: every h0
+        that leaves this process gets the activation defence."""
+        h0 = self.front(input_ids, attention_mask)  # (batch, seq, hidden)
+        return h0 if self.defence is None else self.defence.defend_h0(h0)
 
     def forward_back(self, h1: torch.Tensor, batch: LMBatch) -> torch.Tensor:
         """Run the output block on the server's h1 and return the loss (kept for `backward_back`)."""
@@ -147,22 +170,29 @@ class ClientSideTrainer:
         return self._loss
 
     def backward_back(self) -> torch.Tensor:
-        """Backward through the output block; returns dL/dh1 to send to the server."""
+        """Backward through the output block; returns dL/dh1 to send to the server (noised if so set)."""
         if self._loss is None or self._h1 is None:
             raise RuntimeError("backward_back() before forward_back()")
         self._loss.backward()
         grad_h1 = self._h1.grad
         assert grad_h1 is not None  # h1 is a leaf that requires grad
         self._loss = self._h1 = None
+        if self.defence is not None:
+            # Only the copy that leaves is noised: the back's own gradients are already accumulated.
+            grad_h1 = self.defence.defend_grad_h1(grad_h1)
         return grad_h1  # (batch, seq, hidden)
 
     def backward_front(self, grad_h0: torch.Tensor) -> None:
-        """Finish backward through the input block with the server's dL/dh0."""
+        """Finish backward through the input block with the server's dL/dh0 (plus the local penalty's)."""
         if self._h0 is None:
             raise RuntimeError("backward_front() before forward_front()")
         if self._h0.requires_grad:  # False when the front has nothing trainable
-            self._h0.backward(grad_h0.to(self._h0.dtype))
-        self._h0 = None
+            tensors, grads = [self._h0], [grad_h0.to(self._h0.dtype)]
+            if self._penalty is not None and self._penalty.requires_grad:
+                tensors.append(self._penalty)
+                grads.append(torch.ones_like(self._penalty))
+            torch.autograd.backward(tensors, grads)
+        self._h0 = self._penalty = None
 
     def step(self) -> None:
         """Apply the client optimizer and schedule."""
@@ -223,8 +253,8 @@ class ServerSideTrainer:
 class SplitTrainer:
     """The FL-GLM step in one process: exactly what agent and worker do, minus the wire."""
 
-    def __init__(self, split: SplitModel, cfg: TrainConfig) -> None:
-        self.client = ClientSideTrainer(split, cfg)
+    def __init__(self, split: SplitModel, cfg: TrainConfig, defence: ClientDefence | None = None) -> None:
+        self.client = ClientSideTrainer(split, cfg, defence)
         self.server = ServerSideTrainer(split.part("body"), cfg)
         self.steps_done = 0
 

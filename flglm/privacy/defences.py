@@ -19,13 +19,13 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from flglm.adapters import linear_module_names
+from flglm.privacy.epsilon import DEFAULT_DELTA, gaussian_epsilon
 
-DEFAULT_DELTA = 1e-5
 # Vocabulary tokens used to measure the public reference norm: a fixed stride over the vocabulary.
 REFERENCE_TOKENS = 1024
 
@@ -46,35 +46,6 @@ def reference_h0_norm(front: nn.Module, vocab_size: int, tokens: int = REFERENCE
     finally:
         front.train(was_training)
     return float(h0.float().norm(dim=-1).median())
-
-
-def _gaussian_delta(epsilon: float, ratio: float) -> float:
-    """δ(ε) of the Gaussian mechanism, ratio = sensitivity Δ / noise std σ (Balle & Wang)."""
-    phi = torch.distributions.Normal(0.0, 1.0).cdf
-    a = torch.tensor(ratio / 2 - epsilon / ratio, dtype=torch.float64)
-    b = torch.tensor(-ratio / 2 - epsilon / ratio, dtype=torch.float64)
-    return float(phi(a) - math.exp(min(epsilon, 700.0)) * phi(b))
-
-
-def gaussian_epsilon(noise_std: float, sensitivity: float, delta: float = DEFAULT_DELTA) -> float:
-    """Smallest ε making the Gaussian mechanism (std `noise_std`, L2 `sensitivity`) (ε, δ)-DP; inf if σ=0.
-
-    The analytic Gaussian mechanism (Balle & Wang, ICML 2018), found by bisection on the exact δ(ε).
-    """
-    if not 0 < delta < 1:
-        raise ValueError(f"delta must be in (0, 1), got {delta}")
-    if noise_std <= 0:
-        return math.inf
-    ratio = sensitivity / noise_std
-    low, high = 0.0, 1.0
-    while _gaussian_delta(high, ratio) > delta:
-        high *= 2
-        if high > 1e6:
-            return math.inf
-    for _ in range(100):
-        mid = (low + high) / 2
-        low, high = (mid, high) if _gaussian_delta(mid, ratio) > delta else (low, mid)
-    return high
 
 
 @dataclass(frozen=True)
@@ -135,9 +106,12 @@ def perturb_private_adapters(front: nn.Module, scale: float, generator: torch.Ge
     if scale <= 0:
         return 0
     count = 0
-    for name in linear_module_names(front):
-        module = front.get_submodule(name)
-        lora_a, lora_b = getattr(module, "lora_A", None), getattr(module, "lora_B", None)
+    # peft's LoRA layers wrap the Linear (it becomes their `base_layer`), so they are found by their
+    # lora_A/lora_B dicts, not as Linear modules.
+    module: Any  # a peft LoRA layer: attributes mypy cannot see
+    for module in front.modules():
+        lora_a: Any = getattr(module, "lora_A", None)
+        lora_b: Any = getattr(module, "lora_B", None)
         if lora_a is None or lora_b is None or "default" not in lora_b:
             continue
         weight = module.base_layer.weight  # (out, in), or (in, out) for GPT-2 Conv1D
@@ -165,7 +139,9 @@ def distance_correlation(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 @contextmanager
 def public_weights(front: nn.Module) -> Iterator[None]:
     """Run `front` as the public block: LoRA layers bypassed (peft's `disable_adapters` flag) inside."""
-    layers = [m for m in front.modules() if hasattr(m, "lora_A") and hasattr(m, "_disable_adapters")]
+    layers: list[Any] = [
+        m for m in front.modules() if hasattr(m, "lora_A") and hasattr(m, "_disable_adapters")
+    ]
     previous = [m._disable_adapters for m in layers]
     try:
         for module in layers:
