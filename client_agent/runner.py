@@ -5,11 +5,14 @@ Order of things, so that bad data never causes a send and a crash never loses mo
 2. a heartbeat thread (the example count only with `--share-example-count`);
 3. poll `/agent/work`; act only on assignments for jobs approved through this agent (`approved.json`),
    whatever the server says;
-4. per job: load only the client parts (front + back) and the tokenizer, re-validate the data against the
-   job (task, label set), tokenise, split train/eval locally;
+4. per job: read its privacy settings (a setting this agent does not apply refuses the job, nothing sent),
+   load only the client parts (front + back) and the tokenizer, re-validate the data against the job (task,
+   label set), tokenise, split train/eval locally; build the defences (`flglm.privacy.client`: the clip's
+   reference norm on the public input block; a private input block from this owner's persisted seed);
 5. per step `run_client_step`, a checkpoint (adapters, optimizer, position) and a step metric (loss,
    token count, wire bytes: numbers only);
-6. at the end of a round: adapters up (sealed), round done (the round's mean training loss, the example
+6. at the end of a round: adapters up (sealed; only the output block's with a private input block), round
+   done (the round's mean training loss, the example
    count only if allowed), FedAvg'd adapters down, local evaluation of that global model, a second round-done
    report that adds the eval metrics, checkpoint at the start of the next round.
 
@@ -35,6 +38,7 @@ from typing import Any
 import torch
 
 from client_agent.api import AgentFailure, ControlPlaneClient, ExitCode, failure_from
+from client_agent.privacy import job_privacy
 from client_agent.progress import RoundProgress, show_round_eval
 from client_agent.state import (
     Enrollment,
@@ -45,7 +49,7 @@ from client_agent.state import (
     private_key_path,
 )
 from flglm import protocol
-from flglm.adapters import AdapterConfig, add_split_adapters, load_trainable_state_dict, trainable_state_dict
+from flglm.adapters import AdapterConfig, load_trainable_state_dict, trainable_state_dict
 from flglm.client_step import (
     ClientChannel,
     client_parts,
@@ -69,6 +73,7 @@ from flglm.data import (
     train_eval_split,
 )
 from flglm.models import load_split_parts, load_tokenizer
+from flglm.privacy.client import ClientDefence, add_client_adapters
 from flglm.round_eval import DEFAULT_EVAL_EXAMPLES, DEFAULT_MAX_NEW_TOKENS, round_eval_metrics
 from flglm.split import SplitPlan
 from flglm.step_client import StepConflict, StepHttpError, StepUnauthorized
@@ -150,6 +155,22 @@ def prepare_job_data(data_path: Path, job: protocol.AgentJobView) -> JobData:
     return JobData(dataset, held_out, labels, int(pad), max_seq_len, tokenizer)
 
 
+def describe_defence(defence: ClientDefence) -> str:
+    """The defences in force, for the log (the settings' numbers, never anything private)."""
+    parts = []
+    if defence.activation.active:
+        parts.append(
+            f"h0 clipped to {defence.activation.clip_norm:.4g} per token, noise std "
+            f"{defence.activation.noise_std:.4g} (ε = {defence.activation.epsilon():.3g} per vector, "
+            "δ = 1e-5)"
+        )
+    if defence.gradient_noise > 0:
+        parts.append(f"dL/dh1 noise {defence.gradient_noise:g} x RMS")
+    if defence.private_front:
+        parts.append(f"private input block (decorrelation λ = {defence.decorrelation:g})")
+    return "; ".join(parts)
+
+
 class JobSession:
     """One approved job on this agent: its client parts, data, channel and checkpoint."""
 
@@ -164,6 +185,7 @@ class JobSession:
         options: RunOptions,
     ) -> None:
         self.job, self.options, self.client = job, options, client
+        self.privacy = job_privacy(job.job_id, job.privacy)  # before anything else: refuse, sending nothing
         hp = job.hyperparameters
         self.seed = int(hp.get("seed", 0))
         self.batch_size = int(hp.get("batch_size", DEFAULT_BATCH_SIZE))
@@ -177,10 +199,16 @@ class JobSession:
 
         plan = SplitPlan(job.split_plan.get("front_layers", 1), job.split_plan.get("back_layers", 1))
         split = load_split_parts(job.model_ref, plan, parts={"front", "back"})
-        add_split_adapters(split, AdapterConfig(**job.adapter), self.seed)
-        config = TrainConfig(**{k: v for k, v in hp.items() if k in TrainConfig.model_fields})
-        self.trainer = ClientSideTrainer(split, config)
         self.checkpoint = JobCheckpoint(state_dir, job.job_id)
+        private_seed = self.checkpoint.private_seed() if self.privacy.private_front else None
+        add_client_adapters(
+            split, AdapterConfig(**job.adapter), self.seed, private_seed, self.privacy.private_init_scale
+        )
+        defence = ClientDefence.from_spec(self.privacy, split.part("front"))
+        config = TrainConfig(**{k: v for k, v in hp.items() if k in TrainConfig.model_fields})
+        self.trainer = ClientSideTrainer(split, config, defence if defence.active else None)
+        if defence.active:
+            log.info("job %d: defences: %s", job.job_id, describe_defence(defence))
         self.position = self.checkpoint.position() or RoundPosition()
         if self.checkpoint.position() is not None:
             load_trainable_state_dict(client_parts(self.trainer), self.checkpoint.load_adapters())
@@ -198,7 +226,7 @@ class JobSession:
             str(job.job_id),
             str(enrollment.client_id),
         )
-        wire_dtype = parse_wire_dtype(str(job.privacy.get("wire_dtype", "float32"))) or torch.float32
+        wire_dtype = parse_wire_dtype(self.privacy.wire_dtype) or torch.float32
         self.channel = ClientChannel(
             client,
             keys,

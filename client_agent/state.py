@@ -7,6 +7,7 @@ Layout (default `~/.flglm-agent`, or `--state-dir` / `FLGLM_AGENT_STATE`):
   jobs/<id>/position.json     round, next step, phase of the round end
   jobs/<id>/adapters.safetensors, jobs/<id>/optimizer.pt   client adapters and optimizer state
   jobs/<id>/global_round_<r>.safetensors  the FedAvg'd client adapters after round r
+  jobs/<id>/private_seed      private_front jobs: the seed of this owner's input-block adapters (never sent)
   sequence                    the persisted message sequence counter (never reused after a restart)
 Every file is written atomically (temp file + rename) so a SIGKILL leaves the previous version intact.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import secrets
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -159,6 +161,23 @@ class JobCheckpoint:
 
         data = save_safetensors({k: v.contiguous() for k, v in adapters.items()})
         _write_atomically(self.global_adapters_path(round_number), data)
+
+    @property
+    def private_seed_path(self) -> Path:
+        return self.directory / "private_seed"
+
+    def private_seed(self) -> int:
+        """This owner's private seed for the job's input block: drawn once from the OS's randomness, then
+        read back, so a restarted agent rebuilds the same block. It is never sent anywhere."""
+        path = self.private_seed_path
+        if path.is_file():
+            try:
+                return int(path.read_text(encoding="utf-8").strip())
+            except ValueError as exc:
+                raise StateError(f"{path} is not a seed: {exc}") from exc
+        seed = secrets.randbits(63)
+        _write_atomically(path, str(seed).encode())
+        return seed
 
     def load_adapters(self) -> dict[str, Any]:
         from safetensors.torch import load

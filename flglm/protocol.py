@@ -245,6 +245,9 @@ class InvitationView(BaseModel):
     steps_per_round: int
     hyperparameters: dict[str, Any]
     privacy: dict[str, Any]
+    split_plan: dict[str, Any] = Field(
+        default_factory=dict, description="front_layers: how many blocks the data owner's input block holds"
+    )
     job_status: JobStatus
     consent: ConsentStatus
     audited_token_recovery: float | None = Field(

@@ -538,6 +538,7 @@ def _invitation_view(session: Session, job: Job, participant: JobParticipant) ->
         steps_per_round=job.steps_per_round,
         hyperparameters=job.hyperparameters,
         privacy=job.privacy,
+        split_plan=job.split_plan,
         job_status=JobStatus(job.status),
         consent=ConsentStatus(participant.consent),
         audited_token_recovery=token_recovery,
@@ -551,7 +552,6 @@ def _agent_job_view(
     """The job's own server public key; jobs opened before per-job keys existed use the deployment's."""
     return AgentJobView(
         **_invitation_view(session, job, participant).model_dump(),
-        split_plan=job.split_plan,
         adapter=job.adapter,
         current_round=job.current_round,
         server_public_key=job.server_public_key or deployment_public_key,

@@ -12,6 +12,7 @@ from typing import Annotated, TypeVar
 import typer
 
 from client_agent.api import EXIT_CODES_HELP, AgentFailure, ControlPlaneClient, ExitCode, failure_from
+from client_agent.privacy import consent_lines, job_privacy, model_hidden_size
 from client_agent.state import (
     Enrollment,
     JobCheckpoint,
@@ -109,16 +110,25 @@ def jobs(state_dir: StateDir = None) -> None:
             invitations = client.invitations()
         if not invitations:
             typer.echo("no invitations")
+        sizes: dict[str, int | None] = {}
         for job in invitations:
             typer.echo(
                 f"job {job.job_id} {job.name!r}: {job.consent.value} (job {job.job_status.value})\n"
                 f"  model {job.model_ref}, task {job.task_type.value}, {job.rounds} rounds x "
-                f"{job.steps_per_round} steps, {job.parallel_mode.value}\n"
-                f"  shared with the server: hidden states after the input block and gradients at the cut "
-                f"({job.privacy.get('wire_dtype', 'float32')}, noise std "
-                f"{job.privacy.get('activation_noise_std', 0.0)}), encrypted; your adapters once per round "
-                "(encrypted, averaged with FedAvg); per-step loss, token counts and timings; the example "
-                "count only with --share-example-count\n"
+                f"{job.steps_per_round} steps, {job.parallel_mode.value}"
+            )
+            try:
+                privacy = job_privacy(job.job_id, job.privacy)
+            except AgentFailure as exc:  # settings this agent does not apply: say so, never guess
+                typer.echo(f"  {exc}")
+                continue
+            if privacy.activation_noise > 0 and job.model_ref not in sizes:  # ε needs the hidden size
+                sizes[job.model_ref] = model_hidden_size(job.model_ref)
+            lines = consent_lines(job, sizes.get(job.model_ref))
+            typer.echo(
+                "\n".join(f"  {line}" for line in lines)
+                + "\n  also shared: per-step loss, token counts and timings; the example count only with "
+                "--share-example-count\n"
                 "  never shared: your text, token ids, labels, logits"
             )
 
@@ -129,6 +139,11 @@ def _decide(job_id: int, decision: protocol.ConsentDecision, state_dir: Path | N
     def action() -> None:
         directory = resolve_state_dir(state_dir)
         with _client(directory) as client:
+            if decision is protocol.ConsentDecision.approve:
+                # Approving settings this agent would not apply is consenting to defences it lacks.
+                for invitation in client.invitations():
+                    if invitation.job_id == job_id:
+                        job_privacy(job_id, invitation.privacy)
             view = client.decide(job_id, decision)
         record_decision(directory, job_id, decision is protocol.ConsentDecision.approve)
         typer.echo(f"job {job_id} {view.name!r}: {view.consent.value}")
