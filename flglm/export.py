@@ -118,6 +118,10 @@ class ExportBundle:
     adapter_cfg: AdapterConfig
     front_back_state: dict[str, torch.Tensor]
     body_state: dict[str, torch.Tensor]
+    # A private_front job: the input-block adapters stayed with the data owners (`adapter_cfg.parts` lacks
+    # "front", so the model built from this bundle has the public input block); `note` says it in words.
+    private_front: bool = False
+    note: str | None = None
 
 
 def read_export_bundle(data: bytes) -> ExportBundle:
@@ -139,6 +143,8 @@ def read_export_bundle(data: bytes) -> ExportBundle:
         adapter_cfg=AdapterConfig(**json.loads(metadata["adapter"])),
         front_back_state={k[len("client/") :]: t for k, t in tensors.items() if k.startswith("client/")},
         body_state={k[len("body/") :]: t for k, t in tensors.items() if k.startswith("body/")},
+        private_front=json.loads(metadata.get("private_front", "false")) is True,
+        note=metadata.get("note"),
     )
 
 

@@ -5,6 +5,10 @@ end) and `client/<front.… | back.…>` from the newest plaintext FedAvg result
 `worker.artifact_paths`). Metadata: the job's model ref, split plan and adapter config as JSON, so the CLI
 can rebuild the unsplit PEFT adapter with `flglm.export` without asking anything else.
 
+A job with a private input block (`privacy.private_front`) has no global input-block adapters: each data
+owner keeps its own. Its bundle says so in its metadata (`private_front`, `note`) and its adapter config
+lists only the shared parts, so everything that loads it builds the *public* input block.
+
 The bundle is also the caller's half of split generation: the backend's generate route and `flglm generate`
 load its client adapters into the front and back, while the body runs on a worker from the same server
 checkpoint (see `backend.exports.sessions`).
@@ -28,6 +32,11 @@ from worker.artifact_paths import (
 )
 
 BUNDLE_FORMAT = "flglm-export/1"
+ADAPTER_PARTS = ("front", "body", "back")  # flglm.split.PART_NAMES, named here without importing torch
+PRIVATE_FRONT_NOTE = (
+    "private_front job: the input-block (front) adapters stay with each data owner and are not in this "
+    "bundle; it holds the public input block with the averaged output-block and server adapters"
+)
 
 
 class NothingToExport(Conflict):
@@ -58,13 +67,20 @@ def build_bundle(session: Session, settings: Settings, job_id: int) -> tuple[byt
         raise NothingToExport(f"job {job.id} has no {missing} yet: export after its first round has ended")
     tensors = {f"body/{name}": t for name, t in read_raw_safetensors(server, "adapter/").items()}
     tensors |= {f"client/{name}": t for name, t in read_raw_safetensors(client).items()}
+    adapter = dict(job.adapter)
+    private_front = bool(job.privacy.get("private_front", False))
+    if private_front:
+        adapter["parts"] = [part for part in adapter.get("parts", ADAPTER_PARTS) if part != "front"]
     metadata = {
         "format": BUNDLE_FORMAT,
         "job_id": str(job.id),
         "model_ref": job.model_ref,
         "split_plan": json.dumps(job.split_plan),
-        "adapter": json.dumps(job.adapter),
+        "adapter": json.dumps(adapter),
         "server_checkpoint": server.name,
         "client_adapters": client.name,
+        "private_front": json.dumps(private_front),
     }
+    if private_front:
+        metadata["note"] = PRIVATE_FRONT_NOTE
     return write_raw_safetensors(tensors, metadata), metadata

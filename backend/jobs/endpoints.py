@@ -20,6 +20,7 @@ from backend.jobs.schemas import (
 )
 from backend.metrics.repository import ArtifactRepository
 from backend.models import Round, utc_now
+from backend.privacy.matching import audited_figure
 from backend.steps import service as steps_service
 from flglm import protocol
 from flglm.protocol import JobSpec, JobStatus
@@ -47,7 +48,10 @@ def list_jobs(
 
 @router.get("/{job_id}", response_model=JobView)
 def show_job(job_id: JobId, session: SessionDep, _: OperatorDep) -> JobView:
-    return JobView.model_validate(service.get_job(session, job_id))
+    job = service.get_job(session, job_id)
+    recovery, attack = audited_figure(session, job)
+    view = JobView.model_validate(job)
+    return view.model_copy(update={"audited_token_recovery": recovery, "audited_attack": attack})
 
 
 def _transition_route(action: str) -> None:

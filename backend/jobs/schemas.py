@@ -5,8 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, computed_field
 
+from flglm.privacy.epsilon import DELTA_TEXT, activation_epsilon, hidden_size_hint
 from flglm.protocol import ConsentStatus, JobStatus, RoundParticipantStatus, RoundStatus
 
 
@@ -38,6 +39,22 @@ class JobView(BaseModel):
     created_by: str
     created_at: datetime
     updated_at: datetime
+    # What data owners see in their invitation: the strongest attack of the newest completed privacy audit
+    # of the job's current settings (filled by GET /jobs/{id}; null in lists and when never audited).
+    audited_token_recovery: float | None = None
+    audited_attack: str | None = None
+
+    @computed_field(  # type: ignore[prop-decorator]
+        description=f"ε (δ = {DELTA_TEXT}) of one h0 vector under the job's activation noise; null when "
+        "the noise is off or the model's hidden size is not known to the control plane"
+    )
+    @property
+    def activation_epsilon(self) -> float | None:
+        noise = self.privacy.get("activation_noise")
+        if not isinstance(noise, int | float) or noise <= 0:
+            return None
+        hidden_size = hidden_size_hint(self.model_ref)
+        return None if hidden_size is None else activation_epsilon(float(noise), hidden_size)
 
 
 class ParticipantView(BaseModel):

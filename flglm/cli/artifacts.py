@@ -44,7 +44,10 @@ def export(
     token: Token = "",
     ca_cert: CaCert = None,
 ) -> None:
-    """Write JOB's adapters (all three parts) as a standard PEFT adapter dir of the unsplit model."""
+    """Write JOB's adapters (all three parts) as a standard PEFT adapter dir of the unsplit model.
+
+    A private_front job's input-block adapters stay with its data owners: its export has the public input
+    block, and a note says so."""
     from flglm.export import export_peft_adapter, read_export_bundle
 
     data = fetch_bundle(job_id, bundle, server, token, ca_cert)
@@ -63,6 +66,8 @@ def export(
     )
     if save_bundle:
         (written / "flglm-bundle.safetensors").write_bytes(data)
+    if parsed.note:
+        typer.echo(f"note: {parsed.note}", err=True)
     typer.echo(str(written))
 
 

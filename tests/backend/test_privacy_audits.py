@@ -103,6 +103,9 @@ def test_a_tiny_audit_completes_and_its_figure_reaches_the_invitation_while_sett
     assert invitation["audited_attack"] == result["strongest_attack"]
     agent_view = agent.api.ok("GET", f"/agent/jobs/{job_id}")
     assert agent_view["audited_token_recovery"] == result["strongest_token_recovery"]
+    operator_view = api.ok("GET", f"/jobs/{job_id}")  # the dashboard's privacy card shows the same figure
+    assert operator_view["audited_token_recovery"] == result["strongest_token_recovery"]
+    assert operator_view["audited_attack"] == result["strongest_attack"]
     # Another job with the same settings was never audited: no figure there.
     other_id = tiny_job(api, ["owner-a"])
     api.ok("POST", f"/jobs/{other_id}/open")
