@@ -228,15 +228,39 @@ export function renderJob({ principal, params, showError }) {
 
   function renderPrivacy(job) {
     const dl = (pairs) => h("dl", { class: "facts" }, pairs.map(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]));
-    const noise = Number(job.privacy.activation_noise_std || 0);
+    const privacy = job.privacy || {};
+    const m = Number(privacy.activation_noise || 0);
+    const c = Number(privacy.activation_clip ?? 1);
+    const gradient = Number(privacy.gradient_noise || 0);
+    const epsilon = job.activation_epsilon;
+    let activation = "off";
+    if (m > 0) {
+      const eps = epsilon == null ? "ε not known to the server (each agent shows it before consent)" : `ε = ${formatNumber(epsilon, epsilon >= 100 ? 0 : 2)} per h0 vector (δ = 1e-5)`;
+      activation = `m = ${m} with clip c = ${c} × the public reference norm; ${eps}`;
+    } else if (privacy.activation_noise_std !== undefined) {
+      // Jobs from before the real settings: that value was shown but never applied.
+      activation = `off (this job's activation_noise_std = ${privacy.activation_noise_std} was never applied)`;
+    }
+    let inputBlock = "shared: its adapters are averaged with FedAvg";
+    if (privacy.private_front) {
+      inputBlock = `private: adapters from each client's own secret seed, never uploaded or averaged; init scale s = ${Number(privacy.private_init_scale || 0)}, decorrelation λ = ${Number(privacy.decorrelation || 0)}`;
+    }
+    const recovery = job.audited_token_recovery;
+    const adapter = job.adapter || {};
     fill(
       regions.privacy,
       dl([
-        ["Activation noise", noise > 0 ? `σ = ${noise}` : "off"],
-        ["Wire dtype", job.privacy.wire_dtype || "float32"],
+        ["Wire dtype", privacy.wire_dtype || "float32"],
+        ["Activation noise", activation],
+        ["Gradient noise", gradient > 0 ? `std = ${gradient} × the RMS of dL/dh1` : "off"],
+        ["Input block", inputBlock],
+        [
+          "Audited token recovery",
+          recovery == null ? "not audited" : `${formatNumber(100 * recovery, 1)} %${job.audited_attack ? ` (${job.audited_attack})` : ""}`,
+        ],
         ["Encryption", "AES-256-GCM per client, inside HTTPS"],
         ["On each client", `input ${job.split_plan.front_layers} + output ${job.split_plan.back_layers} block(s)`],
-        ["Adapter", `${job.adapter.kind || "?"}${job.adapter.r ? ` r=${job.adapter.r}` : ""}${job.adapter.alpha ? ` α=${job.adapter.alpha}` : ""}`],
+        ["Adapter", `${adapter.kind || adapter.method || "lora"}${adapter.r ? ` r=${adapter.r}` : ""}${adapter.alpha ? ` α=${adapter.alpha}` : ""}`],
         ["Model", job.model_ref],
       ]),
     );

@@ -44,7 +44,12 @@ export function renderJobForm({ showError }) {
     min_clients: number(1, { min: "1" }),
     lr: h("input", { type: "number", step: "any", min: "0", value: "0.0001", required: true }),
     batch_size: number(8, { min: "1" }),
-    noise: h("input", { type: "number", step: "any", min: "0", value: "0", required: true }),
+    activation_noise: h("input", { type: "number", step: "any", min: "0", max: "1000", value: "0", required: true }),
+    activation_clip: h("input", { type: "number", step: "any", min: "0.001", max: "100", value: "1", required: true }),
+    gradient_noise: h("input", { type: "number", step: "any", min: "0", max: "1000", value: "0", required: true }),
+    private_front: h("input", { type: "checkbox" }),
+    private_init_scale: h("input", { type: "number", step: "any", min: "0", max: "10", value: "0", required: true }),
+    decorrelation: h("input", { type: "number", step: "any", min: "0", max: "100", value: "0", required: true }),
     wire_dtype: select([["float32", "float32"], ["bfloat16", "bfloat16"], ["float16", "float16"]], "float32"),
   };
   const clientList = h("div", { class: "checklist", role: "group", "aria-labelledby": "clients-legend" }, "Loading clients…");
@@ -82,7 +87,16 @@ export function renderJobForm({ showError }) {
       rounds: int("rounds"),
       steps_per_round: int("steps_per_round"),
       min_clients: int("min_clients"),
-      privacy: { activation_noise_std: Number(inputs.noise.value), wire_dtype: inputs.wire_dtype.value },
+      privacy: {
+        wire_dtype: inputs.wire_dtype.value,
+        activation_noise: Number(inputs.activation_noise.value),
+        activation_clip: Number(inputs.activation_clip.value),
+        gradient_noise: Number(inputs.gradient_noise.value),
+        private_front: inputs.private_front.checked,
+        // Only meaningful with a private input block; the API refuses them without one.
+        private_init_scale: inputs.private_front.checked ? Number(inputs.private_init_scale.value) : 0,
+        decorrelation: inputs.private_front.checked ? Number(inputs.decorrelation.value) : 0,
+      },
       clients: [...clientList.querySelectorAll("input[name=clients]:checked")].map((el) => el.value),
     };
   }
@@ -139,8 +153,43 @@ export function renderJobForm({ showError }) {
       "fieldset",
       {},
       h("legend", {}, "Privacy"),
-      field("noise", "Activation noise (std)", inputs.noise, "Gaussian noise the client adds to h0; 0 turns it off."),
-      field("wire_dtype", "Wire dtype", inputs.wire_dtype),
+      field("wire_dtype", "Wire dtype", inputs.wire_dtype, "Precision of the hidden states and gradients sent to the server."),
+      field(
+        "activation_noise",
+        "Activation noise m",
+        inputs.activation_noise,
+        "Each client clips every token's hidden state h0 to the clip norm, then adds Gaussian noise of norm about m × the clip norm before sending it. 0 turns clipping and noise off; the job page shows the resulting ε.",
+      ),
+      field(
+        "activation_clip",
+        "Activation clip c",
+        inputs.activation_clip,
+        "Per-token clip norm of h0, as a multiple of the public input block's median output norm (used only when m > 0).",
+      ),
+      field(
+        "gradient_noise",
+        "Gradient noise",
+        inputs.gradient_noise,
+        "Gaussian noise on the gradient dL/dh1 each client sends: std per coordinate = this × the gradient's RMS. 0 turns it off.",
+      ),
+      field(
+        "private_front",
+        "Private input block",
+        inputs.private_front,
+        "Each client draws its input-block adapters from its own secret seed and never uploads or averages them; only output-block adapters are averaged. The export then holds the public input block.",
+      ),
+      field(
+        "private_init_scale",
+        "Private init scale s",
+        inputs.private_init_scale,
+        "Private input block only: the adapted weights start s × ‖W‖ away from the public ones, so the server does not know the input block even at the first step.",
+      ),
+      field(
+        "decorrelation",
+        "Decorrelation λ",
+        inputs.decorrelation,
+        "Private input block only: weight of the NoPeek penalty (distance correlation between token embeddings and h0) in each client's input-block objective.",
+      ),
     ),
     h("fieldset", { class: "wide" }, h("legend", { id: "clients-legend" }, "Invited clients"), clientList),
     h("div", { class: "actions wide" }, submit, h("a", { class: "button secondary", href: "#/jobs" }, "Cancel")),

@@ -141,6 +141,9 @@ def test_admin_creates_starts_watches_pauses_and_resumes_a_job(dashboard: Dashbo
     page.get_by_label("Rounds").fill("2")
     page.get_by_label("Steps per round").fill(str(STEPS_PER_ROUND))
     page.get_by_label("Minimum clients").fill("2")
+    page.get_by_label("Activation noise m").fill("2")
+    page.get_by_label("Private input block").check()
+    page.get_by_label("Private init scale s").fill("0.05")
     for agent in dashboard.agents:
         page.get_by_role("checkbox", name=re.compile(agent.name)).check()
     # An inconsistent spec: the API's 422 reaches the user in words that name the problem.
@@ -150,11 +153,20 @@ def test_admin_creates_starts_watches_pauses_and_resumes_a_job(dashboard: Dashbo
     page.get_by_label("Server replicas").fill("1")
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SCREENSHOTS / "job-form.png"), full_page=True)
+    # After a full-page picture of a page taller than the window (the form with its privacy fields is),
+    # Chromium's next click at the bottom of the page lost its mouseup: scroll back before clicking.
+    page.evaluate("window.scrollTo(0, 0)")
     page.get_by_role("button", name="Create job").click()
     page.wait_for_url(re.compile(r"#/jobs/\d+$"))
     job_id = int(page.url.rsplit("/", 1)[1])
     expect(page.locator("#job-title")).to_have_text("news-sources-e2e")
     expect(page.get_by_role("alert")).to_be_hidden()
+    # The privacy card says what the agents apply, with ε for SmolLM2's 576 dimensions (m = 2: 389.4).
+    privacy = page.get_by_role("region", name="Privacy and split")
+    for said in ("m = 2 with clip c = 1", "ε = 389 per h0 vector (δ = 1e-5)", "private: adapters from each",
+                 "s = 0.05, decorrelation λ = 0", "not audited", "lora r=8 α=16"):  # fmt: skip
+        expect(privacy).to_contain_text(said)
+    assert dashboard.api.ok("GET", f"/jobs/{job_id}")["privacy"]["private_front"] is True
 
     page.get_by_role("button", name="Open for consent").click()
     expect(page.locator("#job-status")).to_contain_text("waiting for clients")
