@@ -90,3 +90,47 @@ def test_own_data_and_model_without_an_eval_file(tmp_path: Path) -> None:
     assert sorted(results["client_label_counts"]) == ["owner-0", "owner-1", "owner-2"]
     assert results["federated"]["wire_bytes_up"] > 0
     assert (tmp_path / "report" / "report.md").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(320)
+def test_private_input_blocks_are_scored_per_client(tmp_path: Path) -> None:
+    """--private-front etc. reach the job, and "federated" is the mean of the clients' own models."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for owner in range(3):
+        rows = [
+            {"text": f"item {i} of owner {owner}", "label": ["plum", "kiwi"][(i + owner) % 2]}
+            for i in range(16)
+        ]
+        (data / f"owner-{owner}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "flglm.cli.main", "demo", "--data", str(data), "--model", "tiny:llama:0",
+         "--rounds", "1", "--steps-per-round", "2", "--batch-size", "2", "--json", "--no-progress",
+         "--out", str(tmp_path / "report"), "--threads", "1", "--front-layers", "2",
+         "--private-front", "--private-init-scale", "0.05", "--activation-noise", "0.5",
+         "--gradient-noise", "0.5", "--decorrelation", "0.5"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    assert results["split"] == "2 | middle | 1"
+    assert results["privacy"] == {
+        "wire_dtype": "bfloat16", "activation_noise": 0.5, "activation_clip": 1.0, "gradient_noise": 0.5,
+        "private_front": True, "private_init_scale": 0.05, "decorrelation": 0.5,
+    }  # fmt: skip
+    fed = results["federated"]
+    per_client = fed["per_client"]
+    assert sorted(per_client) == ["owner-0", "owner-1", "owner-2"]
+    accuracies = [s["accuracy"] for s in per_client.values()]
+    assert fed["accuracy"] == sum(accuracies) / 3
+    assert fed["accuracy_ci_low"] == min(s["accuracy_ci_low"] for s in per_client.values())
+    # Each client's own input block makes its own model: the scores are not one model's thrice.
+    assert len({s["eval_loss"] for s in per_client.values()}) == 3
+    assert "mean over the clients' own models" in (tmp_path / "report" / "report.md").read_text()
+    bad = subprocess.run(
+        [sys.executable, "-m", "flglm.cli.main", "demo", "--decorrelation", "0.5"],
+        env={**env, "COLUMNS": "200"}, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "need private_front" in bad.stderr

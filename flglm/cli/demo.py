@@ -52,6 +52,25 @@ def demo(
         int | None, typer.Option(min=1, help="torch threads here and in the server (default: by load)")
     ] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="no progress bars")] = False,
+    front_layers: Annotated[int, typer.Option(min=1, help="blocks in each client's input block")] = 1,
+    activation_noise: Annotated[
+        float, typer.Option(min=0.0, help="h0 noise-to-clip ratio m (clipped Gaussian noise); 0: off")
+    ] = 0.0,
+    activation_clip: Annotated[
+        float, typer.Option(min=0.0, help="h0 per-token clip c, x the public reference norm")
+    ] = 1.0,
+    gradient_noise: Annotated[
+        float, typer.Option(min=0.0, help="dL/dh1 noise std, x the gradient's RMS; 0: off")
+    ] = 0.0,
+    private_front: Annotated[
+        bool, typer.Option("--private-front", help="input-block adapters private to each client")
+    ] = False,
+    private_init_scale: Annotated[
+        float, typer.Option(min=0.0, help="--private-front: start the input block s x |W| from public")
+    ] = 0.0,
+    decorrelation: Annotated[
+        float, typer.Option(min=0.0, help="--private-front: NoPeek distance-correlation weight")
+    ] = 0.0,
 ) -> None:
     """Federated fine-tune (control plane + 3 agent processes over HTTPS) vs centralized vs zero-shot."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -64,6 +83,22 @@ def demo(
         raise typer.BadParameter(f"--corpus must be news or tweets, got {corpus!r}")
     if data is not None and not data.is_dir():
         raise typer.BadParameter(f"--data {data}: not a directory")
+    from pydantic import ValidationError
+
+    from flglm.protocol import PrivacySpec
+
+    privacy = {
+        "activation_noise": activation_noise,
+        "activation_clip": activation_clip,
+        "gradient_noise": gradient_noise,
+        "private_front": private_front,
+        "private_init_scale": private_init_scale,
+        "decorrelation": decorrelation,
+    }
+    try:  # refused here, before anything starts, rather than by the server after the data is prepared
+        PrivacySpec.model_validate(privacy)
+    except ValidationError as exc:
+        raise typer.BadParameter("; ".join(str(e["msg"]) for e in exc.errors())) from None
     options = DemoOptions(
         model_ref=model,
         data_dir=data,
@@ -74,6 +109,8 @@ def demo(
         work_dir=work_dir,
         progress=not no_progress,
         threads=threads,
+        front_layers=front_layers,
+        privacy=privacy,
     )
     if quick:
         options = replace(options, **QUICK)  # type: ignore[arg-type]

@@ -1,4 +1,11 @@
-"""`flglm demo` end to end: data, zero-shot, federated job (real processes), centralized, scores, report."""
+"""`flglm demo` end to end: data, zero-shot, federated job (real processes), centralized, scores, report.
+
+Privacy settings (`DemoOptions.privacy`, the fields of `flglm.protocol.PrivacySpec`) go into the job as they
+are. With a private input block the federated model is no single model: each client keeps its own input
+block, so "federated" is scored once per client (its own input-block adapters from its agent's checkpoint +
+the exported output-block and server adapters) and reported as the mean over clients, with each client's
+score under `federated.per_client`.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +13,13 @@ import os
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 from flglm.adapters import AdapterConfig
@@ -20,7 +29,7 @@ from flglm.demo.centralized import train_centralized
 from flglm.demo.orchestrate import FederatedDemo
 from flglm.demo.report import format_table, result_rows, write_report
 from flglm.demo.scoring import LabelScores, score_labels
-from flglm.export import read_export_bundle, unsplit_adapter_state
+from flglm.export import ExportBundle, read_export_bundle, unsplit_adapter_state
 from flglm.models import load_model, load_tokenizer
 from flglm.split import SplitPlan
 from flglm.trainers import TrainConfig
@@ -49,6 +58,8 @@ class DemoOptions:
     lora_r: int = 8
     bf16_autocast: bool = True
     wire_dtype: str = "bfloat16"
+    front_layers: int = 1  # blocks of the client's input block
+    privacy: dict[str, Any] = field(default_factory=dict)  # PrivacySpec fields besides wire_dtype
     out_dir: Path = Path("artifacts/demo")
     work_dir: Path | None = None  # server and agent state; None: a temporary directory
     threads: int | None = None  # torch threads of this process and the server; None: see compute_threads
@@ -123,6 +134,47 @@ def _score_dict(scores: LabelScores, eval_wall_s: float) -> dict[str, Any]:
     }
 
 
+def federated_per_client(
+    bundle: ExportBundle,
+    adapter: AdapterConfig,
+    client_adapters: dict[str, Path],
+    score: Callable[[torch.nn.Module, str], dict[str, Any]],
+) -> dict[str, dict[str, Any]]:
+    """Scores of each client's own model: its private input-block adapters (from the file of its agent's
+    checkpoint) with the exported output-block and server adapters."""
+    scores: dict[str, dict[str, Any]] = {}
+    for name, path in client_adapters.items():
+        own_front = {k: t for k, t in load_file(str(path)).items() if k.startswith("front.")}
+        model = load_model(bundle.model_ref)
+        unsplit_adapter_state(
+            model, bundle.plan, adapter, {**bundle.front_back_state, **own_front}, bundle.body_state
+        )
+        scores[name] = score(model, f"federated, {name}'s own input block")
+        del model
+    return scores
+
+
+def mean_over_clients(per_client: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The clients' mean accuracy and eval loss; the interval spans every client's 95 % interval (there is
+    no single model to give one interval for)."""
+    scores = list(per_client.values())
+    n = len(scores)
+    return {
+        "accuracy": sum(s["accuracy"] for s in scores) / n,
+        "accuracy_ci_low": min(s["accuracy_ci_low"] for s in scores),
+        "accuracy_ci_high": max(s["accuracy_ci_high"] for s in scores),
+        "correct": round(sum(s["correct"] for s in scores) / n),
+        "eval_examples": scores[0]["eval_examples"],
+        "eval_loss": sum(s["eval_loss"] for s in scores) / n,
+        "eval_wall_s": sum(s["eval_wall_s"] for s in scores),
+        "predicted_counts": {
+            label: sum(s["predicted_counts"].get(label, 0) for s in scores)
+            for label in scores[0]["predicted_counts"]
+        },
+        "per_client": per_client,
+    }
+
+
 def run_demo(options: DemoOptions) -> dict[str, Any]:
     """Run everything and write the report; returns the results (what `--json` prints)."""
     started = time.monotonic()
@@ -142,7 +194,9 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
             f"seed {options.seed}, {threads} torch thread(s)"
         )
         tokenizer = load_tokenizer(options.model_ref)
-        plan = SplitPlan(front_layers=1, back_layers=1)
+        plan = SplitPlan(front_layers=options.front_layers, back_layers=1)
+        privacy = {"wire_dtype": options.wire_dtype, **options.privacy}
+        private_front = bool(privacy.get("private_front", False))
         adapter = AdapterConfig(r=options.lora_r, alpha=2 * options.lora_r)
         steps = options.rounds * options.steps_per_round
         central_batch = options.batch_size * len(client_files)
@@ -174,7 +228,7 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
             "name": f"demo-{options.skew}-seed{options.seed}",
             "model_ref": options.model_ref,
             "task_type": "classification",
-            "split_plan": {"front_layers": 1, "back_layers": 1},
+            "split_plan": {"front_layers": options.front_layers, "back_layers": 1},
             "adapter": {"r": adapter.r, "alpha": adapter.alpha},
             "hyperparameters": {
                 **train_cfg.model_dump(include={"lr", "warmup_steps", "total_steps", "bf16_autocast"}),
@@ -191,7 +245,7 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
             "steps_per_round": options.steps_per_round,
             "min_clients": len(client_files),
             "round_timeout_s": 1800,
-            "privacy": {"wire_dtype": options.wire_dtype},
+            "privacy": privacy,
         }
         with FederatedDemo(work, server_threads=threads, log=_echo) as fed:
             fed.start_server()
@@ -215,12 +269,20 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
             finally:
                 bar.close()
         bundle = read_export_bundle(outcome.export_bundle)
-        federated_model = load_model(bundle.model_ref)
-        unsplit_adapter_state(
-            federated_model, bundle.plan, bundle.adapter_cfg, bundle.front_back_state, bundle.body_state
-        )
-        federated = score(federated_model, "federated")
-        del federated_model
+        if private_front:
+            own = {
+                name: work / "agents" / name / "jobs" / str(outcome.job_id) / "adapters.safetensors"
+                for name in client_files
+            }
+            federated = mean_over_clients(federated_per_client(bundle, adapter, own, score))
+            _echo(f"  federated, mean over clients: accuracy {100 * federated['accuracy']:.1f} %")
+        else:
+            federated_model = load_model(bundle.model_ref)
+            unsplit_adapter_state(
+                federated_model, bundle.plan, bundle.adapter_cfg, bundle.front_back_state, bundle.body_state
+            )
+            federated = score(federated_model, "federated")
+            del federated_model
 
         # ---- centralized: the same budget on the union, in this process --------------------------------
         bar = tqdm(total=steps, desc="centralized steps", unit="step", disable=not options.progress)
@@ -249,7 +311,7 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
 
     results: dict[str, Any] = {
         "model": options.model_ref,
-        "split": "1 | middle | 1",
+        "split": f"{options.front_layers} | middle | 1",
         "lora_r": options.lora_r,
         "seed": options.seed,
         "skew": options.skew if options.data_dir is None else f"user data ({options.data_dir})",
@@ -270,6 +332,7 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
         "warmup_steps": options.warmup_steps,
         "bf16_autocast": options.bf16_autocast,
         "wire_dtype": options.wire_dtype,
+        "privacy": privacy,
         "zero_shot": {**zero_shot, "train_wall_s": 0.0},
         "centralized": {
             **centralized,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,18 @@ def plot_losses(results: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def _private_front_note(results: dict[str, Any]) -> str:
+    if not results.get("privacy", {}).get("private_front"):
+        return "."
+    per_client = results["federated"].get("per_client", {})
+    scores = ", ".join(f"{name} {_percent(s['accuracy'])}" for name, s in per_client.items())
+    return (
+        ". Each client kept a private input block, so the federated row is the mean over the clients' own "
+        f"models (their input block + the averaged output block and server body): {scores}; its interval "
+        "spans every client's interval."
+    )
+
+
 def write_report(results: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
     """Write `report.md` and `loss_curves.png` under `out_dir`; returns both paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -117,8 +130,9 @@ def write_report(results: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
     r = results
     text = f"""# FL-GLM demo report
 
-Model `{r["model"]}`, split {r["split"]} (client: embeddings + first block, last block + head;
+Model `{r["model"]}`, split {r["split"]} (client: embeddings + the first block(s), last block + head;
 server: the rest), LoRA r={r["lora_r"]} on every linear layer of every part.
+Privacy settings: `{json.dumps(r.get("privacy", {}), sort_keys=True)}`{_private_front_note(r)}
 Task: {len(r["labels"])}-way classification verbalised as generation ("which outlet published this?"),
 scored by the summed log-probability of each label's tokens.
 Seed {r["seed"]}; {r["clients"]} clients, `{r["skew"]}` partition.
