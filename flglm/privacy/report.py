@@ -11,6 +11,7 @@ from flglm.protocol import PrivacySpec, SplitPlanSpec, StrictModel
 
 AttackName = Literal["known_weights_inversion", "learned_inverter", "gradient_next_token"]
 Moment = Literal["first_step", "trained"]
+ALL_ATTACKS: tuple[AttackName, ...] = ("known_weights_inversion", "learned_inverter", "gradient_next_token")
 MAX_AUDIT_SEQUENCES = 256
 MAX_AUDIT_SEQ_LEN = 256
 
@@ -29,9 +30,7 @@ class AuditRequest(StrictModel):
     texts: list[str] | None = Field(
         default=None, max_length=4096, description="attack these texts instead of the corpus"
     )
-    attacks: list[AttackName] = Field(
-        default_factory=lambda: ["known_weights_inversion", "learned_inverter", "gradient_next_token"]
-    )
+    attacks: list[AttackName] = Field(default_factory=lambda: list(ALL_ATTACKS))
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
 
 
