@@ -1,0 +1,303 @@
+"""The privacy/utility frontier: each defence's accuracy on the demo task beside its audited token recovery.
+
+Accuracy is measured on the demo's data and budget (same partition seed, the same 400 balanced held-out
+examples, R·S steps of batch C·b on the pooled data, the same schedule): the split model trained and scored
+*with the defence in its path* — h0 clipped and noised at the cut in training and in evaluation (the server
+sees eval forwards too), dL/dh1 noised, the input block's adapters private and perturbed from step 0, the
+decorrelation penalty in the client's loss — by forward hooks on the unsplit model, whose logits and
+gradients equal the split model's. The undefended row is the demo's centralized reference, so a row's
+accuracy minus it is the defence's cost; the federated cost on top is the demo's own table.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from flglm.adapters import AdapterConfig, add_split_adapters, trainable_parameters
+from flglm.data import Example, collate, iterate_batches, tokenize_examples
+from flglm.demo.scoring import score_labels
+from flglm.models import load_model, load_tokenizer
+from flglm.privacy.defences import (
+    ActivationDefence,
+    add_gradient_noise,
+    distance_correlation,
+    perturb_private_adapters,
+    reference_h0_norm,
+)
+from flglm.protocol import PrivacySpec
+from flglm.split import SplitPlan, find_decoder_layout, split_model
+from flglm.trainers import SideOptimizer, TrainConfig, causal_lm_loss, target_positions
+
+DECORRELATION_POSITIONS = 256
+
+
+@dataclass(frozen=True)
+class DefenceSetting:
+    """One point of the frontier: a name, the input block's depth and the privacy settings."""
+
+    name: str
+    front_layers: int
+    privacy: PrivacySpec
+
+
+@dataclass
+class DefendedModel:
+    """The unsplit model with a defence on its cut; `penalty` holds the last forward's decorrelation term."""
+
+    model: nn.Module
+    defence: ActivationDefence
+    privacy: PrivacySpec
+    penalty: torch.Tensor | None = None
+
+
+def build_defended_model(
+    model_ref: str, setting: DefenceSetting, adapter: AdapterConfig, seed: int, back_layers: int = 1
+) -> tuple[DefendedModel, Callable[[], None]]:
+    """Load the model with the job's adapters and hook the defence into its cuts; returns (model, unhook)."""
+    model = load_model(model_ref)
+    plan = SplitPlan(front_layers=setting.front_layers, back_layers=back_layers)
+    split = split_model(model, plan)
+    front = split.part("front")
+    embeddings = front.get_parameter("embed_tokens.weight")
+    reference = reference_h0_norm(front, int(embeddings.shape[0]))  # the public block: no adapters yet
+    privacy = setting.privacy
+    front_seed = secrets.randbits(62) if privacy.private_front else seed
+    add_split_adapters(split, adapter, seed)
+    if privacy.private_front:
+        # Redraw the front's adapters from the private seed (add_split_adapters used the job seed).
+        generator = torch.Generator().manual_seed(front_seed)
+        with torch.no_grad():
+            for name, parameter in front.named_parameters():
+                if "lora_A" in name:
+                    nn.init.kaiming_uniform_(parameter, a=5**0.5, generator=generator)
+        perturb_private_adapters(front, privacy.private_init_scale, generator)
+    defence = ActivationDefence.from_spec(
+        privacy.activation_clip, privacy.activation_noise, reference, int(embeddings.shape[1])
+    )
+    defended = DefendedModel(model, defence, privacy)
+    layers = find_decoder_layout(model).layers
+    cut_in, cut_out = layers[setting.front_layers - 1], layers[len(layers) - back_layers - 1]
+    embed = front.get_submodule("embed_tokens")
+    captured: dict[str, torch.Tensor] = {}
+
+    def keep_embeddings(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
+        captured["embeddings"] = output
+
+    def defend_h0(_module: nn.Module, _inputs: Any, output: Any) -> Any:
+        hidden = output[0] if isinstance(output, tuple) else output  # (batch, seq, hidden)
+        if privacy.decorrelation > 0 and torch.is_grad_enabled():
+            defended.penalty = _decorrelation(captured["embeddings"], hidden)
+        hidden = defence(hidden)
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    def noise_gradient(_module: nn.Module, _inputs: Any, output: Any) -> None:
+        hidden = output[0] if isinstance(output, tuple) else output
+        if privacy.gradient_noise > 0 and hidden.requires_grad:
+            hidden.register_hook(lambda grad: add_gradient_noise(grad, privacy.gradient_noise))
+
+    handles = [
+        embed.register_forward_hook(keep_embeddings),
+        cut_in.register_forward_hook(defend_h0),
+        cut_out.register_forward_hook(noise_gradient),
+    ]
+
+    def unhook() -> None:
+        for handle in handles:
+            handle.remove()
+
+    return defended, unhook
+
+
+def _decorrelation(embeddings: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+    """Distance correlation between token embeddings and h0 over ≤ 256 positions of the batch."""
+    x, y = embeddings.reshape(-1, embeddings.shape[-1]), h0.reshape(-1, h0.shape[-1])
+    if x.shape[0] > DECORRELATION_POSITIONS:
+        keep = torch.randperm(x.shape[0])[:DECORRELATION_POSITIONS]
+        x, y = x[keep], y[keep]
+    return distance_correlation(x.detach(), y)
+
+
+@contextmanager
+def _train_mode(model: nn.Module) -> Iterator[None]:
+    model.train()
+    try:
+        yield
+    finally:
+        model.eval()
+
+
+def train_and_score(
+    model_ref: str,
+    setting: DefenceSetting,
+    train_examples: list[Example],
+    eval_examples: list[Example],
+    labels: list[str],
+    steps: int,
+    batch_size: int,
+    train_cfg: TrainConfig,
+    adapter: AdapterConfig,
+    seed: int,
+    max_seq_len: int,
+    on_step: Callable[[int, float], None] | None = None,
+) -> dict[str, Any]:
+    """Train the defended split model on the pooled data with the demo's budget and score it."""
+    tokenizer = load_tokenizer(model_ref)
+    pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+    defended, unhook = build_defended_model(model_ref, setting, adapter, seed)
+    model = defended.model
+    optimizer = SideOptimizer(trainable_parameters(model), train_cfg)
+    dataset = tokenize_examples(train_examples, tokenizer, max_seq_len)
+    batches = iterate_batches(dataset, batch_size, seed)
+    losses: list[float] = []
+    started = time.monotonic()
+    with _train_mode(model):
+        for step in range(steps):
+            batch = collate(next(batches), pad)
+            positions = target_positions(batch["labels"])
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=train_cfg.bf16_autocast):
+                logits = model(
+                    input_ids=batch["input_ids"],
+                    attention_mask=batch["attention_mask"],
+                    use_cache=False,
+                    logits_to_keep=positions,
+                ).logits  # (batch, kept, vocab)
+            loss = causal_lm_loss(logits, batch["labels"], positions)
+            total = (
+                loss + defended.privacy.decorrelation * defended.penalty
+                if defended.penalty is not None
+                else loss
+            )
+            total.backward()
+            optimizer.step()
+            defended.penalty = None
+            losses.append(float(loss.detach()))
+            if on_step is not None:
+                on_step(step, losses[-1])
+    train_wall_s = time.monotonic() - started
+    scores = score_labels(
+        model, tokenizer, eval_examples, labels, max_seq_len + 16, 16, train_cfg.bf16_autocast
+    )
+    unhook()
+    return {
+        "setting": setting.name,
+        "front_layers": setting.front_layers,
+        "privacy": setting.privacy.model_dump(),
+        "seed": seed,
+        "accuracy": scores.accuracy,
+        "accuracy_ci": list(scores.interval),
+        "eval_loss": scores.eval_loss,
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+        "train_wall_s": train_wall_s,
+        "epsilon": defended.defence.epsilon() if defended.defence.active else None,
+    }
+
+
+def demo_data(seed: int, work: Path) -> tuple[list[Example], list[Example], list[str]]:
+    """The demo's pooled training examples, its 400 held-out examples and its labels for `seed`."""
+    from flglm.demo.pipeline import DemoOptions, prepare_data
+
+    data = prepare_data(DemoOptions(seed=seed), work)
+    assert data.labels is not None and data.eval_examples is not None
+    train = [ex for part in data.clients.values() for ex in part]
+    return train, list(data.eval_examples), list(data.labels)
+
+
+DEFAULT_SETTINGS: tuple[DefenceSetting, ...] = (
+    DefenceSetting("plain split", 1, PrivacySpec(wire_dtype="bfloat16")),
+    DefenceSetting("noise 2x", 1, PrivacySpec(wire_dtype="bfloat16", activation_noise=2.0)),
+    DefenceSetting(
+        "private front s=0.5",
+        1,
+        PrivacySpec(wire_dtype="bfloat16", private_front=True, private_init_scale=0.5),
+    ),
+)
+
+
+def frontier_row(
+    setting: DefenceSetting,
+    seeds: list[int],
+    work: Path,
+    audit_sequences: int = 64,
+    audit_seq_len: int = 64,
+    model_ref: str = "smollm2-135m",
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """One row: the audit of the setting (at step 0) and its accuracy on the demo task for each seed."""
+    from flglm.privacy.audit import run_privacy_audit
+    from flglm.privacy.report import AuditRequest
+
+    say = progress or (lambda _message: None)
+    say(f"{setting.name}: auditing {audit_sequences} x {audit_seq_len} tokens")
+    audit = run_privacy_audit(
+        AuditRequest(
+            model_ref=model_ref,
+            split_plan={"front_layers": setting.front_layers, "back_layers": 1},  # type: ignore[arg-type]
+            privacy=setting.privacy,
+            sequences=audit_sequences,
+            seq_len=audit_seq_len,
+        )
+    )
+    runs = []
+    for seed in seeds:
+        say(f"{setting.name}: training and scoring seed {seed}")
+        train, eval_examples, labels = demo_data(seed, work / f"data-{seed}")
+        runs.append(
+            train_and_score(
+                model_ref,
+                setting,
+                train,
+                eval_examples,
+                labels,
+                steps=40,
+                batch_size=24,
+                train_cfg=TrainConfig(lr=1e-3, warmup_steps=4, total_steps=40, bf16_autocast=True),
+                adapter=AdapterConfig(r=8, alpha=16),
+                seed=seed,
+                max_seq_len=96,
+            )
+        )
+    return {
+        "setting": setting.name,
+        "front_layers": setting.front_layers,
+        "privacy": setting.privacy.model_dump(),
+        "audit": audit.model_dump(mode="json"),
+        "runs": runs,
+        "mean_accuracy": sum(r["accuracy"] for r in runs) / len(runs) if runs else None,
+    }
+
+
+def plot_frontier(rows: list[dict[str, Any]], baseline_accuracy: float, path: Path) -> Path:
+    """Strongest attack's token recovery (x) against accuracy (y), one point per setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for row in rows:
+        x = 100 * float(row["audit"]["strongest_token_recovery"] or 0.0)
+        y = 100 * float(row["mean_accuracy"] or 0.0)
+        axes.scatter([x], [y])
+        axes.annotate(row["setting"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    axes.axhline(100 * baseline_accuracy - 2, linestyle="--", color="grey", linewidth=1)
+    axes.axvline(20, linestyle="--", color="grey", linewidth=1)
+    axes.text(21, 100 * baseline_accuracy - 1.8, "goal: < 20 % recovered, ≤ 2 points cost", fontsize=8)
+    axes.set_xlabel("tokens recovered by the strongest attack (%)")
+    axes.set_ylabel("demo task accuracy (%)")
+    axes.set_xlim(-2, 102)
+    axes.set_title("Privacy / utility frontier (SmolLM2-135M, news outlets)")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
