@@ -1,5 +1,6 @@
 """`flglm privacy audit`: what a curious server recovers of the training text under given settings, run here
-(`--model ...`) or as an audit of a job's own settings on the control plane (`--job ID --server ...`)."""
+(`--model ...`) or as an audit of a job's own settings on the control plane (`--job ID --server ...`);
+`flglm privacy frontier`: each defence's audit beside its accuracy on the demo task, as a table and a plot."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import typer
 from pydantic import ValidationError
 
 from flglm.cli.operator import DEFAULT_SERVER, CaCert, Server, Token, call_api
+from flglm.privacy.progress import StageBars
 from flglm.privacy.report import AuditRequest, PrivacyAudit
 
 app = typer.Typer(help="Privacy audits: attack what the server receives.", no_args_is_help=True)
@@ -84,33 +86,6 @@ def _jsonl_text(path: Path, number: int, line: str) -> str:
 
 def parse_attacks(value: str | None) -> list[str] | None:
     return None if value is None else [name.strip() for name in value.split(",") if name.strip()]
-
-
-class StageBars:
-    """A tqdm bar on stderr per stage of the audit, replaced when the stage changes."""
-
-    def __init__(self, enabled: bool) -> None:
-        self._enabled = enabled
-        self._stage: str | None = None
-        self._bar: Any = None
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        if not self._enabled:
-            return
-        from tqdm import tqdm
-
-        if stage != self._stage or self._bar is None:
-            self.close()
-            self._stage = stage
-            self._bar = tqdm(total=max(total, 1), desc=stage, unit="", leave=False, dynamic_ncols=True)
-        self._bar.total = max(total, 1)
-        self._bar.n = min(done, self._bar.total)
-        self._bar.refresh()
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
 
 
 def audit_table(audit: PrivacyAudit) -> str:
@@ -254,11 +229,7 @@ def _local(params: dict[str, Any], choices: dict[str, Any], bars: StageBars) -> 
     try:
         request = AuditRequest.model_validate({k: v for k, v in data.items() if v is not None})
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(part) for part in error['loc']) or 'settings'}: {error['msg']}"
-            for error in exc.errors()
-        )
-        raise typer.BadParameter(problems) from None
+        raise typer.BadParameter(_problems(exc)) from None
     from flglm.privacy.audit import run_privacy_audit  # torch: only once the input is known to be good
 
     try:
@@ -267,6 +238,13 @@ def _local(params: dict[str, Any], choices: dict[str, Any], bars: StageBars) -> 
         bars.close()
         typer.echo(f"error: the audit failed: {exc}", err=True)
         raise typer.Exit(1) from None
+
+
+def _problems(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(part) for part in error['loc']) or 'settings'}: {error['msg']}"
+        for error in exc.errors()
+    )
 
 
 def _remote(
@@ -288,3 +266,156 @@ def _remote(
         if progress:
             bars(progress["stage"], progress["done"], progress["total"])
         time.sleep(POLL_S)
+
+
+def parse_seeds(value: str) -> list[int]:
+    parts = [part.strip() for part in value.split(",") if part.strip()]
+    if not parts or not all(part.isdigit() for part in parts):
+        raise typer.BadParameter(
+            f"expected comma-separated integers >= 0, got {value!r}", param_hint="--seeds"
+        )
+    seeds = [int(part) for part in parts]
+    if len(set(seeds)) != len(seeds):
+        raise typer.BadParameter(f"a seed is repeated in {value!r}", param_hint="--seeds")
+    return seeds
+
+
+def _write_frontier(rows: list[dict[str, Any]], out: Path, complete: bool) -> dict[str, Any]:
+    """frontier.json (after every row, so a stopped sweep keeps what it measured), then .md and .png."""
+    from flglm.privacy.frontier_table import frontier_report, frontier_summary
+
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {**frontier_summary(rows), "complete": complete}
+    files: dict[str, str | None] = {"json": str(out / "frontier.json"), "markdown": None, "png": None}
+    if complete:
+        scored = [row for row in rows if row["mean_accuracy"] is not None]
+        baseline = summary["baseline_accuracy"]
+        png: Path | None = None
+        if baseline is not None and scored:
+            from flglm.privacy.frontier import plot_frontier
+
+            model = rows[0]["audit"]["request"]["model_ref"]
+            title = f"Privacy / utility frontier ({model}, demo task)"
+            png = plot_frontier(scored, baseline, out / "frontier.png", title=title)
+        markdown = out / "frontier.md"
+        markdown.write_text(frontier_report(rows, png.name if png else None), encoding="utf-8")
+        files.update(markdown=str(markdown), png=str(png) if png else None)
+    summary["files"] = files
+    (out / "frontier.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    return summary
+
+
+@app.command("frontier")
+def frontier(
+    settings: Annotated[
+        Path | None,
+        typer.Option(
+            "--settings",
+            help="JSON/YAML list of {name, front_layers, privacy}; the first row is the undefended baseline "
+            "[plain split, noise 2x, private front s=0.5]",
+        ),
+    ] = None,
+    seeds: Annotated[str, typer.Option(help="comma-separated training seeds per setting")] = "0,1,2",
+    audit_sequences: Annotated[int, typer.Option(help="sequences attacked per setting")] = 64,
+    audit_seq_len: Annotated[int, typer.Option(help="tokens per attacked sequence")] = 64,
+    attacks: Annotated[str | None, typer.Option(help=ATTACKS_HELP)] = None,
+    model: Annotated[str, typer.Option(help="model ref or local HF directory")] = "smollm2-135m",
+    steps: Annotated[int, typer.Option(min=1, help="training steps per seed (the demo's 5 x 8)")] = 40,
+    batch_size: Annotated[int, typer.Option(min=1, help="examples per step (the demo's 3 x 8)")] = 24,
+    eval_per_label: Annotated[int, typer.Option(min=1, help="held-out examples per label")] = 50,
+    max_words: Annotated[int, typer.Option(min=1, help="words kept of each article")] = 45,
+    out: Annotated[Path, typer.Option("--out", help="where frontier.json, .md and .png go")] = Path(
+        "artifacts/privacy-frontier"
+    ),
+    from_json: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--from-json",
+            help="merge rows measured before (frontier_row JSON, a list of rows or a frontier.json) instead "
+            "of computing; more files may follow; with --settings those are computed and appended",
+        ),
+    ] = None,
+    more_rows: Annotated[list[Path] | None, typer.Argument(hidden=True, metavar="[FILE...]")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object as the last line")] = False,
+) -> None:
+    """Each defence's audited token recovery beside its accuracy on the demo task, and the accuracy it costs.
+
+    Every setting is audited at the first step, then trained and scored with the defence in its path once
+    per seed on the demo's data and budget. The first row is the baseline the cost is measured from.
+    """
+    from flglm.privacy.frontier_table import FrontierInputError, load_rows, load_settings
+
+    if more_rows and not from_json:
+        files = ", ".join(map(str, more_rows))
+        raise typer.BadParameter(f"unexpected files {files}: did you mean --from-json?")
+    seed_list = parse_seeds(seeds)
+    try:
+        AuditRequest(
+            model_ref=model,
+            sequences=audit_sequences,
+            seq_len=audit_seq_len,
+            **({"attacks": parse_attacks(attacks)} if attacks is not None else {}),  # type: ignore[arg-type]
+        )
+    except ValidationError as exc:
+        raise typer.BadParameter(_problems(exc)) from None
+    rows: list[dict[str, Any]] = []
+    try:
+        for path in [*(from_json or []), *(more_rows or [])]:
+            rows.extend(load_rows(path))
+    except FrontierInputError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--from-json") from None
+    try:
+        chosen = load_settings(settings) if settings is not None else None
+    except FrontierInputError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--settings") from None
+    names = [row["setting"] for row in rows] + [s.name for s in chosen or []]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise typer.BadParameter(f"setting names repeat across the rows: {', '.join(repeated)}")
+
+    from flglm.privacy.frontier import DEFAULT_SETTINGS, DefenceSetting, frontier_row
+
+    to_run = (
+        [DefenceSetting(s.name, s.front_layers, s.privacy) for s in chosen]
+        if chosen is not None
+        else []
+        if from_json
+        else list(DEFAULT_SETTINGS)
+    )
+
+    def say(message: str) -> None:
+        typer.echo(message, err=True)
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="flglm-frontier-") as work:
+        for number, setting in enumerate(to_run, start=1):
+            say(f"[{number}/{len(to_run)}] {setting.name}")
+            try:
+                row = frontier_row(
+                    setting,
+                    seed_list,
+                    Path(work),
+                    audit_sequences=audit_sequences,
+                    audit_seq_len=audit_seq_len,
+                    model_ref=model,
+                    progress=say,
+                    steps=steps,
+                    batch_size=batch_size,
+                    eval_per_label=eval_per_label,
+                    max_words=max_words,
+                    attacks=parse_attacks(attacks),  # type: ignore[arg-type]
+                )
+            except (ValueError, OSError) as exc:  # an unknown model, too little text: say so, no traceback
+                typer.echo(f"error: {setting.name}: {exc}", err=True)
+                raise typer.Exit(1) from None
+            rows.append(row)
+            _write_frontier(rows, out, complete=False)
+    summary = _write_frontier(rows, out, complete=True)
+    say(f"frontier: {', '.join(path for path in summary['files'].values() if path)}")
+    if as_json:
+        typer.echo(json.dumps(summary))
+    else:
+        from flglm.privacy.frontier_table import frontier_markdown
+
+        typer.echo(frontier_markdown(rows))

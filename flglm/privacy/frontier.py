@@ -33,6 +33,7 @@ from flglm.privacy.defences import (
     perturb_private_adapters,
     reference_h0_norm,
 )
+from flglm.privacy.report import ALL_ATTACKS, AttackName, AuditRequest
 from flglm.protocol import PrivacySpec
 from flglm.split import SplitPlan, find_decoder_layout, split_model
 from flglm.trainers import SideOptimizer, TrainConfig, causal_lm_loss, target_positions
@@ -202,11 +203,13 @@ def train_and_score(
     }
 
 
-def demo_data(seed: int, work: Path) -> tuple[list[Example], list[Example], list[str]]:
-    """The demo's pooled training examples, its 400 held-out examples and its labels for `seed`."""
+def demo_data(
+    seed: int, work: Path, eval_per_label: int = 50, max_words: int = 45
+) -> tuple[list[Example], list[Example], list[str]]:
+    """The demo's pooled training examples, its held-out examples (400 by default) and labels for `seed`."""
     from flglm.demo.pipeline import DemoOptions, prepare_data
 
-    data = prepare_data(DemoOptions(seed=seed), work)
+    data = prepare_data(DemoOptions(seed=seed, eval_per_label=eval_per_label, max_words=max_words), work)
     assert data.labels is not None and data.eval_examples is not None
     train = [ex for part in data.clients.values() for ex in part]
     return train, list(data.eval_examples), list(data.labels)
@@ -231,10 +234,18 @@ def frontier_row(
     audit_seq_len: int = 64,
     model_ref: str = "smollm2-135m",
     progress: Callable[[str], None] | None = None,
+    steps: int = 40,
+    batch_size: int = 24,
+    eval_per_label: int = 50,
+    max_words: int = 45,
+    attacks: list[AttackName] | None = None,
 ) -> dict[str, Any]:
-    """One row: the audit of the setting (at step 0) and its accuracy on the demo task for each seed."""
+    """One row: the audit of the setting (at step 0) and its accuracy on the demo task for each seed.
+
+    The defaults are the demo's budget (5 rounds x 8 steps = 40 steps of 3 clients x 8 = 24 examples, 50 eval
+    examples per label, 45 words per text); smaller values only make tests fast.
+    """
     from flglm.privacy.audit import run_privacy_audit
-    from flglm.privacy.report import AuditRequest
 
     say = progress or (lambda _message: None)
     say(f"{setting.name}: auditing {audit_sequences} x {audit_seq_len} tokens")
@@ -245,12 +256,13 @@ def frontier_row(
             privacy=setting.privacy,
             sequences=audit_sequences,
             seq_len=audit_seq_len,
+            attacks=list(attacks or ALL_ATTACKS),
         )
     )
     runs = []
     for seed in seeds:
         say(f"{setting.name}: training and scoring seed {seed}")
-        train, eval_examples, labels = demo_data(seed, work / f"data-{seed}")
+        train, eval_examples, labels = demo_data(seed, work / f"data-{seed}", eval_per_label, max_words)
         runs.append(
             train_and_score(
                 model_ref,
@@ -258,9 +270,11 @@ def frontier_row(
                 train,
                 eval_examples,
                 labels,
-                steps=40,
-                batch_size=24,
-                train_cfg=TrainConfig(lr=1e-3, warmup_steps=4, total_steps=40, bf16_autocast=True),
+                steps=steps,
+                batch_size=batch_size,
+                train_cfg=TrainConfig(
+                    lr=1e-3, warmup_steps=min(4, steps), total_steps=steps, bf16_autocast=True
+                ),
                 adapter=AdapterConfig(r=8, alpha=16),
                 seed=seed,
                 max_seq_len=96,
@@ -276,7 +290,12 @@ def frontier_row(
     }
 
 
-def plot_frontier(rows: list[dict[str, Any]], baseline_accuracy: float, path: Path) -> Path:
+def plot_frontier(
+    rows: list[dict[str, Any]],
+    baseline_accuracy: float,
+    path: Path,
+    title: str = "Privacy / utility frontier (SmolLM2-135M, news outlets)",
+) -> Path:
     """Strongest attack's token recovery (x) against accuracy (y), one point per setting."""
     import matplotlib
 
@@ -295,7 +314,7 @@ def plot_frontier(rows: list[dict[str, Any]], baseline_accuracy: float, path: Pa
     axes.set_xlabel("tokens recovered by the strongest attack (%)")
     axes.set_ylabel("demo task accuracy (%)")
     axes.set_xlim(-2, 102)
-    axes.set_title("Privacy / utility frontier (SmolLM2-135M, news outlets)")
+    axes.set_title(title)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
