@@ -49,6 +49,14 @@ def test_quick_demo_prints_json_and_writes_the_report(tmp_path: Path) -> None:
     text = markdown.read_text()
     assert "FL-GLM federated" in text and "centralized LoRA" in text and f"Seed {results['seed']}" in text
     assert "dashboard: https://localhost:" in done.stdout  # printed while the job runs
+    # The audit of the job's own settings, --quick sized: the news corpus's held-apart half, 4 x 16 tokens.
+    audit = results["privacy_audit"]
+    assert [a["attack"] for a in audit["attacks"]] == [
+        "learned_inverter", "known_weights_inversion", "gradient_next_token",
+    ]  # fmt: skip
+    assert (audit["request"]["sequences"], audit["request"]["seq_len"]) == (4, 16)
+    assert audit["request"]["model_ref"] == results["model"] and audit["text_source"].startswith("news")
+    assert "## Privacy audit of this job" in text and "What the figures mean" in text
 
 
 def test_bad_skew_is_refused_before_anything_starts() -> None:
@@ -57,6 +65,11 @@ def test_bad_skew_is_refused_before_anything_starts() -> None:
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert done.returncode == 2 and "--skew must be iid, dirichlet or extreme" in done.stderr
+    done = subprocess.run(
+        [sys.executable, "-m", "flglm.cli.main", "demo", "--audit-seq-len", "2"],
+        env={**os.environ, "COLUMNS": "200"}, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2 and "--audit-seq-len" in done.stderr
 
 
 @pytest.mark.slow
@@ -79,12 +92,14 @@ def test_own_data_and_model_without_an_eval_file(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "flglm.cli.main", "demo", "--data", str(data), "--model", "tiny:llama:0",
          "--rounds", "1", "--steps-per-round", "2", "--batch-size", "2", "--json", "--no-progress",
-         "--out", str(tmp_path / "report"), "--threads", "1"],
+         "--out", str(tmp_path / "report"), "--threads", "1", "--no-audit"],
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
     results = json.loads(done.stdout.strip().splitlines()[-1])
     assert results["model"] == "tiny:llama:0" and results["labels"] == ["kiwi", "plum"]
+    assert "privacy_audit" in results and results["privacy_audit"] is None  # --no-audit
+    assert "Not run (`--no-audit`)" in (tmp_path / "report" / "report.md").read_text()
     assert results["eval_examples"] == 2 * 4  # 24 per label in all, a fifth (rounded down) held out
     assert results["train_examples"] == 48 - 8
     assert sorted(results["client_label_counts"]) == ["owner-0", "owner-1", "owner-2"]
@@ -93,9 +108,10 @@ def test_own_data_and_model_without_an_eval_file(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(320)
+@pytest.mark.timeout(480)
 def test_private_input_blocks_are_scored_per_client(tmp_path: Path) -> None:
-    """--private-front etc. reach the job, and "federated" is the mean of the clients' own models."""
+    """--private-front etc. reach the job, "federated" is the mean of the clients' own models, and the demo
+    audits the job's own settings on the clients' training texts."""
     data = tmp_path / "data"
     data.mkdir()
     for owner in range(3):
@@ -110,8 +126,9 @@ def test_private_input_blocks_are_scored_per_client(tmp_path: Path) -> None:
          "--rounds", "1", "--steps-per-round", "2", "--batch-size", "2", "--json", "--no-progress",
          "--out", str(tmp_path / "report"), "--threads", "1", "--front-layers", "2",
          "--private-front", "--private-init-scale", "0.05", "--activation-noise", "0.5",
-         "--gradient-noise", "0.5", "--decorrelation", "0.5"],
-        env=env, capture_output=True, text=True, timeout=300,
+         "--gradient-noise", "0.5", "--decorrelation", "0.5", "--audit-sequences", "3",
+         "--audit-seq-len", "12"],
+        env=env, capture_output=True, text=True, timeout=460,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
     results = json.loads(done.stdout.strip().splitlines()[-1])
@@ -128,7 +145,23 @@ def test_private_input_blocks_are_scored_per_client(tmp_path: Path) -> None:
     assert fed["accuracy_ci_low"] == min(s["accuracy_ci_low"] for s in per_client.values())
     # Each client's own input block makes its own model: the scores are not one model's thrice.
     assert len({s["eval_loss"] for s in per_client.values()}) == 3
-    assert "mean over the clients' own models" in (tmp_path / "report" / "report.md").read_text()
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "mean over the clients' own models" in report
+    # The audit attacked the job's settings (not the audit's defaults) on the 40 training texts.
+    audit = results["privacy_audit"]
+    assert sorted(a["attack"] for a in audit["attacks"]) == [
+        "gradient_next_token", "known_weights_inversion", "learned_inverter",
+    ]  # fmt: skip
+    request = audit["request"]
+    assert request["privacy"] == results["privacy"] and request["split_plan"]["front_layers"] == 2
+    assert (request["adapter_r"], request["adapter_alpha"]) == (8, 16)
+    assert (request["sequences"], request["seq_len"]) == (3, 12)
+    assert audit["text_source"] == "40 given texts" and audit["activation_epsilon"] > 0
+    for attack in audit["attacks"]:
+        low, high = attack["token_recovery_ci"]
+        assert low <= attack["token_recovery"] <= high and attack["tokens"] > 0
+    assert "## Privacy audit of this job" in report and "share of training tokens a curious server" in report
+    assert f"ε = {audit['activation_epsilon']:.3g}" in report
     bad = subprocess.run(
         [sys.executable, "-m", "flglm.cli.main", "demo", "--decorrelation", "0.5"],
         env={**env, "COLUMNS": "200"}, capture_output=True, text=True, timeout=60,

@@ -71,8 +71,18 @@ def demo(
     decorrelation: Annotated[
         float, typer.Option(min=0.0, help="--private-front: NoPeek distance-correlation weight")
     ] = 0.0,
+    audit_sequences: Annotated[
+        int | None, typer.Option(min=1, max=256, help="privacy audit: sequences attacked [16; --quick 4]")
+    ] = None,
+    audit_seq_len: Annotated[
+        int | None, typer.Option(min=4, max=256, help="privacy audit: tokens per sequence [64; --quick 16]")
+    ] = None,
+    no_audit: Annotated[
+        bool, typer.Option("--no-audit", help="skip the privacy audit of the job's settings")
+    ] = False,
 ) -> None:
-    """Federated fine-tune (control plane + 3 agent processes over HTTPS) vs centralized vs zero-shot."""
+    """Federated fine-tune (control plane + 3 agent processes over HTTPS) vs centralized vs zero-shot, then
+    the privacy audit of the job's own settings."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from flglm.demo.pipeline import QUICK, DemoOptions, run_demo
@@ -111,6 +121,7 @@ def demo(
         threads=threads,
         front_layers=front_layers,
         privacy=privacy,
+        audit=not no_audit,
     )
     if quick:
         options = replace(options, **QUICK)  # type: ignore[arg-type]
@@ -120,6 +131,8 @@ def demo(
         "batch_size": batch_size,
         "lr": lr,
         "eval_per_label": eval_per_label,
+        "audit_sequences": audit_sequences,
+        "audit_seq_len": audit_seq_len,
     }
     options = replace(options, **{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]
     signal.signal(signal.SIGTERM, _interrupt)

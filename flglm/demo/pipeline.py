@@ -1,7 +1,10 @@
 """`flglm demo` end to end: data, zero-shot, federated job (real processes), centralized, scores, report.
 
 Privacy settings (`DemoOptions.privacy`, the fields of `flglm.protocol.PrivacySpec`) go into the job as they
-are. With a private input block the federated model is no single model: each client keeps its own input
+are, and at the end the demo audits its own job: `run_privacy_audit` on the job's model, split, adapters and
+privacy settings attacks what a curious server receives at the first step (`privacy_audit` in the results).
+
+With a private input block the federated model is no single model: each client keeps its own input
 block, so "federated" is scored once per client (its own input-block adapters from its agent's checkpoint +
 the exported output-block and server adapters) and reported as the mean over clients, with each client's
 score under `federated.per_client`.
@@ -27,7 +30,7 @@ from flglm.corpora import Skew, carve_balanced_eval, write_demo_data_dir
 from flglm.data import DEFAULT_CLASSIFICATION_TEMPLATE, DataDir, Example, read_data_dir, write_client_files
 from flglm.demo.centralized import train_centralized
 from flglm.demo.orchestrate import FederatedDemo
-from flglm.demo.report import format_table, result_rows, write_report
+from flglm.demo.report import audit_rows, format_table, result_rows, write_report
 from flglm.demo.scoring import LabelScores, score_labels
 from flglm.export import ExportBundle, read_export_bundle, unsplit_adapter_state
 from flglm.models import load_model, load_tokenizer
@@ -64,6 +67,9 @@ class DemoOptions:
     work_dir: Path | None = None  # server and agent state; None: a temporary directory
     threads: int | None = None  # torch threads of this process and the server; None: see compute_threads
     progress: bool = True
+    audit: bool = True  # run the privacy audit of the job's own settings at the end
+    audit_sequences: int = 16
+    audit_seq_len: int = 64
 
 
 QUICK = {
@@ -73,6 +79,8 @@ QUICK = {
     "eval_per_label": 8,
     "max_words": 30,
     "warmup_steps": 1,
+    "audit_sequences": 4,
+    "audit_seq_len": 16,
 }
 
 
@@ -173,6 +181,47 @@ def mean_over_clients(per_client: dict[str, dict[str, Any]]) -> dict[str, Any]:
         },
         "per_client": per_client,
     }
+
+
+def run_job_audit(
+    options: DemoOptions, privacy: dict[str, Any], adapter: AdapterConfig, train: list[Example]
+) -> tuple[dict[str, Any] | None, str | None]:
+    """The privacy audit of the demo job's own settings: (the PrivacyAudit JSON, None) or (None, why not).
+
+    The built-in corpus is attacked in its held-apart half (the inverter learns on the other half, as an
+    attacker with public text of the same kind would); your own data (`--data`) is attacked in its training
+    texts, the inverter learning on the news corpus.
+    """
+    from flglm.privacy.audit import run_privacy_audit
+    from flglm.privacy.progress import StageBars
+    from flglm.privacy.report import AuditRequest
+
+    texts = None if options.data_dir is None else [ex.text or ex.prompt for ex in train][:4096]
+    request = AuditRequest(
+        model_ref=options.model_ref,
+        split_plan={"front_layers": options.front_layers, "back_layers": 1},  # type: ignore[arg-type]
+        adapter_r=adapter.r,
+        adapter_alpha=adapter.alpha,
+        privacy=privacy,  # type: ignore[arg-type]
+        sequences=options.audit_sequences,
+        seq_len=options.audit_seq_len,
+        corpus=options.corpus,
+        texts=texts,
+        seed=options.seed,
+    )
+    _echo(
+        f"privacy audit of the job's settings: {request.sequences} x {request.seq_len} tokens of "
+        f"{'the training texts' if texts else f'the {options.corpus} corpus'}, three attacks ..."
+    )
+    bars = StageBars(options.progress, prefix="privacy audit: ")
+    try:
+        audit = run_privacy_audit(request, bars)
+    except ValueError as exc:  # too little text for one sequence: the demo's results still stand
+        _echo(f"  privacy audit not run: {exc}")
+        return None, str(exc)
+    finally:
+        bars.close()
+    return audit.model_dump(mode="json"), None
 
 
 def run_demo(options: DemoOptions) -> dict[str, Any]:
@@ -309,6 +358,10 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
         centralized = score(central_run.model, "centralized")
         del central_run.model
 
+    audit, audit_error = (
+        run_job_audit(options, privacy, adapter, train_union) if options.audit else (None, None)
+    )
+
     results: dict[str, Any] = {
         "model": options.model_ref,
         "split": f"{options.front_layers} | middle | 1",
@@ -355,12 +408,18 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
             ],
         },
         "federated_minus_centralized_points": 100 * (federated["accuracy"] - centralized["accuracy"]),
+        "privacy_audit": audit,
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "torch_threads": threads,
     }
+    if audit_error is not None:
+        results["privacy_audit_error"] = audit_error
     results["total_wall_s"] = time.monotonic() - started
     markdown, png = write_report(results, options.out_dir)
     results["report"] = {"markdown": str(markdown), "loss_png": str(png)}
     _echo("\n" + format_table(result_rows(results)))
+    if audit is not None:
+        _echo("\nprivacy audit (what a curious server reads back at the first step):")
+        _echo(format_table(audit_rows(audit)))
     _echo(f"report: {markdown} and {png}")
     return results
