@@ -92,6 +92,9 @@ def sweep_inversion(
             out = front(flat, mask, past_key_values=candidate_cache)  # (b·w, 1, hidden)
             outputs = clip_rows(out[:, 0].float().view(batch, width, hidden), clip_norm)
         distances = (outputs - observed[:, t : t + 1]).norm(dim=-1)  # (batch, width)
+        if guide is not None:  # a token proposed twice must not count as its own runner-up
+            repeated = (shortlist.unsqueeze(2) == shortlist.unsqueeze(1)).triu(1).any(1)  # (batch, width)
+            distances = distances.masked_fill(repeated, float("inf"))
         two = distances.topk(min(2, width), largest=False)
         if width > 1:
             margins.append(float((two.values[:, 0] / two.values[:, 1].clamp_min(1e-12)).mean()))
