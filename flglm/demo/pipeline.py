@@ -70,6 +70,7 @@ class DemoOptions:
     audit: bool = True  # run the privacy audit of the job's own settings at the end
     audit_sequences: int = 16
     audit_seq_len: int = 64
+    audit_inverter_steps: int = 300
 
 
 QUICK = {
@@ -81,6 +82,7 @@ QUICK = {
     "warmup_steps": 1,
     "audit_sequences": 4,
     "audit_seq_len": 16,
+    "audit_inverter_steps": 40,  # a smoke run: the figures of --quick are not a measurement
 }
 
 
@@ -208,6 +210,7 @@ def run_job_audit(
         corpus=options.corpus,
         texts=texts,
         seed=options.seed,
+        inverter_steps=options.audit_inverter_steps,
     )
     _echo(
         f"privacy audit of the job's settings: {request.sequences} x {request.seq_len} tokens of "

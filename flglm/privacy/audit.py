@@ -42,7 +42,6 @@ SWEEP_CANDIDATES = 256
 GUIDE_CANDIDATES = 64
 FULL_SWEEP_POSITIONS = 8  # positions checked against a whole-vocabulary exact sweep
 FULL_SWEEP_BUDGET_S = 90.0
-INVERTER_STEPS = 300
 INVERTER_PUBLIC_SEQUENCES = 2048
 
 
@@ -187,7 +186,7 @@ def run_privacy_audit(request: AuditRequest, progress: AuditProgress | None = No
             simulate_h0,
             text.public,
             embeddings,
-            steps=INVERTER_STEPS,
+            steps=request.inverter_steps,
             seed=request.seed,
             progress=report("learned inverter (training steps)"),
         )
@@ -196,9 +195,9 @@ def run_privacy_audit(request: AuditRequest, progress: AuditProgress | None = No
                 _result(
                     "learned_inverter",
                     "h0",
-                    f"MLP inverter trained {INVERTER_STEPS} steps on {len(text.public)} public sequences "
-                    "through simulated clients with the job's defences (fresh private perturbation and noise "
-                    "per batch)",
+                    f"MLP inverter trained {request.inverter_steps} steps on {len(text.public)} public "
+                    "sequences through simulated clients with the job's defences (fresh private perturbation "
+                    "and noise per batch)",
                     attacks.invert(inverter, observed),
                     truth,
                     tokenizer,

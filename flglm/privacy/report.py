@@ -32,6 +32,9 @@ class AuditRequest(StrictModel):
     )
     attacks: list[AttackName] = Field(default_factory=lambda: list(ALL_ATTACKS))
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    inverter_steps: int = Field(
+        default=300, ge=10, le=5000, description="training steps of the learned inverter (its strength)"
+    )
 
 
 class AttackResult(BaseModel):
