@@ -21,6 +21,7 @@ from flglm.step_protocol import DEFAULT_QUEUE, replica_queue
 from flglm.wire.keys import generate_private_key, save_private_key
 from tests.worker.test_celery_worker import WorkerProcesses
 from tests.worker.test_slots import clear_slot_leases, run_flglm
+from worker.routing import PRIVACY_QUEUE
 from worker.slots import LEASE_LOST_EXIT_CODE, read_slot_leases, slot_key
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
@@ -101,7 +102,7 @@ def test_auto_workers_claim_distinct_slots_free_them_and_never_share_one(
         (slot, identity) for identity, slot in slots.items()
     )
 
-    # Each consumes its own slot's queue (and the stateless default queue), nothing else.
+    # Each consumes its own slot's queue (and the stateless default and privacy-audit queues), nothing else.
     app = Celery("flglm-slots-test", broker=slot_redis_url, backend=slot_redis_url)
     queues: dict[str, list[str]] = {}
 
@@ -113,7 +114,8 @@ def test_auto_workers_claim_distinct_slots_free_them_and_never_share_one(
     wait_for(both_answer, "both workers to answer a Celery inspect")
     app.close()
     for index, identity in enumerate(("host-a", "host-b")):
-        assert queues[workers.node_name(index)] == sorted([DEFAULT_QUEUE, replica_queue(slots[identity])])
+        expected = [DEFAULT_QUEUE, PRIVACY_QUEUE, replica_queue(slots[identity])]
+        assert queues[workers.node_name(index)] == sorted(expected)
 
     # A third worker finds no free slot under --max-replicas 2: it fails at once, saying why.
     third = start_auto(workers, "host-c")
