@@ -312,7 +312,7 @@ def frontier(
         typer.Option(
             "--settings",
             help="JSON/YAML list of {name, front_layers, privacy}; the first row is the undefended baseline "
-            "[plain split, noise 2x, private front s=0.5]",
+            "[default: the README's settings, flglm.privacy.frontier.DEFAULT_SETTINGS]",
         ),
     ] = None,
     seeds: Annotated[str, typer.Option(help="comma-separated training seeds per setting")] = "0,1,2",

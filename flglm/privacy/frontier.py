@@ -215,12 +215,21 @@ def demo_data(
     return train, list(data.eval_examples), list(data.labels)
 
 
+# The settings of the README's frontier (docs/privacy.md): the plain split first (the baseline), then one
+# point per defence at a strength where it starts to bite.
 DEFAULT_SETTINGS: tuple[DefenceSetting, ...] = (
     DefenceSetting("plain split", 1, PrivacySpec(wire_dtype="bfloat16")),
-    DefenceSetting("noise 2x", 1, PrivacySpec(wire_dtype="bfloat16", activation_noise=2.0)),
+    DefenceSetting("noise m=2", 1, PrivacySpec(wire_dtype="bfloat16", activation_noise=2.0)),
+    DefenceSetting("gradient noise g=4", 1, PrivacySpec(wire_dtype="bfloat16", gradient_noise=4.0)),
+    DefenceSetting("gradient noise g=16", 1, PrivacySpec(wire_dtype="bfloat16", gradient_noise=16.0)),
     DefenceSetting(
         "private front s=0.5",
         1,
+        PrivacySpec(wire_dtype="bfloat16", private_front=True, private_init_scale=0.5),
+    ),
+    DefenceSetting(
+        "private front, 4 layers, s=0.5",
+        4,
         PrivacySpec(wire_dtype="bfloat16", private_front=True, private_init_scale=0.5),
     ),
 )
