@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from flglm.cli.operator import DEFAULT_SERVER, CaCert, Server, Token, call_api
 from flglm.privacy.progress import StageBars
 from flglm.privacy.report import AuditRequest, PrivacyAudit
+from flglm.protocol import PrivacySpec
 
 app = typer.Typer(help="Privacy audits: attack what the server receives.", no_args_is_help=True)
 
@@ -208,15 +209,7 @@ def audit(
 
 
 def _local(params: dict[str, Any], choices: dict[str, Any], bars: StageBars) -> PrivacyAudit:
-    privacy_fields = (
-        "wire_dtype",
-        "activation_noise",
-        "activation_clip",
-        "gradient_noise",
-        "private_front",
-        "private_init_scale",
-        "decorrelation",
-    )
+    privacy_fields = PrivacySpec.model_fields  # every privacy setting is one CLI option of the same name
     split = {"front_layers": params["front_layers"], "back_layers": params["back_layers"]}
     data: dict[str, Any] = {
         "model_ref": params["model"] or "smollm2-135m",
