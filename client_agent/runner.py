@@ -1,4 +1,4 @@
-"""`flglm agent run`: the long-running loop of a data owner's agent (DESIGN §3 from the client's side).
+"""`flglm agent run`: the long-running loop of a data owner's agent (client side).
 
 Order of things, so that bad data never causes a send and a crash never loses more than one step:
 1. read and validate the data file (no network yet: a bad file exits 2 having sent nothing);

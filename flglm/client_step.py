@@ -1,10 +1,10 @@
 """The agent's half of one FL-GLM step over HTTPS, and the round-end exchange of client adapters.
 
-`run_client_step` is DESIGN §3 from the data owner's side: front forward → seal h0 → upload → long-poll h1
-→ back forward + loss → backward → seal dL/dh1 → upload → long-poll dL/dh0 → front backward → optimizer
-step. Token ids, labels and the loss stay in this process. When the server lost the step's graph (a worker
-died), the step is run again from the forward with fresh sequence numbers, after dropping the gradients
-the lost attempt left in the client's parameters.
+`run_client_step` is one step (docs/architecture.md) on the owner's side: front forward → seal h0 → upload
+→ long-poll h1 → back forward + loss → backward → seal dL/dh1 → upload → long-poll dL/dh0 → front backward
+→ optimizer step. Token ids, labels and the loss stay in this process. When the server lost the step's graph
+(a worker died), the step is run again from the forward with fresh sequence numbers, after dropping the
+gradients the lost attempt left in the client's parameters.
 
 The client adapters at the start of round 1 are the deterministic initial adapters every party builds from
 the job's seed (`flglm.adapters.add_split_adapters(split, cfg, seed)`), so there is nothing to download

@@ -9,7 +9,7 @@ The demo task is "which outlet published this article?" verbalised as generation
 ("/TASS/", "Source: Al Jazeera", "(China Daily European Weekly)"), so every outlet's name, its obvious
 variants and every URL or e-mail address are removed from every text first; otherwise the task is trivial.
 The default news label set is the 8 largest sites (CNN, the smallest with 276 articles, is left out),
-matching the calibration in DESIGN.md §5 (8-way, majority class 12.5 % on a balanced eval set).
+matching the calibration in docs/architecture.md (8-way, majority class 12.5 % on a balanced eval set).
 
 Partitions (`partition_examples`) for federated clients, always after a balanced eval set is carved out
 (`carve_balanced_eval`) so federated and centralized runs are judged on the same held-out examples:
@@ -252,7 +252,7 @@ def make_classification_examples(
 ) -> list[Example]:
     """Examples labelled with the record's outlet; text = title + start of body (tweets: the tweet).
 
-    45 words is about 64 tokens with SmolLM2's tokenizer, the length used in DESIGN.md §5's calibration.
+    45 words is about 64 tokens with SmolLM2's tokenizer, the calibration's length (docs/architecture.md).
     """
     return [
         classification_example(

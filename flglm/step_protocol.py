@@ -1,8 +1,8 @@
 """Step-protocol messages shared by backend, worker and agent: refs, blob keys, paths, `WorkerJobSpec`.
 
-One training step moves four tensors per client (DESIGN §3); each upload and each result is one sealed
-envelope addressed by a `MessageRef` (job, round, step, client, direction, sequence). The same ref names
-the blob in the blob store, the AEAD associated data and the HTTP path, so the three cannot disagree.
+One training step moves four tensors per client (docs/architecture.md); each upload and each result is one
+sealed envelope addressed by a `MessageRef` (job, round, step, client, direction, sequence). The same ref
+names the blob in the blob store, the AEAD associated data and the HTTP path, so the three cannot disagree.
 
 A result carries the ref of the request it answers with the result direction and the *request's* sequence
 number (`MessageRef.result_ref`), so an agent knows where to long-poll the moment it has uploaded.

@@ -217,7 +217,7 @@ def step_crypto_fraction(
     from flglm.trainers import SplitTrainer, TrainConfig
 
     split = load_split_parts(model_ref, parts={"front", "body", "back"})
-    add_split_adapters(split, AdapterConfig(r=8), seed=0)  # LoRA r=8 on all linear layers, as in DESIGN §5
+    add_split_adapters(split, AdapterConfig(r=8), seed=0)  # LoRA r=8, all linear layers
     trainer = SplitTrainer(split, TrainConfig())
     batches = text_batches(load_tokenizer(model_ref), batch_size, seq_len, steps + 1)
     result: dict[str, Any] = {
