@@ -22,23 +22,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from flglm.adapters import AdapterConfig, add_split_adapters, trainable_parameters
+from flglm.adapters import AdapterConfig, trainable_parameters
 from flglm.data import Example, collate, iterate_batches, tokenize_examples
 from flglm.demo.scoring import score_labels
 from flglm.models import load_model, load_tokenizer
-from flglm.privacy.defences import (
-    ActivationDefence,
-    add_gradient_noise,
-    distance_correlation,
-    perturb_private_adapters,
-    reference_h0_norm,
-)
+from flglm.privacy.client import ClientDefence, add_client_adapters
 from flglm.privacy.report import ALL_ATTACKS, AttackName, AuditRequest
 from flglm.protocol import PrivacySpec
 from flglm.split import SplitPlan, find_decoder_layout, split_model
 from flglm.trainers import SideOptimizer, TrainConfig, causal_lm_loss, target_positions
-
-DECORRELATION_POSITIONS = 256
 
 
 @dataclass(frozen=True)
@@ -55,7 +47,7 @@ class DefendedModel:
     """The unsplit model with a defence on its cut; `penalty` holds the last forward's decorrelation term."""
 
     model: nn.Module
-    defence: ActivationDefence
+    defence: ClientDefence
     privacy: PrivacySpec
     penalty: torch.Tensor | None = None
 
@@ -63,50 +55,41 @@ class DefendedModel:
 def build_defended_model(
     model_ref: str, setting: DefenceSetting, adapter: AdapterConfig, seed: int, back_layers: int = 1
 ) -> tuple[DefendedModel, Callable[[], None]]:
-    """Load the model with the job's adapters and hook the defence into its cuts; returns (model, unhook)."""
+    """Load the model with the job's adapters and hook the defence into its cuts; returns (model, unhook).
+
+    The adapters and the defences are the agent's own (`add_client_adapters`, `ClientDefence`), so the
+    frontier measures what an agent applies."""
     model = load_model(model_ref)
-    plan = SplitPlan(front_layers=setting.front_layers, back_layers=back_layers)
-    split = split_model(model, plan)
-    front = split.part("front")
-    embeddings = front.get_parameter("embed_tokens.weight")
-    reference = reference_h0_norm(front, int(embeddings.shape[0]))  # the public block: no adapters yet
+    split = split_model(model, SplitPlan(front_layers=setting.front_layers, back_layers=back_layers))
     privacy = setting.privacy
-    front_seed = secrets.randbits(62) if privacy.private_front else seed
-    add_split_adapters(split, adapter, seed)
-    if privacy.private_front:
-        # Redraw the front's adapters from the private seed (add_split_adapters used the job seed).
-        generator = torch.Generator().manual_seed(front_seed)
-        with torch.no_grad():
-            for name, parameter in front.named_parameters():
-                if "lora_A" in name:
-                    nn.init.kaiming_uniform_(parameter, a=5**0.5, generator=generator)
-        perturb_private_adapters(front, privacy.private_init_scale, generator)
-    defence = ActivationDefence.from_spec(
-        privacy.activation_clip, privacy.activation_noise, reference, int(embeddings.shape[1])
-    )
+    private_seed = secrets.randbits(62) if privacy.private_front else None
+    add_client_adapters(split, adapter, seed, private_seed, privacy.private_init_scale)
+    front = split.part("front")
+    defence = ClientDefence.from_spec(privacy, front)
     defended = DefendedModel(model, defence, privacy)
     layers = find_decoder_layout(model).layers
     cut_in, cut_out = layers[setting.front_layers - 1], layers[len(layers) - back_layers - 1]
-    embed = front.get_submodule("embed_tokens")
-    captured: dict[str, torch.Tensor] = {}
+    inputs: dict[str, torch.Tensor] = {}
 
-    def keep_embeddings(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
-        captured["embeddings"] = output
+    def keep_inputs(_module: nn.Module, _args: Any, kwargs: dict[str, Any]) -> None:
+        inputs["input_ids"], inputs["attention_mask"] = kwargs["input_ids"], kwargs["attention_mask"]
 
     def defend_h0(_module: nn.Module, _inputs: Any, output: Any) -> Any:
         hidden = output[0] if isinstance(output, tuple) else output  # (batch, seq, hidden)
-        if privacy.decorrelation > 0 and torch.is_grad_enabled():
-            defended.penalty = _decorrelation(captured["embeddings"], hidden)
-        hidden = defence(hidden)
+        if torch.is_grad_enabled():
+            defended.penalty = defence.decorrelation_penalty(
+                front, inputs["input_ids"], inputs["attention_mask"], hidden
+            )
+        hidden = defence.defend_h0(hidden)
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
     def noise_gradient(_module: nn.Module, _inputs: Any, output: Any) -> None:
         hidden = output[0] if isinstance(output, tuple) else output
-        if privacy.gradient_noise > 0 and hidden.requires_grad:
-            hidden.register_hook(lambda grad: add_gradient_noise(grad, privacy.gradient_noise))
+        if defence.gradient_noise > 0 and hidden.requires_grad:
+            hidden.register_hook(defence.defend_grad_h1)
 
     handles = [
-        embed.register_forward_hook(keep_embeddings),
+        model.register_forward_pre_hook(keep_inputs, with_kwargs=True),
         cut_in.register_forward_hook(defend_h0),
         cut_out.register_forward_hook(noise_gradient),
     ]
@@ -116,15 +99,6 @@ def build_defended_model(
             handle.remove()
 
     return defended, unhook
-
-
-def _decorrelation(embeddings: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
-    """Distance correlation between token embeddings and h0 over ≤ 256 positions of the batch."""
-    x, y = embeddings.reshape(-1, embeddings.shape[-1]), h0.reshape(-1, h0.shape[-1])
-    if x.shape[0] > DECORRELATION_POSITIONS:
-        keep = torch.randperm(x.shape[0])[:DECORRELATION_POSITIONS]
-        x, y = x[keep], y[keep]
-    return distance_correlation(x.detach(), y)
 
 
 @contextmanager
@@ -172,12 +146,8 @@ def train_and_score(
                     logits_to_keep=positions,
                 ).logits  # (batch, kept, vocab)
             loss = causal_lm_loss(logits, batch["labels"], positions)
-            total = (
-                loss + defended.privacy.decorrelation * defended.penalty
-                if defended.penalty is not None
-                else loss
-            )
-            total.backward()
+            # The penalty is λ·dCor already (ClientDefence.decorrelation_penalty).
+            (loss if defended.penalty is None else loss + defended.penalty).backward()
             optimizer.step()
             defended.penalty = None
             losses.append(float(loss.detach()))
@@ -199,7 +169,7 @@ def train_and_score(
         "first_loss": losses[0],
         "last_loss": losses[-1],
         "train_wall_s": train_wall_s,
-        "epsilon": defended.defence.epsilon() if defended.defence.active else None,
+        "epsilon": defended.defence.activation.epsilon() if defended.defence.activation.active else None,
     }
 
 
