@@ -26,6 +26,7 @@ from flglm.adapters import AdapterConfig, add_adapters, part_seed
 from flglm.evaluation import rouge_l, wilson_interval
 from flglm.models import load_split_parts, load_tokenizer
 from flglm.privacy import attacks
+from flglm.privacy.client import add_client_adapters, secret_generator
 from flglm.privacy.defences import (
     ActivationDefence,
     add_gradient_noise,
@@ -33,7 +34,7 @@ from flglm.privacy.defences import (
     reference_h0_norm,
 )
 from flglm.privacy.report import AttackName, AttackResult, AuditRequest, PrivacyAudit
-from flglm.split import PartName, SplitPlan
+from flglm.split import PartName, SplitModel, SplitPlan
 from flglm.trainers import causal_lm_loss
 from flglm.wire.codec import parse_wire_dtype
 
@@ -152,16 +153,14 @@ def run_privacy_audit(request: AuditRequest, progress: AuditProgress | None = No
         privacy.activation_clip, privacy.activation_noise, reference, hidden
     )
     attacker_front = copy.deepcopy(client_front)
-    private_seed = secrets.randbits(40) if privacy.private_front else request.seed
-    add_adapters(client_front, adapter, part_seed(private_seed, "front"))
-    if privacy.private_front:
-        perturb_private_adapters(
-            client_front, privacy.private_init_scale, torch.Generator().manual_seed(private_seed)
-        )
+    # The client's adapters as an agent adds them (a private block from a seed the attacker never sees).
+    client_only = SplitModel(front=client_front, body=None, back=None, plan=plan, num_layers=split.num_layers)
+    private_seed = secrets.randbits(62) if privacy.private_front else None
+    add_client_adapters(client_only, adapter, request.seed, private_seed, privacy.private_init_scale)
     # The attacker's copy: the job-seed adapters, at step 0 the public block (B = 0), exactly the client's
     # without private_front.
     add_adapters(attacker_front, adapter, part_seed(request.seed, "front"))
-    noise = torch.Generator().manual_seed(secrets.randbits(62))
+    noise = secret_generator()
     with torch.no_grad():
         clean_h0 = client_front(truth, mask)  # (n, seq, hidden)
         observed = _wire(defence(clean_h0, noise), privacy.wire_dtype)  # what the server decodes
