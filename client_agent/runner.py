@@ -12,9 +12,9 @@ Order of things, so that bad data never causes a send and a crash never loses mo
 5. per step `run_client_step`, a checkpoint (adapters, optimizer, position) and a step metric (loss,
    token count, wire bytes: numbers only);
 6. at the end of a round: adapters up (sealed; only the output block's with a private input block), round
-   done (the round's mean training loss, the example
-   count only if allowed), FedAvg'd adapters down, local evaluation of that global model, a second round-done
-   report that adds the eval metrics, checkpoint at the start of the next round.
+   done (the round's mean training loss, the example count only if allowed), FedAvg'd adapters down, local
+   evaluation of that global model, a second round-done report that adds the eval metrics, checkpoint at the
+   start of the next round.
 
 Local evaluation (`JobSession.evaluate`) runs after the FedAvg download, so it scores the new global client
 adapters with the server's current adapters, through forward-only eval messages (`remote_score_fn`). The
