@@ -24,7 +24,8 @@ test-fast: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy flglm backend worker client_agent
+	$(BIN)/mypy flglm apps backend worker client_agent
+	$(BIN)/lint-imports --no-cache
 
 demo: setup
 	$(BIN)/flglm demo $(DEMO_ARGS)

@@ -1,4 +1,9 @@
-"""`create_app(settings)`: migrations, bootstrap admin, server key, limits, routes, housekeeping."""
+"""`create_app(settings)`: migrations, bootstrap admin, server key, limits, routes, housekeeping.
+
+The backend imports neither the worker nor torch. What needs them is handed in by the app layer, the
+composition root (`apps.server.create_server_app`, what `flglm serve` runs): the in-process dispatcher of
+the embedded mode and the caller's half of the generate route.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from backend.api.router import api_router
 from backend.auth.service import ensure_bootstrap_admin
 from backend.db import create_db_engine, create_session_factory
 from backend.errors import install_error_handlers
+from backend.exports.sessions import CompletePrompts
 from backend.housekeeping import run_housekeeping
 from backend.jobs.finished import on_jobs_finished
 from backend.limits import BodySizeLimit, TokenBucketLimiter
@@ -27,8 +33,8 @@ from backend.privacy.service import fail_orphaned_audits
 from backend.protocol_version import ProtocolVersionCheck
 from backend.server_keys import load_or_create_server_key, public_key_b64
 from backend.settings import Settings, get_settings
-from backend.steps.runtime import step_runtime_from_settings
-from backend.steps.service import release_job_replicas
+from backend.steps.runtime import InProcessDispatcherFactory, step_runtime_from_settings
+from backend.steps.service import publish_missing_specs, release_job_replicas
 from flglm.protocol import API_PREFIX
 
 log = logging.getLogger(__name__)
@@ -36,7 +42,12 @@ log = logging.getLogger(__name__)
 FRONTEND_DIR = Path(__file__).resolve().parent.parent / "frontend"
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None,
+    *,
+    inprocess_dispatcher: InProcessDispatcherFactory | None = None,
+    complete_prompts: CompletePrompts | None = None,
+) -> FastAPI:
     settings = settings or get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     url = settings.resolved_database_url()
@@ -79,8 +90,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.rate_limiter = TokenBucketLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst)
     server_key = load_or_create_server_key(settings.resolved_server_key_file())
     app.state.server_public_key_b64 = public_key_b64(server_key)
-    step_runtime = step_runtime_from_settings(settings, server_key)
+    step_runtime = step_runtime_from_settings(settings, server_key, inprocess_dispatcher)
     app.state.step_runtime = step_runtime
+    app.state.complete_prompts = complete_prompts
     # A job that ended frees its server replicas on the workers once that end is committed.
     on_jobs_finished(session_factory, lambda job_ids: release_job_replicas(step_runtime, job_ids))
     install_error_handlers(app)
@@ -113,6 +125,7 @@ async def _housekeeping_loop(app: FastAPI, settings: Settings) -> None:
                 settings.job_key_retention_s,
                 app.state.step_runtime.store,
                 settings.privacy_audit_queue_timeout_s,
+                lambda session: publish_missing_specs(session, app.state.step_runtime, settings),
             )
         except Exception:  # keep the loop alive; the next pass retries
             log.exception("housekeeping pass failed")

@@ -14,6 +14,8 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import IntegrityError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from flglm.contracts.refusals import StepRejected
+
 log = logging.getLogger(__name__)
 
 
@@ -100,6 +102,16 @@ def http_status_of(error: DomainError) -> int:
         if kind in HTTP_STATUS_BY_KIND:
             return HTTP_STATUS_BY_KIND[kind]  # type: ignore[index]
     return 500
+
+
+_KIND_BY_STATUS: dict[int, type[DomainError]] = {status: kind for kind, status in HTTP_STATUS_BY_KIND.items()}
+
+
+def refusal(exc: StepRejected) -> DomainError:
+    """The HTTP error of a step refusal (`flglm.contracts.refusals`): its status, its code, its message."""
+    error = _KIND_BY_STATUS.get(exc.http_status, BadRequest)(str(exc))
+    error.code = exc.code
+    return error
 
 
 def error_response(

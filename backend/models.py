@@ -208,9 +208,10 @@ class AuditEvent(Base):
 class PrivacyAuditRun(Base):
     """One privacy audit of a job's settings: queued, running (progress), completed (the report) or failed.
 
-    Its task writes progress and outcome to the blob store under `task_key` (`worker.privacy_records`); the
-    control plane copies them here (`backend.privacy.service.sync_audit`). At most one queued or running
-    audit per job: a partial unique index, so two racing starts cannot both insert one.
+    Its task writes progress and outcome to the blob store under `task_key`
+    (`flglm.contracts.privacy_records`); the control plane copies them here
+    (`backend.privacy.service.sync_audit`). At most one queued or running audit per job: a partial unique
+    index, so two racing starts cannot both insert one.
     """
 
     __tablename__ = "privacy_audits"

@@ -15,7 +15,7 @@ fsynced *before* that transaction commits, and the row keeps only the public hal
 - the public key in the row is computed from the private key that was written, so they always match.
 
 Housekeeping deletes the file a retention period after the job ended (`delete_job_key`); the workers then
-refuse the job's messages (`worker.errors.JobKeyDeleted`).
+refuse the job's messages (`flglm.contracts.refusals.JobKeyDeleted`).
 """
 
 from __future__ import annotations

@@ -58,6 +58,7 @@ from flglm.client_step import (
     run_client_step,
     upload_round_adapters,
 )
+from flglm.contracts.refusals import ConflictingDuplicate
 from flglm.data import (
     DEFAULT_CLASSIFICATION_TEMPLATE,
     DataError,
@@ -391,7 +392,7 @@ class JobSession:
             upload_round_adapters(self.trainer, self.channel, round_number, weight)
         except StepConflict as exc:
             # Sealing uses a fresh nonce, so a re-upload after a crash differs from the stored bytes.
-            if exc.code != "conflicting_duplicate":
+            if exc.code != ConflictingDuplicate.code:
                 raise
             log.info(
                 "job %d: round %d adapters were already uploaded before a restart",

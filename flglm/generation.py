@@ -17,20 +17,22 @@ token for token (tests), with the same EOS/padding rules.
 
 from __future__ import annotations
 
+import hashlib
+import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers import DynamicCache
 
-from flglm.generation_protocol import ATTENTION_MASK, HIDDEN_STATES
+from flglm.export import client_parts_from_bundle, read_export_bundle
+from flglm.generation_protocol import ATTENTION_MASK, HIDDEN_STATES, BodyTransport, SamplingConfig
+from flglm.models import load_tokenizer
 from flglm.split import ServerBody, SplitModel
 from flglm.step_messages import PayloadLimits, WrongPayload
 from flglm.wire.codec import FLOAT_WIRE_DTYPES, decode_tensors, dtype_name, encode_tensors
 
 BodyStep = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-BodyTransport = Callable[[bytes], bytes]  # encoded body input -> encoded body output
 
 
 class LocalBody:
@@ -104,25 +106,6 @@ class RemoteBody:
         answer = self.transport(encode_body_input(hidden_states, attention_mask))
         output = decode_body_output(answer, hidden_states)  # (batch, new, hidden)
         return output.to(hidden_states.device)
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    """Greedy when `do_sample` is False; otherwise temperature + top-k sampling from a seeded generator."""
-
-    max_new_tokens: int = 32
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0  # 0 keeps the whole vocabulary
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
 
 
 def next_tokens(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator) -> torch.Tensor:
@@ -209,3 +192,27 @@ def complete_texts(
     )
     new_tokens = sequences[:, encoded["input_ids"].shape[1] :]  # (batch, new)
     return list(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+
+
+_bundle_parts_lock = threading.Lock()  # one generation at a time: the parts' modules are shared, the CPU too
+_bundle_parts: dict[str, tuple[SplitModel, str]] = {}  # bundle digest -> (front + back, model ref)
+
+
+def _client_parts_for(bundle: bytes) -> tuple[SplitModel, str]:
+    digest = hashlib.sha256(bundle).hexdigest()
+    if digest not in _bundle_parts:
+        parsed = read_export_bundle(bundle)
+        _bundle_parts.clear()
+        _bundle_parts[digest] = (client_parts_from_bundle(parsed), parsed.model_ref)
+    return _bundle_parts[digest]
+
+
+def complete_with_bundle(
+    bundle: bytes, prompts: list[str], sampling: SamplingConfig, body_transport: BodyTransport
+) -> list[str]:
+    """The completion (new text only) of each prompt, with the front and back of an export bundle here and
+    the body wherever `body_transport` sends it. The newest bundle's parts are kept (one at a time), so
+    repeated requests do not reload them; another bundle (a new checkpoint or client average) reloads."""
+    with _bundle_parts_lock:
+        split, model_ref = _client_parts_for(bundle)
+        return complete_texts(split, load_tokenizer(model_ref), prompts, sampling, RemoteBody(body_transport))

@@ -10,6 +10,9 @@ Torch-free (pydantic only), so the control plane can import it in the Celery mod
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 from pydantic import BaseModel, Field
 
 # Operator paths (relative to flglm.protocol.API_PREFIX), admins only.
@@ -47,3 +50,25 @@ class GenerationSessionView(BaseModel):
     max_batch_size: int = MAX_SESSION_BATCH
     max_tokens: int = MAX_SESSION_TOKENS
     idle_ttl_s: float
+
+
+BodyTransport = Callable[[bytes], bytes]  # encoded body input -> encoded body output
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Greedy when `do_sample` is False; otherwise temperature + top-k sampling from a seeded generator."""
+
+    max_new_tokens: int = 32
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0  # 0 keeps the whole vocabulary
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")

@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 
+from flglm.contracts.refusals import StepGraphMissing
 from flglm.protocol import API_PREFIX, PROTOCOL_HEADER, PROTOCOL_VERSION
 from flglm.step_protocol import (
     CLIENT_ADAPTERS_PATH,
@@ -55,7 +56,7 @@ class StepNotFound(StepHttpError):
 
 class StepConflict(StepHttpError):
     """409: a conflicting duplicate, a replayed sequence, a stale round, or a step the server lost
-    (`code == "step_graph_missing"`: retry the step from its forward with new sequence numbers)."""
+    (`code == StepGraphMissing.code`: retry the step from its forward with new sequence numbers)."""
 
     status = 409
 
@@ -86,7 +87,7 @@ _ERRORS: dict[int, type[StepHttpError]] = {
     )
 }
 
-STEP_GRAPH_MISSING = "step_graph_missing"
+STEP_GRAPH_MISSING = StepGraphMissing.code
 
 
 class StepClient:

@@ -20,13 +20,21 @@ from dataclasses import dataclass
 
 import torch
 
+from flglm.contracts.refusals import ReplayedMessage, StepRejected, TamperedMessage, WrongTensor
 from flglm.step_protocol import MessageDirection, MessageRef
 from flglm.wire.codec import cast_for_wire, cast_from_wire, dtype_name
 from flglm.wire.directions import Direction
-from flglm.wire.envelope import EnvelopeHeader, open_tensor, open_tensors, seal_tensor, seal_tensors
-from flglm.wire.errors import EnvelopeMismatchError, WireError
+from flglm.wire.envelope import EnvelopeHeader
+from flglm.wire.errors import (
+    EnvelopeMismatchError,
+    PayloadTooLargeError,
+    ReplayError,
+    UnexpectedTensorError,
+    WireError,
+)
 from flglm.wire.keys import ChannelKeys
 from flglm.wire.sequence import SequenceGuard
+from flglm.wire.tensor_envelope import open_tensor, open_tensors, seal_tensor, seal_tensors
 
 FORWARD_DIRECTIONS = (MessageDirection.activations, MessageDirection.eval_activations)
 HIDDEN_STATES = "hidden_states"
@@ -241,3 +249,12 @@ def _check_hidden(tensor: torch.Tensor, limits: PayloadLimits, what: str) -> Non
         raise WrongPayload(f"{what} sequence length {seq} outside 1..{limits.max_seq_len}")
     if not bool(torch.isfinite(tensor).all()):
         raise WrongPayload(f"{what} holds NaN or infinite values")
+
+
+def rejection_from_wire(exc: Exception) -> StepRejected:
+    """The engine's refusal for a wire-format error raised while opening an upload."""
+    if isinstance(exc, ReplayError):
+        return ReplayedMessage(str(exc))
+    if isinstance(exc, WrongPayload | UnexpectedTensorError | PayloadTooLargeError):
+        return WrongTensor(str(exc))
+    return TamperedMessage(str(exc))

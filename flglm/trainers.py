@@ -25,6 +25,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from flglm.adapters import trainable_parameters
+from flglm.contracts.refusals import StepGraphMissing
 from flglm.privacy.client import ClientDefence
 from flglm.split import ServerBody, SplitModel, position_ids_from_attention_mask
 
@@ -43,10 +44,6 @@ class TrainConfig(BaseModel):
     total_steps: int | None = Field(default=None, ge=1)  # set → linear decay to 0 at total_steps
     bf16_autocast: bool = False  # CPU bf16 autocast: ~1.7x faster on SmolLM2, not bit-exact
     score_only_targets: bool = True  # run the LM head only where a label exists (logits_to_keep)
-
-
-class StepGraphMissing(LookupError):
-    """The server holds no autograd graph for this step key (never sent, already used, or evicted)."""
 
 
 def target_positions(labels: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from flglm.bench.stack import MODES, StackBenchConfig, mode_figures
+from apps.bench.stack import MODES, StackBenchConfig, mode_figures
 
 
 def test_full_stack_bench_runs_and_reports_ratios_and_wire_bytes() -> None:
@@ -18,7 +18,7 @@ def test_full_stack_bench_runs_and_reports_ratios_and_wire_bytes() -> None:
     modes = "sequential,server_hierarchical_2"
     options = ["--json", "--model", "tiny:llama", "--steps", "2", "--batch-size", "2", "--seq-len", "16"]
     completed = subprocess.run(
-        [sys.executable, "-m", "flglm.cli.main", "bench", *options, "--modes", modes],
+        [sys.executable, "-m", "apps.cli.main", "bench", *options, "--modes", modes],
         env=env,
         capture_output=True,
         text=True,

@@ -25,8 +25,8 @@ from typer._click.core import Command
 from typer._click.exceptions import UsageError
 from typer.core import TyperGroup as Group
 
+from apps.cli.main import app as cli_app
 from backend.settings import Settings
-from flglm.cli.main import app as cli_app
 from worker.settings import WorkerSettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -170,7 +170,9 @@ def test_ports_volumes_and_paths_agree() -> None:
 def test_one_scalable_worker_service_leases_its_replica_slot() -> None:
     """`docker compose up --scale worker=N`: one worker service, every container a slot lease and all GPUs."""
     services = load_compose()["services"]
-    assert [name for name in services if name.startswith(WORKER_PREFIX)] == ["worker"]
+    assert [name for name in services if name.startswith(WORKER_PREFIX)] == [
+        "worker"
+    ]  # `queues` is not scaled
     worker = services["worker"]
     command = worker["command"]
     assert command[:2] == ["flglm", "worker"] and option_value(command, "--replica") == "auto"
@@ -183,6 +185,21 @@ def test_one_scalable_worker_service_leases_its_replica_slot() -> None:
     assert "stop_grace_period" in worker  # time to finish the running step and release the lease
     header = (ROOT / "docker-compose.yml").read_text().split("services:")[0]
     assert "--scale worker=" in header and "flglm worker slots" in header
+
+
+def test_upload_admission_runs_on_a_queue_worker_never_behind_a_forward() -> None:
+    """A replica worker's solo pool runs one task at a time: an admission queued there would wait behind a
+    forward pass. The replica workers consume their replica queue only; a `queues` worker the rest."""
+    services = load_compose()["services"]
+    replica_queues = services["worker"]["command"]
+    for flag in ("--no-admission-queue", "--no-default-queue", "--no-privacy-queue"):
+        assert flag in replica_queues, flag
+    queues = services["queues"]["command"]
+    assert (
+        queues[:4] == ["flglm", "worker", "--replica", "none"] and option_value(queues, "--pool") == "threads"
+    )
+    assert not any(flag.startswith("--no-") for flag in queues)  # admission, FedAvg and audits all here
+    assert "deploy" not in services["queues"]  # no GPU: it runs no replica
     assert command_problems("worker", ["flglm", "worker", "slots", "--json"]) == []
 
 
@@ -233,7 +250,7 @@ def test_a_real_compose_implementation_parses_the_file(tmp_path: Path) -> None:
     parsed = run_docker_compose(tmp_path, "--profile", "agent", "config")
     assert parsed.returncode == 0, parsed.stderr
     config = yaml.safe_load(parsed.stdout)
-    assert set(config["services"]) == {"postgres", "redis", "backend", "worker", "agent"}
+    assert set(config["services"]) == {"postgres", "redis", "backend", "worker", "queues", "agent"}
     worker = config["services"]["worker"]
     assert worker["command"][:4] == ["flglm", "worker", "--replica", "auto"]
     assert worker["deploy"]["resources"]["reservations"]["devices"][0]["count"] == "all"

@@ -17,7 +17,7 @@ def test_quick_demo_prints_json_and_writes_the_report(tmp_path: Path) -> None:
     out = tmp_path / "report"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     done = subprocess.run(
-        [sys.executable, "-m", "flglm.cli.main", "demo", "--quick", "--json", "--no-progress",
+        [sys.executable, "-m", "apps.cli.main", "demo", "--quick", "--json", "--no-progress",
          "--out", str(out), "--work-dir", str(tmp_path / "work")],
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
@@ -61,12 +61,12 @@ def test_quick_demo_prints_json_and_writes_the_report(tmp_path: Path) -> None:
 
 def test_bad_skew_is_refused_before_anything_starts() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "flglm.cli.main", "demo", "--skew", "lopsided"],
+        [sys.executable, "-m", "apps.cli.main", "demo", "--skew", "lopsided"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert done.returncode == 2 and "--skew must be iid, dirichlet or extreme" in done.stderr
     done = subprocess.run(
-        [sys.executable, "-m", "flglm.cli.main", "demo", "--audit-seq-len", "2"],
+        [sys.executable, "-m", "apps.cli.main", "demo", "--audit-seq-len", "2"],
         env={**os.environ, "COLUMNS": "200"}, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert done.returncode == 2 and "--audit-seq-len" in done.stderr
@@ -90,7 +90,7 @@ def test_own_data_and_model_without_an_eval_file(tmp_path: Path) -> None:
         (data / f"owner-{owner}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     done = subprocess.run(
-        [sys.executable, "-m", "flglm.cli.main", "demo", "--data", str(data), "--model", "tiny:llama:0",
+        [sys.executable, "-m", "apps.cli.main", "demo", "--data", str(data), "--model", "tiny:llama:0",
          "--rounds", "1", "--steps-per-round", "2", "--batch-size", "2", "--json", "--no-progress",
          "--out", str(tmp_path / "report"), "--threads", "1", "--no-audit"],
         env=env, capture_output=True, text=True, timeout=300,
@@ -122,7 +122,7 @@ def test_private_input_blocks_are_scored_per_client(tmp_path: Path) -> None:
         (data / f"owner-{owner}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     done = subprocess.run(
-        [sys.executable, "-m", "flglm.cli.main", "demo", "--data", str(data), "--model", "tiny:llama:0",
+        [sys.executable, "-m", "apps.cli.main", "demo", "--data", str(data), "--model", "tiny:llama:0",
          "--rounds", "1", "--steps-per-round", "2", "--batch-size", "2", "--json", "--no-progress",
          "--out", str(tmp_path / "report"), "--threads", "1", "--front-layers", "2",
          "--private-front", "--private-init-scale", "0.05", "--activation-noise", "0.5",
@@ -163,7 +163,7 @@ def test_private_input_blocks_are_scored_per_client(tmp_path: Path) -> None:
     assert "## Privacy audit of this job" in report and "share of training tokens a curious server" in report
     assert f"ε = {audit['activation_epsilon']:.3g}" in report
     bad = subprocess.run(
-        [sys.executable, "-m", "flglm.cli.main", "demo", "--decorrelation", "0.5"],
+        [sys.executable, "-m", "apps.cli.main", "demo", "--decorrelation", "0.5"],
         env={**env, "COLUMNS": "200"}, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert bad.returncode == 2 and "need private_front" in bad.stderr

@@ -1,9 +1,11 @@
-"""Checks of an agent's upload *before* it is stored, for the backend's step endpoints (→ a clear 4xx).
+"""The `flglm.admit_upload` task: check an agent's upload *before* the backend stores it (→ a clear 4xx).
 
-The backend holds the server key too, so it can authenticate and shape-check a message in the request,
-and store nothing when it is hostile; the worker repeats every check when the task runs (defence in
-depth, and the only check for tasks that arrive some other way). Pass a `SequenceGuard` shared by all
-backend replicas to refuse replays here as well.
+The backend stages the upload under a one-off key and queues this task on `flglm.admission` (its own queue,
+so it never waits behind a forward pass); the task authenticates the envelope, checks its header against the
+message's address and its tensors against the job (dtype, shape, hidden size, limits) and refuses replays
+with the `SequenceGuard` every worker shares (Redis). Only then does the backend store the message under
+its own key, so a hostile upload leaves nothing behind. The replica opens the message again when its step
+runs: authentication under AEAD is decryption, and the plaintext never goes back to the blob store.
 """
 
 from __future__ import annotations
@@ -14,6 +16,12 @@ from typing import Any
 import torch
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from flglm.contracts.job_spec import read_job_spec
+from flglm.contracts.refusals import (
+    ForeignClient,
+    MissingMessage,
+    WrongDirection,
+)
 from flglm.models import load_config
 from flglm.step_messages import (
     FORWARD_DIRECTIONS,
@@ -21,6 +29,7 @@ from flglm.step_messages import (
     open_activations,
     open_adapters,
     open_hidden,
+    rejection_from_wire,
 )
 from flglm.step_protocol import MessageDirection, MessageRef, WorkerJobSpec
 from flglm.wire.codec import parse_wire_dtype
@@ -28,8 +37,7 @@ from flglm.wire.directions import Direction
 from flglm.wire.errors import ReplayError, WireError
 from flglm.wire.keys import derive_channel_keys, public_key_from_b64
 from flglm.wire.sequence import SequencedHeader, SequenceGuard
-from worker.engine import WorkerRuntime, read_job_spec
-from worker.errors import ForeignClient, MissingMessage, StepRejected, rejection_from_wire
+from worker.engine import WorkerRuntime
 
 UPLOAD_DIRECTIONS = (
     MessageDirection.activations,
@@ -37,14 +45,6 @@ UPLOAD_DIRECTIONS = (
     MessageDirection.adapters_up,
     MessageDirection.eval_activations,
 )
-
-
-class WrongDirection(StepRejected):
-    """Agents upload activations, gradients, adapters_up and eval_activations only; results are the
-    server's to write."""
-
-    http_status = 400
-    code = "wrong_direction"
 
 
 @lru_cache(maxsize=64)
@@ -129,7 +129,7 @@ def run_admit_upload(
     runtime: WorkerRuntime, job_id: int, message: dict[str, Any], staging_key: str
 ) -> dict[str, Any]:
     """Task: admit the upload staged at `staging_key` for `message` (the backend then stores it under the
-    message's own key, or deletes the staged copy and answers 4xx). Runs on any worker (default queue)."""
+    message's own key, or deletes the staged copy and answers 4xx). Runs on the `flglm.admission` queue."""
     ref = MessageRef.model_validate(message)
     spec = read_job_spec(runtime.store, job_id)
     blob = runtime.store.get(staging_key)

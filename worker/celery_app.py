@@ -1,4 +1,4 @@
-"""The Celery application on Redis (broker and result backend from FLGLM_REDIS_URL), JSON only.
+"""The workers' Celery application: `flglm.contracts.dispatch.celery_app` with the worker-side settings.
 
 `acks_late` with `task_reject_on_worker_lost`: a task whose worker dies is delivered again, which is safe
 because every task body is idempotent (see worker.replica). Each replica queue must be consumed by one
@@ -8,20 +8,13 @@ in memory is needed by the backward that follows: prefork children would not sha
 
 from __future__ import annotations
 
-from celery import Celery
-
-from flglm.step_protocol import DEFAULT_QUEUE
+from flglm.contracts.dispatch import celery_app
 from worker.settings import get_worker_settings
 
 settings = get_worker_settings()
 
-app = Celery("flglm", broker=settings.redis_url, backend=settings.redis_url, include=["worker.tasks"])
-app.conf.update(
-    task_serializer="json",
-    result_serializer="json",
-    accept_content=["json"],
-    result_accept_content=["json"],
-    task_default_queue=DEFAULT_QUEUE,
+app = celery_app(
+    settings.redis_url,
     task_acks_late=True,
     task_reject_on_worker_lost=True,
     task_soft_time_limit=settings.task_soft_time_limit_s,
@@ -32,3 +25,4 @@ app.conf.update(
     broker_transport_options={"visibility_timeout": settings.broker_visibility_timeout_s},
     result_expires=6 * 3600,
 )
+app.conf.include = ["worker.tasks"]

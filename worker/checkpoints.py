@@ -18,10 +18,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save
 
-from flglm.wire.atomic_file import write_file_atomically
-
 # Re-exported: the torch-free path rules are shared with the backend's export route.
-from worker.artifact_paths import replica_dir as replica_dir
+from flglm.contracts.artifacts import replica_dir as replica_dir
+from flglm.wire.atomic_file import write_file_atomically
 
 FORMAT = "flglm-replica-checkpoint/1"
 KEEP_LAST = 3

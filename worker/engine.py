@@ -26,13 +26,14 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from torch import nn
 
 from flglm.adapters import AdapterConfig
+from flglm.contracts.blob_store import BlobStore
+from flglm.contracts.job_spec import read_job_spec
+from flglm.contracts.refusals import JobKeyDeleted
 from flglm.models import load_server_body_with_adapters
 from flglm.split import SplitPlan
-from flglm.step_protocol import MessageRef, WorkerJobSpec, spec_blob_key
+from flglm.step_protocol import MessageRef, WorkerJobSpec
 from flglm.wire.keys import load_private_key
 from flglm.wire.sequence import ReplayGuard, SequenceGuard
-from worker.blob_store import BlobStore
-from worker.errors import JobKeyDeleted, UnknownJob
 from worker.generation import GenerationSessions
 from worker.replica import ServerReplica
 from worker.settings import get_worker_settings
@@ -45,20 +46,6 @@ FlushScheduler = Callable[[int, int, float], None]
 # serves a short burst of eval forwards: it leaves memory after this much idle time, not the full TTL.
 RELEASED_REPLICA_IDLE_TTL_S = 60.0
 _RELEASED_REMEMBERED = 4096  # released (job, replica) keys this process remembers, newest kept
-
-
-def publish_job_spec(store: BlobStore, spec: WorkerJobSpec, ttl_s: float | None = None) -> None:
-    """Make a job known to the workers (the backend calls this when a job starts). Write-once: a job's
-    spec never changes under a running replica."""
-    data = spec.model_dump_json().encode()
-    store.put_if_absent(spec_blob_key(spec.job_id), data, ttl_s or max(spec.blob_ttl_s, 30 * 86400.0))
-
-
-def read_job_spec(store: BlobStore, job_id: int) -> WorkerJobSpec:
-    data = store.get(spec_blob_key(job_id))
-    if data is None:
-        raise UnknownJob(f"job {job_id} is not known to the workers (no published spec)")
-    return WorkerJobSpec.model_validate_json(data)
 
 
 def pick_device(slot: int = 0, override: str | None = None) -> torch.device:

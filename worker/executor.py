@@ -1,9 +1,9 @@
-"""Where task functions run: `InProcessExecutor` (threads, the embedded default) or `CeleryExecutor` (Redis).
+"""The task functions by name (`TASK_FUNCTIONS`, which Celery workers register too) and `InProcessExecutor`.
 
-Both run the same functions from `TASK_FUNCTIONS` and return the same JSON; a refused step comes back as
-`{"status": "rejected", "code": ..., "message": ...}` and `TaskHandle.get` raises the typed error again, so
-callers see one behaviour whichever executor the settings pick. Each replica queue of the in-process
-executor is a single thread, like the one solo Celery worker that consumes it.
+`InProcessExecutor` is the embedded mode's `TaskDispatcher`: it runs the same functions in this process and
+returns the same JSON as a Celery worker would (a refused step comes back as `{"status": "rejected", ...}`
+and `TaskHandle.get` raises the typed refusal again). Each queue is a single thread, like the one solo
+Celery worker that consumes a replica queue.
 """
 
 from __future__ import annotations
@@ -11,25 +11,20 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Protocol
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from flglm.step_protocol import DEFAULT_QUEUE, replica_queue
-from worker import engine, errors
-from worker.admission import run_admit_upload
-from worker.blob_store import BlobStore, InMemoryBlobStore, RedisBlobStore
-from worker.fedavg import run_client_fedavg
-from worker.generation import run_body_generate, run_body_generate_close, run_body_generate_open
-from worker.privacy_audit import run_privacy_audit_task
-from worker.routing import (
+from flglm.contracts import refusals as errors
+from flglm.contracts.blob_store import BlobStore
+from flglm.contracts.dispatch import TaskHandle
+from flglm.contracts.tasks import (
     ADMIT_UPLOAD,
     BODY_GENERATE,
     BODY_GENERATE_CLOSE,
     BODY_GENERATE_OPEN,
     CLIENT_FEDAVG,
     PRIVACY_AUDIT,
-    PRIVACY_QUEUE,
     RELEASE_JOB,
     REPLICA_COUNTERS,
     REPLICA_FLUSH,
@@ -39,8 +34,13 @@ from worker.routing import (
     SERVER_FORWARD,
     raise_if_rejected,
     rejection_result,
-    route_step_message,
 )
+from flglm.step_protocol import replica_queue
+from worker import engine
+from worker.admission import run_admit_upload
+from worker.fedavg import run_client_fedavg
+from worker.generation import run_body_generate, run_body_generate_close, run_body_generate_open
+from worker.privacy_audit import run_privacy_audit_task
 
 TaskFunction = Callable[..., dict[str, Any]]
 
@@ -70,20 +70,6 @@ def call_task(runtime: engine.WorkerRuntime, name: str, kwargs: dict[str, Any]) 
         return rejection_result(exc)
     finally:
         runtime.evict_idle_replicas()
-
-
-class TaskHandle(Protocol):
-    def get(self, timeout_s: float) -> dict[str, Any]:
-        """The task's JSON result (raising its typed refusal); TimeoutError when it is not done in time."""
-        ...
-
-
-class Executor(Protocol):
-    def submit(self, name: str, kwargs: dict[str, Any], queue: str, countdown_s: float = 0.0) -> TaskHandle:
-        """Queue task `name` with JSON `kwargs` on `queue`, to start after `countdown_s`."""
-        ...
-
-    def close(self) -> None: ...
 
 
 class _FutureHandle:
@@ -160,74 +146,3 @@ def _copy_result(source: Future[dict[str, Any]], target: Future[dict[str, Any]])
         target.set_exception(exc)
     else:
         target.set_result(source.result())
-
-
-class _CeleryHandle:
-    def __init__(self, async_result: Any) -> None:
-        self._result = async_result
-
-    def get(self, timeout_s: float) -> dict[str, Any]:
-        from celery.exceptions import TimeoutError as CeleryTimeout
-
-        try:
-            return raise_if_rejected(self._result.get(timeout=timeout_s, propagate=True))
-        except CeleryTimeout as exc:
-            raise TimeoutError(f"task {self._result.id} did not finish in {timeout_s} s") from exc
-
-
-class CeleryExecutor:
-    """Sends tasks by name to the replica's queue on the Redis broker (`worker.celery_app`)."""
-
-    def __init__(self, celery_app: Any | None = None) -> None:
-        if celery_app is None:
-            from worker.celery_app import app
-
-            celery_app = app
-        self.app: Any = celery_app
-
-    def submit(self, name: str, kwargs: dict[str, Any], queue: str, countdown_s: float = 0.0) -> TaskHandle:
-        result = self.app.send_task(name, kwargs=kwargs, queue=queue, countdown=countdown_s or None)
-        return _CeleryHandle(result)
-
-    def close(self) -> None:
-        return None
-
-
-def executor_from_settings(
-    kind: str, redis_url: str, server_private_key: X25519PrivateKey
-) -> tuple[Executor, BlobStore]:
-    """The executor and blob store a setting names: "inprocess" (embedded default: in-memory blobs, task
-    functions in this process) or "celery" (Redis blobs, tasks on the Redis broker of FLGLM_REDIS_URL)."""
-    if kind == "inprocess":
-        store: BlobStore = InMemoryBlobStore()
-        return InProcessExecutor(store, server_private_key), store
-    if kind == "celery":
-        return CeleryExecutor(), RedisBlobStore.from_url(redis_url)
-    raise ValueError(f"executor must be 'inprocess' or 'celery', got {kind!r}")
-
-
-__all__ = [
-    "ADMIT_UPLOAD",
-    "BODY_GENERATE",
-    "BODY_GENERATE_CLOSE",
-    "BODY_GENERATE_OPEN",
-    "CLIENT_FEDAVG",
-    "DEFAULT_QUEUE",
-    "PRIVACY_AUDIT",
-    "PRIVACY_QUEUE",
-    "RELEASE_JOB",
-    "REPLICA_COUNTERS",
-    "REPLICA_FLUSH",
-    "ROUND_END",
-    "SERVER_BACKWARD",
-    "SERVER_EVAL_FORWARD",
-    "SERVER_FORWARD",
-    "CeleryExecutor",
-    "Executor",
-    "InProcessExecutor",
-    "TaskHandle",
-    "call_task",
-    "executor_from_settings",
-    "raise_if_rejected",
-    "route_step_message",
-]

@@ -8,15 +8,16 @@ import torch
 from safetensors.torch import save
 
 from flglm.adapters import fedavg
-from flglm.step_messages import open_adapters, seal_adapters
+from flglm.contracts.artifacts import client_adapters_path
+from flglm.contracts.blob_store import PutOutcome
+from flglm.contracts.job_spec import read_job_spec
+from flglm.contracts.refusals import ForeignClient, MissingMessage, ReplicaMisrouted
+from flglm.step_messages import open_adapters, rejection_from_wire, seal_adapters
 from flglm.step_protocol import MessageDirection, MessageRef
 from flglm.wire.atomic_file import write_file_atomically
 from flglm.wire.errors import WireError
 from flglm.wire.keys import derive_channel_keys, public_key_from_b64
-from worker.artifact_paths import client_adapters_path
-from worker.blob_store import PutOutcome
-from worker.engine import WorkerRuntime, read_job_spec
-from worker.errors import ForeignClient, MissingMessage, ReplicaMisrouted, rejection_from_wire
+from worker.engine import WorkerRuntime
 
 
 def run_client_fedavg(

@@ -32,20 +32,20 @@ import torch
 from transformers import DynamicCache
 
 from flglm.adapters import AdapterConfig, load_trainable_state_dict
-from flglm.generation import decode_body_input, encode_body_output
-from flglm.generation_protocol import BLOB_TTL_S, MAX_SESSION_BATCH, MAX_SESSION_TOKENS
-from flglm.models import load_server_body_with_adapters
-from flglm.split import ServerBody, SplitPlan
-from flglm.wire.errors import WireError
-from worker.artifact_paths import latest_server_checkpoint
-from worker.checkpoints import load_snapshot
-from worker.errors import (
+from flglm.contracts.artifacts import latest_server_checkpoint
+from flglm.contracts.refusals import (
     GenerationOutOfOrder,
     MissingMessage,
     NoServerCheckpoint,
     UnknownGenerationSession,
     WrongTensor,
 )
+from flglm.generation import decode_body_input, encode_body_output
+from flglm.generation_protocol import BLOB_TTL_S, MAX_SESSION_BATCH, MAX_SESSION_TOKENS
+from flglm.models import load_server_body_with_adapters
+from flglm.split import ServerBody, SplitPlan
+from flglm.wire.errors import WireError
+from worker.checkpoints import load_snapshot
 from worker.settings import WorkerSettings
 
 if TYPE_CHECKING:

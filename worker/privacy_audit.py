@@ -1,5 +1,5 @@
 """The privacy-audit task: `flglm.privacy.audit.run_privacy_audit` on a worker, its progress and outcome in
-the blob store (`worker.privacy_records`) for the control plane to read."""
+the blob store (`flglm.contracts.privacy_records`) for the control plane to read."""
 
 from __future__ import annotations
 
@@ -8,9 +8,7 @@ import threading
 from datetime import UTC, datetime
 from typing import Any
 
-from flglm.privacy.report import AuditRequest
-from worker.engine import WorkerRuntime
-from worker.privacy_records import (
+from flglm.contracts.privacy_records import (
     HEARTBEAT_INTERVAL_S,
     AuditOutcome,
     AuditProgress,
@@ -18,6 +16,8 @@ from worker.privacy_records import (
     short_error,
     short_stage,
 )
+from flglm.privacy.report import AuditRequest
+from worker.engine import WorkerRuntime
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def run_privacy_audit_task(
         log.exception("privacy audit %s failed", task_key)
         outcome = AuditOutcome(status="failed", error=short_error(f"{type(exc).__name__}: {exc}"))
     try:
-        records.write_outcome(outcome)  # before the heartbeat stops: see worker.privacy_records
+        records.write_outcome(outcome)  # before the heartbeat stops: see flglm.contracts.privacy_records
     finally:
         heartbeat.stop()
     return outcome.model_dump(mode="json")

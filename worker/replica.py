@@ -38,23 +38,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from torch import nn
 
 from flglm.adapters import fedavg, load_trainable_state_dict, trainable_state_dict
-from flglm.protocol import ParallelMode
-from flglm.step_messages import (
-    PayloadLimits,
-    header_for,
-    open_activations,
-    open_hidden,
-    seal_hidden,
-)
-from flglm.step_protocol import MessageDirection, MessageRef, WorkerJobSpec
-from flglm.trainers import ServerSideTrainer, TrainConfig
-from flglm.wire.codec import decode_tensors, encode_tensors, parse_wire_dtype
-from flglm.wire.errors import ReplayError, WireError
-from flglm.wire.keys import ChannelKeys, derive_channel_keys, public_key_from_b64
-from flglm.wire.sequence import ReplayGuard
-from worker.blob_store import BlobStore, PutOutcome
-from worker.checkpoints import ReplicaSnapshot, latest_snapshot, replica_dir, save_snapshot
-from worker.errors import (
+from flglm.contracts.blob_store import BlobStore, PutOutcome
+from flglm.contracts.refusals import (
     ForeignClient,
     JournalGap,
     MissingMessage,
@@ -63,8 +48,23 @@ from worker.errors import (
     ReplicaMisrouted,
     StepGraphMissing,
     StepRejected,
-    rejection_from_wire,
 )
+from flglm.protocol import ParallelMode
+from flglm.step_messages import (
+    PayloadLimits,
+    header_for,
+    open_activations,
+    open_hidden,
+    rejection_from_wire,
+    seal_hidden,
+)
+from flglm.step_protocol import MessageDirection, MessageRef, WorkerJobSpec
+from flglm.trainers import ServerSideTrainer, TrainConfig
+from flglm.wire.codec import decode_tensors, encode_tensors, parse_wire_dtype
+from flglm.wire.errors import ReplayError, WireError
+from flglm.wire.keys import ChannelKeys, derive_channel_keys, public_key_from_b64
+from flglm.wire.sequence import ReplayGuard
+from worker.checkpoints import ReplicaSnapshot, latest_snapshot, replica_dir, save_snapshot
 
 log = logging.getLogger(__name__)
 

@@ -16,10 +16,10 @@ import redis
 import torch
 from celery import Task
 
+from flglm.contracts.blob_store import RedisBlobStore
 from flglm.step_protocol import replica_queue
 from flglm.wire.keys import load_private_key
 from worker.admission import RedisSequenceGuard
-from worker.blob_store import RedisBlobStore
 from worker.celery_app import app, settings
 from worker.engine import WorkerRuntime, pick_device
 from worker.executor import PRIVACY_AUDIT, REPLICA_FLUSH, TASK_FUNCTIONS, call_task
@@ -83,7 +83,7 @@ def _too_many_deliveries(task_id: str | None, attempt: int) -> bool:
 
 # A privacy audit runs for minutes, possibly past the broker's visibility timeout: it is acknowledged on
 # receipt so that Redis never hands it to a second worker while it runs. A worker that dies loses it; the
-# control plane marks it failed once its heartbeat stops (worker.privacy_records).
+# control plane marks it failed once its heartbeat stops (flglm.contracts.privacy_records).
 ACKED_ON_RECEIPT = frozenset({PRIVACY_AUDIT})
 
 

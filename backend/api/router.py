@@ -13,8 +13,13 @@ from backend.jobs import endpoints as jobs
 from backend.metrics import endpoints as metrics
 from backend.privacy import endpoints as privacy
 from backend.steps import endpoints as steps
+from flglm.protocol import ErrorBody
 
-api_router = APIRouter()
+# Every error has one body (`ErrorBody`, written by `backend.errors`): documented as such for the 422 every
+# route with parameters can give, instead of FastAPI's own validation-error shape, which we never send.
+api_router = APIRouter(
+    responses={422: {"model": ErrorBody, "description": "a parameter or the body is invalid (names which)"}}
+)
 for router in (
     auth_router,
     tokens_router,

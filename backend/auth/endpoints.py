@@ -43,13 +43,3 @@ def create_token(body: ApiTokenCreate, session: SessionDep, admin: AdminDep) -> 
 def revoke_token(token_id: TokenId, session: SessionDep, admin: AdminDep) -> ApiTokenView:
     """Revoke at once: every later request with it is a 401. 409 for the last active admin token."""
     return ApiTokenView.model_validate(revoke_api_token(session, admin.actor, token_id, utc_now()))
-
-
-# The first home of token creation, kept so existing scripts keep working.
-router.post(
-    "/tokens",
-    response_model=ApiTokenCreated,
-    status_code=status.HTTP_201_CREATED,
-    deprecated=True,
-    summary="Create Token (deprecated: use POST /tokens)",
-)(create_token)

@@ -60,9 +60,13 @@ def generate(
     settings: SettingsDep,
     runtime: RuntimeDep,
     operator: OperatorDep,
+    http: Request,
 ) -> GenerateView:
     """Complete prompts with the job's trained model: front and back here, the body on a worker."""
-    return sessions.generate_completions(session, settings, runtime, operator.actor, job_id, request)
+    complete = http.app.state.complete_prompts
+    return sessions.generate_completions(
+        session, settings, runtime, complete, operator.actor, job_id, request
+    )
 
 
 @generation_router.post(

@@ -2,7 +2,7 @@
 
 Tensors: `body/<server body param>` from replica 0's newest checkpoint (replicas are averaged at round
 end) and `client/<front.… | back.…>` from the newest plaintext FedAvg result (see
-`worker.artifact_paths`). Metadata: the job's model ref, split plan and adapter config as JSON, so the CLI
+`flglm.contracts.artifacts`). Metadata: the job's model ref, split plan and adapter config as JSON, so the CLI
 can rebuild the unsplit PEFT adapter with `flglm.export` without asking anything else.
 
 A job with a private input block (`privacy.private_front`) has no global input-block adapters: each data
@@ -24,7 +24,7 @@ from backend.audit.service import record
 from backend.errors import Conflict
 from backend.jobs.service import get_job
 from backend.settings import Settings
-from worker.artifact_paths import (
+from flglm.contracts.artifacts import (
     latest_client_adapters,
     latest_server_checkpoint,
     read_raw_safetensors,

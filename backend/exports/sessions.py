@@ -5,7 +5,9 @@ backend's generate route, or `flglm generate` through the session routes. Every 
 `replica_queue(0)` (one process holds the sessions' KV caches); tensors travel through the blob store under
 one-off keys, the task carries only the keys. Nothing here imports torch: the worker decodes and checks the
 tensors (names, dtypes, hidden size, batch and token limits) and refuses bad ones with a typed error that
-becomes a 4xx here (`backend.steps.service.refusal`).
+becomes a 4xx here (`backend.errors.refusal`). The front and back of the generate route run in the callable
+the app layer hands to `create_app` (`flglm.generation.complete_with_bundle`: it loads torch, on that route
+only); a backend built without one answers that route with a 503.
 """
 
 from __future__ import annotations
@@ -13,23 +15,30 @@ from __future__ import annotations
 import contextlib
 import functools
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy.orm import Session
 
 from backend.audit.service import record
-from backend.errors import BadRequest, DomainError, NotFound, Unavailable
+from backend.errors import BadRequest, DomainError, NotFound, Unavailable, refusal
 from backend.exports.schemas import GenerateRequest, GenerateView
 from backend.exports.service import NothingToExport, build_bundle, job_checkpoint_dir
 from backend.jobs.service import get_job
 from backend.settings import Settings
 from backend.steps.runtime import StepRuntime
-from backend.steps.service import refusal
-from flglm.generation_protocol import BLOB_TTL_S, GenerationSessionView, body_input_key, body_output_key
+from flglm.contracts.artifacts import latest_server_checkpoint
+from flglm.contracts.refusals import StepRejected
+from flglm.contracts.tasks import BODY_GENERATE, BODY_GENERATE_CLOSE, BODY_GENERATE_OPEN
+from flglm.generation_protocol import (
+    BLOB_TTL_S,
+    BodyTransport,
+    GenerationSessionView,
+    SamplingConfig,
+    body_input_key,
+    body_output_key,
+)
 from flglm.step_protocol import replica_queue
-from worker.artifact_paths import latest_server_checkpoint
-from worker.errors import StepRejected
-from worker.routing import BODY_GENERATE, BODY_GENERATE_CLOSE, BODY_GENERATE_OPEN
 
 GENERATION_QUEUE = replica_queue(0)  # served by exactly one process: where the sessions' caches live
 
@@ -129,27 +138,38 @@ def close_session(runtime: StepRuntime, timeout_s: float, job_id: int, session_i
     return bool(result["closed"])
 
 
+CompletePrompts = Callable[[bytes, list[str], SamplingConfig, BodyTransport], list[str]]
+
+
+class NoCallerGeneration(Unavailable):
+    code = "generation_unavailable"
+
+
 def generate_completions(
     session: Session,
     settings: Settings,
     runtime: StepRuntime,
+    complete_prompts: CompletePrompts | None,
     actor: str,
     job_id: int,
     request: GenerateRequest,
 ) -> GenerateView:
     """Complete prompts through the job's split model: front and back (with their KV caches) in this process,
-    the body (with its KV cache) on a worker in a generation session, closed at the end.
-
-    torch is imported here only: the control plane stays torch-free until someone asks for generation.
-    """
-    from backend.exports.inference import complete_prompts
-
+    the body (with its KV cache) on a worker in a generation session, closed at the end."""
+    if complete_prompts is None:
+        raise NoCallerGeneration(
+            "this control plane was built without the caller's half of generation; run it with `flglm serve` "
+            "(or build it with `apps.server.create_server_app`), or generate with `flglm generate`"
+        )
+    sampling = SamplingConfig(
+        request.max_new_tokens, request.do_sample, request.temperature, request.top_k, request.seed
+    )
     bundle, metadata = build_bundle(session, settings, job_id)
     opened = open_session(session, settings, runtime, job_id)
     timeout_s = settings.generation_task_timeout_s
     try:
         body = functools.partial(run_body, runtime, timeout_s, job_id, opened.session_id)
-        completions = complete_prompts(bundle, request, body)
+        completions = complete_prompts(bundle, request.prompts, sampling, body)
     finally:
         with contextlib.suppress(DomainError):  # an unreachable worker drops the session by its idle TTL
             close_session(runtime, timeout_s, job_id, opened.session_id)

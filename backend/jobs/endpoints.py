@@ -59,10 +59,14 @@ def _transition_route(action: str) -> None:
         job_id: JobId, session: SessionDep, admin: AdminDep, request: Request, settings: SettingsDep
     ) -> JobView:
         job = service.transition(session, admin.actor, job_id, action, utc_now(), settings.job_keys_dir())
-        if action == "start":  # the workers learn the job (participants' keys) before any step arrives
+        view = JobView.model_validate(job)
+        if action == "start":
+            # The workers learn the job (participants' keys) only once its start is committed: a start that
+            # rolls back must leave no spec behind (a spec is write-once: it would refuse the next start's).
             spec = steps_service.worker_job_spec(session, job, settings)
-            steps_service.publish_job_spec(request.app.state.step_runtime, spec)
-        return JobView.model_validate(job)
+            session.commit()
+            steps_service.publish_after_start(request.app.state.step_runtime, spec)
+        return view
 
     transition.__name__ = f"{action}_job"
     router.add_api_route(

@@ -37,6 +37,9 @@ class JobRepository:
         query = sa.select(Job).where(*conditions).order_by(Job.id.desc())
         return fetch_page(self.session, query, limit=limit, offset=offset)
 
+    def with_status(self, statuses: list[str]) -> list[Job]:
+        return list(self.session.scalars(sa.select(Job).where(Job.status.in_(statuses)).order_by(Job.id)))
+
     def ended_with_server_key(self, ended_before: datetime) -> list[int]:
         """Ids of terminal jobs last updated before `ended_before` whose server key file is not deleted."""
         query = (

@@ -2,11 +2,11 @@
 
 The audit runs as the `flglm.privacy_audit` task (in this process or on a Celery worker's `flglm.privacy`
 queue); the task writes its progress (with a heartbeat) and outcome to the blob store under the audit's
-random `task_key` (`worker.privacy_records`). `sync_audit` copies them into the row: on every read of the
-audits, on a start, and in housekeeping. So a control plane that restarts mid-audit loses nothing that a
-Celery worker computes; the in-process executor's audits die with the process, and `fail_orphaned_audits`
-marks them failed at start-up. An audit whose task stopped beating, or that no worker picked up in time,
-becomes failed with a message that says so.
+random `task_key` (`flglm.contracts.privacy_records`). `sync_audit` copies them into the row: on every
+read of the audits, on a start, and in housekeeping. So a control plane that restarts mid-audit loses
+nothing that a Celery worker computes; the in-process executor's audits die with the process, and
+`fail_orphaned_audits` marks them failed at start-up. An audit whose task stopped beating, or that no
+worker picked up in time, becomes failed with a message that says so.
 """
 
 from __future__ import annotations
@@ -34,10 +34,10 @@ from backend.privacy.schemas import (
     PrivacyAuditView,
 )
 from backend.steps.runtime import TaskDispatcher
+from flglm.contracts.blob_store import BlobStore
+from flglm.contracts.privacy_records import HEARTBEAT_TTL_S, AuditRecords
+from flglm.contracts.tasks import PRIVACY_AUDIT, PRIVACY_QUEUE
 from flglm.privacy.report import AuditRequest, PrivacyAudit
-from worker.blob_store import BlobStore
-from worker.privacy_records import HEARTBEAT_TTL_S, AuditRecords
-from worker.routing import PRIVACY_AUDIT, PRIVACY_QUEUE
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ def sync_audit(
     session: Session, audit: PrivacyAuditRun, store: BlobStore, now: datetime, queue_timeout_s: float
 ) -> None:
     """Copy the task's records into an active audit's row (outcome, else progress), or fail it when its task
-    is gone. The order of the reads matters: see `worker.privacy_records`."""
+    is gone. The order of the reads matters: see `flglm.contracts.privacy_records`."""
     if audit.status not in (AuditStatus.queued, AuditStatus.running):
         return
     records = AuditRecords(store, audit.task_key)

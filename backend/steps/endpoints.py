@@ -15,9 +15,11 @@ from fastapi import APIRouter, Depends, Path, Query, Request, Response, status
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from backend.api.deps import ClientDep, SessionDep, SettingsDep
+from backend.errors import refusal
 from backend.steps import service
 from backend.steps.runtime import StepRuntime
 from backend.steps.service import StepAccess
+from flglm.contracts.refusals import WrongDirection
 from flglm.step_protocol import (
     CLIENT_ADAPTERS_PATH,
     MAX_LONG_POLL_S,
@@ -133,9 +135,11 @@ async def upload_step_message(
     sequence: Annotated[int, Path(ge=0)],
 ) -> UploadReceipt:
     if direction not in service.STEP_DIRECTIONS:
-        raise service.NotAnUpload(
-            f"agents upload activations, gradients and eval_activations here, not {direction.value} "
-            "(adapters go to the client-adapters path)"
+        raise refusal(
+            WrongDirection(
+                f"agents upload activations, gradients and eval_activations here, not {direction.value} "
+                "(adapters go to the client-adapters path)"
+            )
         )
     body = await read_typed_body(request, (OCTET_STREAM,), "the sealed envelope")
     ref = _step_ref(access, step, direction, sequence)
@@ -168,7 +172,7 @@ async def wait_step_result(
     wait_s: WaitSeconds = 0.0,
 ) -> Response:
     if direction not in service.STEP_DIRECTIONS:
-        raise service.NotAnUpload(f"{direction.value} messages have no step result")
+        raise refusal(WrongDirection(f"{direction.value} messages have no step result"))
     ref = _step_ref(access, step, direction, sequence)
     blob = await service.wait_for_result(runtime, ref, min(wait_s, MAX_LONG_POLL_S))
     if blob is None:

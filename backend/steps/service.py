@@ -10,6 +10,7 @@ first, in `check_step_access`; everything after them touches only the blob store
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -18,18 +19,8 @@ from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
 from backend.clients.repository import ClientRepository
-from backend.errors import (
-    BadRequest,
-    Conflict,
-    DomainError,
-    Forbidden,
-    Gone,
-    InvalidInput,
-    NotFound,
-    PayloadTooLarge,
-    Unavailable,
-)
-from backend.jobs.repository import ParticipantRepository, RoundRepository
+from backend.errors import BadRequest, DomainError, InvalidInput, NotFound, Unavailable, refusal
+from backend.jobs.repository import JobRepository, RoundRepository
 from backend.jobs.service import (
     JobNotRunning,
     NotRoundParticipant,
@@ -40,7 +31,19 @@ from backend.jobs.service import (
 from backend.models import Job
 from backend.server_keys import job_key_path
 from backend.settings import Settings
-from backend.steps.runtime import StepRuntime, TaskHandle
+from backend.steps.runtime import StepRuntime
+from flglm.contracts import job_spec
+from flglm.contracts.blob_store import PutOutcome
+from flglm.contracts.dispatch import TaskHandle
+from flglm.contracts.refusals import ConflictingDuplicate, ReplayedMessage, StepRejected, UnknownJob
+from flglm.contracts.tasks import (
+    ADMISSION_QUEUE,
+    ADMIT_UPLOAD,
+    CLIENT_FEDAVG,
+    RELEASE_JOB,
+    ROUND_END,
+    route_step_message,
+)
 from flglm.protocol import JobStatus, RoundParticipantStatus
 from flglm.step_protocol import (
     DEFAULT_QUEUE,
@@ -54,9 +57,8 @@ from flglm.step_protocol import (
     replica_queue,
     spec_blob_key,
 )
-from worker.blob_store import PutOutcome
-from worker.errors import ReplayedMessage, StepRejected
-from worker.routing import ADMIT_UPLOAD, CLIENT_FEDAVG, RELEASE_JOB, ROUND_END, route_step_message
+
+log = logging.getLogger(__name__)
 
 STEP_DIRECTIONS = (
     MessageDirection.activations,
@@ -79,10 +81,6 @@ ENGINE_HYPERPARAMETERS = (
 )
 
 
-class DuplicateConflict(Conflict):
-    code = "conflicting_duplicate"
-
-
 class WorkerSpecInvalid(InvalidInput):
     code = "worker_spec_invalid"
 
@@ -95,41 +93,23 @@ class JobNotServed(NotFound):
     code = "job_not_published"
 
 
-class NotAnUpload(BadRequest):
-    code = "wrong_direction"
-
-
 class AdmissionTimeout(Unavailable):
     code = "admission_timeout"
-
-
-_KIND_BY_STATUS: dict[int, type[DomainError]] = {
-    400: BadRequest,
-    403: Forbidden,
-    404: NotFound,
-    409: Conflict,
-    410: Gone,
-    413: PayloadTooLarge,
-    422: InvalidInput,
-    503: Unavailable,
-}
-
-
-def refusal(exc: StepRejected) -> DomainError:
-    """The HTTP error of an engine refusal: its status and code, its message naming the problem."""
-    error = _KIND_BY_STATUS.get(exc.http_status, BadRequest)(str(exc))
-    error.code = exc.code
-    return error
 
 
 # ---- job start ------------------------------------------------------------------------------------
 
 
 def worker_job_spec(session: Session, job: Job, settings: Settings) -> WorkerJobSpec:
-    """The job as the workers see it: the approved, online participants with their keys."""
+    """The job as the workers see it: its first round's participants with their keys. Built from committed
+    rows only, so it is the same whenever it is built: at the start, or again by housekeeping."""
     clients = ClientRepository(session)
+    rounds = RoundRepository(session)
+    first_round = rounds.get(job.id, 1)
+    if first_round is None:
+        raise WorkerSpecInvalid(f"job {job.id} has no first round: it never started")
     job_clients = []
-    for client_id in ParticipantRepository(session).approved_active_client_ids(job.id):
+    for client_id in sorted(p.client_id for p in rounds.participants(first_round.id)):
         client = clients.get(client_id)
         assert client is not None and client.public_key is not None  # enrolled, hence keyed
         job_clients.append(JobClient(client_id=client.id, public_key=client.public_key))
@@ -163,18 +143,42 @@ def _build_spec(
 
 
 def publish_job_spec(runtime: StepRuntime, spec: WorkerJobSpec) -> None:
-    """Write-once, like `worker.engine.publish_job_spec` (not imported: it would load torch here)."""
-    ttl_s = max(spec.blob_ttl_s, 30 * 86400.0)
-    outcome = runtime.store.put_if_absent(spec_blob_key(spec.job_id), spec.model_dump_json().encode(), ttl_s)
-    if outcome is PutOutcome.conflict:
-        raise Conflict(f"job {spec.job_id} already has another worker spec published")
+    """Tell the workers a job started (write-once: another spec for the job is a 409 `spec_conflict`)."""
+    try:
+        job_spec.publish_job_spec(runtime.store, spec)
+    except StepRejected as exc:
+        raise refusal(exc) from None
+
+
+def publish_after_start(runtime: StepRuntime, spec: WorkerJobSpec) -> bool:
+    """Publish a started job's spec once its start is committed; False when the blob store failed (logged:
+    the housekeeping pass publishes it, `publish_missing_specs`), so the operator's start still answers."""
+    try:
+        publish_job_spec(runtime, spec)
+    except DomainError:
+        raise
+    except Exception:  # Redis down: the start is committed, the next housekeeping pass tells the workers
+        log.exception("job %s started but its worker spec could not be published yet", spec.job_id)
+        return False
+    return True
+
+
+def publish_missing_specs(session: Session, runtime: StepRuntime, settings: Settings) -> list[int]:
+    """Publish the spec of every running or paused job that has none (its start committed, its publication
+    lost); returns their ids."""
+    published = []
+    for job in JobRepository(session).with_status([JobStatus.running, JobStatus.paused]):
+        if runtime.store.get(spec_blob_key(job.id)) is None:
+            publish_job_spec(runtime, worker_job_spec(session, job, settings))
+            published.append(job.id)
+    return published
 
 
 def read_spec(runtime: StepRuntime, job_id: int) -> WorkerJobSpec:
-    data = runtime.store.get(spec_blob_key(job_id))
-    if data is None:
-        raise JobNotServed(f"job {job_id} has no worker spec (it never started on this deployment)")
-    return WorkerJobSpec.model_validate_json(data)
+    try:
+        return job_spec.read_job_spec(runtime.store, job_id)
+    except UnknownJob:
+        raise JobNotServed(f"job {job_id} has no worker spec (it never started on this deployment)") from None
 
 
 def release_job_replicas(runtime: StepRuntime, job_ids: list[int]) -> None:
@@ -275,7 +279,7 @@ def store_upload(
         handle = runtime.dispatcher.submit(
             ADMIT_UPLOAD,
             {"job_id": ref.job_id, "message": ref.model_dump(mode="json"), "staging_key": staging_key},
-            DEFAULT_QUEUE,
+            ADMISSION_QUEUE,
         )
         handle.get(admission_timeout_s)
     except ReplayedMessage as exc:
@@ -293,7 +297,7 @@ def store_upload(
         runtime.store.delete(staging_key)
     outcome = runtime.store.put_if_absent(key, body, spec.blob_ttl_s)
     if outcome is PutOutcome.conflict:
-        raise DuplicateConflict(f"{key} already holds a different message")
+        raise refusal(ConflictingDuplicate(f"{key} already holds a different message"))
     _queue_server_task(runtime, spec, ref)
     return UploadOutcome.stored if outcome is PutOutcome.stored else UploadOutcome.identical
 
@@ -302,9 +306,11 @@ def _duplicate(
     runtime: StepRuntime, spec: WorkerJobSpec, ref: MessageRef, existing: bytes, body: bytes
 ) -> UploadOutcome:
     if existing != body:
-        raise DuplicateConflict(
-            f"message {ref.blob_key()} was already uploaded with different bytes; a retried step needs "
-            "a new sequence number"
+        raise refusal(
+            ConflictingDuplicate(
+                f"message {ref.blob_key()} was already uploaded with different bytes; a retried step needs "
+                "a new sequence number"
+            )
         )
     result_key = ref.result_ref().blob_key()
     if runtime.handle_for(result_key) is None and runtime.store.get(result_key) is None:

@@ -17,7 +17,7 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from backend.app import create_app
+from apps.server import create_server_app
 from backend.migrate import upgrade_to_head
 from backend.models import Base
 from backend.settings import Settings
@@ -123,7 +123,7 @@ class Api:
 
 @pytest.fixture
 def app(settings: Settings) -> FastAPI:
-    return create_app(settings)
+    return create_server_app(settings)
 
 
 @pytest.fixture

@@ -18,7 +18,6 @@ ANY = {"admin", "viewer", "client"}
 
 ENDPOINTS: list[tuple[str, str, set[str]]] = [
     ("GET", "/auth/me", ANY),
-    ("POST", "/auth/tokens", ADMIN),
     ("GET", "/tokens", ADMIN),
     ("POST", "/tokens", ADMIN),
     ("DELETE", "/tokens/{token}", ADMIN),
@@ -64,7 +63,6 @@ ENDPOINTS: list[tuple[str, str, set[str]]] = [
 ]
 
 BODIES: dict[str, object] = {
-    "/auth/tokens": {"name": "x", "role": "viewer"},
     "/tokens": {"name": "x", "role": "viewer"},
     "/clients/enrollment-tokens": {"name": "matrix-new"},
     "/jobs": job_spec([]),

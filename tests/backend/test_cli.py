@@ -16,7 +16,7 @@ import pytest
 import sqlalchemy as sa
 from typer.testing import CliRunner
 
-from flglm.cli.main import app
+from apps.cli.main import app
 from tests.backend.conftest import free_port
 
 ADMIN = "flglm_at_cli-test-admin"
@@ -27,7 +27,7 @@ def served(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """A `flglm serve --self-signed` process on SQLite; yields (base URL, CA certificate)."""
     port = free_port()
     env = {**os.environ, "FLGLM_BOOTSTRAP_ADMIN_TOKEN": ADMIN, "FLGLM_DEADLINE_CHECK_INTERVAL_S": "1"}
-    cmd = [sys.executable, "-m", "flglm.cli.main", "serve", "--self-signed", "--port", str(port)]
+    cmd = [sys.executable, "-m", "apps.cli.main", "serve", "--self-signed", "--port", str(port)]
     process = subprocess.Popen(
         [*cmd, "--data-dir", str(tmp_path / "data")],
         env=env,

@@ -8,6 +8,7 @@ import torch
 from peft import PeftModel
 from typer.testing import CliRunner
 
+from apps.cli.main import app as cli
 from backend.exports.service import job_checkpoint_dir
 from backend.settings import Settings
 from flglm.adapters import (
@@ -16,7 +17,6 @@ from flglm.adapters import (
     load_trainable_state_dict,
     trainable_state_dict,
 )
-from flglm.cli.main import app as cli
 from flglm.export import read_export_bundle
 from flglm.generation import SamplingConfig, generate_through_split
 from flglm.models import load_model, load_tokenizer
@@ -106,7 +106,7 @@ def test_export_route_bundle_and_cli(api: Api, settings: Settings, tmp_path: Pat
 
     # The API route runs the same split generation (front and back in the backend, the body on the
     # in-process worker); viewers may call it.
-    viewer = api.ok("POST", "/auth/tokens", 201, json={"name": "v", "role": "viewer"})["token"]
+    viewer = api.ok("POST", "/tokens", 201, json={"name": "v", "role": "viewer"})["token"]
     answer = api.as_(viewer).ok(
         "POST", f"/jobs/{job_id}/generate", json={"prompts": ["the news today"], "max_new_tokens": 5}
     )

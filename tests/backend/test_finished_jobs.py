@@ -10,8 +10,9 @@ from backend.jobs import service
 from backend.jobs.finished import on_jobs_finished
 from backend.models import utc_now
 from backend.settings import Settings
+from flglm.contracts.tasks import RELEASE_JOB
 from flglm.protocol import JobSpec, JobStatus
-from flglm.step_protocol import spec_blob_key
+from flglm.step_protocol import replica_queue, spec_blob_key
 from tests.backend.conftest import Api, enroll, job_spec, running_job
 
 
@@ -40,9 +41,11 @@ def test_only_committed_job_ends_reach_the_callback(settings: Settings) -> None:
     engine.dispose()
 
 
-def test_a_job_that_ends_before_any_step_loads_no_engine_to_release_it(api: Api, app: FastAPI) -> None:
+def test_a_job_that_ends_before_any_step_loads_no_replica_to_release_it(api: Api, app: FastAPI) -> None:
     job_id = running_job(api, [enroll(api, "owner")])
     runtime = app.state.step_runtime
     assert runtime.store.get(spec_blob_key(job_id)) is not None  # the workers know the job: it is released
     assert api.ok("POST", f"/jobs/{job_id}/cancel")["status"] == "cancelled"
-    assert runtime.dispatcher._executor is None  # no executor (nor torch) was built just to release nothing
+    release = runtime.dispatcher.submit(RELEASE_JOB, {"job_id": job_id, "replica": 0}, replica_queue(0))
+    assert release.get(timeout_s=30) == {"status": "released", "dropped": []}  # nothing was loaded for it
+    assert runtime.dispatcher.runtime.replicas == {}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from fastapi.testclient import TestClient
 
-from backend.app import create_app
+from apps.server import create_server_app
 from backend.settings import Settings
 from tests.backend.conftest import ADMIN_TOKEN, Api, LiveServer, job_spec
 
@@ -110,7 +110,7 @@ def test_pagination(api: Api) -> None:
 
 def test_auth_and_enrollment_are_rate_limited(settings: Settings) -> None:
     limited = settings.model_copy(update={"rate_limit_burst": 3, "rate_limit_per_minute": 1.0})
-    with TestClient(create_app(limited)) as client:
+    with TestClient(create_server_app(limited)) as client:
         api = Api(client)
         statuses = [
             api.as_(None).post("/agent/enroll", json={"token": "x", "public_key": "y"}).status_code
@@ -128,11 +128,11 @@ def test_auth_and_enrollment_are_rate_limited(settings: Settings) -> None:
 def test_admin_token_is_generated_once_and_kept_private(settings: Settings, tmp_path: Path) -> None:
     fresh = settings.model_copy(update={"bootstrap_admin_token": "", "data_dir": tmp_path / "fresh"})
     token_file = tmp_path / "fresh" / "admin_token"
-    with TestClient(create_app(fresh)) as client:
+    with TestClient(create_server_app(fresh)) as client:
         secret = token_file.read_text().strip()
         assert token_file.stat().st_mode & 0o777 == 0o600
         me = Api(client, secret).ok("GET", "/auth/me")
         assert (me["kind"], me["role"]) == ("token", "admin")
     token_file.unlink()
-    with TestClient(create_app(fresh)):
+    with TestClient(create_server_app(fresh)):
         assert not token_file.exists()  # an admin exists already: nothing new is minted

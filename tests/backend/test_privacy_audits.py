@@ -14,16 +14,16 @@ import sqlalchemy as sa
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from backend.app import create_app
+from apps.server import create_server_app
 from backend.housekeeping import run_housekeeping
 from backend.models import Job, PrivacyAuditRun, utc_now
 from backend.privacy.matching import job_audit_request, settings_key
 from backend.privacy.service import LOST, NOT_PICKED_UP, RESTARTED
 from backend.settings import Settings
+from flglm.contracts.blob_store import RedisBlobStore
+from flglm.contracts.privacy_records import HEARTBEAT_TTL_S, AuditProgress, AuditRecords
+from flglm.contracts.tasks import PRIVACY_QUEUE
 from tests.backend.conftest import Agent, Api, enroll, job_spec
-from worker.blob_store import RedisBlobStore
-from worker.privacy_records import HEARTBEAT_TTL_S, AuditProgress, AuditRecords
-from worker.routing import PRIVACY_QUEUE
 
 TEXTS = [
     "The river rose overnight and the town council met at dawn to plan the evacuation of the low streets.",
@@ -140,7 +140,7 @@ def test_a_restarted_in_process_control_plane_fails_the_audits_it_was_running(
 ) -> None:
     job_id = tiny_job(api, [])
     audit_id = api.ok("POST", f"/jobs/{job_id}/privacy-audits", 202, json=QUICK)["id"]
-    with TestClient(create_app(settings)) as restarted:  # the same database, a new process's state
+    with TestClient(create_server_app(settings)) as restarted:  # the same database, a new process's state
         audit = Api(restarted).ok("GET", f"/jobs/{job_id}/privacy-audits/{audit_id}")
     # Nothing read the audit's records in the first process, so its row still said queued.
     assert audit["status"] == "failed" and audit["error"] == RESTARTED.format(status="queued")
@@ -250,7 +250,7 @@ def celery_api(settings: Settings, redis_url: str) -> Iterator[tuple[Api, FastAP
     """The control plane with the Celery executor on Redis database 13 (no other test's workers there), and
     no worker consuming the audits' queue: an audit stays queued (the queue is emptied afterwards)."""
     url = redis_url.rsplit("/", 1)[0] + "/13"
-    app = create_app(settings.model_copy(update={"executor": "celery", "redis_url": url}))
+    app = create_server_app(settings.model_copy(update={"executor": "celery", "redis_url": url}))
     client = redis.Redis.from_url(url)
     try:
         with TestClient(app) as http:
@@ -290,7 +290,7 @@ def test_one_audit_per_job_at_a_time_and_a_queued_audit_times_out(
 def test_progress_is_read_from_the_records_and_a_silent_worker_fails_the_audit(
     celery_api: tuple[Api, FastAPI, RedisBlobStore],
 ) -> None:
-    """The records a worker writes (worker.privacy_records), written here as a worker would, in Redis."""
+    """The records a worker writes (flglm.contracts.privacy_records), written here as a worker would."""
     api, app, store = celery_api
     job_id = tiny_job(api, [])
     audit_id = api.ok("POST", f"/jobs/{job_id}/privacy-audits", 202, json=SMALL)["id"]
@@ -313,7 +313,9 @@ def test_progress_is_read_from_the_records_and_a_silent_worker_fails_the_audit(
 
 
 def test_an_unreachable_queue_is_a_503_and_leaves_no_audit(settings: Settings) -> None:
-    app = create_app(settings.model_copy(update={"executor": "celery", "redis_url": "redis://127.0.0.1:1/0"}))
+    app = create_server_app(
+        settings.model_copy(update={"executor": "celery", "redis_url": "redis://127.0.0.1:1/0"})
+    )
     with TestClient(app) as http:
         api = Api(http)
         job_id = tiny_job(api, [])

@@ -11,7 +11,7 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from flglm.cli.main import app
+from apps.cli.main import app
 from flglm.privacy.report import PrivacyAudit
 from tests.backend.test_cli import ADMIN, served  # noqa: F401  (the `flglm serve` fixture)
 

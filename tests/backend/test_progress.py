@@ -22,7 +22,7 @@ def test_progress_reports_each_clients_latest_step_traffic_and_replica(api: Api)
         json={"round_number": 1, "step": 0, "loss": 3.0, "tokens": 50, "wire_bytes_down": 7},
     )
 
-    viewer = api.ok("POST", "/auth/tokens", 201, json={"name": "watcher", "role": "viewer"})["token"]
+    viewer = api.ok("POST", "/tokens", 201, json={"name": "watcher", "role": "viewer"})["token"]
     progress = api.as_(viewer).ok("GET", f"/metrics/jobs/{job_id}/progress")
 
     assert progress["status"] == "running" and progress["current_round"] == 1

@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from backend.app import create_app
+from apps.server import create_server_app
 from backend.clients.service import heartbeat
 from backend.housekeeping import run_housekeeping
 from backend.models import utc_now
@@ -150,7 +150,7 @@ def test_operator_close_round_applies_the_policy(api: Api) -> None:
 def test_the_app_enforces_deadlines_by_itself(settings: Settings) -> None:
     """With the housekeeping loop on, an overdue round is handled without anyone calling in."""
     looping = settings.model_copy(update={"deadline_check_interval_s": 0.1})
-    with TestClient(create_app(looping)) as client:
+    with TestClient(create_server_app(looping)) as client:
         api = Api(client)
         a, b = enroll(api, "loop-a"), enroll(api, "loop-b")
         job_id = running_job(api, [a, b], min_clients=2, round_timeout_s=0.3)

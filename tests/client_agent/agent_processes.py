@@ -9,7 +9,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-AGENT_CLI = [sys.executable, "-m", "flglm.cli.main", "agent"]
+AGENT_CLI = [sys.executable, "-m", "apps.cli.main", "agent"]
 
 
 def agent_env(state_dir: Path) -> dict[str, str]:

@@ -130,7 +130,7 @@ class Block:
         if name.split('.')[0] in BLOCKED:
             raise ImportError('agent must not import ' + name)
 sys.meta_path.insert(0, Block())
-import client_agent.runner, client_agent.state, client_agent.api, flglm.cli.agent
+import client_agent.runner, client_agent.state, client_agent.api, apps.cli.agent
 print('light')
 """
 

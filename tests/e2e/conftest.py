@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from fastapi import FastAPI
 
-from backend.app import create_app
+from apps.server import create_server_app
 from backend.settings import Settings
 from tests.backend.conftest import ADMIN_TOKEN, Api, LiveServer, live_server
 
@@ -39,7 +39,7 @@ def settings(tmp_path: Path, settings_overrides: dict[str, Any]) -> Settings:
 
 @pytest.fixture
 def app(settings: Settings) -> FastAPI:
-    return create_app(settings)
+    return create_server_app(settings)
 
 
 @pytest.fixture

@@ -12,8 +12,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from apps.cli.main import app as cli
 from backend.settings import Settings
-from flglm.cli.main import app as cli
 from flglm.generation import encode_body_input
 from flglm.generation_client import GenerationApiError
 from flglm.generation_protocol import TENSORS_MEDIA_TYPE
@@ -83,7 +83,7 @@ def test_session_routes_refuse_bad_input(live_server: LiveServer, api: Api, sett
     assert refused.status_code == 409 and "no server adapter checkpoint" in refused.text
     assert api.post("/jobs/999/generate/sessions").status_code == 404
     job_id, _ = trained_job(api, settings)
-    viewer = api.ok("POST", "/auth/tokens", 201, json={"name": "v", "role": "viewer"})["token"]
+    viewer = api.ok("POST", "/tokens", 201, json={"name": "v", "role": "viewer"})["token"]
     assert api.as_(viewer).post(f"/jobs/{job_id}/generate/sessions").status_code == 403
     assert api.as_(None).post(f"/jobs/{job_id}/generate/sessions").status_code == 401
 

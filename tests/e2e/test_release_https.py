@@ -8,6 +8,7 @@ import torch
 from backend.steps.runtime import StepRuntime
 from flglm.adapters import load_trainable_state_dict
 from flglm.client_step import run_client_eval_forward
+from flglm.contracts.tasks import REPLICA_COUNTERS
 from flglm.export import read_export_bundle
 from flglm.step_messages import seal_activations
 from flglm.step_protocol import MessageDirection, replica_queue
@@ -24,7 +25,6 @@ from tests.e2e.step_agents import (
 from tests.worker.step_clients import client_batch
 from worker.checkpoints import latest_snapshot, replica_dir
 from worker.engine import WorkerRuntime, load_server_body
-from worker.routing import REPLICA_COUNTERS
 
 
 def is_loaded(runtime: StepRuntime, job_id: int, replica: int) -> bool:

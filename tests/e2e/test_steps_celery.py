@@ -16,6 +16,8 @@ import redis
 from backend.settings import Settings
 from backend.steps.runtime import StepRuntime
 from flglm.client_step import run_client_eval_forward
+from flglm.contracts.refusals import JobKeyDeleted
+from flglm.contracts.tasks import REPLICA_COUNTERS
 from flglm.step_client import StepClient
 from flglm.step_protocol import MessageDirection, MessageRef, UploadReceipt, replica_queue
 from tests.backend.conftest import Api, LiveServer
@@ -33,8 +35,6 @@ from tests.e2e.step_agents import (
 )
 from tests.worker.step_clients import client_batch
 from tests.worker.test_celery_worker import WorkerProcesses
-from worker.errors import JobKeyDeleted
-from worker.routing import REPLICA_COUNTERS
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
 EXAMPLE_COUNTS = (10, 30, 60)

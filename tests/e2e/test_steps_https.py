@@ -22,6 +22,7 @@ from backend.models import utc_now
 from backend.settings import Settings
 from backend.steps.runtime import StepRuntime
 from flglm.client_step import run_client_eval_forward, run_client_step
+from flglm.contracts.blob_store import InMemoryBlobStore
 from flglm.step_client import StepConflict, StepHttpError
 from flglm.step_messages import seal_activations, seal_hidden
 from flglm.step_protocol import STEP_MESSAGE_PATH, STEP_RESULT_PATH, MessageDirection, MessageRef
@@ -39,7 +40,6 @@ from tests.e2e.step_agents import (
     train_sequentially,
 )
 from tests.worker.step_clients import client_batch
-from worker.blob_store import InMemoryBlobStore
 
 EXAMPLE_COUNTS = (10, 30, 60)
 REPO = Path(__file__).resolve().parents[2]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from apps.demo.scoring import score_labels
 from flglm.data import classification_example, collate, tokenize_examples
-from flglm.demo.scoring import score_labels
 from flglm.evaluation import classification_accuracy, eval_loss
 from flglm.models import load_model, load_tokenizer
 

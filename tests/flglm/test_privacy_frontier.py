@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from flglm.cli.main import app
+from apps.cli.main import app
 
 SETTINGS = """\
 - name: plain

@@ -15,16 +15,17 @@ import pytest
 import uvicorn
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
 
-from backend.app import FRONTEND_DIR, create_app
+from apps.server import create_server_app
+from backend.app import FRONTEND_DIR
 from backend.exports.service import job_checkpoint_dir
 from backend.settings import Settings
-from tests.backend.conftest import ADMIN_TOKEN, Agent, Api, enroll, free_port
-from worker.artifact_paths import (
+from flglm.contracts.artifacts import (
     client_adapters_path,
     read_raw_safetensors,
     replica_dir,
     write_raw_safetensors,
 )
+from tests.backend.conftest import ADMIN_TOKEN, Agent, Api, enroll, free_port
 
 pytestmark = pytest.mark.browser
 
@@ -69,7 +70,9 @@ def dashboard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dashboard]:
     )
     port = free_port()
     server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+        uvicorn.Config(
+            create_server_app(settings), host="127.0.0.1", port=port, log_level="warning", lifespan="on"
+        )
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from flglm.adapters import AdapterConfig, add_split_adapters
+from flglm.contracts.blob_store import BlobStore
 from flglm.models import load_split_parts
 from flglm.split import SplitPlan
 from flglm.step_messages import (
@@ -22,7 +23,6 @@ from flglm.step_protocol import JobClient, MessageDirection, MessageRef, WorkerJ
 from flglm.trainers import ClientSideTrainer, ServerSideTrainer, TrainConfig
 from flglm.wire.codec import parse_wire_dtype
 from flglm.wire.keys import ChannelKeys, ClientKeyPair, derive_channel_keys
-from worker.blob_store import BlobStore
 from worker.engine import load_server_body
 
 MODEL_REF = "tiny:llama:0"

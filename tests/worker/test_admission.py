@@ -7,14 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from flglm.contracts import refusals as errors
+from flglm.contracts.refusals import WrongDirection
 from flglm.step_messages import seal_activations, seal_hidden
 from flglm.step_protocol import MessageDirection
 from flglm.wire.errors import ReplayError
 from flglm.wire.keys import ClientKeyPair, generate_private_key
 from flglm.wire.sequence import ReplayGuard
 from tests.worker.step_clients import SimulatedClient, make_spec
-from worker import errors
-from worker.admission import WrongDirection, admit_step_upload
+from worker.admission import admit_step_upload
 
 
 def test_admission_refuses_hostile_uploads_with_their_status(tmp_path: Path) -> None:
@@ -90,9 +91,10 @@ def test_redis_sequence_guard_is_shared_and_strictly_increasing(redis_url: str) 
 
 
 def test_admit_upload_task_checks_a_staged_upload(tmp_path: Path) -> None:
-    from worker.blob_store import InMemoryBlobStore
-    from worker.engine import publish_job_spec
-    from worker.executor import ADMIT_UPLOAD, DEFAULT_QUEUE, InProcessExecutor
+    from flglm.contracts.blob_store import InMemoryBlobStore
+    from flglm.contracts.job_spec import publish_job_spec
+    from flglm.contracts.tasks import ADMIT_UPLOAD, DEFAULT_QUEUE
+    from worker.executor import InProcessExecutor
 
     server_key = generate_private_key()
     client = SimulatedClient(11, ClientKeyPair.generate())

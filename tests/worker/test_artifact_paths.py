@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load, save
 
-from worker.artifact_paths import (
+from flglm.contracts.artifacts import (
     latest_client_adapters,
     latest_server_checkpoint,
     read_raw_safetensors,
@@ -62,7 +62,7 @@ def test_not_a_safetensors_file_is_a_clear_error(tmp_path: Path) -> None:
 def test_export_route_modules_do_not_import_torch() -> None:
     code = (
         "import sys\n"
-        "import backend.exports.endpoints, backend.exports.service, worker.artifact_paths\n"
+        "import backend.exports.endpoints, backend.exports.service, flglm.contracts.artifacts\n"
         "assert 'torch' not in sys.modules, 'the export route imported torch'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from worker.blob_store import BlobStore, InMemoryBlobStore, PutOutcome, RedisBlobStore
+from flglm.contracts.blob_store import BlobStore, InMemoryBlobStore, PutOutcome, RedisBlobStore
 
 
 @pytest.fixture(params=["memory", "redis"])

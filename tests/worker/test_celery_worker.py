@@ -19,16 +19,16 @@ from typing import Any
 import pytest
 import redis
 import torch
-from celery import Celery
 
+from flglm.contracts.blob_store import RedisBlobStore
+from flglm.contracts.dispatch import CeleryDispatcher
+from flglm.contracts.job_spec import publish_job_spec
+from flglm.contracts.tasks import REPLICA_COUNTERS, ROUND_END, route_step_message
 from flglm.protocol import ParallelMode
 from flglm.step_protocol import MessageRef, WorkerJobSpec, replica_queue
 from flglm.wire.keys import ClientKeyPair, generate_private_key, save_private_key
 from tests.worker.step_clients import SimulatedClient, client_batch, make_spec, reference_sequential_losses
-from worker.blob_store import RedisBlobStore
 from worker.checkpoints import latest_snapshot, replica_dir
-from worker.engine import publish_job_spec
-from worker.executor import REPLICA_COUNTERS, ROUND_END, CeleryExecutor, route_step_message
 
 pytestmark = pytest.mark.redis
 CLIENT_IDS = [11, 12, 13]
@@ -83,7 +83,7 @@ class WorkerProcesses:
         args = [
             sys.executable,
             "-m",
-            "flglm.cli.main",
+            "apps.cli.main",
             "worker",
             "--loglevel",
             "warning",
@@ -93,7 +93,7 @@ class WorkerProcesses:
         ]
         for replica in replicas:
             args += ["--replica", str(replica)]
-        if replicas and replicas[0] not in (0, "auto"):
+        if replicas and replicas[0] not in (0, "auto", "none"):
             args.append("--no-default-queue")
         log = open(self.log_path(len(self.processes)), "wb")  # noqa: SIM115
         process = subprocess.Popen(args, env=worker_env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
@@ -128,10 +128,9 @@ class CeleryHarness:
             **spec_overrides,
         )
         publish_job_spec(self.store, self.spec)
-        app = Celery("flglm-test", broker=redis_url, backend=redis_url)
-        app.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"])
-        self.app = app
-        self.executor = CeleryExecutor(app)
+        # The dispatcher the control plane uses in production: the contract suite runs on it.
+        self.executor = CeleryDispatcher(redis_url)
+        self.app = self.executor.app
         self.workers = WorkerProcesses(redis_url, key_file, tmp_path)
         self.attempts: dict[tuple[int, int, int], int] = {}
 

@@ -10,6 +10,10 @@ import pytest
 import torch
 
 from flglm.adapters import fedavg, trainable_state_dict
+from flglm.contracts import refusals as errors
+from flglm.contracts.blob_store import InMemoryBlobStore, PutOutcome
+from flglm.contracts.job_spec import publish_job_spec
+from flglm.contracts.tasks import CLIENT_FEDAVG, DEFAULT_QUEUE, REPLICA_COUNTERS, route_step_message
 from flglm.protocol import ParallelMode
 from flglm.step_messages import open_adapters, seal_activations, seal_adapters
 from flglm.step_protocol import MessageDirection, MessageRef, replica_queue
@@ -22,17 +26,9 @@ from tests.worker.step_clients import (
     make_spec,
     reference_sequential_losses,
 )
-from worker import errors
-from worker.blob_store import InMemoryBlobStore, PutOutcome
 from worker.checkpoints import latest_snapshot, replica_dir
-from worker.engine import load_server_body, publish_job_spec
-from worker.executor import (
-    CLIENT_FEDAVG,
-    DEFAULT_QUEUE,
-    REPLICA_COUNTERS,
-    InProcessExecutor,
-    route_step_message,
-)
+from worker.engine import load_server_body
+from worker.executor import InProcessExecutor
 from worker.replica import ServerReplica
 
 CLIENT_IDS = [11, 12, 13]

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from flglm.adapters import AdapterConfig, add_split_adapters, load_trainable_state_dict, trainable_state_dict
+from flglm.contracts import refusals as errors
+from flglm.contracts.tasks import SERVER_EVAL_FORWARD, route_step_message
 from flglm.split import SplitPlan, position_ids_from_attention_mask, split_model
 from flglm.step_messages import PayloadLimits, open_hidden, seal_activations, seal_hidden
 from flglm.step_protocol import MessageDirection, MessageRef
@@ -19,9 +21,7 @@ from flglm.wire.keys import ClientKeyPair
 from flglm.wire.sequence import ReplayGuard
 from tests.worker.step_clients import ADAPTER, HIDDEN, SimulatedClient, client_batch
 from tests.worker.test_engine import Harness
-from worker import errors
 from worker.admission import admit_step_upload
-from worker.executor import SERVER_EVAL_FORWARD, route_step_message
 
 
 @pytest.fixture

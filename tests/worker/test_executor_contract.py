@@ -9,13 +9,13 @@ from typing import Any
 import pytest
 
 from flglm.adapters import trainable_state_dict
+from flglm.contracts import refusals as errors
+from flglm.contracts.tasks import CLIENT_FEDAVG, REPLICA_COUNTERS, route_step_message
 from flglm.step_messages import seal_adapters
 from flglm.step_protocol import DEFAULT_QUEUE, MessageDirection, MessageRef, replica_queue
 from tests.worker.step_clients import client_batch, reference_sequential_losses
 from tests.worker.test_celery_worker import CLIENT_IDS, CeleryHarness
 from tests.worker.test_engine import Harness
-from worker import errors
-from worker.executor import CLIENT_FEDAVG, REPLICA_COUNTERS, route_step_message
 
 
 # Celery starts a worker process (imports torch, transformers, peft): seconds on a busy machine, so slow.
@@ -100,15 +100,26 @@ def test_executor_contract(harness: Any) -> None:
         assert h.store.get(MessageRef.model_validate(upload).result_ref().blob_key()) is not None
 
 
-def test_executor_is_chosen_by_settings(redis_url: str) -> None:
+def test_the_settings_pick_the_dispatcher_and_only_the_app_layer_wires_the_in_process_one(
+    redis_url: str, tmp_path: Path
+) -> None:
+    from apps.server import inprocess_executor
+    from backend.settings import Settings
+    from backend.steps.runtime import NoInProcessDispatcher, step_runtime_from_settings
+    from flglm.contracts.blob_store import InMemoryBlobStore, RedisBlobStore
+    from flglm.contracts.dispatch import CeleryDispatcher
     from flglm.wire.keys import generate_private_key
-    from worker.blob_store import InMemoryBlobStore, RedisBlobStore
-    from worker.executor import CeleryExecutor, InProcessExecutor, executor_from_settings
+    from worker.executor import InProcessExecutor
 
-    executor, store = executor_from_settings("inprocess", redis_url, generate_private_key())
-    assert isinstance(executor, InProcessExecutor) and isinstance(store, InMemoryBlobStore)
-    executor.close()
-    executor, store = executor_from_settings("celery", redis_url, generate_private_key())
-    assert isinstance(executor, CeleryExecutor) and isinstance(store, RedisBlobStore)
-    with pytest.raises(ValueError, match="inprocess"):
-        executor_from_settings("threads", redis_url, generate_private_key())
+    key = generate_private_key()
+    settings = Settings(data_dir=tmp_path, executor="inprocess")
+    runtime = step_runtime_from_settings(settings, key, inprocess_executor)
+    assert isinstance(runtime.dispatcher, InProcessExecutor) and isinstance(runtime.store, InMemoryBlobStore)
+    runtime.close()
+    with pytest.raises(NoInProcessDispatcher, match="create_server_app"):
+        step_runtime_from_settings(settings, key)
+    celery = step_runtime_from_settings(
+        settings.model_copy(update={"executor": "celery", "redis_url": redis_url}), key
+    )
+    assert isinstance(celery.dispatcher, CeleryDispatcher) and isinstance(celery.store, RedisBlobStore)
+    celery.close()

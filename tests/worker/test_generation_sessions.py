@@ -10,17 +10,17 @@ import pytest
 import torch
 
 from flglm.adapters import AdapterConfig, add_split_adapters, trainable_state_dict
+from flglm.contracts.blob_store import InMemoryBlobStore
+from flglm.contracts.refusals import UnknownGenerationSession
+from flglm.contracts.tasks import BODY_GENERATE, BODY_GENERATE_CLOSE, BODY_GENERATE_OPEN, raise_if_rejected
 from flglm.generation import LocalBody, decode_body_output, encode_body_input
 from flglm.models import load_model
 from flglm.split import SplitModel, SplitPlan, split_model
 from flglm.wire.keys import generate_private_key
-from worker.blob_store import InMemoryBlobStore
 from worker.checkpoints import ReplicaSnapshot, replica_dir, save_snapshot
 from worker.engine import WorkerRuntime
-from worker.errors import UnknownGenerationSession
-from worker.executor import BODY_GENERATE, BODY_GENERATE_CLOSE, BODY_GENERATE_OPEN, call_task
+from worker.executor import call_task
 from worker.generation import GenerationSessions
-from worker.routing import raise_if_rejected
 
 HIDDEN = 32  # tiny:llama
 # The worker runs the body on its GPU when it has one: cover that path wherever a GPU is present.

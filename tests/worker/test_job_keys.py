@@ -10,15 +10,16 @@ import pytest
 import torch
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
+from flglm.contracts import refusals as errors
+from flglm.contracts.blob_store import InMemoryBlobStore
+from flglm.contracts.job_spec import publish_job_spec
+from flglm.contracts.tasks import ADMIT_UPLOAD, DEFAULT_QUEUE
 from flglm.step_messages import seal_activations
 from flglm.step_protocol import MessageDirection, MessageRef, WorkerJobSpec
 from flglm.wire.errors import InsecureKeyFileError
 from flglm.wire.keys import ClientKeyPair, derive_channel_keys, generate_private_key, save_private_key
 from tests.worker.step_clients import HIDDEN, make_spec
-from worker import errors
-from worker.blob_store import InMemoryBlobStore
-from worker.engine import publish_job_spec
-from worker.executor import ADMIT_UPLOAD, DEFAULT_QUEUE, InProcessExecutor
+from worker.executor import InProcessExecutor
 
 CLIENT_ID = 11
 SEQUENCE = itertools.count(1)

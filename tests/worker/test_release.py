@@ -10,12 +10,12 @@ from typing import Any
 import torch
 
 from flglm.adapters import trainable_state_dict
+from flglm.contracts.tasks import RELEASE_JOB, REPLICA_COUNTERS, ROUND_END
 from flglm.protocol import ParallelMode
 from flglm.step_protocol import replica_queue
 from tests.worker.step_clients import client_batch, reference_sequential_losses
 from tests.worker.test_engine import CLIENT_IDS, Harness
 from worker.checkpoints import latest_snapshot, replica_dir
-from worker.executor import RELEASE_JOB, REPLICA_COUNTERS, ROUND_END
 from worker.replica import ServerReplica
 
 

@@ -160,7 +160,7 @@ def test_device_of_a_slot() -> None:
 def run_flglm(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
     """`flglm ARGS` in a subprocess against the given Redis."""
     env = dict(os.environ, FLGLM_REDIS_URL=redis_url, PYTHONPATH=str(REPO))
-    command = [sys.executable, "-m", "flglm.cli.main", *args]
+    command = [sys.executable, "-m", "apps.cli.main", *args]
     return subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
 
 

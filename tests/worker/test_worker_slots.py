@@ -17,11 +17,11 @@ import pytest
 import redis
 from celery import Celery
 
+from flglm.contracts.tasks import ADMISSION_QUEUE, PRIVACY_QUEUE
 from flglm.step_protocol import DEFAULT_QUEUE, replica_queue
 from flglm.wire.keys import generate_private_key, save_private_key
 from tests.worker.test_celery_worker import WorkerProcesses
 from tests.worker.test_slots import clear_slot_leases, run_flglm
-from worker.routing import PRIVACY_QUEUE
 from worker.slots import LEASE_LOST_EXIT_CODE, read_slot_leases, slot_key
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
@@ -102,7 +102,7 @@ def test_auto_workers_claim_distinct_slots_free_them_and_never_share_one(
         (slot, identity) for identity, slot in slots.items()
     )
 
-    # Each consumes its own slot's queue (and the stateless default and privacy-audit queues), nothing else.
+    # Each consumes its own slot's queue (and the stateless admission, default and privacy-audit queues).
     app = Celery("flglm-slots-test", broker=slot_redis_url, backend=slot_redis_url)
     queues: dict[str, list[str]] = {}
 
@@ -114,7 +114,7 @@ def test_auto_workers_claim_distinct_slots_free_them_and_never_share_one(
     wait_for(both_answer, "both workers to answer a Celery inspect")
     app.close()
     for index, identity in enumerate(("host-a", "host-b")):
-        expected = [DEFAULT_QUEUE, PRIVACY_QUEUE, replica_queue(slots[identity])]
+        expected = [ADMISSION_QUEUE, DEFAULT_QUEUE, PRIVACY_QUEUE, replica_queue(slots[identity])]
         assert queues[workers.node_name(index)] == sorted(expected)
 
     # A third worker finds no free slot under --max-replicas 2: it fails at once, saying why.
@@ -143,3 +143,49 @@ def test_auto_workers_claim_distinct_slots_free_them_and_never_share_one(
     assert "was taken by another worker" in log_text(workers, 3)
     assert client.get(slot_key(slots["host-a"])) == b"host-x#took-it-during-an-outage"
     client.close()
+
+
+def active_queues(redis_url: str, node: str) -> list[str]:
+    """The queues a running worker node consumes, from a Celery inspect ([] until it answers)."""
+    app = Celery("flglm-queues-test", broker=redis_url, backend=redis_url)
+    try:
+        answer = app.control.inspect(timeout=2, destination=[node]).active_queues() or {}
+    finally:
+        app.close()
+    return sorted(queue["name"] for queue in answer.get(node, []))
+
+
+def test_a_queue_worker_serves_the_stateless_queues_on_threads_and_no_replica(
+    workers: WorkerProcesses, slot_redis_url: str
+) -> None:
+    """`flglm worker --replica none` (the compose `queues` service): admission, FedAvg and audits, no replica
+    queue, several threads, and no slot lease (it serves no replica)."""
+    workers.start("none", options=["--pool", "threads", "--concurrency", "3"])
+    queues: list[str] = []
+
+    def answered() -> bool:
+        queues[:] = active_queues(slot_redis_url, workers.node_name(0))
+        return bool(queues)
+
+    wait_for(answered, "the queue worker to answer a Celery inspect")
+    assert queues == sorted([ADMISSION_QUEUE, DEFAULT_QUEUE, PRIVACY_QUEUE])
+    assert read_slot_leases(redis.Redis.from_url(slot_redis_url)) == []
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--replica", "none", "--replica", "0"], "--replica none takes no other --replica"),
+        (["--replica", "0", "--pool", "threads", "--concurrency", "2"], "--concurrency > 1 needs --replica"),
+        (["--replica", "none", "--concurrency", "2"], "--concurrency > 1 needs --replica"),
+        (
+            ["--replica", "none", "--no-default-queue", "--no-admission-queue", "--no-privacy-queue"],
+            "would consume no queue",
+        ),
+    ],
+)
+def test_worker_options_that_cannot_work_are_refused_before_anything_starts(
+    options: list[str], message: str
+) -> None:
+    done = run_flglm("redis://127.0.0.1:1/0", "worker", *options)
+    assert done.returncode == 2 and message in " ".join(done.stderr.split()), done.stderr

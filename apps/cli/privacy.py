@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 
-from flglm.cli.operator import DEFAULT_SERVER, CaCert, Server, Token, call_api
+from apps.cli.operator import DEFAULT_SERVER, CaCert, Server, Token, call_api
 from flglm.privacy.progress import StageBars
 from flglm.privacy.report import AuditRequest, PrivacyAudit
 from flglm.protocol import PrivacySpec
@@ -275,7 +275,7 @@ def parse_seeds(value: str) -> list[int]:
 
 def _write_frontier(rows: list[dict[str, Any]], out: Path, complete: bool) -> dict[str, Any]:
     """frontier.json (after every row, so a stopped sweep keeps what it measured), then .md and .png."""
-    from flglm.privacy.frontier_table import frontier_report, frontier_summary
+    from apps.privacy.frontier_table import frontier_report, frontier_summary
 
     out.mkdir(parents=True, exist_ok=True)
     summary = {**frontier_summary(rows), "complete": complete}
@@ -285,7 +285,7 @@ def _write_frontier(rows: list[dict[str, Any]], out: Path, complete: bool) -> di
         baseline = summary["baseline_accuracy"]
         png: Path | None = None
         if baseline is not None and scored:
-            from flglm.privacy.frontier import plot_frontier
+            from apps.privacy.frontier import plot_frontier
 
             model = rows[0]["audit"]["request"]["model_ref"]
             title = f"Privacy / utility frontier ({model}, demo task)"
@@ -305,7 +305,7 @@ def frontier(
         typer.Option(
             "--settings",
             help="JSON/YAML list of {name, front_layers, privacy}; the first row is the undefended baseline "
-            "[default: the README's settings, flglm.privacy.frontier.DEFAULT_SETTINGS]",
+            "[default: the README's settings, apps.privacy.frontier.DEFAULT_SETTINGS]",
         ),
     ] = None,
     seeds: Annotated[str, typer.Option(help="comma-separated training seeds per setting")] = "0,1,2",
@@ -336,7 +336,7 @@ def frontier(
     Every setting is audited at the first step, then trained and scored with the defence in its path once
     per seed on the demo's data and budget. The first row is the baseline the cost is measured from.
     """
-    from flglm.privacy.frontier_table import FrontierInputError, load_rows, load_settings
+    from apps.privacy.frontier_table import FrontierInputError, load_rows, load_settings
 
     if more_rows and not from_json:
         files = ", ".join(map(str, more_rows))
@@ -366,7 +366,7 @@ def frontier(
     if repeated:
         raise typer.BadParameter(f"setting names repeat across the rows: {', '.join(repeated)}")
 
-    from flglm.privacy.frontier import DEFAULT_SETTINGS, DefenceSetting, frontier_row
+    from apps.privacy.frontier import DEFAULT_SETTINGS, DefenceSetting, frontier_row
 
     to_run = (
         [DefenceSetting(s.name, s.front_layers, s.privacy) for s in chosen]
@@ -409,6 +409,6 @@ def frontier(
     if as_json:
         typer.echo(json.dumps(summary))
     else:
-        from flglm.privacy.frontier_table import frontier_markdown
+        from apps.privacy.frontier_table import frontier_markdown
 
         typer.echo(frontier_markdown(rows))

@@ -45,7 +45,7 @@ def serve(
     """Serve `/api/v1` (and the dashboard at `/`) until Ctrl-C; migrations run at start."""
     import uvicorn
 
-    from backend.app import create_app
+    from apps.server import create_server_app
     from backend.tls import ensure_self_signed
 
     settings = _settings(data_dir, database_url)
@@ -63,7 +63,7 @@ def serve(
         typer.echo(
             "flglm: WARNING serving plain HTTP; use --self-signed or a certificate outside tests", err=True
         )
-    app = create_app(settings)
+    app = create_server_app(settings)
     uvicorn.run(
         app,
         host=host,

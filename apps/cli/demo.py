@@ -85,7 +85,7 @@ def demo(
     the privacy audit of the job's own settings."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from flglm.demo.pipeline import QUICK, DemoOptions, run_demo
+    from apps.demo.pipeline import QUICK, DemoOptions, run_demo
 
     if skew not in ("iid", "dirichlet", "extreme"):
         raise typer.BadParameter(f"--skew must be iid, dirichlet or extreme, got {skew!r}")

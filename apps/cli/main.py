@@ -2,7 +2,7 @@
 
 import typer
 
-from flglm.cli import agent, artifacts, bench, demo, operator, privacy, server, worker
+from apps.cli import agent, artifacts, bench, demo, operator, privacy, server, worker
 
 app = typer.Typer(
     help="FL-GLM: split federated fine-tuning of LLMs on data that never leaves its owners.",

@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from flglm.cli.operator import DEFAULT_SERVER, CaCert, Server, Token, call_api, job_app
+from apps.cli.operator import DEFAULT_SERVER, CaCert, Server, Token, call_api, job_app
 
 BundleFile = Annotated[
     Path | None,

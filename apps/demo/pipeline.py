@@ -25,13 +25,13 @@ import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
+from apps.demo.centralized import train_centralized
+from apps.demo.orchestrate import FederatedDemo
+from apps.demo.report import audit_rows, format_table, result_rows, write_report
+from apps.demo.scoring import LabelScores, score_labels
 from flglm.adapters import AdapterConfig
 from flglm.corpora import Skew, carve_balanced_eval, write_demo_data_dir
 from flglm.data import DEFAULT_CLASSIFICATION_TEMPLATE, DataDir, Example, read_data_dir, write_client_files
-from flglm.demo.centralized import train_centralized
-from flglm.demo.orchestrate import FederatedDemo
-from flglm.demo.report import audit_rows, format_table, result_rows, write_report
-from flglm.demo.scoring import LabelScores, score_labels
 from flglm.export import ExportBundle, read_export_bundle, unsplit_adapter_state
 from flglm.models import load_model, load_tokenizer
 from flglm.split import SplitPlan

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from worker.blob_store import BlobStore
+from flglm.contracts.blob_store import BlobStore
 
 HEARTBEAT_INTERVAL_S = 10.0
 # The progress record expires this long after the last heartbeat: then the task is gone.

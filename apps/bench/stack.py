@@ -12,7 +12,7 @@ all its clients' timed tokens over the window from the first timed step's start 
 Full stack: a `flglm serve --self-signed` subprocess (SQLite; executor in-process by default, or Celery
 on Redis with one `flglm worker` subprocess per replica), one enrolled client per data owner, a job per
 mode (created, opened, approved, started through the REST API like an operator and agents would), and one
-`python -m flglm.bench.stack_client` process per client running the agent's step (`run_client_step`:
+`python -m apps.bench.stack_client` process per client running the agent's step (`run_client_step`:
 AES-GCM sealed tensors over HTTPS, long-polls). Those client processes are the agent's step loop without
 its data loading, checkpoints and heartbeats (per-step overhead the agent adds is a state-file write); the
 backend's heartbeat lease is therefore lifted for the bench.
@@ -144,7 +144,7 @@ def running_backend(work_dir: Path, threads: int, executor: str, replicas: int) 
         redis.Redis.from_url(REDIS_URL).flushdb()
     env = bench_env(threads, data_dir, executor)
     port = free_port()
-    cli = [sys.executable, "-m", "flglm.cli.main"]
+    cli = [sys.executable, "-m", "apps.cli.main"]
     processes = []
     log = (work_dir / "backend.log").open("ab")
     try:
@@ -210,7 +210,7 @@ class CentralizedReference:
         self.trainer.train_step(self.batch(0, 0))  # warm-up, as the clients' step 0
 
     def batch(self, client: int, step: int) -> dict[str, Any]:
-        from flglm.bench.stack_batches import stack_bench_batch
+        from apps.bench.stack_batches import stack_bench_batch
 
         batch = stack_bench_batch(self.tokenizer, self.config.batch_size, self.config.seq_len, client, step)
         return {name: tensor.to(self.device) for name, tensor in batch.items()}
@@ -317,7 +317,7 @@ def run_mode(
         with (mode_dir / f"client-{index}.log").open("wb") as log:
             processes.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "flglm.bench.stack_client", str(config_file)],
+                    [sys.executable, "-m", "apps.bench.stack_client", str(config_file)],
                     env=env,
                     stdout=subprocess.PIPE,
                     stderr=log,

@@ -1,4 +1,8 @@
-"""Typed refusals of the worker engine; each carries the HTTP status the backend maps it to."""
+"""The one catalogue of step refusals: a class per code, each with the HTTP status the backend answers with.
+
+The worker raises them, the backend maps them to HTTP (`backend.errors.refusal`), the agent compares the
+`code` of an error body with `Kind.code` (never a string written again).
+"""
 
 from __future__ import annotations
 
@@ -68,6 +72,28 @@ class StepGraphMissing(StepRejected):
     code = "step_graph_missing"
 
 
+class ConflictingDuplicate(StepRejected):
+    """Different bytes at an address that already holds a message: a retried step needs a new sequence."""
+
+    http_status = 409
+    code = "conflicting_duplicate"
+
+
+class WrongDirection(StepRejected):
+    """Agents upload activations, gradients, adapters_up and eval_activations only; results are the
+    server's to write."""
+
+    http_status = 400
+    code = "wrong_direction"
+
+
+class SpecConflict(StepRejected):
+    """A job already has another worker spec published: a job's spec never changes under its replicas."""
+
+    http_status = 409
+    code = "spec_conflict"
+
+
 class ReplicaMisrouted(StepRejected):
     """The task reached a worker that does not serve this replica (a routing bug, never the client's)."""
 
@@ -107,15 +133,3 @@ class NoServerCheckpoint(StepRejected):
 
 class JournalGap(RuntimeError):
     """A journalled step cannot be replayed (its messages expired): resuming would lose applied steps."""
-
-
-def rejection_from_wire(exc: Exception) -> StepRejected:
-    """The engine's refusal for a wire-format error raised while opening an upload."""
-    from flglm.step_messages import WrongPayload
-    from flglm.wire.errors import PayloadTooLargeError, ReplayError, UnexpectedTensorError
-
-    if isinstance(exc, ReplayError):
-        return ReplayedMessage(str(exc))
-    if isinstance(exc, WrongPayload | UnexpectedTensorError | PayloadTooLargeError):
-        return WrongTensor(str(exc))
-    return TamperedMessage(str(exc))

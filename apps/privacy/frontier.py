@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from apps.demo.scoring import score_labels
 from flglm.adapters import AdapterConfig, trainable_parameters
 from flglm.data import Example, collate, iterate_batches, tokenize_examples
-from flglm.demo.scoring import score_labels
 from flglm.models import load_model, load_tokenizer
 from flglm.privacy.client import ClientDefence, add_client_adapters
 from flglm.privacy.report import ALL_ATTACKS, AttackName, AuditRequest
@@ -177,7 +177,7 @@ def demo_data(
     seed: int, work: Path, eval_per_label: int = 50, max_words: int = 45
 ) -> tuple[list[Example], list[Example], list[str]]:
     """The demo's pooled training examples, its held-out examples (400 by default) and labels for `seed`."""
-    from flglm.demo.pipeline import DemoOptions, prepare_data
+    from apps.demo.pipeline import DemoOptions, prepare_data
 
     data = prepare_data(DemoOptions(seed=seed, eval_per_label=eval_per_label, max_words=max_words), work)
     assert data.labels is not None and data.eval_examples is not None

@@ -28,7 +28,7 @@ import httpx
 
 from flglm.protocol import JobStatus
 
-FLGLM_CLI = [sys.executable, "-m", "flglm.cli.main"]
+FLGLM_CLI = [sys.executable, "-m", "apps.cli.main"]
 TERMINAL = {JobStatus.completed.value, JobStatus.failed.value, JobStatus.cancelled.value}
 
 

@@ -1,6 +1,6 @@
 """One benchmark data owner as its own process: the agent's half of each step over HTTPS, timed.
 
-Run by `flglm bench` (flglm/bench/stack.py) as `python -m flglm.bench.stack_client <config.json>`. It
+Run by `flglm bench` (apps/bench/stack.py) as `python -m apps.bench.stack_client <config.json>`. It
 does what the client agent does per step (`run_client_step`: front forward, seal, upload, long-poll,
 back + loss, backward, seal, upload, long-poll, front backward, optimizer step) on the benchmark's
 deterministic batches, and prints one JSON line: per-step start/end (`time.perf_counter`, one monotonic
@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
+from apps.bench.stack_batches import stack_bench_batch
 from flglm.adapters import AdapterConfig, add_split_adapters
-from flglm.bench.stack_batches import stack_bench_batch
 from flglm.client_step import ClientChannel, run_client_step
 from flglm.models import load_split_parts, load_tokenizer
 from flglm.split import SplitPlan

@@ -6,6 +6,10 @@ forward stays in this process's memory until its backward arrives on the same qu
 children would not share. `--replica auto` (what `docker compose up --scale worker=N` runs) leases the
 lowest free slot in Redis instead (worker.slots) and exits with status 3 if that lease is ever taken by
 another worker, so that no two processes consume one replica queue. `flglm worker slots` lists the leases.
+
+`--replica none` serves no replica: a queue worker for the stateless queues (upload admission, client
+FedAvg, privacy audits), which may run several threads (`--pool threads --concurrency N`). In the production
+topology it takes upload admission off the replica workers, where an admission would wait behind a forward.
 """
 
 from __future__ import annotations
@@ -25,19 +29,23 @@ if TYPE_CHECKING:
 app = typer.Typer(help="Run a Celery worker serving server replicas.", no_args_is_help=False)
 
 AUTO_REPLICA = "auto"
+NO_REPLICA = "none"
 
 
 def parse_replica_slots(values: list[str]) -> list[int] | None:
-    """The fixed slots of `--replica K ...`, or None for `--replica auto`."""
+    """The fixed slots of `--replica K ...` ([] for `--replica none`), or None for `--replica auto`."""
+    for word in (AUTO_REPLICA, NO_REPLICA):
+        if word in values and len(values) > 1:
+            raise typer.BadParameter(f"--replica {word} takes no other --replica", param_hint="--replica")
+    if values == [NO_REPLICA]:
+        return []
     if AUTO_REPLICA in values:
-        if len(values) > 1:
-            raise typer.BadParameter("--replica auto takes no other --replica", param_hint="--replica")
         return None
     try:
         slots = sorted({int(value) for value in values})
     except ValueError:
         raise typer.BadParameter(
-            f"replica slots are numbers >= 0 or 'auto', not {values}", param_hint="--replica"
+            f"replica slots are numbers >= 0, 'auto' or 'none', not {values}", param_hint="--replica"
         ) from None
     if any(slot < 0 for slot in slots):
         raise typer.BadParameter("replica slots are >= 0", param_hint="--replica")
@@ -87,7 +95,8 @@ def run(
         typer.Option(
             "--replica",
             "-r",
-            help="replica slot(s) to serve, or 'auto': lease the lowest free slot in Redis",
+            help="replica slot(s) to serve; 'auto': lease the lowest free slot in Redis; 'none': a queue "
+            "worker (admission, FedAvg, privacy audits) that serves no replica",
             callback=check_replica_option,
         ),
     ] = ["0"],  # noqa: B006
@@ -97,6 +106,14 @@ def run(
     default_queue: Annotated[
         bool, typer.Option(help="also consume the default queue (client FedAvg)")
     ] = True,
+    admission_queue: Annotated[
+        bool,
+        typer.Option(
+            help="also consume the upload-admission queue (flglm.admission): each task checks one upload in "
+            "milliseconds, but on a replica worker it waits behind forwards: production runs it on a "
+            "`--replica none` queue worker (some worker must, or uploads answer 503)"
+        ),
+    ] = True,
     privacy_queue: Annotated[
         bool,
         typer.Option(
@@ -104,7 +121,10 @@ def run(
             "minutes, so its replica queue waits meanwhile; --no-privacy-queue on busy replicas"
         ),
     ] = True,
-    pool: Annotated[str, typer.Option(help="solo or threads (one thread); never prefork")] = "solo",
+    pool: Annotated[str, typer.Option(help="solo or threads; never prefork")] = "solo",
+    concurrency: Annotated[
+        int, typer.Option(min=1, max=64, help="threads of a `--replica none --pool threads` queue worker")
+    ] = 1,
     loglevel: Annotated[str, typer.Option(help="Celery log level")] = "info",
     hostname: Annotated[
         str | None, typer.Option(help="Celery node name (default flglm-r<replicas>@%h)")
@@ -116,19 +136,27 @@ def run(
     if pool not in ("solo", "threads"):
         raise typer.BadParameter("pool must be 'solo' or 'threads': replica graphs live in one process")
     slots = parse_replica_slots(replica)
+    if concurrency > 1 and (slots != [] or pool != "threads"):
+        raise typer.BadParameter(
+            "--concurrency > 1 needs --replica none --pool threads: a replica's graphs live in one thread",
+            param_hint="--concurrency",
+        )
     claim = None
     if slots is None:
         claim, slot = claim_free_slot(max_replicas)
         slots = [slot]
-    from worker.routing import PRIVACY_QUEUE
+    from flglm.contracts.tasks import ADMISSION_QUEUE, PRIVACY_QUEUE
 
     queues = [replica_queue(r) for r in slots] + ([DEFAULT_QUEUE] if default_queue else [])
+    queues += [ADMISSION_QUEUE] if admission_queue else []
     queues += [PRIVACY_QUEUE] if privacy_queue else []
+    if not queues:
+        raise typer.BadParameter("this worker would consume no queue: serve a replica or keep a queue on")
     from worker.celery_app import app as celery_app
     from worker.tasks import use_device_of_slot
 
-    use_device_of_slot(slots[0])
-    name = hostname or f"flglm-r{'-'.join(str(r) for r in slots)}@%h"
+    use_device_of_slot(slots[0] if slots else 0)
+    name = hostname or f"flglm-r{'-'.join(str(r) for r in slots) or 'none'}@%h"
     try:
         celery_app.worker_main(
             [
@@ -138,7 +166,7 @@ def run(
                 "-P",
                 pool,
                 "-c",
-                "1",
+                str(concurrency),
                 "-n",
                 name,
                 "--loglevel",

@@ -31,7 +31,7 @@ def stack(
         return
     import json
 
-    from flglm.bench.stack import StackBenchConfig, run_stack_bench, stack_table
+    from apps.bench.stack import StackBenchConfig, run_stack_bench, stack_table
 
     try:
         config = StackBenchConfig(
@@ -68,7 +68,7 @@ def wire(
     """Secure wire format: seal/open throughput, crypto share of a split step, wire dtype vs loss."""
     import json
 
-    from flglm.bench.wire import run_wire_bench
+    from apps.bench.wire import run_wire_bench
 
     result = run_wire_bench(
         model_ref=model,
@@ -117,7 +117,7 @@ def split(
     """Cost of the split: centralized vs split step time (ratio of medians) and client vs full memory."""
     import json
 
-    from flglm.bench.split import run_split_bench
+    from apps.bench.split import run_split_bench
 
     result = run_split_bench(
         model_ref=model,

@@ -1,0 +1,1 @@
+"""The privacy frontier: train and audit defended settings side by side (`flglm privacy frontier`)."""
