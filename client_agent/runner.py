@@ -27,7 +27,6 @@ eval_examples, accuracy with its 95 % interval or rouge_l); raw text, token ids,
 
 from __future__ import annotations
 
-import itertools
 import logging
 import threading
 import time
@@ -49,7 +48,7 @@ from client_agent.state import (
     private_key_path,
 )
 from flglm import protocol
-from flglm.adapters import AdapterConfig, load_trainable_state_dict, trainable_state_dict
+from flglm.adapters import AdapterSpec, load_trainable_state_dict, trainable_state_dict
 from flglm.client_step import (
     ClientChannel,
     client_parts,
@@ -58,16 +57,15 @@ from flglm.client_step import (
     run_client_step,
     upload_round_adapters,
 )
+from flglm.contracts.job_settings import Hyperparameters
 from flglm.contracts.refusals import ConflictingDuplicate
 from flglm.data import (
-    DEFAULT_CLASSIFICATION_TEMPLATE,
     DataError,
     Example,
     TokenizedDataset,
-    TokenizedExample,
+    batch_at,
     collate,
     detect_task,
-    iterate_batches,
     label_set_of,
     load_examples,
     tokenize_examples,
@@ -75,10 +73,10 @@ from flglm.data import (
 )
 from flglm.models import load_split_parts, load_tokenizer
 from flglm.privacy.client import ClientDefence, add_client_adapters
-from flglm.round_eval import DEFAULT_EVAL_EXAMPLES, DEFAULT_MAX_NEW_TOKENS, round_eval_metrics
+from flglm.round_eval import round_eval_metrics
 from flglm.split import SplitPlan
 from flglm.step_client import StepConflict, StepHttpError, StepUnauthorized
-from flglm.trainers import ClientSideTrainer, TrainConfig
+from flglm.trainers import ClientSideTrainer
 from flglm.wire.codec import parse_wire_dtype
 from flglm.wire.keys import ClientKeyPair, derive_channel_keys, public_key_from_b64
 from flglm.wire.sequence import SequenceCounter
@@ -90,9 +88,6 @@ TERMINAL_JOB_STATUSES = {
     protocol.JobStatus.failed,
     protocol.JobStatus.cancelled,
 }
-DEFAULT_BATCH_SIZE = 8
-DEFAULT_MAX_SEQ_LEN = 256
-DEFAULT_EVAL_FRACTION = 0.1
 
 
 @dataclass
@@ -134,25 +129,18 @@ class JobData:
 def prepare_job_data(data_path: Path, job: protocol.AgentJobView) -> JobData:
     """Validate the file against the job (task, declared label set), tokenise with the job's tokenizer and
     split train/eval locally; a DataError names the file, line and problem. Never talks to the server."""
-    hp = job.hyperparameters
+    hp = Hyperparameters.model_validate(job.hyperparameters)
     tokenizer = load_tokenizer(job.model_ref)
-    examples = load_examples(
-        data_path,
-        job.task_type.value,
-        label_set=hp.get("labels"),
-        template=str(hp.get("template", DEFAULT_CLASSIFICATION_TEMPLATE)),
-    )
-    train, held_out = train_eval_split(
-        examples, float(hp.get("eval_fraction", DEFAULT_EVAL_FRACTION)), int(hp.get("seed", 0))
-    )
-    max_seq_len = int(hp.get("max_seq_len", DEFAULT_MAX_SEQ_LEN))
+    examples = load_examples(data_path, job.task_type.value, label_set=hp.labels, template=hp.template)
+    train, held_out = train_eval_split(examples, hp.eval_fraction, hp.seed)
+    max_seq_len = hp.max_seq_len
     dataset = tokenize_examples(train, tokenizer, max_seq_len)
     if dataset.truncated:
         log.warning(
             "%d training rows were longer than %d tokens and truncated", dataset.truncated, max_seq_len
         )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    labels = list(hp["labels"]) if hp.get("labels") else label_set_of(examples)
+    labels = list(hp.labels) if hp.labels else label_set_of(examples)
     return JobData(dataset, held_out, labels, int(pad), max_seq_len, tokenizer)
 
 
@@ -187,15 +175,15 @@ class JobSession:
     ) -> None:
         self.job, self.options, self.client = job, options, client
         self.privacy = job_privacy(job.job_id, job.privacy)  # before anything else: refuse, sending nothing
-        hp = job.hyperparameters
-        self.seed = int(hp.get("seed", 0))
-        self.batch_size = int(hp.get("batch_size", DEFAULT_BATCH_SIZE))
+        hp = Hyperparameters.model_validate(job.hyperparameters)
+        self.seed = hp.seed
+        self.batch_size = hp.batch_size
         # Data first: a file that does not fit the job (unknown label, wrong task) stops here, unsent.
         data = prepare_job_data(options.data_path, job)
         self.data = data
         self.train, self.pad_token_id = data.train, data.pad_token_id
-        self.eval_examples = int(hp.get("eval_examples", DEFAULT_EVAL_EXAMPLES))
-        self.eval_max_new_tokens = int(hp.get("eval_max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
+        self.eval_examples = hp.eval_examples
+        self.eval_max_new_tokens = hp.eval_max_new_tokens
         self.example_count = len(data.train) if options.share_example_count else None
 
         plan = SplitPlan(job.split_plan.get("front_layers", 1), job.split_plan.get("back_layers", 1))
@@ -203,11 +191,14 @@ class JobSession:
         self.checkpoint = JobCheckpoint(state_dir, job.job_id)
         private_seed = self.checkpoint.private_seed() if self.privacy.private_front else None
         add_client_adapters(
-            split, AdapterConfig(**job.adapter), self.seed, private_seed, self.privacy.private_init_scale
+            split,
+            AdapterSpec.model_validate(job.adapter),
+            self.seed,
+            private_seed,
+            self.privacy.private_init_scale,
         )
         defence = ClientDefence.from_spec(self.privacy, split.part("front"))
-        config = TrainConfig(**{k: v for k, v in hp.items() if k in TrainConfig.model_fields})
-        self.trainer = ClientSideTrainer(split, config, defence if defence.active else None)
+        self.trainer = ClientSideTrainer(split, hp.train_config(), defence if defence.active else None)
         if defence.active:
             log.info("job %d: defences: %s", job.job_id, describe_defence(defence))
         self.position = self.checkpoint.position() or RoundPosition()
@@ -261,9 +252,7 @@ class JobSession:
 
     def _batch(self, round_number: int, step: int, steps: int) -> dict[str, torch.Tensor]:
         """The batch of a global step, the same after a restart (seeded epochs; skip the ones before)."""
-        index = (round_number - 1) * steps + step
-        batches = iterate_batches(self.train, self.batch_size, self.seed)
-        rows: list[TokenizedExample] = next(itertools.islice(batches, index, None))
+        rows = batch_at(self.train, self.batch_size, self.seed, (round_number - 1) * steps + step)
         return collate(rows, self.pad_token_id)
 
     def run_round(self, assignment: protocol.WorkAssignment) -> None:

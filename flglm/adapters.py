@@ -16,38 +16,19 @@ which is what LoRA on the body already gives at a fraction of the traffic.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
-from pydantic import BaseModel, Field, field_validator
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from flglm.contracts.job_settings import ALL_LINEAR, AdapterSpec
 from flglm.split import PART_NAMES, PartName, SplitModel
 
-ALL_LINEAR: Literal["all-linear"] = "all-linear"
 # The LM head is a vocabulary-sized projection (tied to the embeddings in many models): never adapted by
 # "all-linear", as in peft.
 _EXCLUDED_FROM_ALL_LINEAR = ("lm_head",)
-
-
-class AdapterConfig(BaseModel):
-    """Which adapter, its size, which modules and which split parts get it."""
-
-    method: Literal["lora"] = "lora"
-    r: int = Field(default=8, ge=1)
-    alpha: int = Field(default=16, gt=0)
-    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
-    target_modules: Literal["all-linear"] | list[str] = ALL_LINEAR
-    parts: list[PartName] = Field(default_factory=lambda: list(PART_NAMES))
-
-    @field_validator("parts")
-    @classmethod
-    def _parts_unique(cls, parts: list[PartName]) -> list[PartName]:
-        if len(set(parts)) != len(parts):
-            raise ValueError(f"adapter parts must be unique, got {parts}")
-        return parts
 
 
 def linear_module_names(module: nn.Module) -> list[str]:
@@ -59,7 +40,7 @@ def linear_module_names(module: nn.Module) -> list[str]:
     ]
 
 
-def _resolve_targets(module: nn.Module, cfg: AdapterConfig) -> list[str]:
+def _resolve_targets(module: nn.Module, cfg: AdapterSpec) -> list[str]:
     """Full module names to adapt; a listed name matches a module whose name ends with it."""
     candidates = linear_module_names(module)
     if cfg.target_modules == ALL_LINEAR:
@@ -74,7 +55,7 @@ def _resolve_targets(module: nn.Module, cfg: AdapterConfig) -> list[str]:
     return wanted
 
 
-def add_adapters(module: nn.Module, cfg: AdapterConfig, seed: int) -> nn.Module:
+def add_adapters(module: nn.Module, cfg: AdapterSpec, seed: int) -> nn.Module:
     """Freeze `module`'s weights and inject LoRA; the same seed gives the same initial adapters."""
     targets = _resolve_targets(module, cfg)
     for parameter in module.parameters():
@@ -104,7 +85,7 @@ def part_seed(seed: int, part: PartName) -> int:
     return seed * 1009 + PART_NAMES.index(part)
 
 
-def add_split_adapters(split: SplitModel, cfg: AdapterConfig, seed: int) -> SplitModel:
+def add_split_adapters(split: SplitModel, cfg: AdapterSpec, seed: int) -> SplitModel:
     """Add adapters to the parts named in `cfg.parts` that this process holds; freeze all the others."""
     for name, module in split.present_parts().items():
         if name in cfg.parts:

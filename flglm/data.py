@@ -26,9 +26,10 @@ from typing import Any, Literal, Protocol, TypeVar
 
 import torch
 
+from flglm.contracts.job_settings import DEFAULT_CLASSIFICATION_TEMPLATE as DEFAULT_CLASSIFICATION_TEMPLATE
+
 Task = Literal["classification", "generation"]
 TASKS: tuple[Task, ...] = ("classification", "generation")
-DEFAULT_CLASSIFICATION_TEMPLATE = "Text: {text}\nLabel:"
 LABEL_COMPLETION = " {label}"
 IGNORE_INDEX = -100
 REQUIRED_FIELDS: dict[str, tuple[str, str]] = {
@@ -427,6 +428,20 @@ def collate(
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def _check_batching(dataset: Indexable[Any], batch_size: int) -> None:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if len(dataset) == 0:
+        raise ValueError("cannot batch an empty dataset")
+
+
+def _epoch_order(size: int, seed: int, epoch: int) -> list[int]:
+    """The permutation of epoch `epoch`: fixed by the seed and the epoch alone."""
+    order = list(range(size))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order
+
+
 def iterate_batches(
     dataset: Indexable[T], batch_size: int, seed: int, epoch: int = 0, drop_last: bool = False
 ) -> Iterator[list[T]]:
@@ -435,19 +450,26 @@ def iterate_batches(
     Starting at `epoch` lets a resumed agent continue the same sequence. With `drop_last` a short final batch
     of an epoch is skipped (unless the whole dataset is smaller than one batch, then it is the batch).
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    if len(dataset) == 0:
-        raise ValueError("cannot batch an empty dataset")
+    _check_batching(dataset, batch_size)
     while True:
-        order = list(range(len(dataset)))
-        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        order = _epoch_order(len(dataset), seed, epoch)
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             if drop_last and len(chunk) < batch_size and len(order) >= batch_size:
                 break
             yield [dataset[i] for i in chunk]
         epoch += 1
+
+
+def batch_at(dataset: Indexable[T], batch_size: int, seed: int, index: int) -> list[T]:
+    """Batch number `index` of `iterate_batches(dataset, batch_size, seed)`, found without producing the ones
+    before it (a resumed agent at step 10,000 shuffles one epoch, not 10,000 batches)."""
+    _check_batching(dataset, batch_size)
+    if index < 0:
+        raise ValueError(f"batch index must be >= 0, got {index}")
+    epoch, position = divmod(index, -(-len(dataset) // batch_size))  # ceil: the short last batch counts
+    order = _epoch_order(len(dataset), seed, epoch)
+    return [dataset[i] for i in order[position * batch_size : (position + 1) * batch_size]]
 
 
 # ----------------------------------------------------------------------------------- one directory of clients

@@ -28,7 +28,7 @@ from safetensors.torch import load, save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from flglm.adapters import AdapterConfig, add_split_adapters, load_trainable_state_dict
+from flglm.adapters import AdapterSpec, add_split_adapters, load_trainable_state_dict
 from flglm.models import load_model, load_split_parts, load_tokenizer, resolve_model_ref
 from flglm.split import SplitModel, SplitPlan, split_model
 
@@ -40,7 +40,7 @@ BUNDLE_FORMAT = "flglm-export/1"  # written by backend.exports.service (torch-fr
 def unsplit_adapter_state(
     model: nn.Module,
     plan: SplitPlan,
-    adapter_cfg: AdapterConfig,
+    adapter_cfg: AdapterSpec,
     front_back_state: Mapping[str, torch.Tensor],
     body_state: Mapping[str, torch.Tensor],
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -69,7 +69,7 @@ def peft_saved_key(parameter_name: str) -> str:
 def export_peft_adapter(
     model_ref: str,
     plan: SplitPlan,
-    adapter_cfg: AdapterConfig,
+    adapter_cfg: AdapterSpec,
     front_back_state: Mapping[str, torch.Tensor],
     body_state: Mapping[str, torch.Tensor],
     out_dir: str | Path,
@@ -115,7 +115,7 @@ class ExportBundle:
 
     model_ref: str
     plan: SplitPlan
-    adapter_cfg: AdapterConfig
+    adapter_cfg: AdapterSpec
     front_back_state: dict[str, torch.Tensor]
     body_state: dict[str, torch.Tensor]
     # A private_front job: the input-block adapters stayed with the data owners (`adapter_cfg.parts` lacks
@@ -140,7 +140,7 @@ def read_export_bundle(data: bytes) -> ExportBundle:
     return ExportBundle(
         model_ref=metadata["model_ref"],
         plan=SplitPlan(int(plan_fields["front_layers"]), int(plan_fields["back_layers"])),
-        adapter_cfg=AdapterConfig(**json.loads(metadata["adapter"])),
+        adapter_cfg=AdapterSpec(**json.loads(metadata["adapter"])),
         front_back_state={k[len("client/") :]: t for k, t in tensors.items() if k.startswith("client/")},
         body_state={k[len("body/") :]: t for k, t in tensors.items() if k.startswith("body/")},
         private_front=json.loads(metadata.get("private_front", "false")) is True,

@@ -37,7 +37,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from flglm.adapters import AdapterConfig, add_split_adapters
+from flglm.adapters import AdapterSpec, add_split_adapters
 from flglm.split import PART_NAMES, PartName, ServerBody, SplitModel, SplitPlan, split_model
 from flglm.tiny_models import TINY_ARCHITECTURES, build_tiny_model, tiny_config, train_tiny_tokenizer
 
@@ -181,9 +181,7 @@ def load_split_parts(
     return split
 
 
-def load_server_body_with_adapters(
-    ref: str, plan: SplitPlan, adapter: AdapterConfig, seed: int
-) -> ServerBody:
+def load_server_body_with_adapters(ref: str, plan: SplitPlan, adapter: AdapterSpec, seed: int) -> ServerBody:
     """Only the body's weights, with fresh server-side adapters drawn from `seed` (what a worker serves)."""
     split = load_split_parts(ref, plan, parts={"body"})
     add_split_adapters(split, adapter, seed)

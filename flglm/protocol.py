@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from flglm.contracts.job_settings import AdapterSpec, Hyperparameters
 from flglm.wire.keys import public_key_from_b64
 
 API_PREFIX = "/api/v1"
@@ -181,8 +182,8 @@ class JobSpec(StrictModel):
     model_ref: str = Field(min_length=1, max_length=500)
     task_type: TaskType = TaskType.generation
     split_plan: SplitPlanSpec = Field(default_factory=lambda: SplitPlanSpec())
-    adapter: dict[str, Any] = Field(default_factory=lambda: {"kind": "lora", "r": 8, "alpha": 16})
-    hyperparameters: dict[str, Any] = Field(default_factory=dict)
+    adapter: AdapterSpec = Field(default_factory=AdapterSpec)
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     parallel_mode: ParallelMode = ParallelMode.sequential
     replicas: int = Field(default=1, ge=1, le=1024)
     rounds: int = Field(default=1, ge=1, le=100_000)

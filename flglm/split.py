@@ -27,8 +27,9 @@ from torch import nn
 from transformers import Cache, PreTrainedModel
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-PartName = Literal["front", "body", "back"]
-PART_NAMES: tuple[PartName, ...] = ("front", "body", "back")
+from flglm.contracts.job_settings import PART_NAMES as PART_NAMES
+from flglm.contracts.job_settings import PartName as PartName
+
 LayoutName = Literal["llama", "gpt2"]
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
 UNSUPPORTED_SCALING_ATTRS = ("embedding_multiplier", "logits_scaling", "logit_scale")

@@ -18,10 +18,10 @@ round. `EVAL_ROUND_RULE` says which round they may name.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from flglm.contracts.job_settings import AdapterSpec, Hyperparameters
 from flglm.protocol import ParallelMode, SplitPlanSpec, validate_public_key_b64
 
 # Agent-facing step paths (relative to flglm.protocol.API_PREFIX). Uploads are PUT with the sealed
@@ -142,10 +142,10 @@ class WorkerJobSpec(BaseModel):
     job_id: int = Field(ge=0)
     model_ref: str = Field(min_length=1, max_length=500)
     split_plan: SplitPlanSpec = Field(default_factory=lambda: SplitPlanSpec())
-    adapter: dict[str, Any] = Field(default_factory=lambda: {"kind": "lora", "r": 8, "alpha": 16})
+    adapter: AdapterSpec = Field(default_factory=AdapterSpec)
     seed: int = 0
-    # flglm.trainers.TrainConfig fields (lr, betas, warmup_steps, ...): the server's optimizer and schedule.
-    hyperparameters: dict[str, Any] = Field(default_factory=dict)
+    # The job's settings; the worker reads its optimizer and schedule (`Hyperparameters.train_config`).
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     parallel_mode: ParallelMode = ParallelMode.sequential
     replicas: int = Field(1, ge=1, le=1024)
     clients: list[JobClient] = Field(min_length=1)

@@ -20,30 +20,17 @@ from contextlib import AbstractContextManager
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, Field
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from flglm.adapters import trainable_parameters
+from flglm.contracts.job_settings import TrainConfig as TrainConfig
 from flglm.contracts.refusals import StepGraphMissing
 from flglm.privacy.client import ClientDefence
 from flglm.split import ServerBody, SplitModel, position_ids_from_attention_mask
 
 IGNORE_INDEX = -100
 LMBatch = Mapping[str, torch.Tensor]  # input_ids, attention_mask, labels: each (batch, seq)
-
-
-class TrainConfig(BaseModel):
-    """Optimizer, schedule and precision; shared by every trainer so their losses are comparable."""
-
-    lr: float = Field(default=2e-4, gt=0)
-    weight_decay: float = Field(default=0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    warmup_steps: int = Field(default=0, ge=0)
-    total_steps: int | None = Field(default=None, ge=1)  # set → linear decay to 0 at total_steps
-    bf16_autocast: bool = False  # CPU bf16 autocast: ~1.7x faster on SmolLM2, not bit-exact
-    score_only_targets: bool = True  # run the LM head only where a label exists (logits_to_keep)
 
 
 def target_positions(labels: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,6 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from torch import nn
 
-from flglm.adapters import AdapterConfig
 from flglm.contracts.blob_store import BlobStore
 from flglm.contracts.job_spec import read_job_spec
 from flglm.contracts.refusals import JobKeyDeleted
@@ -60,7 +59,7 @@ def pick_device(slot: int = 0, override: str | None = None) -> torch.device:
 def load_server_body(spec: WorkerJobSpec) -> nn.Module:
     """Only the body's weights, with the job's server-side adapters (same seed as every client)."""
     plan = SplitPlan(spec.split_plan.front_layers, spec.split_plan.back_layers)
-    return load_server_body_with_adapters(spec.model_ref, plan, AdapterConfig(**spec.adapter), spec.seed)
+    return load_server_body_with_adapters(spec.model_ref, plan, spec.adapter, spec.seed)
 
 
 class WorkerRuntime:

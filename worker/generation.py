@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import DynamicCache
 
-from flglm.adapters import AdapterConfig, load_trainable_state_dict
+from flglm.adapters import AdapterSpec, load_trainable_state_dict
 from flglm.contracts.artifacts import latest_server_checkpoint
 from flglm.contracts.refusals import (
     GenerationOutOfOrder,
@@ -68,7 +68,7 @@ class BodyKey:
 def load_generation_body(key: BodyKey, device: torch.device) -> ServerBody:
     """Only the body's weights, with the server adapters of `key.checkpoint`, in eval mode on `device`."""
     plan = SplitPlan(key.front_layers, key.back_layers)
-    adapter = AdapterConfig(**json.loads(key.adapter_json))
+    adapter = AdapterSpec(**json.loads(key.adapter_json))
     body = load_server_body_with_adapters(key.model_ref, plan, adapter, seed=0)  # overwritten just below
     load_trainable_state_dict(body, load_snapshot(Path(key.checkpoint)).adapters)
     return body.eval().requires_grad_(False).to(device)

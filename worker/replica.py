@@ -150,8 +150,7 @@ class ServerReplica:
 
     @staticmethod
     def _train_config(spec: WorkerJobSpec) -> TrainConfig:
-        known = set(TrainConfig.model_fields)
-        return TrainConfig(**{k: v for k, v in spec.hyperparameters.items() if k in known})
+        return spec.hyperparameters.train_config()
 
     # ---- public operations (each is one task) -------------------------------------------------------
 

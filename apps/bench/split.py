@@ -23,7 +23,7 @@ import torch
 from accelerate import init_empty_weights
 from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig
 
-from flglm.adapters import AdapterConfig, add_split_adapters, ptuning_v2_wire_bytes_per_sample
+from flglm.adapters import AdapterSpec, add_split_adapters, ptuning_v2_wire_bytes_per_sample
 from flglm.models import load_config, load_model, load_tokenizer
 from flglm.split import SplitPlan, split_model
 from flglm.tiny_models import TINY_CORPUS
@@ -70,7 +70,7 @@ def benchmark_batch(ref: str, batch_size: int, seq_len: int) -> dict[str, torch.
 
 
 def step_time_ratio(
-    ref: str, plan: SplitPlan, batch_size: int, seq_len: int, rounds: int, adapters: AdapterConfig
+    ref: str, plan: SplitPlan, batch_size: int, seq_len: int, rounds: int, adapters: AdapterSpec
 ) -> dict[str, Any]:
     """Median step time of centralized vs split training of the same model, adapters and batch."""
     model = load_model(ref)
@@ -219,7 +219,7 @@ def run_split_bench(
         "model": model_ref,
         "plan": {"front_layers": front_layers, "back_layers": back_layers},
         "adapters": "lora r=8 all-linear on front, body and back",
-        "step_time": step_time_ratio(model_ref, plan, batch_size, seq_len, rounds, AdapterConfig()),
+        "step_time": step_time_ratio(model_ref, plan, batch_size, seq_len, rounds, AdapterSpec()),
         "llama_7b": llama_7b_memory(plan),
         "wire": wire_figures(model_ref, plan, seq_len),
     }

@@ -195,7 +195,7 @@ class CentralizedReference:
     def __init__(self, config: StackBenchConfig) -> None:
         import torch
 
-        from flglm.adapters import AdapterConfig, add_split_adapters
+        from flglm.adapters import AdapterSpec, add_split_adapters
         from flglm.models import load_model, load_tokenizer
         from flglm.split import SplitPlan, split_model
         from flglm.trainers import CentralizedTrainer, TrainConfig
@@ -204,7 +204,7 @@ class CentralizedReference:
         self.config = config
         self.device = torch.device(config.centralized_device)
         model = load_model(config.model)
-        add_split_adapters(split_model(model, SplitPlan(**SPLIT_PLAN)), AdapterConfig(**ADAPTER), seed=0)
+        add_split_adapters(split_model(model, SplitPlan(**SPLIT_PLAN)), AdapterSpec(**ADAPTER), seed=0)
         self.trainer = CentralizedTrainer(model.to(self.device), TrainConfig(**TRAIN))
         self.tokenizer = load_tokenizer(config.model)
         self.trainer.train_step(self.batch(0, 0))  # warm-up, as the clients' step 0

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from apps.bench.stack_batches import stack_bench_batch
-from flglm.adapters import AdapterConfig, add_split_adapters
+from flglm.adapters import AdapterSpec, add_split_adapters
 from flglm.client_step import ClientChannel, run_client_step
 from flglm.models import load_split_parts, load_tokenizer
 from flglm.split import SplitPlan
@@ -34,7 +34,7 @@ def run_bench_client(config: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(int(config["threads"]))
     plan = SplitPlan(**config["split_plan"])
     split = load_split_parts(config["model"], plan, parts={"front", "back"})
-    add_split_adapters(split, AdapterConfig(**config["adapter"]), int(config["seed"]))
+    add_split_adapters(split, AdapterSpec(**config["adapter"]), int(config["seed"]))
     trainer = ClientSideTrainer(split, TrainConfig(**config["train"]))
     tokenizer = load_tokenizer(config["model"])
     keypair = ClientKeyPair.load(config["key_file"])

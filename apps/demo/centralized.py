@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from flglm.adapters import AdapterConfig, add_split_adapters
+from flglm.adapters import AdapterSpec, add_split_adapters
 from flglm.data import Example, collate, iterate_batches, tokenize_examples
 from flglm.models import load_model, load_tokenizer
 from flglm.split import SplitPlan, split_model
@@ -32,7 +32,7 @@ class CentralizedRun:
     wall_s: float = 0.0
 
 
-def adapted_base_model(model_ref: str, plan: SplitPlan, adapter_cfg: AdapterConfig, seed: int) -> nn.Module:
+def adapted_base_model(model_ref: str, plan: SplitPlan, adapter_cfg: AdapterSpec, seed: int) -> nn.Module:
     """The unsplit model with the split job's initial adapters (same seeds per part)."""
     model = load_model(model_ref)
     add_split_adapters(split_model(model, plan), adapter_cfg, seed)  # the parts share the model's modules
@@ -42,7 +42,7 @@ def adapted_base_model(model_ref: str, plan: SplitPlan, adapter_cfg: AdapterConf
 def train_centralized(
     model_ref: str,
     plan: SplitPlan,
-    adapter_cfg: AdapterConfig,
+    adapter_cfg: AdapterSpec,
     train_cfg: TrainConfig,
     examples: Sequence[Example],
     steps: int,

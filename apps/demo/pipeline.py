@@ -29,7 +29,7 @@ from apps.demo.centralized import train_centralized
 from apps.demo.orchestrate import FederatedDemo
 from apps.demo.report import audit_rows, format_table, result_rows, write_report
 from apps.demo.scoring import LabelScores, score_labels
-from flglm.adapters import AdapterConfig
+from flglm.adapters import AdapterSpec
 from flglm.corpora import Skew, carve_balanced_eval, write_demo_data_dir
 from flglm.data import DEFAULT_CLASSIFICATION_TEMPLATE, DataDir, Example, read_data_dir, write_client_files
 from flglm.export import ExportBundle, read_export_bundle, unsplit_adapter_state
@@ -146,7 +146,7 @@ def _score_dict(scores: LabelScores, eval_wall_s: float) -> dict[str, Any]:
 
 def federated_per_client(
     bundle: ExportBundle,
-    adapter: AdapterConfig,
+    adapter: AdapterSpec,
     client_adapters: dict[str, Path],
     score: Callable[[torch.nn.Module, str], dict[str, Any]],
 ) -> dict[str, dict[str, Any]]:
@@ -186,7 +186,7 @@ def mean_over_clients(per_client: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def run_job_audit(
-    options: DemoOptions, privacy: dict[str, Any], adapter: AdapterConfig, train: list[Example]
+    options: DemoOptions, privacy: dict[str, Any], adapter: AdapterSpec, train: list[Example]
 ) -> tuple[dict[str, Any] | None, str | None]:
     """The privacy audit of the demo job's own settings: (the PrivacyAudit JSON, None) or (None, why not).
 
@@ -249,7 +249,7 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
         plan = SplitPlan(front_layers=options.front_layers, back_layers=1)
         privacy = {"wire_dtype": options.wire_dtype, **options.privacy}
         private_front = bool(privacy.get("private_front", False))
-        adapter = AdapterConfig(r=options.lora_r, alpha=2 * options.lora_r)
+        adapter = AdapterSpec(r=options.lora_r, alpha=2 * options.lora_r)
         steps = options.rounds * options.steps_per_round
         central_batch = options.batch_size * len(client_files)
         train_cfg = TrainConfig(

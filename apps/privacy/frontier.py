@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from apps.demo.scoring import score_labels
-from flglm.adapters import AdapterConfig, trainable_parameters
+from flglm.adapters import AdapterSpec, trainable_parameters
 from flglm.data import Example, collate, iterate_batches, tokenize_examples
 from flglm.models import load_model, load_tokenizer
 from flglm.privacy.client import ClientDefence, add_client_adapters
@@ -53,7 +53,7 @@ class DefendedModel:
 
 
 def build_defended_model(
-    model_ref: str, setting: DefenceSetting, adapter: AdapterConfig, seed: int, back_layers: int = 1
+    model_ref: str, setting: DefenceSetting, adapter: AdapterSpec, seed: int, back_layers: int = 1
 ) -> tuple[DefendedModel, Callable[[], None]]:
     """Load the model with the job's adapters and hook the defence into its cuts; returns (model, unhook).
 
@@ -119,7 +119,7 @@ def train_and_score(
     steps: int,
     batch_size: int,
     train_cfg: TrainConfig,
-    adapter: AdapterConfig,
+    adapter: AdapterSpec,
     seed: int,
     max_seq_len: int,
     on_step: Callable[[int, float], None] | None = None,
@@ -254,7 +254,7 @@ def frontier_row(
                 train_cfg=TrainConfig(
                     lr=1e-3, warmup_steps=min(4, steps), total_steps=steps, bf16_autocast=True
                 ),
-                adapter=AdapterConfig(r=8, alpha=16),
+                adapter=AdapterSpec(r=8, alpha=16),
                 seed=seed,
                 max_seq_len=96,
             )

@@ -96,8 +96,8 @@ def create_job(session: Session, actor: str, spec: JobSpec, now: datetime) -> Jo
             model_ref=spec.model_ref,
             task_type=spec.task_type.value,
             split_plan=spec.split_plan.model_dump(),
-            adapter=spec.adapter,
-            hyperparameters=spec.hyperparameters,
+            adapter=spec.adapter.model_dump(mode="json"),
+            hyperparameters=spec.hyperparameters.model_dump(mode="json"),  # every value, defaults too
             privacy=spec.privacy.model_dump(),
             parallel_mode=spec.parallel_mode.value,
             replicas=spec.replicas,

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from backend.models import Job
 from backend.privacy.repository import PrivacyAuditRepository
+from flglm.contracts.job_settings import AdapterSpec
 from flglm.privacy.report import AuditRequest
 
 # The fields of `AuditRequest` that are the job's settings; the others only choose the text attacked.
@@ -21,13 +22,13 @@ SETTINGS_FIELDS = ("model_ref", "split_plan", "adapter_r", "adapter_alpha", "pri
 def job_audit_request(job: Job, choices: dict[str, Any] | None = None) -> AuditRequest:
     """The audit of `job`'s current settings with the admin's `choices` (raises pydantic's ValidationError
     when the job's settings cannot be audited, e.g. an adapter rank beyond the audit's bound)."""
-    adapter = job.adapter or {}
+    adapter = AdapterSpec.model_validate(job.adapter)
     return AuditRequest.model_validate(
         {
             "model_ref": job.model_ref,
             "split_plan": job.split_plan,
-            "adapter_r": adapter.get("r", 8),
-            "adapter_alpha": adapter.get("alpha", 16),
+            "adapter_r": adapter.r,
+            "adapter_alpha": adapter.alpha,
             "privacy": job.privacy,
             **(choices or {}),
         }

@@ -35,6 +35,7 @@ from backend.steps.runtime import StepRuntime
 from flglm.contracts import job_spec
 from flglm.contracts.blob_store import PutOutcome
 from flglm.contracts.dispatch import TaskHandle
+from flglm.contracts.job_settings import AdapterSpec, Hyperparameters
 from flglm.contracts.refusals import ConflictingDuplicate, ReplayedMessage, StepRejected, UnknownJob
 from flglm.contracts.tasks import (
     ADMISSION_QUEUE,
@@ -66,19 +67,6 @@ STEP_DIRECTIONS = (
     MessageDirection.eval_activations,
 )
 STAGING_TTL_S = 600.0
-# Engine settings an operator may put in a job's hyperparameters (the rest are optimizer settings).
-ENGINE_HYPERPARAMETERS = (
-    "seed",
-    "max_batch_size",
-    "max_seq_len",
-    "checkpoint_every",
-    "server_fedavg_every",
-    "batch_window_s",
-    "exchange_timeout_s",
-    "inflight_timeout_s",
-    "max_pending",
-    "blob_ttl_s",
-)
 
 
 class WorkerSpecInvalid(InvalidInput):
@@ -113,21 +101,20 @@ def worker_job_spec(session: Session, job: Job, settings: Settings) -> WorkerJob
         client = clients.get(client_id)
         assert client is not None and client.public_key is not None  # enrolled, hence keyed
         job_clients.append(JobClient(client_id=client.id, public_key=client.public_key))
-    hyper = job.hyperparameters
     try:
-        return _build_spec(job, job_clients, settings, hyper)
+        return _build_spec(job, job_clients, settings, Hyperparameters.model_validate(job.hyperparameters))
     except ValidationError as exc:
         raise WorkerSpecInvalid(f"job {job.id} cannot be served by the workers: {exc}") from None
 
 
 def _build_spec(
-    job: Job, job_clients: list[JobClient], settings: Settings, hyper: dict[str, Any]
+    job: Job, job_clients: list[JobClient], settings: Settings, hyper: Hyperparameters
 ) -> WorkerJobSpec:
     return WorkerJobSpec(
         job_id=job.id,
         model_ref=job.model_ref,
         split_plan=job.split_plan,  # type: ignore[arg-type]
-        adapter=job.adapter,
+        adapter=AdapterSpec.model_validate(job.adapter),
         hyperparameters=hyper,
         parallel_mode=job.parallel_mode,  # type: ignore[arg-type]
         replicas=job.replicas,
@@ -138,7 +125,9 @@ def _build_spec(
             str(job_key_path(settings.job_keys_dir(), job.id)) if job.server_public_key is not None else None
         ),
         checkpoint_dir=str(settings.resolved_checkpoint_dir() / f"job-{job.id}"),
-        **{name: hyper[name] for name in ENGINE_HYPERPARAMETERS if name in hyper},
+        **hyper.engine_settings()
+        # the workers refuse longer sequences: room for what a generation job's round evaluation generates
+        | {"max_seq_len": hyper.max_seq_len + hyper.eval_max_new_tokens},
     )
 
 

@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 import torch
 from torch import nn
 
-from flglm.adapters import AdapterConfig, add_adapters, part_seed
+from flglm.adapters import AdapterSpec, add_adapters, part_seed
 from flglm.evaluation import rouge_l, wilson_interval
 from flglm.models import load_split_parts, load_tokenizer
 from flglm.privacy import attacks
@@ -141,7 +141,7 @@ def run_privacy_audit(request: AuditRequest, progress: AuditProgress | None = No
     text = audit_text(request, tokenizer)
     truth = text.attacked
     mask = torch.ones_like(truth)
-    adapter = AdapterConfig(r=request.adapter_r, alpha=request.adapter_alpha)
+    adapter = AdapterSpec(r=request.adapter_r, alpha=request.adapter_alpha)
 
     # The client's input block at step 0. Its adapters come from the job seed (known to the server) or, with
     # private_front, from a seed only the client knows, perturbed by private_init_scale.

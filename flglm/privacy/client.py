@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from flglm.adapters import AdapterConfig, add_adapters, add_split_adapters
+from flglm.adapters import AdapterSpec, add_adapters, add_split_adapters
 from flglm.privacy.defences import (
     ActivationDefence,
     add_gradient_noise,
@@ -113,7 +113,7 @@ class ClientDefence:
 
 def add_client_adapters(
     split: SplitModel,
-    cfg: AdapterConfig,
+    cfg: AdapterSpec,
     job_seed: int,
     private_seed: int | None = None,
     private_init_scale: float = 0.0,

@@ -12,7 +12,7 @@ from apps.cli.main import app as cli
 from backend.exports.service import job_checkpoint_dir
 from backend.settings import Settings
 from flglm.adapters import (
-    AdapterConfig,
+    AdapterSpec,
     add_split_adapters,
     load_trainable_state_dict,
     trainable_state_dict,
@@ -28,7 +28,7 @@ from worker.fedavg import save_global_client_adapters
 
 def write_trained_adapters(settings: Settings, job_id: int) -> tuple[dict[str, torch.Tensor], ...]:
     """What the workers leave on the checkpoint volume after a round: server snapshot + client average."""
-    split = add_split_adapters(split_model(load_model("tiny:llama"), SplitPlan(1, 1)), AdapterConfig(r=8), 0)
+    split = add_split_adapters(split_model(load_model("tiny:llama"), SplitPlan(1, 1)), AdapterSpec(r=8), 0)
     with torch.no_grad():
         for parameter in split.as_module_dict().parameters():
             if parameter.requires_grad:
@@ -71,7 +71,7 @@ def test_export_route_bundle_and_cli(api: Api, settings: Settings, tmp_path: Pat
     peft_model = PeftModel.from_pretrained(load_model("tiny:llama"), str(out)).eval()
     ids = torch.tensor([[5, 9, 30, 7, 2]])  # (batch, seq)
     split = split_model(load_model("tiny:llama"), SplitPlan(1, 1))
-    add_split_adapters(split, AdapterConfig(r=8), 0)
+    add_split_adapters(split, AdapterSpec(r=8), 0)
     load_trainable_state_dict(split.as_module_dict(["front", "back"]), client)
     load_trainable_state_dict(split.part("body"), body)
     with torch.no_grad():

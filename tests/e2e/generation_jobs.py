@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from backend.settings import Settings
-from flglm.adapters import AdapterConfig, add_split_adapters, load_trainable_state_dict
+from flglm.adapters import AdapterSpec, add_split_adapters, load_trainable_state_dict
 from flglm.export import client_parts_from_bundle, read_export_bundle
 from flglm.generation import RemoteBody, SamplingConfig, generate_through_split
 from flglm.generation_client import GenerationSessionClient
@@ -37,7 +37,7 @@ def trained_job(api: Api, settings: Settings) -> tuple[int, Reference]:
     job_id: int = api.ok("POST", "/jobs", 201, json=job_spec([], model_ref="tiny:llama"))["id"]
     client, body = write_trained_adapters(settings, job_id)
     model = load_model("tiny:llama").eval()
-    split = add_split_adapters(split_model(model, SplitPlan(1, 1)), AdapterConfig(r=8), 0)
+    split = add_split_adapters(split_model(model, SplitPlan(1, 1)), AdapterSpec(r=8), 0)
     load_trainable_state_dict(split.as_module_dict(["front", "back"]), client)
     load_trainable_state_dict(split.part("body"), body)  # `model` shares these modules: it is the reference
     tokenizer = load_tokenizer("tiny:llama")

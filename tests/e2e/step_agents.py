@@ -14,7 +14,7 @@ import torch
 
 from backend.steps.runtime import StepRuntime
 from flglm.adapters import (
-    AdapterConfig,
+    AdapterSpec,
     add_split_adapters,
     fedavg,
     load_trainable_state_dict,
@@ -51,7 +51,7 @@ STEPS = 2
 def tiny_client_trainer(seed: int = 0) -> ClientSideTrainer:
     """Front and back of the tiny Llama with the job's adapters, initialised from the job seed."""
     split = load_split_parts(MODEL_REF, SplitPlan(1, 1), parts={"front", "back"})
-    add_split_adapters(split, AdapterConfig(**ADAPTER), seed)
+    add_split_adapters(split, AdapterSpec(**ADAPTER), seed)
     return ClientSideTrainer(split, TrainConfig(**TRAIN))
 
 

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from backend.exports.service import job_checkpoint_dir
 from backend.settings import Settings
-from flglm.adapters import AdapterConfig, trainable_state_dict
+from flglm.adapters import AdapterSpec, trainable_state_dict
 from flglm.client_step import (
     ClientChannel,
     download_round_adapters,
@@ -60,7 +60,7 @@ def client_trainer(privacy: dict[str, Any] | None, private_seed: int | None = No
     """The owner's front and back as the agent builds them for these settings (None: undefended)."""
     spec = PrivacySpec.model_validate(privacy or {})
     split = load_split_parts(MODEL_REF, SplitPlan(1, 1), parts={"front", "back"})
-    add_client_adapters(split, AdapterConfig(**ADAPTER), 0, private_seed, spec.private_init_scale)
+    add_client_adapters(split, AdapterSpec(**ADAPTER), 0, private_seed, spec.private_init_scale)
     defence = ClientDefence.from_spec(spec, split.part("front")) if privacy is not None else None
     return ClientSideTrainer(split, TrainConfig(**TRAIN), defence)
 

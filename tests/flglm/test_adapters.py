@@ -8,7 +8,7 @@ from pydantic import ValidationError
 from transformers import LlamaConfig
 
 from flglm.adapters import (
-    AdapterConfig,
+    AdapterSpec,
     add_adapters,
     add_split_adapters,
     fedavg,
@@ -23,7 +23,7 @@ from flglm.tiny_models import build_tiny_model
 
 def test_lora_freezes_base_and_adapts_every_linear_but_the_head() -> None:
     model = build_tiny_model("llama")
-    parts = add_split_adapters(split_model(model), AdapterConfig(r=4), seed=0)
+    parts = add_split_adapters(split_model(model), AdapterSpec(r=4), seed=0)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
     adapted = {n.split(".lora_")[0] for n in trainable}
@@ -40,7 +40,7 @@ def test_fresh_adapters_leave_the_output_unchanged(make_batch) -> None:  # type:
         model = build_tiny_model(arch)
         with torch.no_grad():
             before = split_model(model)(batch["input_ids"], batch["attention_mask"])
-            parts = add_split_adapters(split_model(model), AdapterConfig(), seed=1)
+            parts = add_split_adapters(split_model(model), AdapterSpec(), seed=1)
             assert trainable_state_dict(parts.as_module_dict())
             after = parts(batch["input_ids"], batch["attention_mask"])
         assert torch.equal(before, after)  # LoRA B starts at zero
@@ -48,7 +48,7 @@ def test_fresh_adapters_leave_the_output_unchanged(make_batch) -> None:  # type:
 
 def test_gpt2_conv1d_lora_changes_output_once_trained(make_batch) -> None:  # type: ignore[no-untyped-def]
     batch = make_batch("none")
-    parts = add_split_adapters(split_model(build_tiny_model("gpt2")), AdapterConfig(), seed=1)
+    parts = add_split_adapters(split_model(build_tiny_model("gpt2")), AdapterSpec(), seed=1)
     module = parts.as_module_dict()
     targets = {n.split(".lora_")[0].split(".")[-1] for n in trainable_state_dict(module)}
     assert targets == {"c_attn", "c_proj", "c_fc"}
@@ -62,7 +62,7 @@ def test_gpt2_conv1d_lora_changes_output_once_trained(make_batch) -> None:  # ty
 
 def test_same_seed_same_adapters_different_seed_different() -> None:
     def adapters(seed: int) -> dict[str, torch.Tensor]:
-        parts = add_split_adapters(split_model(build_tiny_model("qwen2")), AdapterConfig(), seed=seed)
+        parts = add_split_adapters(split_model(build_tiny_model("qwen2")), AdapterSpec(), seed=seed)
         return trainable_state_dict(parts.as_module_dict())
 
     first, again, other = adapters(7), adapters(7), adapters(8)
@@ -72,7 +72,7 @@ def test_same_seed_same_adapters_different_seed_different() -> None:
 
 
 def test_client_and_worker_processes_get_the_in_process_adapters() -> None:
-    cfg = AdapterConfig(r=4)
+    cfg = AdapterSpec(r=4)
     everything = add_split_adapters(split_model(build_tiny_model("llama", seed=3)), cfg, seed=5)
     client = add_split_adapters(load_split_parts("tiny:llama:3", parts={"front", "back"}), cfg, seed=5)
     worker = add_split_adapters(load_split_parts("tiny:llama:3", parts={"body"}), cfg, seed=5)
@@ -83,7 +83,7 @@ def test_client_and_worker_processes_get_the_in_process_adapters() -> None:
 
 
 def test_parts_can_be_left_without_adapters() -> None:
-    parts = add_split_adapters(split_model(build_tiny_model("llama")), AdapterConfig(parts=["body"]), seed=0)
+    parts = add_split_adapters(split_model(build_tiny_model("llama")), AdapterSpec(parts=["body"]), seed=0)
     assert not trainable_state_dict(parts.part("front")) and not trainable_state_dict(parts.part("back"))
     assert trainable_state_dict(parts.part("body"))
 
@@ -91,7 +91,7 @@ def test_parts_can_be_left_without_adapters() -> None:
 def test_named_targets_and_bad_targets() -> None:
     module = add_adapters(
         split_model(build_tiny_model("llama")).part("body"),
-        AdapterConfig(target_modules=["q_proj", "v_proj"]),
+        AdapterSpec(target_modules=["q_proj", "v_proj"]),
         seed=0,
     )
     adapted = {n.split(".lora_")[0].split(".")[-1] for n in trainable_state_dict(module)}
@@ -99,18 +99,18 @@ def test_named_targets_and_bad_targets() -> None:
     with pytest.raises(ValueError, match="match no module"):
         add_adapters(
             split_model(build_tiny_model("llama")).part("body"),
-            AdapterConfig(target_modules=["nope_proj"]),
+            AdapterSpec(target_modules=["nope_proj"]),
             seed=0,
         )
     with pytest.raises(ValidationError):
-        AdapterConfig(r=0)
+        AdapterSpec(r=0)
     with pytest.raises(ValidationError):
-        AdapterConfig(parts=["front", "front"])
+        AdapterSpec(parts=["front", "front"])
 
 
 def test_state_dict_round_trip_and_strict_errors() -> None:
     def fresh():  # type: ignore[no-untyped-def]
-        return add_adapters(split_model(build_tiny_model("llama")).part("back"), AdapterConfig(), seed=0)
+        return add_adapters(split_model(build_tiny_model("llama")).part("back"), AdapterSpec(), seed=0)
 
     source, target = fresh(), fresh()
     state = {k: torch.randn_like(v) for k, v in trainable_state_dict(source).items()}

@@ -15,6 +15,7 @@ from flglm.data import (
     IGNORE_INDEX,
     DataError,
     TokenizedExample,
+    batch_at,
     classification_example,
     collate,
     generation_example,
@@ -282,3 +283,16 @@ def test_train_eval_split_edges() -> None:
 
 def test_default_template_constant() -> None:
     assert DEFAULT_CLASSIFICATION_TEMPLATE == "Text: {text}\nLabel:"
+
+
+@pytest.mark.parametrize(("size", "batch_size"), [(10, 3), (9, 3), (2, 5), (1, 1)])
+def test_batch_at_is_the_iterated_batch_without_iterating(size: int, batch_size: int) -> None:
+    """A resumed agent asks for batch N directly; it must be exactly what iterating would have given."""
+    data = list(range(size))
+    batches = iterate_batches(data, batch_size, seed=7)
+    expected = [next(batches) for _ in range(40)]
+    assert [batch_at(data, batch_size, 7, index) for index in range(40)] == expected
+    with pytest.raises(ValueError, match=">= 0"):
+        batch_at(data, batch_size, 7, -1)
+    with pytest.raises(ValueError, match="empty"):
+        batch_at([], batch_size, 7, 0)

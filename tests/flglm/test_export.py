@@ -10,7 +10,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from flglm.adapters import AdapterConfig, add_split_adapters, trainable_state_dict
+from flglm.adapters import AdapterSpec, add_split_adapters, trainable_state_dict
 from flglm.export import MERGED_DIRNAME, export_peft_adapter
 from flglm.models import load_model
 from flglm.split import SplitModel, SplitPlan, position_ids_from_attention_mask, split_model
@@ -18,7 +18,7 @@ from tests.flglm.conftest import padded_batch
 
 
 def randomised_split_job(
-    ref: str, plan: SplitPlan, cfg: AdapterConfig
+    ref: str, plan: SplitPlan, cfg: AdapterSpec
 ) -> tuple[SplitModel, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """A split with non-zero adapters in every part (LoRA B starts at zero: would hide a mapping bug)."""
     split = add_split_adapters(split_model(load_model(ref), plan), cfg, seed=3)
@@ -34,7 +34,7 @@ def randomised_split_job(
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_exported_adapter_and_merged_model_match_split_logits(arch: str, tmp_path: Path) -> None:
-    ref, plan, cfg = f"tiny:{arch}", SplitPlan(front_layers=1, back_layers=1), AdapterConfig(r=4)
+    ref, plan, cfg = f"tiny:{arch}", SplitPlan(front_layers=1, back_layers=1), AdapterSpec(r=4)
     split, front_back, body = randomised_split_job(ref, plan, cfg)
     assert front_back and body
     batch = padded_batch("left")
@@ -64,7 +64,7 @@ def test_exported_adapter_and_merged_model_match_split_logits(arch: str, tmp_pat
 
 
 def test_export_rejects_state_of_another_plan(tmp_path: Path) -> None:
-    cfg = AdapterConfig(r=2)
+    cfg = AdapterSpec(r=2)
     _, front_back, body = randomised_split_job("tiny:llama", SplitPlan(1, 1), cfg)
     with pytest.raises(ValueError, match="adapter state does not match"):
         export_peft_adapter("tiny:llama", SplitPlan(2, 1), cfg, front_back, body, tmp_path)
@@ -75,7 +75,7 @@ def test_smollm2_export_loads_offline_with_auto_peft(tmp_path: Path) -> None:
     """The adapter config names the cached base directory, so AutoPeftModel needs nothing but the export."""
     from peft import AutoPeftModelForCausalLM
 
-    cfg = AdapterConfig(r=2, target_modules=["q_proj", "v_proj"])
+    cfg = AdapterSpec(r=2, target_modules=["q_proj", "v_proj"])
     split, front_back, body = randomised_split_job("smollm2-135m", SplitPlan(2, 2), cfg)
     out = export_peft_adapter("smollm2-135m", SplitPlan(2, 2), cfg, front_back, body, tmp_path)
     ids = torch.tensor([[1, 504, 3458, 282, 4649, 314]])  # (batch, seq)

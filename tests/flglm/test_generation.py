@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flglm.adapters import AdapterConfig, add_split_adapters
+from flglm.adapters import AdapterSpec, add_split_adapters
 from flglm.generation import SamplingConfig, generate_through_split
 from flglm.models import load_model
 from flglm.split import SplitPlan, split_model
@@ -31,7 +31,7 @@ def test_greedy_split_generation_equals_unsplit_generate(
     model = load_model(f"tiny:{arch}").eval()
     split = split_model(model, SplitPlan(front_layers=1, back_layers=1))
     if with_adapters:  # random non-zero LoRA in every part, shared with `model` through the split
-        add_split_adapters(split, AdapterConfig(r=4), seed=0)
+        add_split_adapters(split, AdapterSpec(r=4), seed=0)
         with torch.no_grad():
             for parameter in split.as_module_dict().parameters():
                 if parameter.requires_grad:

@@ -8,7 +8,7 @@ import huggingface_hub.constants
 import pytest
 import torch
 
-from flglm.adapters import AdapterConfig, add_split_adapters
+from flglm.adapters import AdapterSpec, add_split_adapters
 from flglm.models import (
     load_split_parts,
     load_tokenizer,
@@ -125,7 +125,7 @@ def test_smollm2_loads_offline_client_without_body_and_trains_a_split_step() -> 
     split = SplitModel(
         front=client.front, body=worker.body, back=client.back, plan=client.plan, num_layers=30
     )
-    add_split_adapters(split, AdapterConfig(r=4), seed=0)
+    add_split_adapters(split, AdapterSpec(r=4), seed=0)
     trainer = SplitTrainer(split, TrainConfig(lr=1e-3))
     first = trainer.train_step(batch)
     assert 0.0 < first < 20.0

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from flglm.adapters import AdapterConfig, add_split_adapters, trainable_state_dict
+from flglm.adapters import AdapterSpec, add_split_adapters, trainable_state_dict
 from flglm.models import load_config, load_model
 from flglm.privacy.client import ClientDefence, add_client_adapters
 from flglm.privacy.defences import ActivationDefence, public_weights, reference_h0_norm
@@ -25,7 +25,7 @@ from flglm.split import SplitModel, SplitPlan, split_model
 from flglm.tiny_models import TINY_ARCHITECTURES
 from flglm.trainers import ClientSideTrainer, SplitTrainer, TrainConfig
 
-ADAPTER = AdapterConfig(r=4, alpha=8)
+ADAPTER = AdapterSpec(r=4, alpha=8)
 CFG = TrainConfig(lr=5e-3)
 
 

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from flglm.adapters import AdapterConfig, add_split_adapters, trainable_state_dict
+from flglm.adapters import AdapterSpec, add_split_adapters, trainable_state_dict
 from flglm.split import PartName, SplitPlan, position_ids_from_attention_mask, split_model
 from flglm.tiny_models import TINY_ARCHITECTURES, TINY_CORPUS, build_tiny_model
 from flglm.trainers import (
@@ -40,7 +40,7 @@ def text_batches(tokenizer, steps: int = STEPS) -> list[dict[str, torch.Tensor]]
     return batches
 
 
-def paired_trainers(arch: str, adapters: AdapterConfig, cfg: TrainConfig, plan: SplitPlan = SplitPlan()):  # type: ignore[no-untyped-def]
+def paired_trainers(arch: str, adapters: AdapterSpec, cfg: TrainConfig, plan: SplitPlan = SplitPlan()):  # type: ignore[no-untyped-def]
     """A centralized and a split trainer on two copies of one model with the same initial adapters."""
     model = build_tiny_model(arch, seed=11)
     add_split_adapters(split_model(model, plan), adapters, seed=13)  # shared modules: the model sees them
@@ -52,7 +52,7 @@ def paired_trainers(arch: str, adapters: AdapterConfig, cfg: TrainConfig, plan: 
 @pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
 def test_split_lora_training_matches_centralized(arch: str, tiny_tokenizer) -> None:  # type: ignore[no-untyped-def]
     cfg = TrainConfig(lr=5e-3, warmup_steps=3, total_steps=STEPS, weight_decay=0.01)
-    central, split = paired_trainers(arch, AdapterConfig(r=4), cfg)
+    central, split = paired_trainers(arch, AdapterSpec(r=4), cfg)
     batches = text_batches(tiny_tokenizer)
     central_losses = [central.train_step(b) for b in batches]
     split_losses = [split.train_step(b) for b in batches]
@@ -67,7 +67,7 @@ def test_split_lora_training_matches_centralized(arch: str, tiny_tokenizer) -> N
 @pytest.mark.parametrize("parts", [["body"], ["front", "back"], ["back"]])
 def test_adapters_on_some_parts_only(parts: list[PartName], tiny_tokenizer) -> None:  # type: ignore[no-untyped-def]
     cfg = TrainConfig(lr=5e-3, score_only_targets=False)
-    central, split = paired_trainers("llama", AdapterConfig(parts=parts), cfg, SplitPlan(1, 2))
+    central, split = paired_trainers("llama", AdapterSpec(parts=parts), cfg, SplitPlan(1, 2))
     batches = text_batches(tiny_tokenizer, steps=4)
     for batch in batches:
         assert abs(central.train_step(batch) - split.train_step(batch)) <= 1e-4
@@ -75,7 +75,7 @@ def test_adapters_on_some_parts_only(parts: list[PartName], tiny_tokenizer) -> N
 
 def test_bf16_autocast_runs_and_stays_close(tiny_tokenizer) -> None:  # type: ignore[no-untyped-def]
     cfg = TrainConfig(lr=5e-3, bf16_autocast=True)
-    central, split = paired_trainers("llama", AdapterConfig(), cfg)
+    central, split = paired_trainers("llama", AdapterSpec(), cfg)
     for batch in text_batches(tiny_tokenizer, steps=3):
         central_loss, split_loss = central.train_step(batch), split.train_step(batch)
         assert torch.isfinite(torch.tensor(split_loss))
@@ -136,7 +136,7 @@ def test_tokenized_batch_masks_padding_in_labels(tiny_tokenizer) -> None:  # typ
 
 
 def test_sides_accept_bf16_activations_from_the_wire(make_batch) -> None:  # type: ignore[no-untyped-def]
-    parts = add_split_adapters(split_model(build_tiny_model("llama")), AdapterConfig(), seed=0)
+    parts = add_split_adapters(split_model(build_tiny_model("llama")), AdapterSpec(), seed=0)
     split = SplitTrainer(parts, TrainConfig())
     batch = make_batch("right")
     h0 = split.client.forward_front(batch)

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from flglm.adapters import AdapterConfig, add_split_adapters
+from flglm.adapters import AdapterSpec, add_split_adapters
 from flglm.contracts.blob_store import BlobStore
 from flglm.models import load_split_parts
 from flglm.split import SplitPlan
@@ -68,7 +68,7 @@ class SimulatedClient:
         self.client_id = client_id
         self.keypair = keypair
         split = load_split_parts(MODEL_REF, SplitPlan(1, 1), parts={"front", "back"})
-        add_split_adapters(split, AdapterConfig(**ADAPTER), spec_seed)
+        add_split_adapters(split, AdapterSpec(**ADAPTER), spec_seed)
         self.trainer = ClientSideTrainer(split, TrainConfig(**TRAIN))
         self._sequence = itertools.count(1)
         self._keys: ChannelKeys | None = None

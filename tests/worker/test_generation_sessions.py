@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from flglm.adapters import AdapterConfig, add_split_adapters, trainable_state_dict
+from flglm.adapters import AdapterSpec, add_split_adapters, trainable_state_dict
 from flglm.contracts.blob_store import InMemoryBlobStore
 from flglm.contracts.refusals import UnknownGenerationSession
 from flglm.contracts.tasks import BODY_GENERATE, BODY_GENERATE_CLOSE, BODY_GENERATE_OPEN, raise_if_rejected
@@ -28,7 +28,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def trained_split() -> SplitModel:
-    split = add_split_adapters(split_model(load_model("tiny:llama"), SplitPlan(1, 1)), AdapterConfig(r=8), 0)
+    split = add_split_adapters(split_model(load_model("tiny:llama"), SplitPlan(1, 1)), AdapterSpec(r=8), 0)
     with torch.no_grad():
         for parameter in split.part("body").parameters():
             if parameter.requires_grad:
