@@ -78,8 +78,8 @@ def job_progress(
 
     `replica_of` (client id -> replica) comes from the worker spec published at job start; before that,
     approved clients are dealt the way `WorkerJobSpec.replica_of` will deal them (round-robin by client id).
-    Throughput is tokens reported in the last `window_s` over the time between the first and last of those
-    reports, so an idle job reads None rather than a stale rate.
+    Throughput is over the reports of the last `window_s` (an idle job reads None rather than a stale rate),
+    each client's rate on its own clock, summed (`_tokens_per_s`).
     """
     job = get_job(session, job_id)
     summaries = StepMetricSummaryRepository(session)
@@ -144,9 +144,42 @@ def job_progress(
     )
 
 
+def _step_seconds(metric: StepMetric) -> float:
+    """How long the client says the step took: the agent's `step` timing, else the sum of its timed phases."""
+    timings = metric.phase_timings_s or {}
+    if "step" in timings:
+        return float(timings["step"])
+    return float(sum(timings.values()))
+
+
+def _client_tokens_per_s(reports: list[StepMetric]) -> float | None:
+    """One client's tokens per second over its reports in the window.
+
+    The time between its first and last report, with the first report's tokens left out (they were produced
+    before that span began); never less than the step time the client itself measured for the steps counted,
+    so reports that reach the server together (a resend, a stalled connection) are no burst of tokens. With a
+    single report, or reports at the same instant: its tokens over its own measured step time.
+    """
+    ordered = sorted(reports, key=lambda m: (m.created_at, m.id))
+    later = ordered[1:]
+    if later:
+        span_s = (ordered[-1].created_at - ordered[0].created_at).total_seconds()
+        seconds = max(span_s, sum(_step_seconds(m) for m in later))
+        if seconds > 0:
+            return sum(m.tokens for m in later) / seconds
+    seconds = sum(_step_seconds(m) for m in ordered)
+    return sum(m.tokens for m in ordered) / seconds if seconds > 0 else None
+
+
 def _tokens_per_s(reports: list[StepMetric]) -> float | None:
-    if len(reports) < 2:
-        return None
-    span_s = (reports[-1].created_at - reports[0].created_at).total_seconds()
-    # The first report's tokens were produced before the span began; count only the ones inside it.
-    return sum(m.tokens for m in reports[1:]) / span_s if span_s > 0 else None
+    """Tokens per second of all clients together: the sum of each client's own rate (`_client_tokens_per_s`).
+
+    Never the window's tokens over the time from the first report to the last of any client: clients of a
+    `client_batch` job report a shared step within milliseconds of each other, and those milliseconds are
+    not the time the step took. None when no client's reports give a rate.
+    """
+    per_client: dict[int, list[StepMetric]] = {}
+    for metric in reports:
+        per_client.setdefault(metric.client_id, []).append(metric)
+    rates = [rate for mine in per_client.values() if (rate := _client_tokens_per_s(mine)) is not None]
+    return sum(rates) if rates else None

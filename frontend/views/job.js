@@ -20,6 +20,17 @@ function stat(label, valueNode, testid) {
   return h("div", { class: "stat" }, h("div", { class: "stat-label" }, label), h("div", { class: "stat-value", "data-testid": testid }, valueNode));
 }
 
+// The adapter agents and workers build from a job's `adapter` reads `method` (specs may write `kind`, the same
+// thing) and fills in what the spec leaves out with these defaults (flglm's adapter settings).
+const ADAPTER_DEFAULTS = { kind: "lora", r: 8, alpha: 16 };
+
+/** The job's adapter in words, every value from its spec; one the spec leaves out is the default, said so. */
+function adapterText(adapter) {
+  const given = { kind: adapter.method ?? adapter.kind, r: adapter.r, alpha: adapter.alpha };
+  const value = (key) => (given[key] === undefined || given[key] === null ? `${ADAPTER_DEFAULTS[key]} (default)` : `${given[key]}`);
+  return `${value("kind")} r=${value("r")} α=${value("alpha")}`;
+}
+
 function progressBar(label, fraction) {
   const pct = Math.round(Math.min(1, Math.max(0, fraction)) * 100);
   return h(
@@ -98,12 +109,12 @@ export function renderJob({ principal, params, showError }) {
     );
   }
 
-  async function fetchNewMetrics(stepsPerRound) {
+  async function fetchNewMetrics(stepsPerRound, rounds) {
     // Step metrics come oldest first; ask only for the ones after those already drawn.
     for (;;) {
       const page = await get(`/metrics?job_id=${jobId}&limit=${METRICS_PAGE}&offset=${metricsSeen}`);
       metricsSeen += page.items.length;
-      chart.add(page.items, stepsPerRound);
+      chart.add(page.items, stepsPerRound, rounds);
       if (page.items.length < METRICS_PAGE) return;
     }
   }
@@ -120,7 +131,7 @@ export function renderJob({ principal, params, showError }) {
       fill(regions.chart, chart.element, h("p", { class: "help" }, "Dashed: mean over the clients that reported that step. Dotted: a new round begins. Drag to zoom, double-click to reset."));
     }
     chart.clientNames = names;
-    await fetchNewMetrics(job.steps_per_round);
+    await fetchNewMetrics(job.steps_per_round, job.rounds);
     if (job.status !== lastStatus) {
       lastStatus = job.status;
       renderControls(job.status);
@@ -246,7 +257,6 @@ export function renderJob({ principal, params, showError }) {
       inputBlock = `private: adapters from each client's own secret seed, never uploaded or averaged; init scale s = ${Number(privacy.private_init_scale || 0)}, decorrelation λ = ${Number(privacy.decorrelation || 0)}`;
     }
     const recovery = job.audited_token_recovery;
-    const adapter = job.adapter || {};
     fill(
       regions.privacy,
       dl([
@@ -260,7 +270,7 @@ export function renderJob({ principal, params, showError }) {
         ],
         ["Encryption", "AES-256-GCM per client, inside HTTPS"],
         ["On each client", `input ${job.split_plan.front_layers} + output ${job.split_plan.back_layers} block(s)`],
-        ["Adapter", `${adapter.kind || adapter.method || "lora"}${adapter.r ? ` r=${adapter.r}` : ""}${adapter.alpha ? ` α=${adapter.alpha}` : ""}`],
+        ["Adapter", h("span", { "data-testid": "adapter" }, adapterText(job.adapter || {}))],
         ["Model", job.model_ref],
       ]),
     );

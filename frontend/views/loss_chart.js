@@ -13,11 +13,12 @@ export class LossChart {
     this.points = new Map(); // global step -> Map(client_id -> loss)
     this.clientIds = [];
     this.stepsPerRound = 1;
+    this.rounds = 1; // the job's round count: no boundary is drawn past its last round
     this.plot = null;
     this.frame = h("div", { class: "chart-frame" });
     this.element = h(
       "figure",
-      { class: "chart", "data-testid": "loss-chart", "data-points": "0" },
+      { class: "chart", "data-testid": "loss-chart", "data-points": "0", "data-round-marks": "" },
       this.frame,
       h("figcaption", { class: "visually-hidden" }, "Training loss per client and global mean, by step"),
     );
@@ -29,9 +30,11 @@ export class LossChart {
     return { width: Math.max(320, this.frame.clientWidth), height: 280 };
   }
 
-  /** Add step metrics; `stepsPerRound` turns (round, step) into one increasing x. */
-  add(metrics, stepsPerRound) {
+  /** Add step metrics; the job's `stepsPerRound` turns (round, step) into one increasing x, and its
+   * `rounds` bound the round boundaries drawn. */
+  add(metrics, stepsPerRound, rounds) {
     this.stepsPerRound = stepsPerRound;
+    this.rounds = rounds;
     for (const m of metrics) {
       if (m.loss === null || m.loss === undefined) continue;
       const x = (m.round_number - 1) * stepsPerRound + m.step;
@@ -68,7 +71,7 @@ export class LossChart {
   options(ids) {
     return {
       ...this.size(),
-      scales: { x: { time: false } },
+      scales: { x: { time: false, range: (u, min, max) => this.xRange(min, max) } },
       axes: [
         { label: "step (across rounds)", stroke: "#3e4c59", grid: { stroke: "#e4e7eb" } },
         { label: "loss", stroke: "#3e4c59", grid: { stroke: "#e4e7eb" } },
@@ -89,9 +92,21 @@ export class LossChart {
     };
   }
 
-  /** A dotted line and a label where each round after the first begins. */
+  /** The x range uPlot chose, kept within the job's steps (half a step of margin): uPlot widens a lone
+   * point's range, so step 0 alone read 0 to 100 and round boundaries were drawn far past the job's end. */
+  xRange(min, max) {
+    if (min == null || max == null) return [min, max];
+    const [first, last] = [-0.5, this.rounds * this.stepsPerRound - 0.5];
+    const low = Math.max(first, Math.min(min, last));
+    const high = Math.min(last, Math.max(max, first));
+    return low < high ? [low, high] : [first, last];
+  }
+
+  /** A dotted line and a label where each round of the job after the first begins, inside the x range
+   * shown; never past the job's last round. The rounds marked are listed in `data-round-marks`. */
   drawRoundBoundaries(u) {
     const [xMin, xMax] = [u.scales.x.min, u.scales.x.max];
+    const marked = [];
     const { ctx } = u;
     ctx.save();
     ctx.strokeStyle = "#7b8794";
@@ -100,9 +115,10 @@ export class LossChart {
     ctx.textAlign = "left";
     ctx.textBaseline = "alphabetic";
     ctx.font = `${12 * devicePixelRatio}px system-ui, sans-serif`;
-    for (let round = 2; (round - 1) * this.stepsPerRound - 0.5 <= xMax; round += 1) {
+    for (let round = 2; round <= this.rounds && (round - 1) * this.stepsPerRound - 0.5 <= xMax; round += 1) {
       const x = (round - 1) * this.stepsPerRound - 0.5;
       if (x < xMin) continue;
+      marked.push(round);
       const px = u.valToPos(x, "x", true);
       ctx.beginPath();
       ctx.moveTo(px, u.bbox.top);
@@ -111,6 +127,7 @@ export class LossChart {
       ctx.fillText(`round ${round}`, px + 4 * devicePixelRatio, u.bbox.top + 14 * devicePixelRatio);
     }
     ctx.restore();
+    this.element.dataset.roundMarks = marked.join(" ");
   }
 
   destroy() {
