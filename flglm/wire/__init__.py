@@ -6,10 +6,10 @@ What crosses the wire
     Per step and client: h0 (`activations`, client → server), h1 (`activations_result`), dL/dh1
     (`gradients`, client → server), dL/dh0 (`gradients_result`); per round: client-block adapter weights
     (`adapters_up`) and their FedAvg (`adapters_down`); for local evaluation, forward only: h0 of an eval
-    batch (`eval_activations`, client → server) and its h1 (`eval_result`). Tensors are raw little-endian
-    bytes whose dtype and shape live in the authenticated header (`codec` has a self-describing variant);
-    tensor dicts are safetensors whose header we validate before safetensors reads it. Nothing is ever
-    unpickled.
+    batch (`eval_activations`, client → server) and its h1 (`eval_result`). A single tensor is raw
+    little-endian bytes whose dtype and shape live in the authenticated envelope header; tensor dicts (h0
+    with its attention mask, adapters) are safetensors whose header we validate before safetensors reads
+    it (`codec`, `tensor_envelope`). Nothing is ever unpickled.
 
 Keys (`keys`)
     At enrollment the client agent generates an X25519 key pair; the private key is written 0600
@@ -25,7 +25,7 @@ Keys (`keys`)
     job, and a server reply cannot be reflected back to the server as a client message because each
     direction has its own key and exactly one sender.
 
-Envelope (`envelope`)
+Envelope (`envelope`, torch-free; tensors go in and out through `tensor_envelope`)
     header (job, round, step, client, direction, sequence, format, dtype, shape, wire dtype, payload and
     chunk sizes, 32-byte random salt, version) as canonical JSON, authenticated as AES-GCM associated
     data (visible on the path, but any change fails authentication); then the payload in chunks of at
@@ -71,8 +71,9 @@ Does not protect against
 
 import importlib
 
-# Lazy re-exports: `flglm.wire.keys` and `flglm.wire.errors` stay importable without torch (the control
-# plane needs keys, not tensors); `from flglm.wire import seal_tensor` still works.
+# Lazy re-exports: `flglm.wire.keys`, `flglm.wire.errors` and the bytes-level `flglm.wire.envelope` stay
+# importable without torch (the control plane needs keys, not tensors); `from flglm.wire import seal_tensor`
+# still works.
 _EXPORTS = {
     "AuthenticationError": "errors",
     "ChannelKeys": "keys",
@@ -93,24 +94,22 @@ _EXPORTS = {
     "WireError": "errors",
     "cast_for_wire": "codec",
     "cast_from_wire": "codec",
-    "decode_tensor": "codec",
     "decode_tensors": "codec",
     "derive_channel_keys": "keys",
-    "encode_tensor": "codec",
     "encode_tensors": "codec",
     "generate_private_key": "keys",
     "load_private_key": "keys",
     "open_envelope": "envelope",
-    "open_tensor": "envelope",
-    "open_tensors": "envelope",
+    "open_tensor": "tensor_envelope",
+    "open_tensors": "tensor_envelope",
     "parse_wire_dtype": "codec",
     "public_key_fingerprint": "keys",
     "public_key_from_b64": "keys",
     "public_key_to_b64": "keys",
     "save_private_key": "keys",
     "seal": "envelope",
-    "seal_tensor": "envelope",
-    "seal_tensors": "envelope",
+    "seal_tensor": "tensor_envelope",
+    "seal_tensors": "tensor_envelope",
 }
 __all__ = sorted(_EXPORTS)
 

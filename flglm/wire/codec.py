@@ -1,21 +1,14 @@
-"""Tensor codec: raw bytes behind an explicit dtype/shape header, and validated safetensors dicts.
+"""Tensor codec: one tensor's raw element bytes (its dtype and shape travel elsewhere) and safetensors dicts.
 
 Nothing here unpickles or evaluates anything. Decoders check every length *before* allocating, so a
 hostile header that claims a huge shape is refused without touching memory, and they reject wrong dtype,
 shape, size and trailing bytes with a `DecodeError` naming the problem.
 
-Single tensor (`encode_tensor`), all integers little-endian::
-
-    0  magic  b"FLT\\x01"
-    4  u8     dtype code (1 float32, 2 float16, 3 bfloat16, 4 int64)
-    5  u8     ndim (at most MAX_NDIM)
-    6  u16    reserved, must be 0
-    8  u64    × ndim: the shape
-    ..        exactly prod(shape) × itemsize bytes of C-contiguous element data, nothing after
-
-Tensor dicts (`encode_tensors`, adapter state dicts) use the safetensors format, whose JSON header we
-parse and check ourselves (dtypes, shapes, offsets contiguous and covering the buffer exactly) before
-safetensors sees the bytes.
+One tensor (`tensor_bytes` / `tensor_over_buffer`) is its C-contiguous little-endian elements and nothing
+else: the sealed envelope's authenticated header carries its dtype and shape (`flglm.wire.tensor_envelope`).
+Tensor dicts (`encode_tensors`: h0 with its attention mask, adapter state dicts) use the safetensors format,
+whose JSON header we parse and check ourselves (dtypes, shapes, offsets contiguous and covering the buffer
+exactly) before safetensors sees the bytes.
 """
 
 from __future__ import annotations
@@ -24,16 +17,20 @@ import json
 import struct
 import sys
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import torch
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
 from flglm.wire.errors import DecodeError, PayloadTooLargeError, UnexpectedTensorError, WireError
+from flglm.wire.header_checks import (
+    DEFAULT_MAX_BYTES,
+    MAX_NDIM,
+    reject_duplicate_json_keys,
+    validate_shape,
+)
 
-# The dtypes the models put on the wire: hidden states / gradients (float32, float16, bfloat16) and
-# token ids / masks (int64). Names are torch's, so job settings read naturally ("bfloat16").
+# The torch dtypes of `WIRE_DTYPE_NAMES`, in the same order (a test checks they agree).
 WIRE_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "float16": torch.float16,
@@ -41,17 +38,10 @@ WIRE_DTYPES: dict[str, torch.dtype] = {
     "int64": torch.int64,
 }
 FLOAT_WIRE_DTYPES = ("float32", "float16", "bfloat16")
-_DTYPE_CODES = {"float32": 1, "float16": 2, "bfloat16": 3, "int64": 4}
-_CODE_DTYPES = {code: name for name, code in _DTYPE_CODES.items()}
 _SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64"}
 
-TENSOR_MAGIC = b"FLT\x01"
-MAX_NDIM = 8
-DEFAULT_MAX_BYTES = 4 * 2**30  # 4 GiB: far above one step's tensors, far below what would hurt a host
 MAX_SAFETENSORS_HEADER_BYTES = 8 * 2**20
 MAX_DICT_TENSORS = 65_536
-MAX_SHAPE_EXTENT = 2**48  # elements: far above any model tensor, far below torch size-arithmetic overflow
-_FIXED_HEADER = struct.Struct("<4sBBH")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -75,26 +65,6 @@ def payload_nbytes(dtype: torch.dtype, shape: Sequence[int]) -> int:
     for dim in shape:
         numel *= dim
     return numel * dtype.itemsize
-
-
-def validate_shape(shape: Any) -> tuple[int, ...]:
-    """A shape from an untrusted header as a tuple of non-negative ints, or `DecodeError`."""
-    if not isinstance(shape, list | tuple):
-        raise DecodeError(f"shape must be a list of integers, got {type(shape).__name__}")
-    if len(shape) > MAX_NDIM:
-        raise DecodeError(f"shape has {len(shape)} dimensions; at most {MAX_NDIM} are allowed")
-    for dim in shape:
-        # bool is an int subclass: `true` in a JSON shape is malformed, not a dimension of 1.
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 0 or dim >= 2**63:
-            raise DecodeError(f"shape {list(shape)!r} has an invalid dimension {dim!r}")
-    extent = 1
-    for dim in shape:
-        extent *= max(dim, 1)
-    # Even an empty tensor (a zero dimension) must have sizes torch can index: huge other dimensions
-    # would overflow its stride arithmetic.
-    if extent > MAX_SHAPE_EXTENT:
-        raise PayloadTooLargeError(f"shape {list(shape)!r} exceeds the limit of {MAX_SHAPE_EXTENT} elements")
-    return tuple(shape)
 
 
 def _require_little_endian() -> None:
@@ -153,55 +123,6 @@ def _check_expected(
         raise UnexpectedTensorError(f"{name}: shape {list(shape)}, expected {list(expected_shape)}")
 
 
-def encode_tensor(tensor: torch.Tensor) -> bytes:
-    """Self-describing bytes of one tensor: fixed header, shape, raw elements."""
-    name = dtype_name(tensor.dtype)
-    if tensor.dim() > MAX_NDIM:
-        raise WireError(f"tensor has {tensor.dim()} dimensions; at most {MAX_NDIM} are allowed")
-    header = _FIXED_HEADER.pack(TENSOR_MAGIC, _DTYPE_CODES[name], tensor.dim(), 0)
-    dims = struct.pack(f"<{tensor.dim()}Q", *tensor.shape)
-    return b"".join((header, dims, tensor_bytes(tensor)))
-
-
-def decode_tensor(
-    data: bytes | bytearray | memoryview,
-    *,
-    expected_dtype: torch.dtype | None = None,
-    expected_shape: Sequence[int] | None = None,
-    max_bytes: int = DEFAULT_MAX_BYTES,
-) -> torch.Tensor:
-    """Inverse of `encode_tensor`; malformed, oversized, trailing or unexpected input → DecodeError."""
-    view = memoryview(data).cast("B")
-    if len(view) > max_bytes + _FIXED_HEADER.size + 8 * MAX_NDIM:
-        raise PayloadTooLargeError(f"encoded tensor is {len(view)} bytes; limit {max_bytes}")
-    if len(view) < _FIXED_HEADER.size:
-        raise DecodeError(f"encoded tensor is {len(view)} bytes; the header alone needs {_FIXED_HEADER.size}")
-    magic, code, ndim, reserved = _FIXED_HEADER.unpack_from(view, 0)
-    if magic != TENSOR_MAGIC:
-        raise DecodeError(f"not an FL-GLM tensor (magic {bytes(magic)!r}, expected {TENSOR_MAGIC!r})")
-    if code not in _CODE_DTYPES:
-        raise DecodeError(f"unknown dtype code {code}")
-    if ndim > MAX_NDIM:
-        raise DecodeError(f"header claims {ndim} dimensions; at most {MAX_NDIM} are allowed")
-    if reserved != 0:
-        raise DecodeError("reserved header bytes are not zero")
-    data_start = _FIXED_HEADER.size + 8 * ndim
-    if len(view) < data_start:
-        raise DecodeError(f"encoded tensor is truncated inside its shape ({len(view)} < {data_start} bytes)")
-    shape = validate_shape(list(struct.unpack_from(f"<{ndim}Q", view, _FIXED_HEADER.size)))
-    dtype = WIRE_DTYPES[_CODE_DTYPES[code]]
-    _check_expected("tensor", dtype, shape, expected_dtype, expected_shape)
-    needed = payload_nbytes(dtype, shape)
-    if needed > max_bytes:
-        raise PayloadTooLargeError(f"header claims shape {list(shape)} = {needed} bytes; limit {max_bytes}")
-    body = view[data_start:]
-    if len(body) < needed:
-        raise DecodeError(f"tensor data is truncated: {len(body)} of {needed} bytes")
-    if len(body) > needed:
-        raise DecodeError(f"{len(body) - needed} trailing bytes after the tensor data")
-    return tensor_over_buffer(bytearray(body), dtype, shape)
-
-
 def encode_tensors(tensors: Mapping[str, torch.Tensor]) -> bytes:
     """Safetensors bytes of a name → tensor dict (adapter state dicts); only wire dtypes are allowed."""
     if len(tensors) > MAX_DICT_TENSORS:
@@ -216,16 +137,6 @@ def encode_tensors(tensors: Mapping[str, torch.Tensor]) -> bytes:
         # clone(): safetensors refuses tensors that share storage (tied weights, views of one buffer).
         prepared[name] = tensor.detach().cpu().contiguous().clone()
     return safetensors_save(prepared)
-
-
-def reject_duplicate_json_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """`json.loads` object hook: a repeated key would let two readers see two different headers."""
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise DecodeError(f"duplicate key {key!r} in a JSON header")
-        result[key] = value
-    return result
 
 
 TensorLayout = dict[str, tuple[torch.dtype, tuple[int, ...]]]

@@ -14,6 +14,9 @@ nonce = i (96-bit big-endian) and the full header bytes as associated data. The 
 but must equal i, so chunks cannot be reordered; the header's chunk count and payload size are
 authenticated, so chunks cannot be dropped or added. See `flglm.wire` for why this nonce design is safe
 for a distributed, retrying server without any shared counter.
+
+The payload is opaque bytes here, and this module imports no torch; tensors are put into and taken out of
+envelopes by `flglm.wire.tensor_envelope`.
 """
 
 from __future__ import annotations
@@ -23,39 +26,27 @@ import hashlib
 import json
 import os
 import struct
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import torch
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from flglm.wire.codec import (
-    DEFAULT_MAX_BYTES,
-    WIRE_DTYPES,
-    cast_for_wire,
-    cast_from_wire,
-    decode_tensors,
-    dtype_from_name,
-    dtype_name,
-    encode_tensors,
-    payload_nbytes,
-    reject_duplicate_json_keys,
-    tensor_bytes,
-    tensor_over_buffer,
-    validate_shape,
-)
 from flglm.wire.directions import Direction
 from flglm.wire.errors import (
     AuthenticationError,
     DecodeError,
     EnvelopeMismatchError,
     PayloadTooLargeError,
-    UnexpectedTensorError,
     WireError,
+)
+from flglm.wire.header_checks import (
+    DEFAULT_MAX_BYTES,
+    WIRE_DTYPE_NAMES,
+    reject_duplicate_json_keys,
+    validate_shape,
 )
 from flglm.wire.keys import MAX_ID_BYTES, PROTOCOL_LABEL, ChannelKeys
 from flglm.wire.sequence import MAX_SEQUENCE, SequenceGuard
@@ -66,11 +57,8 @@ __all__ = [
     "Direction",
     "EnvelopeHeader",
     "open_envelope",
-    "open_tensor",
-    "open_tensors",
+    "read_header",
     "seal",
-    "seal_tensor",
-    "seal_tensors",
 ]
 
 ENVELOPE_MAGIC = b"FLGW"
@@ -157,8 +145,8 @@ class EnvelopeHeader:
             raise WireError(f"header format {self.format!r} is not one of {_FORMATS}")
         for name in ("dtype", "wire_dtype"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, str) or value not in WIRE_DTYPES):
-                raise WireError(f"header {name} {value!r} is not one of {list(WIRE_DTYPES)}")
+            if value is not None and (not isinstance(value, str) or value not in WIRE_DTYPE_NAMES):
+                raise WireError(f"header {name} {value!r} is not one of {list(WIRE_DTYPE_NAMES)}")
         if self.shape is not None:
             object.__setattr__(self, "shape", validate_shape(self.shape))
         _check_int("payload_bytes", self.payload_bytes, 0, MAX_SEQUENCE)
@@ -344,114 +332,3 @@ def open_envelope(
     if replay_guard is not None:
         replay_guard.accept(header)
     return header, payload
-
-
-def seal_tensor(
-    keys: ChannelKeys,
-    header: EnvelopeHeader,
-    tensor: torch.Tensor,
-    *,
-    wire_dtype: torch.dtype | None = None,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-) -> bytearray:
-    """`seal` one tensor, optionally cast to the job's wire dtype (float tensors only)."""
-    on_wire = cast_for_wire(tensor, wire_dtype)  # (same shape as tensor)
-    header = dataclasses.replace(
-        header,
-        format="tensor",
-        dtype=dtype_name(tensor.dtype),
-        shape=tuple(tensor.shape),
-        wire_dtype=dtype_name(on_wire.dtype),
-    )
-    return seal(keys, header, tensor_bytes(on_wire), chunk_bytes=chunk_bytes)
-
-
-def open_tensor(
-    keys: ChannelKeys,
-    data: bytes | bytearray | memoryview,
-    *,
-    expected_job: str,
-    expected_client: str,
-    expected_direction: Direction,
-    expected_round: int | None = None,
-    expected_step: int | None = None,
-    expected_dtype: torch.dtype | None = None,
-    expected_shape: Sequence[int] | None = None,
-    expected_wire_dtype: torch.dtype | None = None,
-    replay_guard: SequenceGuard | None = None,
-    max_payload_bytes: int = DEFAULT_MAX_BYTES,
-) -> tuple[EnvelopeHeader, torch.Tensor]:
-    """`open_envelope` + decode: the tensor comes back in the sender's dtype, checked against expectations."""
-    header, _ = read_header(data)
-    if header.format != "tensor" or header.dtype is None or header.shape is None or header.wire_dtype is None:
-        raise DecodeError(f"envelope holds {header.format!r}, not a tensor with dtype, shape and wire dtype")
-    dtype, wire = dtype_from_name(header.dtype), dtype_from_name(header.wire_dtype)
-    shape = header.shape
-    if expected_dtype is not None and dtype != expected_dtype:
-        raise UnexpectedTensorError(f"tensor dtype {header.dtype}, expected {dtype_name(expected_dtype)}")
-    if expected_shape is not None and header.shape != tuple(expected_shape):
-        raise UnexpectedTensorError(f"tensor shape {list(header.shape)}, expected {list(expected_shape)}")
-    if expected_wire_dtype is not None and wire != expected_wire_dtype:
-        raise UnexpectedTensorError(
-            f"wire dtype {header.wire_dtype}, job expects {dtype_name(expected_wire_dtype)}"
-        )
-    if wire != dtype and not (dtype.is_floating_point and wire.is_floating_point):
-        raise DecodeError(f"a {header.dtype} tensor cannot travel as {header.wire_dtype}")
-    if payload_nbytes(wire, header.shape) != header.payload_bytes:
-        raise DecodeError("envelope payload size does not match its tensor dtype and shape")
-    header, payload = open_envelope(
-        keys,
-        data,
-        expected_job=expected_job,
-        expected_client=expected_client,
-        expected_direction=expected_direction,
-        expected_round=expected_round,
-        expected_step=expected_step,
-        max_payload_bytes=max_payload_bytes,
-    )
-    tensor = cast_from_wire(tensor_over_buffer(payload, wire, shape), dtype)  # (*shape)
-    if replay_guard is not None:
-        replay_guard.accept(header)
-    return header, tensor
-
-
-def seal_tensors(
-    keys: ChannelKeys,
-    header: EnvelopeHeader,
-    tensors: Mapping[str, torch.Tensor],
-    *,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-) -> bytearray:
-    """`seal` a name → tensor dict (adapter weights) as safetensors."""
-    header = dataclasses.replace(header, format="safetensors", dtype=None, shape=None, wire_dtype=None)
-    return seal(keys, header, encode_tensors(tensors), chunk_bytes=chunk_bytes)
-
-
-def open_tensors(
-    keys: ChannelKeys,
-    data: bytes | bytearray | memoryview,
-    *,
-    expected_job: str,
-    expected_client: str,
-    expected_direction: Direction,
-    expected_round: int | None = None,
-    expected: Mapping[str, tuple[torch.dtype, Sequence[int]]] | None = None,
-    replay_guard: SequenceGuard | None = None,
-    max_payload_bytes: int = DEFAULT_MAX_BYTES,
-) -> tuple[EnvelopeHeader, dict[str, torch.Tensor]]:
-    """`open_envelope` + validated safetensors decode of a tensor dict."""
-    header, payload = open_envelope(
-        keys,
-        data,
-        expected_job=expected_job,
-        expected_client=expected_client,
-        expected_direction=expected_direction,
-        expected_round=expected_round,
-        max_payload_bytes=max_payload_bytes,
-    )
-    if header.format != "safetensors":
-        raise DecodeError(f"envelope holds {header.format!r}, not a safetensors tensor dict")
-    tensors = decode_tensors(payload, max_bytes=max_payload_bytes, expected=expected)
-    if replay_guard is not None:
-        replay_guard.accept(header)
-    return header, tensors

@@ -12,14 +12,13 @@ from flglm.wire.codec import (
     WIRE_DTYPES,
     cast_for_wire,
     cast_from_wire,
-    decode_tensor,
     decode_tensors,
-    encode_tensor,
     encode_tensors,
     parse_wire_dtype,
     tensor_from_bytes,
 )
 from flglm.wire.errors import DecodeError, PayloadTooLargeError, UnexpectedTensorError, WireError
+from flglm.wire.header_checks import WIRE_DTYPE_NAMES
 
 
 def sample(dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
@@ -34,13 +33,21 @@ def bits(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.contiguous().reshape(-1).view(torch.uint8)
 
 
+def round_trip(tensor: torch.Tensor, **kwargs: object) -> torch.Tensor:
+    return decode_tensors(encode_tensors({"t": tensor}), **kwargs)["t"]  # type: ignore[arg-type]
+
+
+def test_the_torch_free_dtype_names_are_the_codec_dtypes() -> None:
+    assert tuple(WIRE_DTYPES) == WIRE_DTYPE_NAMES
+
+
 @pytest.mark.parametrize("dtype", list(WIRE_DTYPES.values()))
 @pytest.mark.parametrize("shape", [(), (0,), (3, 0, 5), (1,), (2, 3, 4), (2, 1, 1, 1, 1, 1, 1, 3)])
 def test_round_trip_is_bit_exact_for_every_dtype_and_shape(
     dtype: torch.dtype, shape: tuple[int, ...]
 ) -> None:
     tensor = sample(dtype, shape)
-    decoded = decode_tensor(encode_tensor(tensor), expected_dtype=dtype, expected_shape=shape)
+    decoded = round_trip(tensor, expected={"t": (dtype, shape)})
     assert decoded.dtype == dtype
     assert tuple(decoded.shape) == shape
     assert torch.equal(bits(decoded), bits(tensor))
@@ -48,66 +55,32 @@ def test_round_trip_is_bit_exact_for_every_dtype_and_shape(
 
 def test_special_float_values_survive() -> None:
     tensor = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 1e-45], dtype=torch.float32)
-    assert torch.equal(bits(decode_tensor(encode_tensor(tensor))), bits(tensor))
+    assert torch.equal(bits(round_trip(tensor)), bits(tensor))
 
 
 def test_non_contiguous_and_grad_tensors_encode_their_values() -> None:
     base = torch.arange(24, dtype=torch.float32).reshape(4, 6).requires_grad_()
     view = base.t()[1:4]  # (3, 4), not contiguous
-    decoded = decode_tensor(encode_tensor(view))
+    decoded = round_trip(view)
     assert torch.equal(decoded, view.detach())
     assert not decoded.requires_grad
 
 
-def test_decoded_tensor_owns_its_memory() -> None:
-    data = bytearray(encode_tensor(torch.ones(4)))
-    decoded = decode_tensor(data)
+def test_decoded_tensors_own_their_memory() -> None:
+    data = bytearray(encode_tensors({"t": torch.ones(4)}))
+    decoded = decode_tensors(data)["t"]
     data[-4:] = b"\x00\x00\x00\x00"
     assert torch.equal(decoded, torch.ones(4))
 
 
-def test_unsupported_dtype_is_refused_on_encode() -> None:
+def test_unsupported_dtypes_names_and_ranks_are_refused_on_encode() -> None:
     with pytest.raises(WireError, match="float64"):
-        encode_tensor(torch.zeros(2, dtype=torch.float64))
-
-
-def header(code: int, shape: list[int], reserved: int = 0, magic: bytes = b"FLT\x01") -> bytes:
-    return struct.pack("<4sBBH", magic, code, len(shape), reserved) + struct.pack(f"<{len(shape)}Q", *shape)
-
-
-@pytest.mark.parametrize(
-    ("data", "message"),
-    [
-        (b"", "header alone"),
-        (b"FLT\x01\x01", "header alone"),
-        (header(1, [2], magic=b"PK\x03\x04") + bytes(8), "magic"),
-        (header(9, [2]) + bytes(8), "dtype code"),
-        (header(1, [2], reserved=1) + bytes(8), "reserved"),
-        (header(1, [2])[:-3], "truncated inside its shape"),
-        (header(1, [2]) + bytes(7), "truncated"),
-        (header(1, [2]) + bytes(9), "1 trailing bytes"),
-        (struct.pack("<4sBBH", b"FLT\x01", 1, 9, 0) + bytes(80), "dimensions"),
-    ],
-)
-def test_malformed_tensors_get_a_clear_decode_error(data: bytes, message: str) -> None:
-    with pytest.raises(DecodeError, match=message):
-        decode_tensor(data)
-
-
-def test_a_header_claiming_a_huge_shape_is_refused_before_allocating() -> None:
-    # 2^40 × 2^40 float32 would be 2^82 bytes: the check must come from arithmetic, not from malloc.
-    with pytest.raises(PayloadTooLargeError, match="limit"):
-        decode_tensor(header(1, [2**40, 2**40]) + bytes(16))
-    with pytest.raises(PayloadTooLargeError):
-        decode_tensor(header(4, [1000]) + bytes(8000), max_bytes=4096)
-
-
-def test_expected_dtype_and_shape_are_enforced() -> None:
-    data = encode_tensor(torch.zeros(2, 3))
-    with pytest.raises(UnexpectedTensorError, match="dtype float32, expected bfloat16"):
-        decode_tensor(data, expected_dtype=torch.bfloat16)
-    with pytest.raises(UnexpectedTensorError, match=r"shape \[2, 3\], expected \[3, 2\]"):
-        decode_tensor(data, expected_shape=(3, 2))
+        encode_tensors({"t": torch.zeros(2, dtype=torch.float64)})
+    with pytest.raises(WireError, match="dimensions"):
+        encode_tensors({"t": torch.zeros([1] * 9)})
+    for name in ("", "__metadata__"):
+        with pytest.raises(WireError, match="invalid tensor name"):
+            encode_tensors({name: torch.zeros(1)})
 
 
 def test_pickles_are_refused_not_loaded() -> None:
@@ -115,11 +88,8 @@ def test_pickles_are_refused_not_loaded() -> None:
         def __reduce__(self) -> tuple[object, tuple[str]]:
             return (print, ("executed!",))
 
-    payload = pickle.dumps(Boom())
     with pytest.raises(DecodeError):
-        decode_tensor(payload)
-    with pytest.raises(DecodeError):
-        decode_tensors(payload)
+        decode_tensors(pickle.dumps(Boom()))
 
 
 def test_tensor_from_bytes_checks_the_size() -> None:
@@ -202,6 +172,30 @@ def safetensors_bytes(header_obj: object, body: bytes) -> bytes:
         (safetensors_bytes({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, bytes(8)), "gap"),
         (safetensors_bytes({"a": {"dtype": "F32", "shape": [1]}}, bytes(4)), "exactly dtype"),
         (safetensors_bytes({"__metadata__": {"x": 1}}, b""), "__metadata__"),
+        (
+            safetensors_bytes({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, bytes(7)),
+            "covers 8",
+        ),
+        (
+            safetensors_bytes({"a": {"dtype": "F32", "shape": [1] * 9, "data_offsets": [0, 4]}}, bytes(4)),
+            "dimensions",
+        ),
+        (
+            safetensors_bytes({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, bytes(4)),
+            "invalid",
+        ),
+        (safetensors_bytes({"a": {"dtype": "F32", "shape": 1, "data_offsets": [0, 4]}}, bytes(4)), "list"),
+        (
+            safetensors_bytes({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 0]}}, bytes(4)),
+            "ordered",
+        ),
+        (
+            safetensors_bytes({"a": {"dtype": "F32", "shape": [1], "data_offsets": [False, 4]}}, bytes(4)),
+            "ordered",
+        ),
+        (safetensors_bytes({"": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, bytes(4)), "empty"),
+        (safetensors_bytes({"a": [1]}, bytes(4)), "exactly dtype"),
+        (b"PK\x03\x04" + bytes(12), "claims"),  # not safetensors at all: a nonsense header length
     ],
 )
 def test_hostile_safetensors_headers_are_refused_before_safetensors_reads_them(
@@ -226,6 +220,25 @@ def test_safetensors_from_the_reference_writer_are_accepted() -> None:
 def test_tensor_dict_size_limit() -> None:
     with pytest.raises(PayloadTooLargeError):
         decode_tensors(encode_tensors({"a": torch.zeros(1024)}), max_bytes=1000)
+
+
+def test_a_header_claiming_a_huge_shape_is_refused_before_allocating() -> None:
+    # 2^40 × 2^20 float32 would be 2^62 bytes: the check must come from arithmetic, not from malloc.
+    huge = {"a": {"dtype": "F32", "shape": [2**40, 2**20], "data_offsets": [0, 2**62]}}
+    with pytest.raises(PayloadTooLargeError, match="limit"):
+        decode_tensors(safetensors_bytes(huge, bytes(16)))
+    honest = {"a": {"dtype": "I64", "shape": [1000], "data_offsets": [0, 8000]}}
+    with pytest.raises(PayloadTooLargeError, match="limit 4096"):
+        decode_tensors(safetensors_bytes(honest, bytes(8000)), max_bytes=4096)
+    with pytest.raises(PayloadTooLargeError, match="encoded tensors"):
+        # The whole buffer, before any parsing: over the limit plus the largest header allowed (8 MiB).
+        decode_tensors(bytes(9 * 2**20), max_bytes=2**12)
+
+
+def test_expected_dtype_is_enforced() -> None:
+    data = encode_tensors({"a": torch.zeros(2, 3)})
+    with pytest.raises(UnexpectedTensorError, match="a: dtype float32, expected bfloat16"):
+        decode_tensors(data, expected={"a": (torch.bfloat16, (2, 3))})
 
 
 def test_cast_for_wire_round_trip_and_pass_through() -> None:

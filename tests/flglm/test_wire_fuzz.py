@@ -1,5 +1,7 @@
-"""Property-based fuzzing of every decoder: random and mutated input yields a result or a WireError."""
+"""Property-based fuzzing of every decoder of wire bytes: random, mutated or hostile input gives a result or a
+WireError — safetensors dicts (headers, lengths, dtypes, offsets), envelopes, and tensor envelope headers."""
 
+import dataclasses
 import json
 import struct
 from collections.abc import Callable
@@ -10,18 +12,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flglm.wire.codec import (
-    TENSOR_MAGIC,
-    WIRE_DTYPES,
-    decode_tensor,
-    decode_tensors,
-    encode_tensor,
-    encode_tensors,
-)
+from flglm.wire.codec import WIRE_DTYPES, decode_tensors, encode_tensors
 from flglm.wire.directions import Direction
-from flglm.wire.envelope import EnvelopeHeader, open_envelope, open_tensor, read_header, seal, seal_tensor
+from flglm.wire.envelope import EnvelopeHeader, open_envelope, read_header, seal
 from flglm.wire.errors import WireError
 from flglm.wire.keys import derive_channel_keys, generate_private_key
+from flglm.wire.tensor_envelope import open_tensor, open_tensors, seal_tensor
 
 # Thousands of inputs in all, ~2000 on the mutated-message decoders; well under a minute together.
 FUZZ = settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -47,19 +43,20 @@ json_values = st.recursive(
 )
 
 
-# Valid encodings to mutate, built once: every dtype, 0-d, empty and multi-dimensional shapes.
+# Valid encodings to mutate, built once: every dtype, 0-d, empty and multi-dimensional shapes, alone (as h1
+# and generation outputs travel), in pairs like h0 with its mask, and in adapter-like dicts.
 POOL_SHAPES = [(), (0,), (3,), (2, 3), (1, 0, 4), (2, 2, 2, 2)]
 POOL_TENSORS = [
     torch.arange(torch.Size(shape).numel()).reshape(shape).to(dtype)
     for dtype in WIRE_DTYPES.values()
     for shape in POOL_SHAPES
 ]
-TENSOR_POOL = [encode_tensor(tensor) for tensor in POOL_TENSORS]
-DICT_POOL = [
+DICT_POOL = [encode_tensors({"hidden_states": tensor}) for tensor in POOL_TENSORS] + [
     encode_tensors({f"layer.{k}.lora": POOL_TENSORS[(start + k) % len(POOL_TENSORS)] for k in range(count)})
     for start in range(0, len(POOL_TENSORS), 3)
-    for count in (1, 3)
+    for count in (2, 3)
 ]
+SAFETENSORS_DTYPES = {"F32": 4, "F16": 2, "BF16": 2, "I64": 8}  # the wire's, by element size
 
 
 @st.composite
@@ -92,47 +89,47 @@ def decode_or_clean_error(decoder: Callable[..., Any], data: bytes, **kwargs: An
         return None
 
 
-@FUZZ_LIGHT
-@given(st.binary(max_size=300) | st.binary(max_size=300).map(lambda b: TENSOR_MAGIC + b))
-def test_decode_tensor_on_random_bytes(data: bytes) -> None:
-    tensor = decode_or_clean_error(decode_tensor, data, max_bytes=MAX_BYTES)
-    if tensor is not None:
-        assert isinstance(tensor, torch.Tensor)
-        assert tensor.numel() * tensor.element_size() <= len(data)
-
-
-@FUZZ
-@given(st.data())
-def test_decode_tensor_on_mutated_encodings(data: st.DataObject) -> None:
-    original = data.draw(st.sampled_from(TENSOR_POOL))
-    mutated = data.draw(mutations(original))
-    tensor = decode_or_clean_error(decode_tensor, mutated, max_bytes=MAX_BYTES)
-    if tensor is not None:
-        assert tensor.numel() * tensor.element_size() <= len(mutated)
+def with_length_prefix(body: bytes) -> bytes:
+    """Random bytes behind a length prefix that fits them, so they reach the header parser."""
+    return struct.pack("<Q", len(body)) + body
 
 
 @FUZZ_LIGHT
 @given(
-    st.sampled_from([1, 2, 3, 4]),
+    st.binary(max_size=300)
+    | st.binary(max_size=300).map(with_length_prefix)
+    | st.binary(max_size=300).map(lambda b: with_length_prefix(b'{"a":' + b))
+)
+def test_decode_tensors_on_random_bytes(data: bytes) -> None:
+    tensors = decode_or_clean_error(decode_tensors, data, max_bytes=MAX_BYTES)
+    if tensors is not None:
+        assert sum(t.numel() * t.element_size() for t in tensors.values()) <= len(data)
+
+
+@FUZZ_LIGHT
+@given(
+    st.sampled_from(sorted(SAFETENSORS_DTYPES)),
     st.lists(st.integers(0, 2**64 - 1), max_size=8),
+    st.booleans(),
+    st.integers(0, 2**64 - 1),
     st.binary(max_size=64),
 )
-def test_huge_shape_claims_are_refused_before_allocating(code: int, shape: list[int], body: bytes) -> None:
-    data = (
-        struct.pack("<4sBBH", TENSOR_MAGIC, code, len(shape), 0)
-        + struct.pack(f"<{len(shape)}Q", *shape)
-        + body
-    )
-    claimed = 1
+def test_huge_shape_claims_are_refused_before_allocating(
+    dtype: str, shape: list[int], honest_offsets: bool, end: int, body: bytes
+) -> None:
+    claimed = SAFETENSORS_DTYPES[dtype]
     for dim in shape:
         claimed *= dim
-    claimed *= [4, 2, 2, 8][code - 1]
+    # Honest offsets leave the size limit as the only thing that can refuse a huge claim.
+    offsets = [0, claimed if honest_offsets else end]
+    raw = json.dumps({"t": {"dtype": dtype, "shape": shape, "data_offsets": offsets}}).encode()
+    data = struct.pack("<Q", len(raw)) + raw + body
     if claimed > MAX_BYTES:
         # PayloadTooLargeError, or DecodeError for a dimension no tensor can have (>= 2^63).
         with pytest.raises(WireError):
-            decode_tensor(data, max_bytes=MAX_BYTES)
+            decode_tensors(data, max_bytes=MAX_BYTES)
     else:
-        decode_or_clean_error(decode_tensor, data, max_bytes=MAX_BYTES)
+        decode_or_clean_error(decode_tensors, data, max_bytes=MAX_BYTES)
 
 
 @FUZZ
@@ -230,3 +227,59 @@ def test_envelope_header_parsing_on_random_field_values(changes: dict) -> None:
     except WireError:
         return
     assert header.to_bytes()  # whatever parses is a fully valid header
+
+
+@FUZZ_LIGHT
+@given(st.data())
+def test_open_tensors_on_authentic_envelopes_of_mutated_safetensors(data: st.DataObject) -> None:
+    """A key holder (buggy or compromised) can seal anything: the payload is decoded as hostile."""
+    payload = data.draw(mutations(data.draw(st.sampled_from(DICT_POOL))))
+    header = EnvelopeHeader(
+        job_id="job", round=0, step=0, client_id="client", direction=Direction.adapters_up, sequence=1
+    )
+    sealed = seal(KEYS, dataclasses.replace(header, format="safetensors"), payload)
+    try:
+        _, tensors = open_tensors(
+            KEYS,
+            sealed,
+            expected_job="job",
+            expected_client="client",
+            expected_direction=Direction.adapters_up,
+            max_payload_bytes=MAX_BYTES,
+        )
+    except WireError:
+        return
+    assert sum(t.numel() * t.element_size() for t in tensors.values()) <= len(payload)
+
+
+@FUZZ_LIGHT
+@given(
+    st.sampled_from(sorted(WIRE_DTYPES)),
+    st.sampled_from(sorted(WIRE_DTYPES)),
+    st.lists(st.integers(0, 2**64 - 1) | st.integers(0, 4), max_size=9),
+    st.binary(max_size=64),
+)
+def test_open_tensor_on_authentic_envelopes_with_hostile_tensor_headers(
+    dtype: str, wire_dtype: str, shape: list[int], payload: bytes
+) -> None:
+    """One tensor travels as raw bytes described by the header: any dtype/shape/size claim is checked."""
+    try:
+        header = dataclasses.replace(
+            HEADER, format="tensor", dtype=dtype, shape=tuple(shape), wire_dtype=wire_dtype
+        )
+    except WireError:
+        return  # the header itself is refused (too many or invalid dimensions, too many elements)
+    sealed = seal(KEYS, header, payload)
+    try:
+        _, tensor = open_tensor(
+            KEYS,
+            sealed,
+            expected_job="job",
+            expected_client="client",
+            expected_direction=Direction.gradients,
+            max_payload_bytes=MAX_BYTES,
+        )
+    except WireError:
+        return
+    assert tuple(tensor.shape) == tuple(shape) and tensor.dtype == WIRE_DTYPES[dtype]
+    assert tensor.numel() * WIRE_DTYPES[wire_dtype].itemsize == len(payload)
