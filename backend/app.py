@@ -33,7 +33,7 @@ from backend.privacy.service import fail_orphaned_audits
 from backend.protocol_version import ProtocolVersionCheck
 from backend.server_keys import load_or_create_server_key, public_key_b64
 from backend.settings import Settings, get_settings
-from backend.steps.runtime import InProcessDispatcherFactory, step_runtime_from_settings
+from backend.steps.relay import InProcessDispatcherFactory, step_relay_from_settings
 from backend.steps.service import publish_missing_specs, release_job_replicas
 from flglm.protocol import API_PREFIX
 
@@ -74,7 +74,7 @@ def create_app(
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-            app.state.step_runtime.close()
+            app.state.step_relay.close()
             engine.dispose()
 
     app = FastAPI(
@@ -90,11 +90,11 @@ def create_app(
     app.state.rate_limiter = TokenBucketLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst)
     server_key = load_or_create_server_key(settings.resolved_server_key_file())
     app.state.server_public_key_b64 = public_key_b64(server_key)
-    step_runtime = step_runtime_from_settings(settings, server_key, inprocess_dispatcher)
-    app.state.step_runtime = step_runtime
+    step_relay = step_relay_from_settings(settings, server_key, inprocess_dispatcher)
+    app.state.step_relay = step_relay
     app.state.complete_prompts = complete_prompts
     # A job that ended frees its server replicas on the workers once that end is committed.
-    on_jobs_finished(session_factory, lambda job_ids: release_job_replicas(step_runtime, job_ids))
+    on_jobs_finished(session_factory, lambda job_ids: release_job_replicas(step_relay, job_ids))
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(ProtocolVersionCheck)
@@ -123,9 +123,9 @@ async def _housekeeping_loop(app: FastAPI, settings: Settings) -> None:
                 settings.heartbeat_lease_s,
                 settings.job_keys_dir(),
                 settings.job_key_retention_s,
-                app.state.step_runtime.store,
+                app.state.step_relay.store,
                 settings.privacy_audit_queue_timeout_s,
-                lambda session: publish_missing_specs(session, app.state.step_runtime, settings),
+                lambda session: publish_missing_specs(session, app.state.step_relay, settings),
             )
         except Exception:  # keep the loop alive; the next pass retries
             log.exception("housekeeping pass failed")

@@ -176,21 +176,6 @@ class StepMetric(Base):
     created_at: Mapped[datetime] = mapped_column(default=utc_now)
 
 
-class Artifact(Base):
-    """A checkpoint or exported adapter of a job, stored outside the database (by URI)."""
-
-    __tablename__ = "artifacts"
-
-    id: Mapped[int] = mapped_column(primary_key=True)
-    job_id: Mapped[int] = mapped_column(sa.ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
-    round_number: Mapped[int | None]
-    kind: Mapped[str] = mapped_column(sa.String(32))
-    uri: Mapped[str] = mapped_column(sa.String(1000))
-    sha256: Mapped[str | None] = mapped_column(sa.String(64))
-    size_bytes: Mapped[int | None] = mapped_column(sa.BigInteger)
-    created_at: Mapped[datetime] = mapped_column(default=utc_now)
-
-
 class AuditEvent(Base):
     """Append-only: the code only inserts and reads these rows; database triggers refuse UPDATE and DELETE."""
 

@@ -23,7 +23,7 @@ class Settings(BaseSettings):
     step_wait_threads: int = 64
     step_admission_timeout_s: float = 30.0
     checkpoint_dir: Path | None = None
-    # The in-process executor's worker runtime (`inprocess` only; Celery workers read the same variable,
+    # The in-process executor's worker relay (`inprocess` only; Celery workers read the same variable,
     # FLGLM_REPLICA_IDLE_TTL_S): a replica unused this long is checkpointed and dropped from memory.
     replica_idle_ttl_s: float = 3600.0
     # Generation: how long a caller waits for a worker to open a session (loads the body) or run one call.

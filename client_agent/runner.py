@@ -49,7 +49,7 @@ from client_agent.state import (
 )
 from flglm import protocol
 from flglm.adapters import AdapterSpec, load_trainable_state_dict, trainable_state_dict
-from flglm.client_step import (
+from flglm.agent_step import (
     ClientChannel,
     client_parts,
     download_round_adapters,

@@ -1,7 +1,7 @@
 """Per-round local evaluation on a bounded eval set: eval loss, plus accuracy (classification) or ROUGE-L.
 
 Everything goes through a `score_fn(input_ids, attention_mask) -> logits` (`flglm.evaluation.ScoreFn`), so
-the agent evaluates the split model through the server (`flglm.client_step.remote_score_fn`) with the same
+the agent evaluates the split model through the server (`flglm.agent_step.remote_score_fn`) with the same
 code that scores an unsplit model. Generation is greedy decoding with one full forward per new token: the
 server keeps no KV cache between eval forwards, so `max_new_tokens` and `max_examples` bound the cost.
 Only aggregate numbers come out (`eval_examples` is the n behind them); predictions stay here.

@@ -1,7 +1,7 @@
 """`StepClient`: the agent's HTTPS transport of the step protocol (uploads, long-polls, client adapters).
 
 Transport only: it moves sealed bytes and never sees a tensor or a key (sealing is `flglm.step_messages`,
-the step itself `flglm.client_step`). Paths and message models come from `flglm.step_protocol`, the same
+the step itself `flglm.agent_step`). Paths and message models come from `flglm.step_protocol`, the same
 ones the backend serves. Connection errors and 5xx answers are retried with exponential backoff and
 jitter (every upload is idempotent, so a retried one has one effect); 4xx answers raise a typed
 `StepHttpError` carrying the server's error code and message (426: the backend speaks another protocol

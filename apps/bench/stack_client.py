@@ -21,7 +21,7 @@ import torch
 
 from apps.bench.stack_batches import stack_bench_batch
 from flglm.adapters import AdapterSpec, add_split_adapters
-from flglm.client_step import ClientChannel, run_client_step
+from flglm.agent_step import ClientChannel, run_client_step
 from flglm.models import load_split_parts, load_tokenizer
 from flglm.split import SplitPlan
 from flglm.step_client import StepClient

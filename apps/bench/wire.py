@@ -339,7 +339,7 @@ def step_crypto_fraction(
 ) -> dict[str, Any]:
     """Crypto time (both sides' seal + open of h0, h1, dL/dh1, dL/dh0) over the split step's compute time,
     and the round's adapter upload."""
-    from flglm.client_step import shared_parts
+    from flglm.agent_step import shared_parts
     from flglm.models import load_split_parts, load_tokenizer
     from flglm.trainers import SplitTrainer, TrainConfig
 

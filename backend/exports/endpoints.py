@@ -19,7 +19,7 @@ from backend.api.deps import AdminDep, OperatorDep, SessionDep, SettingsDep
 from backend.exports import service, sessions
 from backend.exports.schemas import GenerateRequest, GenerateView
 from backend.jobs.service import get_job
-from backend.steps.endpoints import RuntimeDep, in_wait_pool, read_typed_body
+from backend.steps.endpoints import RelayDep, in_wait_pool, read_typed_body
 from flglm.generation_protocol import (
     GENERATION_BODY_PATH,
     GENERATION_SESSION_PATH,
@@ -58,28 +58,26 @@ def generate(
     request: GenerateRequest,
     session: SessionDep,
     settings: SettingsDep,
-    runtime: RuntimeDep,
+    relay: RelayDep,
     operator: OperatorDep,
     http: Request,
 ) -> GenerateView:
     """Complete prompts with the job's trained model: front and back here, the body on a worker."""
     complete = http.app.state.complete_prompts
-    return sessions.generate_completions(
-        session, settings, runtime, complete, operator.actor, job_id, request
-    )
+    return sessions.generate_completions(session, settings, relay, complete, operator.actor, job_id, request)
 
 
 @generation_router.post(
     GENERATION_SESSIONS_PATH, response_model=GenerationSessionView, status_code=status.HTTP_201_CREATED
 )
 def open_generation_session(
-    job_id: JobId, session: SessionDep, settings: SettingsDep, runtime: RuntimeDep, admin: AdminDep
+    job_id: JobId, session: SessionDep, settings: SettingsDep, relay: RelayDep, admin: AdminDep
 ) -> GenerationSessionView:
     """Open a session on a worker holding the job's body (newest server adapters) and a fresh KV cache.
 
     The caller runs the front and back from the export bundle. Idle sessions close after `idle_ttl_s`.
     """
-    return sessions.open_generation_session(session, settings, runtime, admin.actor, job_id)
+    return sessions.open_generation_session(session, settings, relay, admin.actor, job_id)
 
 
 @generation_router.post(
@@ -93,7 +91,7 @@ async def run_generation_body(
     session_id: SessionId,
     session: SessionDep,
     settings: SettingsDep,
-    runtime: RuntimeDep,
+    relay: RelayDep,
     admin: AdminDep,
 ) -> Response:
     """Run the body on the new positions: the request is safetensors {hidden_states (batch, new, hidden) in
@@ -104,7 +102,7 @@ async def run_generation_body(
     await run_in_threadpool(get_job, session, job_id)
     timeout_s = settings.generation_task_timeout_s
     # Waits for a worker task (up to timeout_s, once per token): the step pool, not the request threadpool.
-    output = await in_wait_pool(runtime, sessions.run_body, runtime, timeout_s, job_id, session_id, data)
+    output = await in_wait_pool(relay, sessions.run_body, relay, timeout_s, job_id, session_id, data)
     return Response(content=output, media_type=TENSORS_MEDIA_TYPE)
 
 
@@ -114,12 +112,12 @@ def close_generation_session(
     session_id: SessionId,
     session: SessionDep,
     settings: SettingsDep,
-    runtime: RuntimeDep,
+    relay: RelayDep,
     admin: AdminDep,
 ) -> Response:
     """Close a session (its KV cache is dropped); 404 when the worker no longer holds it."""
     get_job(session, job_id)
-    if not sessions.close_session(runtime, settings.generation_task_timeout_s, job_id, session_id):
+    if not sessions.close_session(relay, settings.generation_task_timeout_s, job_id, session_id):
         raise sessions.GenerationSessionNotFound(
             f"generation session {session_id} of job {job_id} is not open"
         )

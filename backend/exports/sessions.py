@@ -26,7 +26,7 @@ from backend.exports.schemas import GenerateRequest, GenerateView
 from backend.exports.service import NothingToExport, build_bundle, job_checkpoint_dir
 from backend.jobs.service import get_job
 from backend.settings import Settings
-from backend.steps.runtime import StepRuntime
+from backend.steps.relay import StepRelay
 from flglm.contracts.artifacts import latest_server_checkpoint
 from flglm.contracts.refusals import StepRejected
 from flglm.contracts.tasks import BODY_GENERATE, BODY_GENERATE_CLOSE, BODY_GENERATE_OPEN
@@ -51,8 +51,8 @@ class GenerationSessionNotFound(NotFound):
     code = "unknown_generation_session"
 
 
-def _run_task(runtime: StepRuntime, name: str, kwargs: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-    handle = runtime.dispatcher.submit(name, kwargs, GENERATION_QUEUE)
+def _run_task(relay: StepRelay, name: str, kwargs: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+    handle = relay.dispatcher.submit(name, kwargs, GENERATION_QUEUE)
     try:
         return handle.get(timeout_s)
     except StepRejected as exc:
@@ -64,7 +64,7 @@ def _run_task(runtime: StepRuntime, name: str, kwargs: dict[str, Any], timeout_s
 
 
 def open_session(
-    session: Session, settings: Settings, runtime: StepRuntime, job_id: int
+    session: Session, settings: Settings, relay: StepRelay, job_id: int
 ) -> GenerationSessionView:
     """A new session on a worker, holding the job's body with its newest server adapters."""
     job = get_job(session, job_id)
@@ -82,7 +82,7 @@ def open_session(
         "adapter": dict(job.adapter),
         "checkpoint_dir": directory,
     }
-    opened = _run_task(runtime, BODY_GENERATE_OPEN, kwargs, settings.generation_task_timeout_s)
+    opened = _run_task(relay, BODY_GENERATE_OPEN, kwargs, settings.generation_task_timeout_s)
     return GenerationSessionView(
         session_id=session_id,
         job_id=job.id,
@@ -94,16 +94,16 @@ def open_session(
 
 
 def open_generation_session(
-    session: Session, settings: Settings, runtime: StepRuntime, actor: str, job_id: int
+    session: Session, settings: Settings, relay: StepRelay, actor: str, job_id: int
 ) -> GenerationSessionView:
     """`open_session` for an operator who runs the front and back (`flglm generate`); audited."""
-    view = open_session(session, settings, runtime, job_id)
+    view = open_session(session, settings, relay, job_id)
     detail = {"session": view.session_id, "server": view.server_checkpoint}
     record(session, actor, "job.generate_session", "job", job_id, detail)
     return view
 
 
-def run_body(runtime: StepRuntime, timeout_s: float, job_id: int, session_id: str, data: bytes) -> bytes:
+def run_body(relay: StepRelay, timeout_s: float, job_id: int, session_id: str, data: bytes) -> bytes:
     """One body call: encoded input (`flglm.generation.encode_body_input`) in, encoded output out."""
     if not data:
         raise BadRequest(
@@ -114,7 +114,7 @@ def run_body(runtime: StepRuntime, timeout_s: float, job_id: int, session_id: st
         body_input_key(job_id, session_id, call_id),
         body_output_key(job_id, session_id, call_id),
     )
-    runtime.store.put_if_absent(input_key, data, BLOB_TTL_S)
+    relay.store.put_if_absent(input_key, data, BLOB_TTL_S)
     try:
         kwargs = {
             "job_id": job_id,
@@ -122,19 +122,19 @@ def run_body(runtime: StepRuntime, timeout_s: float, job_id: int, session_id: st
             "input_key": input_key,
             "output_key": output_key,
         }
-        _run_task(runtime, BODY_GENERATE, kwargs, timeout_s)
-        output = runtime.store.get(output_key)
+        _run_task(relay, BODY_GENERATE, kwargs, timeout_s)
+        output = relay.store.get(output_key)
         if output is None:
             raise WorkerTimeout(f"the worker's output {output_key} expired before it was read")
         return output
     finally:
-        runtime.store.delete(input_key)
-        runtime.store.delete(output_key)
+        relay.store.delete(input_key)
+        relay.store.delete(output_key)
 
 
-def close_session(runtime: StepRuntime, timeout_s: float, job_id: int, session_id: str) -> bool:
+def close_session(relay: StepRelay, timeout_s: float, job_id: int, session_id: str) -> bool:
     """Drop the session's cache on the worker; False when the worker no longer held it."""
-    result = _run_task(runtime, BODY_GENERATE_CLOSE, {"job_id": job_id, "session_id": session_id}, timeout_s)
+    result = _run_task(relay, BODY_GENERATE_CLOSE, {"job_id": job_id, "session_id": session_id}, timeout_s)
     return bool(result["closed"])
 
 
@@ -148,7 +148,7 @@ class NoCallerGeneration(Unavailable):
 def generate_completions(
     session: Session,
     settings: Settings,
-    runtime: StepRuntime,
+    relay: StepRelay,
     complete_prompts: CompletePrompts | None,
     actor: str,
     job_id: int,
@@ -165,14 +165,14 @@ def generate_completions(
         request.max_new_tokens, request.do_sample, request.temperature, request.top_k, request.seed
     )
     bundle, metadata = build_bundle(session, settings, job_id)
-    opened = open_session(session, settings, runtime, job_id)
+    opened = open_session(session, settings, relay, job_id)
     timeout_s = settings.generation_task_timeout_s
     try:
-        body = functools.partial(run_body, runtime, timeout_s, job_id, opened.session_id)
+        body = functools.partial(run_body, relay, timeout_s, job_id, opened.session_id)
         completions = complete_prompts(bundle, request.prompts, sampling, body)
     finally:
         with contextlib.suppress(DomainError):  # an unreachable worker drops the session by its idle TTL
-            close_session(runtime, timeout_s, job_id, opened.session_id)
+            close_session(relay, timeout_s, job_id, opened.session_id)
     detail = {"prompts": len(request.prompts), "server": opened.server_checkpoint}
     record(session, actor, "job.generate", "job", job_id, detail)
     return GenerateView(

@@ -11,14 +11,12 @@ from backend.api.pagination import Page, PageDep
 from backend.jobs import service
 from backend.jobs.repository import JobRepository, ParticipantRepository, RoundRepository
 from backend.jobs.schemas import (
-    ArtifactView,
     InviteRequest,
     JobView,
     ParticipantView,
     RoundParticipantView,
     RoundView,
 )
-from backend.metrics.repository import ArtifactRepository
 from backend.models import Round, utc_now
 from backend.privacy.matching import audited_figure
 from backend.steps import service as steps_service
@@ -65,7 +63,7 @@ def _transition_route(action: str) -> None:
             # rolls back must leave no spec behind (a spec is write-once: it would refuse the next start's).
             spec = steps_service.worker_job_spec(session, job, settings)
             session.commit()
-            steps_service.publish_after_start(request.app.state.step_runtime, spec)
+            steps_service.publish_after_start(request.app.state.step_relay, spec)
         return view
 
     transition.__name__ = f"{action}_job"
@@ -118,12 +116,6 @@ def close_round(
 ) -> RoundView:
     round_ = service.close_round_now(session, admin.actor, job_id, round_number, utc_now())
     return _round_view(RoundRepository(session), round_)
-
-
-@router.get("/{job_id}/artifacts", response_model=list[ArtifactView])
-def list_artifacts(job_id: JobId, session: SessionDep, _: OperatorDep) -> list[ArtifactView]:
-    service.get_job(session, job_id)
-    return [ArtifactView.model_validate(a) for a in ArtifactRepository(session).list_for_job(job_id)]
 
 
 def _round_view(rounds: RoundRepository, round_: Round) -> RoundView:

@@ -90,16 +90,3 @@ class RoundView(BaseModel):
     closed_at: datetime | None
     close_reason: str | None
     participants: list[RoundParticipantView]
-
-
-class ArtifactView(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
-
-    id: int
-    job_id: int
-    round_number: int | None
-    kind: str
-    uri: str
-    sha256: str | None
-    size_bytes: int | None
-    created_at: datetime

@@ -51,7 +51,7 @@ def show_job_progress(
 def _served_replicas(request: Request, job_id: int) -> dict[int, int] | None:
     """Client id -> replica from the worker spec published at job start; None before the job started."""
     try:
-        spec = read_spec(request.app.state.step_runtime, job_id)
+        spec = read_spec(request.app.state.step_relay, job_id)
     except JobNotServed:
         return None
     return {client_id: spec.replica_of(client_id) for client_id in spec.client_ids()}

@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from backend.db import fetch_page
-from backend.models import Artifact, StepMetric
+from backend.models import StepMetric
 
 
 class StepMetricRepository:
@@ -54,21 +54,6 @@ class StepMetricRepository:
             conditions.append(StepMetric.client_id == client_id)
         query = sa.select(StepMetric).where(*conditions).order_by(StepMetric.id)
         return fetch_page(self.session, query, limit=limit, offset=offset)
-
-
-class ArtifactRepository:
-    def __init__(self, session: Session) -> None:
-        self.session = session
-
-    def add(self, artifact: Artifact) -> Artifact:
-        self.session.add(artifact)
-        self.session.flush()
-        return artifact
-
-    def list_for_job(self, job_id: int) -> list[Artifact]:
-        return list(
-            self.session.scalars(sa.select(Artifact).where(Artifact.job_id == job_id).order_by(Artifact.id))
-        )
 
 
 class StepMetricTotals(NamedTuple):

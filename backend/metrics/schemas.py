@@ -47,7 +47,7 @@ class JobProgressView(BaseModel):
     rounds: int
     steps_per_round: int
     window_s: float
-    tokens_per_s: float | None  # over the recent window; None with fewer than two reports in it
+    tokens_per_s: float | None  # each client on its own clock over the recent window, summed; None: idle
     steps_reported: int
     tokens: int
     wire_bytes_up: int

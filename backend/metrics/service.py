@@ -6,17 +6,15 @@ from datetime import datetime, timedelta
 
 from sqlalchemy.orm import Session
 
-from backend.audit.service import record
 from backend.errors import Conflict
 from backend.jobs.repository import ParticipantRepository
 from backend.jobs.service import get_job, job_for_client
 from backend.metrics.repository import (
-    ArtifactRepository,
     StepMetricRepository,
     StepMetricSummaryRepository,
 )
 from backend.metrics.schemas import ClientProgressView, JobProgressView, ReplicaLoadView
-from backend.models import Artifact, StepMetric
+from backend.models import StepMetric
 from flglm.protocol import ClientStatus, ConsentStatus, JobStatus, StepMetricIn
 
 
@@ -43,27 +41,6 @@ def record_step_metric(
     return repository.add(
         StepMetric(job_id=job_id, client_id=client_id, created_at=now, **metric.model_dump())
     )
-
-
-def record_artifact(
-    session: Session,
-    actor: str,
-    job_id: int,
-    kind: str,
-    uri: str,
-    *,
-    round_number: int | None = None,
-    sha256: str | None = None,
-    size_bytes: int | None = None,
-) -> Artifact:
-    """For the worker and FedAvg code: register a checkpoint or adapter file of a job."""
-    artifact = ArtifactRepository(session).add(
-        Artifact(
-            job_id=job_id, round_number=round_number, kind=kind, uri=uri, sha256=sha256, size_bytes=size_bytes
-        )
-    )
-    record(session, actor, "artifact.create", "job", job_id, {"artifact_id": artifact.id, "kind": kind})
-    return artifact
 
 
 def job_progress(

@@ -11,7 +11,7 @@ from backend.api.pagination import Page, PageDep
 from backend.models import utc_now
 from backend.privacy import service
 from backend.privacy.schemas import AuditStartRequest, PrivacyAuditView
-from backend.steps.runtime import StepRuntime
+from backend.steps.relay import StepRelay
 
 router = APIRouter(prefix="/jobs", tags=["privacy"])
 
@@ -19,9 +19,9 @@ JobId = Annotated[int, Path(ge=1)]
 AuditId = Annotated[int, Path(ge=1)]
 
 
-def _runtime(request: Request) -> StepRuntime:
-    runtime: StepRuntime = request.app.state.step_runtime
-    return runtime
+def _runtime(request: Request) -> StepRelay:
+    relay: StepRelay = request.app.state.step_relay
+    return relay
 
 
 @router.post(
@@ -36,15 +36,15 @@ def start_audit(
     body: Annotated[AuditStartRequest | None, Body()] = None,
 ) -> PrivacyAuditView:
     """Queue an audit of the job's current settings (what a curious server recovers of the training text)."""
-    runtime = _runtime(request)
+    relay = _runtime(request)
     audit = service.start_audit(
         session,
         admin.actor,
         job_id,
         body or AuditStartRequest(),
         utc_now(),
-        runtime.dispatcher,
-        runtime.store,
+        relay.dispatcher,
+        relay.store,
         settings.privacy_audit_queue_timeout_s,
     )
     return service.audit_view(audit, audit.settings_key)  # it audits the job's current settings

@@ -33,7 +33,7 @@ from backend.privacy.schemas import (
     AuditStatus,
     PrivacyAuditView,
 )
-from backend.steps.runtime import TaskDispatcher
+from backend.steps.relay import TaskDispatcher
 from flglm.contracts.blob_store import BlobStore
 from flglm.contracts.privacy_records import HEARTBEAT_TTL_S, AuditRecords
 from flglm.contracts.tasks import PRIVACY_AUDIT, PRIVACY_QUEUE

@@ -2,7 +2,7 @@
 
 Paths come from `flglm.step_protocol` (the agent's `StepClient` imports the same constants). Bodies are the
 raw sealed envelope (`application/octet-stream`, capped by `max_body_bytes`). The database checks run in a
-sync dependency (threadpool); the waiting runs in the step wait pool (see `backend.steps.runtime`).
+sync dependency (threadpool); the waiting runs in the step wait pool (see `backend.steps.relay`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from backend.api.deps import ClientDep, SessionDep, SettingsDep
 from backend.errors import refusal
 from backend.steps import service
-from backend.steps.runtime import StepRuntime
+from backend.steps.relay import StepRelay
 from backend.steps.service import StepAccess
 from flglm.contracts.refusals import WrongDirection
 from flglm.step_protocol import (
@@ -43,12 +43,12 @@ WaitSeconds = Annotated[
 ]
 
 
-def step_runtime(request: Request) -> StepRuntime:
-    runtime: StepRuntime = request.app.state.step_runtime
-    return runtime
+def step_relay(request: Request) -> StepRelay:
+    relay: StepRelay = request.app.state.step_relay
+    return relay
 
 
-RuntimeDep = Annotated[StepRuntime, Depends(step_runtime)]
+RelayDep = Annotated[StepRelay, Depends(step_relay)]
 
 
 def upload_access(
@@ -108,9 +108,9 @@ def _receipt_response(
     return UploadReceipt(message=ref, outcome=outcome, result_path=result_path)
 
 
-async def in_wait_pool(runtime: StepRuntime, blocking: Callable[..., T], *args: Any) -> T:
+async def in_wait_pool(relay: StepRelay, blocking: Callable[..., T], *args: Any) -> T:
     """Run a blocking blob-store/task call in the step pool, leaving the request threadpool alone."""
-    return await asyncio.get_running_loop().run_in_executor(runtime.wait_pool, blocking, *args)
+    return await asyncio.get_running_loop().run_in_executor(relay.wait_pool, blocking, *args)
 
 
 def _not_yet() -> Response:
@@ -128,7 +128,7 @@ async def upload_step_message(
     request: Request,
     response: Response,
     access: StepUploadAccess,
-    runtime: RuntimeDep,
+    relay: RelayDep,
     settings: SettingsDep,
     step: Annotated[int, Path(ge=0)],
     direction: MessageDirection,
@@ -144,7 +144,7 @@ async def upload_step_message(
     body = await read_typed_body(request, (OCTET_STREAM,), "the sealed envelope")
     ref = _step_ref(access, step, direction, sequence)
     outcome = await in_wait_pool(
-        runtime, service.store_upload, runtime, ref, body, settings.step_admission_timeout_s
+        relay, service.store_upload, relay, ref, body, settings.step_admission_timeout_s
     )
     result_path = STEP_RESULT_PATH.format(
         job_id=ref.job_id,
@@ -165,7 +165,7 @@ async def upload_step_message(
 )
 async def wait_step_result(
     access: ReadAccess,
-    runtime: RuntimeDep,
+    relay: RelayDep,
     step: Annotated[int, Path(ge=0)],
     direction: MessageDirection,
     sequence: Annotated[int, Path(ge=0)],
@@ -174,7 +174,7 @@ async def wait_step_result(
     if direction not in service.STEP_DIRECTIONS:
         raise refusal(WrongDirection(f"{direction.value} messages have no step result"))
     ref = _step_ref(access, step, direction, sequence)
-    blob = await service.wait_for_result(runtime, ref, min(wait_s, MAX_LONG_POLL_S))
+    blob = await service.wait_for_result(relay, ref, min(wait_s, MAX_LONG_POLL_S))
     if blob is None:
         return _not_yet()
     return Response(content=blob, media_type=OCTET_STREAM)
@@ -190,15 +190,15 @@ async def upload_client_adapters(
     request: Request,
     response: Response,
     access: UploadAccess,
-    runtime: RuntimeDep,
+    relay: RelayDep,
     settings: SettingsDep,
     example_count: Annotated[int, Query(ge=0, description="FedAvg weight: examples this client trained on")],
 ) -> UploadReceipt:
     body = await read_typed_body(request, (OCTET_STREAM,), "the sealed envelope")
     outcome = await in_wait_pool(
-        runtime,
+        relay,
         service.store_adapters,
-        runtime,
+        relay,
         access,
         body,
         example_count,
@@ -215,12 +215,10 @@ async def upload_client_adapters(
     responses={200: {"content": {OCTET_STREAM: {}}}, 204: {"description": "FedAvg not done yet; ask again"}},
     summary="Long-poll the round's FedAvg'd client adapters, sealed for this client",
 )
-async def wait_client_adapters(
-    access: ReadAccess, runtime: RuntimeDep, wait_s: WaitSeconds = 0.0
-) -> Response:
-    await in_wait_pool(runtime, service.start_fedavg_when_complete, runtime, access)
+async def wait_client_adapters(access: ReadAccess, relay: RelayDep, wait_s: WaitSeconds = 0.0) -> Response:
+    await in_wait_pool(relay, service.start_fedavg_when_complete, relay, access)
     ref = client_adapters_ref(access.job_id, access.round_number, access.client_id)
-    blob = await service.wait_for_result(runtime, ref, min(wait_s, MAX_LONG_POLL_S))
+    blob = await service.wait_for_result(relay, ref, min(wait_s, MAX_LONG_POLL_S))
     if blob is None:
         return _not_yet()
     return Response(content=blob, media_type=OCTET_STREAM)

@@ -31,7 +31,7 @@ from backend.jobs.service import (
 from backend.models import Job
 from backend.server_keys import job_key_path
 from backend.settings import Settings
-from backend.steps.runtime import StepRuntime
+from backend.steps.relay import StepRelay
 from flglm.contracts import job_spec
 from flglm.contracts.blob_store import PutOutcome
 from flglm.contracts.dispatch import TaskHandle
@@ -131,19 +131,19 @@ def _build_spec(
     )
 
 
-def publish_job_spec(runtime: StepRuntime, spec: WorkerJobSpec) -> None:
+def publish_job_spec(relay: StepRelay, spec: WorkerJobSpec) -> None:
     """Tell the workers a job started (write-once: another spec for the job is a 409 `spec_conflict`)."""
     try:
-        job_spec.publish_job_spec(runtime.store, spec)
+        job_spec.publish_job_spec(relay.store, spec)
     except StepRejected as exc:
         raise refusal(exc) from None
 
 
-def publish_after_start(runtime: StepRuntime, spec: WorkerJobSpec) -> bool:
+def publish_after_start(relay: StepRelay, spec: WorkerJobSpec) -> bool:
     """Publish a started job's spec once its start is committed; False when the blob store failed (logged:
     the housekeeping pass publishes it, `publish_missing_specs`), so the operator's start still answers."""
     try:
-        publish_job_spec(runtime, spec)
+        publish_job_spec(relay, spec)
     except DomainError:
         raise
     except Exception:  # Redis down: the start is committed, the next housekeeping pass tells the workers
@@ -152,37 +152,37 @@ def publish_after_start(runtime: StepRuntime, spec: WorkerJobSpec) -> bool:
     return True
 
 
-def publish_missing_specs(session: Session, runtime: StepRuntime, settings: Settings) -> list[int]:
+def publish_missing_specs(session: Session, relay: StepRelay, settings: Settings) -> list[int]:
     """Publish the spec of every running or paused job that has none (its start committed, its publication
     lost); returns their ids."""
     published = []
     for job in JobRepository(session).with_status([JobStatus.running, JobStatus.paused]):
-        if runtime.store.get(spec_blob_key(job.id)) is None:
-            publish_job_spec(runtime, worker_job_spec(session, job, settings))
+        if relay.store.get(spec_blob_key(job.id)) is None:
+            publish_job_spec(relay, worker_job_spec(session, job, settings))
             published.append(job.id)
     return published
 
 
-def read_spec(runtime: StepRuntime, job_id: int) -> WorkerJobSpec:
+def read_spec(relay: StepRelay, job_id: int) -> WorkerJobSpec:
     try:
-        return job_spec.read_job_spec(runtime.store, job_id)
+        return job_spec.read_job_spec(relay.store, job_id)
     except UnknownJob:
         raise JobNotServed(f"job {job_id} has no worker spec (it never started on this deployment)") from None
 
 
-def release_job_replicas(runtime: StepRuntime, job_ids: list[int]) -> None:
+def release_job_replicas(relay: StepRelay, job_ids: list[int]) -> None:
     """Jobs ended (committed): queue `flglm.release_job` on each of their replica queues, so every worker
     drops its replica from memory. Each queue runs its tasks in order, one at a time, so the release runs
     after the round-end checkpoint queued before it (`start_fedavg_when_complete`). A job that never
     started has no spec and nothing loaded."""
     for job_id in job_ids:
         try:
-            spec = read_spec(runtime, job_id)
+            spec = read_spec(relay, job_id)
         except JobNotServed:
             continue
         for replica in range(spec.replicas):
             kwargs = {"job_id": job_id, "replica": replica}
-            runtime.dispatcher.submit(RELEASE_JOB, kwargs, replica_queue(replica))
+            relay.dispatcher.submit(RELEASE_JOB, kwargs, replica_queue(replica))
 
 
 # ---- access --------------------------------------------------------------------------------------
@@ -251,30 +251,28 @@ def check_step_access(
 # ---- uploads (run in the step wait pool: they block on the blob store and the admission task) ----------
 
 
-def store_upload(
-    runtime: StepRuntime, ref: MessageRef, body: bytes, admission_timeout_s: float
-) -> UploadOutcome:
+def store_upload(relay: StepRelay, ref: MessageRef, body: bytes, admission_timeout_s: float) -> UploadOutcome:
     """Admit `body` for `ref`, store it write-once and queue its server task; idempotent (see module doc)."""
     if not body:
         raise BadRequest("the upload body is empty; send the sealed envelope as application/octet-stream")
-    spec = read_spec(runtime, ref.job_id)
+    spec = read_spec(relay, ref.job_id)
     key = ref.blob_key()
-    existing = runtime.store.get(key)
+    existing = relay.store.get(key)
     if existing is not None:
-        return _duplicate(runtime, spec, ref, existing, body)
+        return _duplicate(relay, spec, ref, existing, body)
     staging_key = f"staging:{key}:{uuid.uuid4().hex}"
-    runtime.store.put_if_absent(staging_key, body, STAGING_TTL_S)
+    relay.store.put_if_absent(staging_key, body, STAGING_TTL_S)
     try:
-        handle = runtime.dispatcher.submit(
+        handle = relay.dispatcher.submit(
             ADMIT_UPLOAD,
             {"job_id": ref.job_id, "message": ref.model_dump(mode="json"), "staging_key": staging_key},
             ADMISSION_QUEUE,
         )
         handle.get(admission_timeout_s)
     except ReplayedMessage as exc:
-        concurrent = runtime.store.get(key)  # the same message admitted by a concurrent request
+        concurrent = relay.store.get(key)  # the same message admitted by a concurrent request
         if concurrent is not None:
-            return _duplicate(runtime, spec, ref, concurrent, body)
+            return _duplicate(relay, spec, ref, concurrent, body)
         raise refusal(exc) from None
     except StepRejected as exc:
         raise refusal(exc) from None
@@ -283,16 +281,16 @@ def store_upload(
             f"no worker checked the upload within {admission_timeout_s} s; retry it"
         ) from None
     finally:
-        runtime.store.delete(staging_key)
-    outcome = runtime.store.put_if_absent(key, body, spec.blob_ttl_s)
+        relay.store.delete(staging_key)
+    outcome = relay.store.put_if_absent(key, body, spec.blob_ttl_s)
     if outcome is PutOutcome.conflict:
         raise refusal(ConflictingDuplicate(f"{key} already holds a different message"))
-    _queue_server_task(runtime, spec, ref)
+    _queue_server_task(relay, spec, ref)
     return UploadOutcome.stored if outcome is PutOutcome.stored else UploadOutcome.identical
 
 
 def _duplicate(
-    runtime: StepRuntime, spec: WorkerJobSpec, ref: MessageRef, existing: bytes, body: bytes
+    relay: StepRelay, spec: WorkerJobSpec, ref: MessageRef, existing: bytes, body: bytes
 ) -> UploadOutcome:
     if existing != body:
         raise refusal(
@@ -302,27 +300,27 @@ def _duplicate(
             )
         )
     result_key = ref.result_ref().blob_key()
-    if runtime.handle_for(result_key) is None and runtime.store.get(result_key) is None:
-        _queue_server_task(runtime, spec, ref)  # the first request may have died before queueing it
+    if relay.handle_for(result_key) is None and relay.store.get(result_key) is None:
+        _queue_server_task(relay, spec, ref)  # the first request may have died before queueing it
     return UploadOutcome.identical
 
 
-def _queue_server_task(runtime: StepRuntime, spec: WorkerJobSpec, ref: MessageRef) -> None:
+def _queue_server_task(relay: StepRelay, spec: WorkerJobSpec, ref: MessageRef) -> None:
     if ref.direction in STEP_DIRECTIONS:
         name, kwargs, queue = route_step_message(spec, ref)
-        runtime.remember(ref.result_ref().blob_key(), runtime.dispatcher.submit(name, kwargs, queue))
+        relay.remember(ref.result_ref().blob_key(), relay.dispatcher.submit(name, kwargs, queue))
 
 
 def store_adapters(
-    runtime: StepRuntime, access: StepAccess, body: bytes, example_count: int, admission_timeout_s: float
+    relay: StepRelay, access: StepAccess, body: bytes, example_count: int, admission_timeout_s: float
 ) -> UploadOutcome:
     """A client's round-end adapters (+ the example count FedAvg weighs them by); the last upload of the
     round's participants starts the FedAvg task."""
     ref = client_adapters_ref(access.job_id, access.round_number, access.client_id)
-    outcome = store_upload(runtime, ref, body, admission_timeout_s)
-    spec = read_spec(runtime, access.job_id)
-    runtime.store.put_if_absent(_examples_key(ref), str(example_count).encode(), spec.blob_ttl_s)
-    start_fedavg_when_complete(runtime, access)
+    outcome = store_upload(relay, ref, body, admission_timeout_s)
+    spec = read_spec(relay, access.job_id)
+    relay.store.put_if_absent(_examples_key(ref), str(example_count).encode(), spec.blob_ttl_s)
+    start_fedavg_when_complete(relay, access)
     return outcome
 
 
@@ -330,20 +328,20 @@ def _examples_key(ref: MessageRef) -> str:
     return f"examples:{ref.job_id}:{ref.round_number}:{ref.client_id}"
 
 
-def start_fedavg_when_complete(runtime: StepRuntime, access: StepAccess) -> None:
+def start_fedavg_when_complete(relay: StepRelay, access: StepAccess) -> None:
     """Queue the client FedAvg of a round once every participant still in it uploaded, and the round-end
     checkpoint of each server replica (idempotent tasks; queued once per backend process and round)."""
     refs = [client_adapters_ref(access.job_id, access.round_number, cid) for cid in access.round_clients]
     result_keys = [ref.result_ref().blob_key() for ref in refs]
-    if all(runtime.handle_for(key) is not None for key in result_keys):
+    if all(relay.handle_for(key) is not None for key in result_keys):
         return
     counts: dict[str, int] = {}
     for ref in refs:
-        count = runtime.store.get(_examples_key(ref))
-        if count is None or runtime.store.get(ref.blob_key()) is None:
+        count = relay.store.get(_examples_key(ref))
+        if count is None or relay.store.get(ref.blob_key()) is None:
             return
         counts[str(ref.client_id)] = int(count)
-    handle = runtime.dispatcher.submit(
+    handle = relay.dispatcher.submit(
         CLIENT_FEDAVG,
         {
             "job_id": access.job_id,
@@ -354,10 +352,10 @@ def start_fedavg_when_complete(runtime: StepRuntime, access: StepAccess) -> None
         DEFAULT_QUEUE,
     )
     for key in result_keys:
-        runtime.remember(key, handle)
-    spec = read_spec(runtime, access.job_id)
+        relay.remember(key, handle)
+    spec = read_spec(relay, access.job_id)
     for replica in range(spec.replicas):  # the round-end checkpoint of every server replica
-        runtime.dispatcher.submit(
+        relay.dispatcher.submit(
             ROUND_END,
             {"job_id": access.job_id, "replica": replica, "round_number": access.round_number},
             replica_queue(replica),
@@ -375,21 +373,21 @@ def _verdict(handle: TaskHandle, wait_s: float) -> None:
         return
 
 
-async def wait_for_result(runtime: StepRuntime, ref: MessageRef, wait_s: float) -> bytes | None:
+async def wait_for_result(relay: StepRelay, ref: MessageRef, wait_s: float) -> bytes | None:
     """The sealed result of the upload at `ref`, the moment it exists; None after `wait_s`.
 
     Waits on the blob and, when this process queued the task, on the task too: a refused task (a backward
     whose graph is gone, say) answers at once instead of after the whole wait.
     """
     loop = asyncio.get_running_loop()
-    if await loop.run_in_executor(runtime.wait_pool, runtime.store.get, ref.blob_key()) is None:
+    if await loop.run_in_executor(relay.wait_pool, relay.store.get, ref.blob_key()) is None:
         raise UploadNotFound(f"nothing was uploaded at {ref.blob_key()} (or it expired)")
     result_key = ref.result_ref().blob_key()
-    blob_wait = loop.run_in_executor(runtime.wait_pool, runtime.store.wait_for, result_key, wait_s)
-    handle = runtime.handle_for(result_key)
+    blob_wait = loop.run_in_executor(relay.wait_pool, relay.store.wait_for, result_key, wait_s)
+    handle = relay.handle_for(result_key)
     if handle is None:
         return await blob_wait
-    task_wait = loop.run_in_executor(runtime.wait_pool, _verdict, handle, wait_s)
+    task_wait = loop.run_in_executor(relay.wait_pool, _verdict, handle, wait_s)
     waits: set[asyncio.Future[Any]] = {blob_wait, task_wait}
     done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     if blob_wait in done and blob_wait.result() is not None:
@@ -397,7 +395,7 @@ async def wait_for_result(runtime: StepRuntime, ref: MessageRef, wait_s: float) 
     if task_wait in done:
         error = task_wait.exception()
         if isinstance(error, StepRejected):
-            if runtime.store.get(result_key) is None:  # a refused repeat of a task that already answered
+            if relay.store.get(result_key) is None:  # a refused repeat of a task that already answered
                 raise refusal(error)
         elif error is not None:
             raise error

@@ -37,7 +37,6 @@ ENDPOINTS: list[tuple[str, str, set[str]]] = [
     ("POST", "/jobs/{job}/participants", ADMIN),
     ("GET", "/jobs/{job}/rounds", OPERATOR_READ),
     ("POST", "/jobs/{job}/rounds/1/close", ADMIN),
-    ("GET", "/jobs/{job}/artifacts", OPERATOR_READ),
     ("POST", "/jobs/{job}/privacy-audits", ADMIN),
     ("GET", "/jobs/{job}/privacy-audits", OPERATOR_READ),
     ("GET", "/jobs/{job}/privacy-audits/1", OPERATOR_READ),

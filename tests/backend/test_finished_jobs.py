@@ -43,7 +43,7 @@ def test_only_committed_job_ends_reach_the_callback(settings: Settings) -> None:
 
 def test_a_job_that_ends_before_any_step_loads_no_replica_to_release_it(api: Api, app: FastAPI) -> None:
     job_id = running_job(api, [enroll(api, "owner")])
-    runtime = app.state.step_runtime
+    runtime = app.state.step_relay
     assert runtime.store.get(spec_blob_key(job_id)) is not None  # the workers know the job: it is released
     assert api.ok("POST", f"/jobs/{job_id}/cancel")["status"] == "cancelled"
     release = runtime.dispatcher.submit(RELEASE_JOB, {"job_id": job_id, "replica": 0}, replica_queue(0))

@@ -55,7 +55,7 @@ def test_every_job_of_a_client_gets_its_own_key_pair_0600_in_a_0700_dir(
     assert stat.S_IMODE(settings.job_keys_dir().stat().st_mode) == 0o700
     work = agent.api.ok("GET", "/agent/work")["assignments"]
     assert [a["job"]["server_public_key"] for a in work] == [_agent_key(agent, first)]
-    spec = read_spec(app.state.step_runtime, first)
+    spec = read_spec(app.state.step_relay, first)
     assert spec.server_key_file == str(job_key_path(settings.job_keys_dir(), first))
 
 
@@ -93,7 +93,7 @@ def test_a_job_opened_without_a_key_keeps_the_deployment_key(
     assert _agent_key(agent, job_id) == app.state.server_public_key_b64
     agent.api.ok("POST", f"/agent/invitations/{job_id}/decision", json={"decision": "approve"})
     api.ok("POST", f"/jobs/{job_id}/start")
-    assert read_spec(app.state.step_runtime, job_id).server_key_file is None
+    assert read_spec(app.state.step_relay, job_id).server_key_file is None
     assert not job_key_path(settings.job_keys_dir(), job_id).exists()
 
 

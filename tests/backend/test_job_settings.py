@@ -39,7 +39,7 @@ def test_every_default_is_stored_and_the_workers_read_what_the_agents_read(api: 
 
     agent_view = agent.api.ok("GET", AGENT_JOB_PATH.format(job_id=job_id))
     assert Hyperparameters.model_validate(agent_view["hyperparameters"]) == stored
-    spec = read_spec(app.state.step_runtime, job_id)
+    spec = read_spec(app.state.step_relay, job_id)
     assert spec.hyperparameters == stored and spec.adapter == AdapterSpec(r=4)
     assert spec.checkpoint_every == 7 and spec.seed == stored.seed
     assert spec.max_batch_size == stored.max_batch_size and spec.blob_ttl_s == stored.blob_ttl_s

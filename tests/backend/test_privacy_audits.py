@@ -254,7 +254,7 @@ def celery_api(settings: Settings, redis_url: str) -> Iterator[tuple[Api, FastAP
     client = redis.Redis.from_url(url)
     try:
         with TestClient(app) as http:
-            yield Api(http), app, app.state.step_runtime.store
+            yield Api(http), app, app.state.step_relay.store
     finally:
         client.delete(PRIVACY_QUEUE)
         client.close()

@@ -192,14 +192,14 @@ def test_private_input_block_stays_with_each_agent(
     assert all(k.startswith("back.") for k in load_file(fedavg_file))
 
     # What the server got, opened with its key: no input-block adapter; on the wire: no seed, no front bytes.
-    spec = published_spec(live_server.app.state.step_runtime, job_id)
+    spec = published_spec(live_server.app.state.step_relay, job_id)
     assert spec.server_key_file is not None
     sent = b"".join(proxy.captured() for proxy in proxies)
     assert f"/agent/jobs/{job_id}/rounds/1/client-adapters".encode() in sent  # the capture saw the uploads
     for agent, front in zip(agents, fronts, strict=True):
         client_id = json.loads((agent.state_dir / "credential.json").read_text())["client_id"]
         ref = client_adapters_ref(job_id, 1, client_id)
-        blob = live_server.app.state.step_runtime.store.get(ref.blob_key())
+        blob = live_server.app.state.step_relay.store.get(ref.blob_key())
         keys = derive_channel_keys(
             load_private_key(Path(spec.server_key_file)),
             public_key_from_b64(spec.public_key_of(client_id)),

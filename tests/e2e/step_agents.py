@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from backend.steps.runtime import StepRuntime
+from backend.steps.relay import StepRelay
 from flglm.adapters import (
     AdapterSpec,
     add_split_adapters,
@@ -20,7 +20,7 @@ from flglm.adapters import (
     load_trainable_state_dict,
     trainable_state_dict,
 )
-from flglm.client_step import (
+from flglm.agent_step import (
     ClientChannel,
     client_parts,
     download_round_adapters,
@@ -124,7 +124,7 @@ def server_public_key(api: Api, owner: DataOwner, job_id: int) -> str:
 def assert_job_has_its_own_key(live: LiveServer, api: Api, owner: DataOwner, job_id: int) -> Path:
     """The workers' spec names the job's 0600 key file, whose public half (not the deployment's) the agents
     got; returns its path."""
-    spec = published_spec(live.app.state.step_runtime, job_id)
+    spec = published_spec(live.app.state.step_relay, job_id)
     assert spec.server_key_file is not None
     key_file = Path(spec.server_key_file)
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
@@ -198,7 +198,7 @@ def train_concurrently(api: Api, live: LiveServer, owners: list[DataOwner], job_
     assert not errors, errors
 
 
-def published_spec(runtime: StepRuntime, job_id: int) -> WorkerJobSpec:
+def published_spec(runtime: StepRelay, job_id: int) -> WorkerJobSpec:
     data = runtime.store.get(spec_blob_key(job_id))
     assert data is not None
     return WorkerJobSpec.model_validate_json(data)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from flglm.adapters import load_trainable_state_dict, trainable_state_dict
-from flglm.client_step import (
+from flglm.agent_step import (
     ClientChannel,
     download_round_adapters,
     remote_score_fn,
@@ -92,8 +92,8 @@ def test_eval_round_trips_after_the_round_closed(live_server: LiveServer, api: A
         run_client_eval_forward(outsider.trainer, stranger, 3, 0, batch["input_ids"], batch["attention_mask"])
 
     # Generation metrics through the server equal those of the same model in this process.
-    spec = published_spec(live_server.app.state.step_runtime, job_id)
-    server = live_server.app.state.step_runtime.dispatcher._executor.runtime.replica(job_id, 0)
+    spec = published_spec(live_server.app.state.step_relay, job_id)
+    server = live_server.app.state.step_relay.dispatcher._executor.runtime.replica(job_id, 0)
     body = load_server_body(spec)
     load_trainable_state_dict(body, trainable_state_dict(server.trainer.body))
     body.eval()

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from backend.exports.service import job_checkpoint_dir
 from backend.settings import Settings
 from flglm.adapters import AdapterSpec, trainable_state_dict
-from flglm.client_step import (
+from flglm.agent_step import (
     ClientChannel,
     download_round_adapters,
     run_client_eval_forward,
@@ -74,7 +74,7 @@ def recording_channel(live: LiveServer, api: Api, owner: DataOwner, job_id: int)
 
 def server_keys(live: LiveServer, owner: DataOwner, job_id: int) -> ChannelKeys:
     """The keys the worker derives for this owner from the job's own private key file."""
-    spec = published_spec(live.app.state.step_runtime, job_id)
+    spec = published_spec(live.app.state.step_relay, job_id)
     assert spec.server_key_file is not None
     return derive_channel_keys(
         load_private_key(Path(spec.server_key_file)),
@@ -85,7 +85,7 @@ def server_keys(live: LiveServer, owner: DataOwner, job_id: int) -> ChannelKeys:
 
 
 def received(live: LiveServer, ref: MessageRef) -> bytes:
-    blob = live.app.state.step_runtime.store.get(ref.blob_key())
+    blob = live.app.state.step_relay.store.get(ref.blob_key())
     assert blob is not None, f"the server holds no {ref.blob_key()}"
     return bytes(blob)
 

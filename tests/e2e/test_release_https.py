@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from backend.steps.runtime import StepRuntime
+from backend.steps.relay import StepRelay
 from flglm.adapters import load_trainable_state_dict
-from flglm.client_step import run_client_eval_forward
+from flglm.agent_step import run_client_eval_forward
 from flglm.contracts.tasks import REPLICA_COUNTERS
 from flglm.export import read_export_bundle
 from flglm.step_messages import seal_activations
@@ -27,14 +27,14 @@ from worker.checkpoints import latest_snapshot, replica_dir
 from worker.engine import WorkerRuntime, load_server_body
 
 
-def is_loaded(runtime: StepRuntime, job_id: int, replica: int) -> bool:
+def is_loaded(runtime: StepRelay, job_id: int, replica: int) -> bool:
     """Asked on the replica's own queue, so it answers after every task queued before (a release too)."""
     kwargs = {"job_id": job_id, "replica": replica, "load": False}
     answer = runtime.dispatcher.submit(REPLICA_COUNTERS, kwargs, replica_queue(replica)).get(60)
     return answer != {"loaded": False}
 
 
-def held_replicas(runtime: StepRuntime, job_id: int) -> list[int]:
+def held_replicas(runtime: StepRelay, job_id: int) -> list[int]:
     worker: WorkerRuntime = runtime.dispatcher._executor.runtime  # the embedded executor's worker runtime
     return sorted(replica for job, replica in list(worker.replicas) if job == job_id)
 
@@ -46,7 +46,7 @@ def test_a_completed_job_is_released_and_still_exports_and_evaluates(
     job_id = start_job(api, owners, "sequential")
     train_sequentially(api, live_server, owners, job_id)
     assert api.ok("GET", f"/jobs/{job_id}")["status"] == "completed"
-    runtime: StepRuntime = live_server.app.state.step_runtime
+    runtime: StepRelay = live_server.app.state.step_relay
     assert not is_loaded(runtime, job_id, 0) and held_replicas(runtime, job_id) == []
     # The last round-end checkpoint ran before the release: had it run after, it would have loaded the
     # replica again to write it.
@@ -81,7 +81,7 @@ def test_a_cancelled_job_releases_every_replica_even_with_graphs_in_flight(
 ) -> None:
     owners = [enroll_owner(api, f"owner-{i}", 10) for i in range(2)]
     job_id = start_job(api, owners, "server_hierarchical", replicas=2)
-    runtime: StepRuntime = live_server.app.state.step_runtime
+    runtime: StepRelay = live_server.app.state.step_relay
     server_b64 = server_public_key(api, owners[0], job_id)
     for owner in owners:  # one forward each: both replicas load and hold a graph waiting for gradients
         channel = owner.channel(live_server, job_id, server_b64)

@@ -14,8 +14,8 @@ import pytest
 import redis
 
 from backend.settings import Settings
-from backend.steps.runtime import StepRuntime
-from flglm.client_step import run_client_eval_forward
+from backend.steps.relay import StepRelay
+from flglm.agent_step import run_client_eval_forward
 from flglm.contracts.refusals import JobKeyDeleted
 from flglm.contracts.tasks import REPLICA_COUNTERS
 from flglm.step_client import StepClient
@@ -61,12 +61,12 @@ def workers(settings: Settings, tmp_path: Path, live_server: LiveServer) -> Iter
     processes.stop_all()
 
 
-def replica_counters(runtime: StepRuntime, job_id: int, load: bool = True) -> dict[str, Any]:
+def replica_counters(runtime: StepRelay, job_id: int, load: bool = True) -> dict[str, Any]:
     kwargs = {"job_id": job_id, "replica": 0, "load": load}
     return runtime.dispatcher.submit(REPLICA_COUNTERS, kwargs, replica_queue(0)).get(60)
 
 
-def assert_losses_match_reference(runtime: StepRuntime, owners: list[DataOwner], job_id: int) -> None:
+def assert_losses_match_reference(runtime: StepRelay, owners: list[DataOwner], job_id: int) -> None:
     expected = reference_sequential_losses(published_spec(runtime, job_id), owners)
     for owner, losses in zip(owners, expected, strict=True):
         assert len(owner.losses) == ROUNDS * STEPS
@@ -107,7 +107,7 @@ def test_celery_workers_serve_a_job_over_https_through_a_sigkill_applying_every_
     train_sequentially(api, live_server, owners, job_id)  # one client after another: the reference order
     assert api.ok("GET", f"/jobs/{job_id}")["status"] == "completed"
     assert len(workers.processes) == 2 and workers.processes[0].returncode is not None
-    runtime: StepRuntime = live_server.app.state.step_runtime
+    runtime: StepRelay = live_server.app.state.step_relay
     # The job's end queued `flglm.release_job` behind the round-end checkpoint: the worker let go of it.
     assert replica_counters(runtime, job_id, load=False) == {"loaded": False}
     # The new worker resumed from the checkpoint + journal, the agent retried the lost step from its

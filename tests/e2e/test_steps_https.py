@@ -20,8 +20,8 @@ import torch
 from backend.housekeeping import run_housekeeping
 from backend.models import utc_now
 from backend.settings import Settings
-from backend.steps.runtime import StepRuntime
-from flglm.client_step import run_client_eval_forward, run_client_step
+from backend.steps.relay import StepRelay
+from flglm.agent_step import run_client_eval_forward, run_client_step
 from flglm.contracts.blob_store import InMemoryBlobStore
 from flglm.step_client import StepConflict, StepHttpError
 from flglm.step_messages import seal_activations, seal_hidden
@@ -73,7 +73,7 @@ def test_sequential_job_over_https_equals_the_split_step(
     train_sequentially(api, live_server, owners, job_id)  # steps, FedAvg and admission: the job's key
     assert_job_completed(api, job_id)
     assert_same_adapters(owners)
-    runtime: StepRuntime = live_server.app.state.step_runtime
+    runtime: StepRelay = live_server.app.state.step_relay
     expected = reference_sequential_losses(published_spec(runtime, job_id), owners)
     for owner, losses in zip(owners, expected, strict=True):
         assert len(owner.losses) == len(losses) == 4
@@ -110,7 +110,7 @@ def test_parallel_modes_complete_over_https(
     owners = owners_of(api)
     job_id = start_job(api, owners, mode, **overrides)
     if mode == "server_hierarchical":
-        spec = published_spec(live_server.app.state.step_runtime, job_id)
+        spec = published_spec(live_server.app.state.step_relay, job_id)
         assert spec.replicas == 2 and len({spec.replica_of(o.client_id) for o in owners}) == 2
     train_concurrently(api, live_server, owners, job_id)
     assert_job_completed(api, job_id)
@@ -153,7 +153,7 @@ def test_hostile_step_input_gets_a_clear_4xx_and_stores_nothing(
     first = run_client_step(owner.trainer, channel, 1, 0, batch)  # honest step: sequences 1 (fwd), 2 (grad)
     assert first.attempts == 1
 
-    runtime: StepRuntime = live_server.app.state.step_runtime
+    runtime: StepRelay = live_server.app.state.step_relay
     store = runtime.store
     assert isinstance(store, InMemoryBlobStore)
     h0 = owner.trainer.forward_front(batch).detach()  # (batch, seq, hidden)
@@ -315,7 +315,7 @@ def test_the_celery_control_plane_never_imports_torch(tmp_path: Path) -> None:
         " redis_url='redis://127.0.0.1:6379/12', bootstrap_admin_token='flglm_at_x'))\n"
         "with TestClient(app) as http:\n"
         "    assert http.get('/openapi.json').status_code == 200\n"
-        "assert type(app.state.step_runtime.dispatcher).__name__ == 'CeleryDispatcher'\n"
+        "assert type(app.state.step_relay.dispatcher).__name__ == 'CeleryDispatcher'\n"
         "assert 'torch' not in sys.modules, 'torch was imported by the control plane'\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)

@@ -105,7 +105,7 @@ def test_the_settings_pick_the_dispatcher_and_only_the_app_layer_wires_the_in_pr
 ) -> None:
     from apps.server import inprocess_executor
     from backend.settings import Settings
-    from backend.steps.runtime import NoInProcessDispatcher, step_runtime_from_settings
+    from backend.steps.relay import NoInProcessDispatcher, step_relay_from_settings
     from flglm.contracts.blob_store import InMemoryBlobStore, RedisBlobStore
     from flglm.contracts.dispatch import CeleryDispatcher
     from flglm.wire.keys import generate_private_key
@@ -113,12 +113,12 @@ def test_the_settings_pick_the_dispatcher_and_only_the_app_layer_wires_the_in_pr
 
     key = generate_private_key()
     settings = Settings(data_dir=tmp_path, executor="inprocess")
-    runtime = step_runtime_from_settings(settings, key, inprocess_executor)
+    runtime = step_relay_from_settings(settings, key, inprocess_executor)
     assert isinstance(runtime.dispatcher, InProcessExecutor) and isinstance(runtime.store, InMemoryBlobStore)
     runtime.close()
     with pytest.raises(NoInProcessDispatcher, match="create_server_app"):
-        step_runtime_from_settings(settings, key)
-    celery = step_runtime_from_settings(
+        step_relay_from_settings(settings, key)
+    celery = step_relay_from_settings(
         settings.model_copy(update={"executor": "celery", "redis_url": redis_url}), key
     )
     assert isinstance(celery.dispatcher, CeleryDispatcher) and isinstance(celery.store, RedisBlobStore)

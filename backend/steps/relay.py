@@ -1,4 +1,4 @@
-"""What the step endpoints run on: the blob store, a task dispatcher, task handles and the long-poll pool.
+"""`StepRelay`, the backend's side of the step path: blob store, dispatcher, task handles, wait pool.
 
 `celery` queues tasks by name on the Redis broker (`flglm.contracts.dispatch.CeleryDispatcher`) and imports
 nothing of the engine, so the control plane stays torch-free; `inprocess` (the embedded default) runs the
@@ -27,7 +27,7 @@ from flglm.contracts.dispatch import CeleryDispatcher, TaskDispatcher, TaskHandl
 InProcessDispatcherFactory = Callable[[BlobStore, X25519PrivateKey, Settings], TaskDispatcher]
 
 
-class StepRuntime:
+class StepRelay:
     """The blob store, the dispatcher, the handles of the tasks this process queued, and the wait pool."""
 
     def __init__(
@@ -62,13 +62,13 @@ class NoInProcessDispatcher(RuntimeError):
     """`executor = "inprocess"` without the dispatcher that only the app layer can give."""
 
 
-def step_runtime_from_settings(
+def step_relay_from_settings(
     settings: Settings,
     server_private_key: X25519PrivateKey,
     inprocess_dispatcher: InProcessDispatcherFactory | None = None,
-) -> StepRuntime:
+) -> StepRelay:
     if settings.executor == "celery":
-        return StepRuntime(
+        return StepRelay(
             RedisBlobStore.from_url(settings.redis_url),
             CeleryDispatcher(settings.redis_url),
             settings.step_wait_threads,
@@ -79,6 +79,6 @@ def step_runtime_from_settings(
             "`apps.server.create_server_app` (what `flglm serve` does), or set FLGLM_EXECUTOR=celery"
         )
     store = InMemoryBlobStore()
-    return StepRuntime(
+    return StepRelay(
         store, inprocess_dispatcher(store, server_private_key, settings), settings.step_wait_threads
     )
