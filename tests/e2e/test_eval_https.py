@@ -93,7 +93,7 @@ def test_eval_round_trips_after_the_round_closed(live_server: LiveServer, api: A
 
     # Generation metrics through the server equal those of the same model in this process.
     spec = published_spec(live_server.app.state.step_relay, job_id)
-    server = live_server.app.state.step_relay.dispatcher._executor.runtime.replica(job_id, 0)
+    server = live_server.app.state.step_relay.dispatcher.runtime.replica(job_id, 0)
     body = load_server_body(spec)
     load_trainable_state_dict(body, trainable_state_dict(server.trainer.body))
     body.eval()

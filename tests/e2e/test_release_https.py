@@ -35,7 +35,7 @@ def is_loaded(runtime: StepRelay, job_id: int, replica: int) -> bool:
 
 
 def held_replicas(runtime: StepRelay, job_id: int) -> list[int]:
-    worker: WorkerRuntime = runtime.dispatcher._executor.runtime  # the embedded executor's worker runtime
+    worker: WorkerRuntime = runtime.dispatcher.runtime  # the embedded executor's worker runtime
     return sorted(replica for job, replica in list(worker.replicas) if job == job_id)
 
 
