@@ -37,7 +37,7 @@ from flglm.wire.directions import Direction
 from flglm.wire.errors import ReplayError, WireError
 from flglm.wire.keys import derive_channel_keys, public_key_from_b64
 from flglm.wire.sequence import SequencedHeader, SequenceGuard
-from worker.engine import WorkerRuntime
+from worker.runtime import WorkerRuntime
 
 UPLOAD_DIRECTIONS = (
     MessageDirection.activations,

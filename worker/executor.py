@@ -35,24 +35,75 @@ from flglm.contracts.tasks import (
     raise_if_rejected,
     rejection_result,
 )
-from flglm.step_protocol import replica_queue
-from worker import engine
+from flglm.step_protocol import MessageRef, replica_queue
 from worker.admission import run_admit_upload
 from worker.fedavg import run_client_fedavg
 from worker.generation import run_body_generate, run_body_generate_close, run_body_generate_open
 from worker.privacy_audit import run_privacy_audit_task
+from worker.runtime import WorkerRuntime
+
+# ---- the step tasks: plain functions of (runtime, JSON arguments) -> JSON result -----------------------
+
+
+def run_server_forward(
+    runtime: WorkerRuntime, job_id: int, replica: int, message: dict[str, Any]
+) -> dict[str, Any]:
+    ref = MessageRef.model_validate(message)
+    return runtime.replica(job_id, replica).submit_forward(ref)
+
+
+def run_server_backward(
+    runtime: WorkerRuntime, job_id: int, replica: int, message: dict[str, Any]
+) -> dict[str, Any]:
+    ref = MessageRef.model_validate(message)
+    return runtime.replica(job_id, replica).submit_backward(ref)
+
+
+def run_server_eval_forward(
+    runtime: WorkerRuntime, job_id: int, replica: int, message: dict[str, Any]
+) -> dict[str, Any]:
+    ref = MessageRef.model_validate(message)
+    return runtime.replica(job_id, replica).submit_eval_forward(ref)
+
+
+def run_replica_flush(runtime: WorkerRuntime, job_id: int, replica: int) -> dict[str, Any]:
+    """A replica's timer. One that left memory (released, evicted, or its process restarted) has nothing
+    to flush, since waiting forwards and graphs live only in memory: never load it for this."""
+    held = runtime.held(job_id, replica)
+    if held is None:
+        return {"status": "not_loaded"}
+    return held.flush()
+
+
+def run_round_end(runtime: WorkerRuntime, job_id: int, replica: int, round_number: int) -> dict[str, Any]:
+    return runtime.replica(job_id, replica).end_round(round_number)
+
+
+def run_release_job(runtime: WorkerRuntime, job_id: int, replica: int) -> dict[str, Any]:
+    """The job ended: drop its replica from this process (queued behind the round-end checkpoint)."""
+    return {"status": "released", "dropped": runtime.forget(job_id, replica)}
+
+
+def replica_counters(runtime: WorkerRuntime, job_id: int, replica: int, load: bool = True) -> dict[str, Any]:
+    """Step counters of a replica (for monitoring and tests); with `load=False`, a replica that is not in
+    this process's memory answers `{"loaded": False}` instead of being loaded."""
+    held = runtime.replica(job_id, replica) if load else runtime.held(job_id, replica)
+    if held is None:
+        return {"loaded": False}
+    return {"server_steps": held.server_steps, "applied": sorted(held.applied)}
+
 
 TaskFunction = Callable[..., dict[str, Any]]
 
 TASK_FUNCTIONS: dict[str, TaskFunction] = {
-    SERVER_FORWARD: engine.run_server_forward,
-    SERVER_BACKWARD: engine.run_server_backward,
-    SERVER_EVAL_FORWARD: engine.run_server_eval_forward,
-    REPLICA_FLUSH: engine.run_replica_flush,
-    ROUND_END: engine.run_round_end,
+    SERVER_FORWARD: run_server_forward,
+    SERVER_BACKWARD: run_server_backward,
+    SERVER_EVAL_FORWARD: run_server_eval_forward,
+    REPLICA_FLUSH: run_replica_flush,
+    ROUND_END: run_round_end,
     CLIENT_FEDAVG: run_client_fedavg,
-    REPLICA_COUNTERS: engine.replica_counters,
-    RELEASE_JOB: engine.run_release_job,
+    REPLICA_COUNTERS: replica_counters,
+    RELEASE_JOB: run_release_job,
     ADMIT_UPLOAD: run_admit_upload,
     BODY_GENERATE_OPEN: run_body_generate_open,
     BODY_GENERATE: run_body_generate,
@@ -61,7 +112,7 @@ TASK_FUNCTIONS: dict[str, TaskFunction] = {
 }
 
 
-def call_task(runtime: engine.WorkerRuntime, name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+def call_task(runtime: WorkerRuntime, name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     """Run one task function; a refusal becomes a JSON result (never a retry: the input is at fault).
     Afterwards, replicas idle past the runtime's TTL leave memory (no timer thread: tasks drive it)."""
     try:
@@ -87,7 +138,7 @@ class InProcessExecutor:
     def __init__(
         self, store: BlobStore, server_private_key: X25519PrivateKey, replica_idle_ttl_s: float | None = None
     ) -> None:
-        self.runtime = engine.WorkerRuntime(
+        self.runtime = WorkerRuntime(
             store, server_private_key, self._schedule_flush, replica_idle_ttl_s=replica_idle_ttl_s
         )
         self._lanes: dict[str, ThreadPoolExecutor] = {}

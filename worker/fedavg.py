@@ -17,7 +17,7 @@ from flglm.step_protocol import MessageDirection, MessageRef
 from flglm.wire.atomic_file import write_file_atomically
 from flglm.wire.errors import WireError
 from flglm.wire.keys import derive_channel_keys, public_key_from_b64
-from worker.engine import WorkerRuntime
+from worker.runtime import WorkerRuntime
 
 
 def run_client_fedavg(

@@ -49,7 +49,7 @@ from worker.checkpoints import load_snapshot
 from worker.settings import WorkerSettings
 
 if TYPE_CHECKING:
-    from worker.engine import WorkerRuntime
+    from worker.runtime import WorkerRuntime
 
 log = logging.getLogger(__name__)
 

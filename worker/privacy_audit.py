@@ -17,7 +17,7 @@ from flglm.contracts.privacy_records import (
     short_stage,
 )
 from flglm.privacy.report import AuditRequest
-from worker.engine import WorkerRuntime
+from worker.runtime import WorkerRuntime
 
 log = logging.getLogger(__name__)
 

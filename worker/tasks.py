@@ -21,8 +21,8 @@ from flglm.step_protocol import replica_queue
 from flglm.wire.keys import load_private_key
 from worker.admission import RedisSequenceGuard
 from worker.celery_app import app, settings
-from worker.engine import WorkerRuntime, pick_device
 from worker.executor import PRIVACY_AUDIT, REPLICA_FLUSH, TASK_FUNCTIONS, call_task
+from worker.runtime import WorkerRuntime, pick_device
 
 log = logging.getLogger(__name__)
 

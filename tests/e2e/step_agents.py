@@ -42,7 +42,7 @@ from flglm.wire.keys import (
 )
 from tests.backend.conftest import Api, LiveServer, enrollment_token, job_spec
 from tests.worker.step_clients import ADAPTER, MODEL_REF, TRAIN, client_batch
-from worker.engine import load_server_body
+from worker.runtime import load_server_body
 
 ROUNDS = 2
 STEPS = 2

@@ -28,7 +28,7 @@ from flglm.step_protocol import MessageDirection
 from tests.backend.conftest import Api, LiveServer
 from tests.e2e.step_agents import DataOwner, enroll_owner, published_spec, server_public_key, start_job
 from tests.worker.step_clients import MODEL_REF, client_batch
-from worker.engine import load_server_body
+from worker.runtime import load_server_body
 
 ROUNDS = 3
 

@@ -24,7 +24,7 @@ from tests.e2e.step_agents import (
 )
 from tests.worker.step_clients import client_batch
 from worker.checkpoints import latest_snapshot, replica_dir
-from worker.engine import WorkerRuntime, load_server_body
+from worker.runtime import WorkerRuntime, load_server_body
 
 
 def is_loaded(runtime: StepRelay, job_id: int, replica: int) -> bool:

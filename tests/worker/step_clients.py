@@ -23,7 +23,7 @@ from flglm.step_protocol import JobClient, MessageDirection, MessageRef, WorkerJ
 from flglm.trainers import ClientSideTrainer, ServerSideTrainer, TrainConfig
 from flglm.wire.codec import parse_wire_dtype
 from flglm.wire.keys import ChannelKeys, ClientKeyPair, derive_channel_keys
-from worker.engine import load_server_body
+from worker.runtime import load_server_body
 
 MODEL_REF = "tiny:llama:0"
 VOCAB = 384

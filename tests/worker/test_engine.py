@@ -27,9 +27,9 @@ from tests.worker.step_clients import (
     reference_sequential_losses,
 )
 from worker.checkpoints import latest_snapshot, replica_dir
-from worker.engine import load_server_body
 from worker.executor import InProcessExecutor
 from worker.replica import ServerReplica
+from worker.runtime import load_server_body
 
 CLIENT_IDS = [11, 12, 13]
 

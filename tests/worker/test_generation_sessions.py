@@ -18,9 +18,9 @@ from flglm.models import load_model
 from flglm.split import SplitModel, SplitPlan, split_model
 from flglm.wire.keys import generate_private_key
 from worker.checkpoints import ReplicaSnapshot, replica_dir, save_snapshot
-from worker.engine import WorkerRuntime
 from worker.executor import call_task
 from worker.generation import GenerationSessions
+from worker.runtime import WorkerRuntime
 
 HIDDEN = 32  # tiny:llama
 # The worker runs the body on its GPU when it has one: cover that path wherever a GPU is present.

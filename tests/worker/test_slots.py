@@ -14,7 +14,7 @@ import redis
 import torch
 
 from tests.worker.test_celery_worker import REPO
-from worker.engine import pick_device
+from worker.runtime import pick_device
 from worker.slots import NoFreeSlot, SlotClaim, read_slot_leases, slot_key
 
 pytestmark = pytest.mark.redis

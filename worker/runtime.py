@@ -1,4 +1,4 @@
-"""The worker runtime and the plain task functions that Celery (or the in-process executor) calls.
+"""`WorkerRuntime`: what one worker process holds (blob store, server keys, its cached replicas).
 
 Tasks carry ids and message refs only (JSON); tensors travel through the blob store. A worker process
 loads nothing until a job's first task arrives, then keeps that job's replica (body on the GPU when there
@@ -19,7 +19,6 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -30,7 +29,7 @@ from flglm.contracts.job_spec import read_job_spec
 from flglm.contracts.refusals import JobKeyDeleted
 from flglm.models import load_server_body_with_adapters
 from flglm.split import SplitPlan
-from flglm.step_protocol import MessageRef, WorkerJobSpec
+from flglm.step_protocol import WorkerJobSpec
 from flglm.wire.keys import load_private_key
 from flglm.wire.sequence import ReplayGuard, SequenceGuard
 from worker.generation import GenerationSessions
@@ -216,54 +215,3 @@ class WorkerRuntime:
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-
-
-# ---- the task bodies: plain functions of (runtime, JSON arguments) -> JSON result ------------------------
-
-
-def run_server_forward(
-    runtime: WorkerRuntime, job_id: int, replica: int, message: dict[str, Any]
-) -> dict[str, Any]:
-    ref = MessageRef.model_validate(message)
-    return runtime.replica(job_id, replica).submit_forward(ref)
-
-
-def run_server_backward(
-    runtime: WorkerRuntime, job_id: int, replica: int, message: dict[str, Any]
-) -> dict[str, Any]:
-    ref = MessageRef.model_validate(message)
-    return runtime.replica(job_id, replica).submit_backward(ref)
-
-
-def run_server_eval_forward(
-    runtime: WorkerRuntime, job_id: int, replica: int, message: dict[str, Any]
-) -> dict[str, Any]:
-    ref = MessageRef.model_validate(message)
-    return runtime.replica(job_id, replica).submit_eval_forward(ref)
-
-
-def run_replica_flush(runtime: WorkerRuntime, job_id: int, replica: int) -> dict[str, Any]:
-    """A replica's timer. One that left memory (released, evicted, or its process restarted) has nothing
-    to flush, since waiting forwards and graphs live only in memory: never load it for this."""
-    held = runtime.held(job_id, replica)
-    if held is None:
-        return {"status": "not_loaded"}
-    return held.flush()
-
-
-def run_round_end(runtime: WorkerRuntime, job_id: int, replica: int, round_number: int) -> dict[str, Any]:
-    return runtime.replica(job_id, replica).end_round(round_number)
-
-
-def run_release_job(runtime: WorkerRuntime, job_id: int, replica: int) -> dict[str, Any]:
-    """The job ended: drop its replica from this process (queued behind the round-end checkpoint)."""
-    return {"status": "released", "dropped": runtime.forget(job_id, replica)}
-
-
-def replica_counters(runtime: WorkerRuntime, job_id: int, replica: int, load: bool = True) -> dict[str, Any]:
-    """Step counters of a replica (for monitoring and tests); with `load=False`, a replica that is not in
-    this process's memory answers `{"loaded": False}` instead of being loaded."""
-    held = runtime.replica(job_id, replica) if load else runtime.held(job_id, replica)
-    if held is None:
-        return {"loaded": False}
-    return {"server_steps": held.server_steps, "applied": sorted(held.applied)}
