@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -36,6 +35,7 @@ from backend.settings import Settings, get_settings
 from backend.steps.relay import InProcessDispatcherFactory, step_relay_from_settings
 from backend.steps.service import publish_missing_specs, release_job_replicas
 from flglm.protocol import API_PREFIX
+from flglm.wire.atomic_file import write_file_atomically
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +106,7 @@ def create_app(
 
 def _publish_admin_token(path: Path, secret: str) -> None:
     """The generated admin token is shown once on stderr and kept 0600 for the operator's CLI."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(secret + "\n")
+    write_file_atomically(path, (secret + "\n").encode(), mode=0o600)
     print(f"flglm: created the admin API token (also in {path}):\n  {secret}", file=sys.stderr)
 
 

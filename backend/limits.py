@@ -79,18 +79,43 @@ class BodySizeLimit:
 
 
 class TokenBucketLimiter:
-    """In-process token bucket per key (client IP): `burst` requests at once, refilled at `per_minute`."""
+    """In-process token bucket per key (client IP): `burst` requests at once, refilled at `per_minute`.
 
-    def __init__(self, per_minute: float, burst: int) -> None:
+    A bucket that has refilled completely is the same as no bucket, so buckets idle that long are pruned
+    (every `max_buckets // 2` new keys), and the dict never grows past `max_buckets`: at that size, keys
+    that are not there yet are refused until pruning makes room (a flood of forged keys cannot grow it).
+    """
+
+    def __init__(self, per_minute: float, burst: int, max_buckets: int = 100_000) -> None:
         self.rate_per_s = per_minute / 60.0
         self.burst = float(burst)
+        self.max_buckets = max_buckets
         self._buckets: dict[str, tuple[float, float]] = {}
+        self._new_since_prune = 0
         self._lock = threading.Lock()
+
+    def _prune(self, now: float) -> None:
+        """Drop the buckets that have refilled to `burst` (indistinguishable from a fresh one)."""
+        if self.rate_per_s <= 0:
+            return
+        full_after_s = self.burst / self.rate_per_s
+        self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < full_after_s}
+        self._new_since_prune = 0
+
+    def bucket_count(self) -> int:
+        with self._lock:
+            return len(self._buckets)
 
     def acquire(self, key: str, now: float | None = None) -> float:
         """Take one token; returns 0 when allowed, else the seconds until a token is available."""
         now = time.monotonic() if now is None else now
         with self._lock:
+            if key not in self._buckets:
+                self._new_since_prune += 1
+                if self._new_since_prune >= self.max_buckets // 2 or len(self._buckets) >= self.max_buckets:
+                    self._prune(now)
+                if len(self._buckets) >= self.max_buckets:
+                    return 1.0 / self.rate_per_s if self.rate_per_s > 0 else math.inf
             tokens, last = self._buckets.get(key, (self.burst, now))
             tokens = min(self.burst, tokens + (now - last) * self.rate_per_s)
             if tokens >= 1.0:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +11,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from flglm.wire.atomic_file import write_file_atomically
 
 CERT_VALIDITY = dt.timedelta(days=825)
 
@@ -24,9 +25,7 @@ class TlsFiles:
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
+    write_file_atomically(path, data, mode=0o600)  # a crash leaves the old key or the new, never a torn one
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:

@@ -96,6 +96,7 @@ class WorkerRuntime:
         # Generation sessions (body + KV cache per session) of the caller-side split generation.
         self.generation = GenerationSessions.from_settings(settings, self.device)
         self._lock = threading.Lock()
+        self._loading: dict[tuple[int, int], threading.Lock] = {}  # one per replica being loaded
         self._job_keys: dict[int, X25519PrivateKey] = {}
         self._job_keys_lock = threading.Lock()  # apart from `_lock`: `replica` asks for keys while holding it
 
@@ -118,40 +119,55 @@ class WorkerRuntime:
             return self._job_keys[spec.job_id]
 
     def replica(self, job_id: int, replica: int) -> ServerReplica:
-        """The cached replica, loading body + checkpoint (+ journal replay) on the job's first task."""
+        """The cached replica, loading body + checkpoint (+ journal replay) on the job's first task.
+
+        The load (seconds to minutes for a large body) holds only that replica's loading lock, never the
+        runtime-wide one: tasks of the process's other replicas, evictions and releases go on meanwhile."""
+        key = (job_id, replica)
+        held = self._held_for_use(key)
+        if held is not None:
+            return held
         with self._lock:
-            key = (job_id, replica)
-            held = self.replicas.get(key)
+            loading = self._loading.setdefault(key, threading.Lock())
+        with loading:
+            held = self._held_for_use(key)  # loaded by a concurrent call while this one waited
             if held is not None:
-                try:
-                    self.server_key_for(held.spec)  # refuses once the job's key file is gone
-                except JobKeyDeleted:
-                    del self.replicas[key]
-                    self._last_used.pop(key, None)
-                    raise
-            else:
-                spec = read_job_spec(self.store, job_id)
-                server_key = self.server_key_for(spec)  # before the body loads: a deleted key refuses at once
-                again = " again after its release" if key in self._released else ""
-                log.info(
-                    "loading job %s replica %s (%s) on %s%s",
-                    job_id,
-                    replica,
-                    spec.model_ref,
-                    self.device,
-                    again,
-                )
-                self.replicas[key] = ServerReplica(
-                    spec,
-                    replica,
-                    load_server_body(spec),
-                    self.store,
-                    server_key,
-                    lambda delay: self.schedule_flush(job_id, replica, delay),
-                    self.device,
-                )
+                return held
+            spec = read_job_spec(self.store, job_id)
+            server_key = self.server_key_for(spec)  # before the body loads: a deleted key refuses at once
+            again = " again after its release" if key in self._released else ""
+            log.info(
+                "loading job %s replica %s (%s) on %s%s", job_id, replica, spec.model_ref, self.device, again
+            )
+            loaded = ServerReplica(
+                spec,
+                replica,
+                load_server_body(spec),
+                self.store,
+                server_key,
+                lambda delay: self.schedule_flush(job_id, replica, delay),
+                self.device,
+            )
+            with self._lock:
+                self.replicas[key] = loaded
+                self._last_used[key] = time.monotonic()
+                self._loading.pop(key, None)
+            return loaded
+
+    def _held_for_use(self, key: tuple[int, int]) -> ServerReplica | None:
+        """The replica if loaded, marked used now; refuses (and drops it) once the job's key file is gone."""
+        with self._lock:
+            held = self.replicas.get(key)
+            if held is None:
+                return None
+            try:
+                self.server_key_for(held.spec)
+            except JobKeyDeleted:
+                del self.replicas[key]
+                self._last_used.pop(key, None)
+                raise
             self._last_used[key] = time.monotonic()
-            return self.replicas[key]
+            return held
 
     def held(self, job_id: int, replica: int) -> ServerReplica | None:
         """The replica if it is in memory (never loads it, nor counts as a use)."""

@@ -10,6 +10,7 @@ from pathlib import Path
 from fastapi.testclient import TestClient
 
 from apps.server import create_server_app
+from backend.limits import TokenBucketLimiter
 from backend.settings import Settings
 from tests.backend.conftest import ADMIN_TOKEN, Api, LiveServer, job_spec
 
@@ -136,3 +137,23 @@ def test_admin_token_is_generated_once_and_kept_private(settings: Settings, tmp_
     token_file.unlink()
     with TestClient(create_server_app(fresh)):
         assert not token_file.exists()  # an admin exists already: nothing new is minted
+
+
+def test_the_rate_limiter_forgets_refilled_buckets_and_never_grows_past_its_bound() -> None:
+    """One bucket per client key: a stream of new keys (rotating IPs) must not grow the dict for ever."""
+    limiter = TokenBucketLimiter(per_minute=60.0, burst=2, max_buckets=100)  # full again 2 s after last use
+    for index in range(1000):
+        assert limiter.acquire(f"10.0.{index // 256}.{index % 256}", now=index * 0.1) == 0.0
+        assert limiter.bucket_count() <= 100
+    # Long after, every bucket has refilled: the next pruning (every max_buckets // 2 new keys) drops them all.
+    for index in range(50):
+        assert limiter.acquire(f"10.9.0.{index}", now=1000.0) == 0.0
+    assert limiter.bucket_count() == 50
+    # A live bucket keeps its state through pruning: the same key is still limited.
+    assert limiter.acquire("10.9.0.1", now=1000.0) == 0.0
+    assert limiter.acquire("10.9.0.1", now=1000.0) > 0
+    # At the bound, with every bucket still refilling, a new key waits instead of growing the dict.
+    full = TokenBucketLimiter(per_minute=60.0, burst=2, max_buckets=4)
+    for index in range(4):
+        full.acquire(f"k{index}", now=0.0)
+    assert full.acquire("k-new", now=0.5) > 0 and full.bucket_count() == 4

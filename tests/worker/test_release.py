@@ -125,3 +125,40 @@ def test_a_replica_with_a_waiting_forward_or_a_graph_in_flight_is_never_evicted(
         assert snapshot is not None and snapshot.server_steps == 1
     finally:
         h.executor.close()
+
+
+def test_a_loading_body_holds_only_its_own_replica_not_the_whole_worker(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """A 70B body loads for minutes: meanwhile the worker's other replicas, evictions and releases go on."""
+    import threading
+
+    import worker.runtime
+
+    h = Harness(tmp_path)
+    runtime = h.executor.runtime
+    real_load = worker.runtime.load_server_body
+    started, may_finish = threading.Event(), threading.Event()
+
+    def slow_load(spec: Any) -> Any:
+        started.set()
+        assert may_finish.wait(timeout=60)
+        return real_load(spec)
+
+    monkeypatch.setattr(worker.runtime, "load_server_body", slow_load)
+    loader = threading.Thread(target=runtime.replica, args=(h.spec.job_id, 0))
+    loader.start()
+    try:
+        assert started.wait(timeout=60)
+        other = threading.Thread(
+            target=lambda: (runtime.held(h.spec.job_id, 1), runtime.evict_idle_replicas())
+        )
+        other.start()
+        other.join(timeout=10)
+        assert not other.is_alive(), "the runtime-wide lock was held while a body loaded"
+        assert runtime.forget(h.spec.job_id + 1) == []  # another job's release is not kept waiting either
+    finally:
+        may_finish.set()
+        loader.join(timeout=120)
+    assert runtime.held(h.spec.job_id, 0) is not None  # the load finished and was kept
+    h.executor.close()
