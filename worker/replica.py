@@ -20,29 +20,30 @@ runs one task at a time (its lock and its single queue), an optimizer step only 
 task, and a no-grad forward leaves the in-flight graph's saved tensors alone. So an eval forward runs
 between two training tasks as soon as its own task comes up on the replica's queue, never waits for a
 training group's gradients or batch window, and delays the training step by at most its own forward.
+
+This module keeps the public operations, the scheduling and the compute; the replica holds and calls
+`worker.replica_mailbox` (addressing, channel keys, opening uploads, publishing sealed results),
+`worker.replica_journal` (journal entries, checkpoints, what replay reads back) and `worker.replica_sync`
+(hierarchical FedAvg between replicas).
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from torch import nn
 
-from flglm.adapters import fedavg, load_trainable_state_dict, trainable_state_dict
-from flglm.contracts.blob_store import BlobStore, PutOutcome
+from flglm.contracts.blob_store import BlobStore
 from flglm.contracts.refusals import (
-    ForeignClient,
     JournalGap,
-    MissingMessage,
     ReplayedMessage,
     ReplicaBusy,
     ReplicaMisrouted,
@@ -50,37 +51,18 @@ from flglm.contracts.refusals import (
     StepRejected,
 )
 from flglm.protocol import ParallelMode
-from flglm.step_messages import (
-    PayloadLimits,
-    header_for,
-    open_activations,
-    open_hidden,
-    rejection_from_wire,
-    seal_hidden,
-)
+from flglm.step_messages import PayloadLimits, open_activations, open_hidden
 from flglm.step_protocol import MessageDirection, MessageRef, WorkerJobSpec
 from flglm.trainers import ServerSideTrainer, TrainConfig
-from flglm.wire.codec import decode_tensors, encode_tensors, parse_wire_dtype
-from flglm.wire.errors import ReplayError, WireError
-from flglm.wire.keys import ChannelKeys, derive_channel_keys, public_key_from_b64
+from flglm.wire.codec import parse_wire_dtype
 from flglm.wire.sequence import ReplayGuard
-from worker.checkpoints import ReplicaSnapshot, latest_snapshot, replica_dir, save_snapshot
+from worker.replica_journal import ReplicaJournal, applied_key, note_replayed_sequence
+from worker.replica_mailbox import ReplicaMailbox
+from worker.replica_sync import average_with_peers, sync_due
 
 log = logging.getLogger(__name__)
 
 ScheduleFlush = Callable[[float], None]  # "call flush() on this replica in about this many seconds"
-
-
-def journal_key(job_id: int, replica: int, index: int) -> str:
-    return f"journal:{job_id}:{replica}:{index}"
-
-
-def server_state_key(job_id: int, sync_index: int, replica: int) -> str:
-    return f"server-state:{job_id}:{sync_index}:{replica}"
-
-
-def applied_key(ref: MessageRef) -> str:
-    return f"{ref.round_number}:{ref.step}:{ref.client_id}"
 
 
 @dataclass
@@ -131,13 +113,13 @@ class ServerReplica:
         self.device = device or torch.device("cpu")
         self.trainer = ServerSideTrainer(body.to(self.device), self._train_config(spec), max_pending_graphs=2)
         self.clients = spec.replica_clients(replica)
-        self._server_private_key = server_private_key
-        self._keys: dict[int, ChannelKeys] = {}
         self._schedule_flush = schedule_flush
         wire_dtype = parse_wire_dtype(spec.wire_dtype)
         assert wire_dtype is not None
         self.wire_dtype = wire_dtype
         self.limits = PayloadLimits(wire_dtype, _hidden_size(body), spec.max_batch_size, spec.max_seq_len)
+        self.mailbox = ReplicaMailbox(spec, replica, store, server_private_key, self.limits, wire_dtype)
+        self.journal = ReplicaJournal(spec, replica, store)
         self.guard = ReplayGuard()
         self.server_steps = 0  # optimizer steps applied = journal entries written
         self.applied: set[str] = set()
@@ -157,7 +139,7 @@ class ServerReplica:
     def submit_forward(self, ref: MessageRef) -> dict[str, Any]:
         """Accept an activations upload; runs its forward group now or when the group is complete."""
         with self._lock:
-            self._check_addressed(ref, MessageDirection.activations)
+            self.mailbox.check_addressed(ref, MessageDirection.activations)
             if self.store.get(ref.result_ref().blob_key()) is not None:
                 return {"status": "done"}  # a repeated task: the result is already published
             if any(a.ref == ref for a in self._arrivals) or (
@@ -166,10 +148,8 @@ class ServerReplica:
                 return {"status": "pending"}
             if len(self._arrivals) >= self.spec.max_pending:
                 raise ReplicaBusy(f"{len(self._arrivals)} forwards already wait on replica {self.replica}")
-            blob = self._load(ref)
-            hidden, mask = self._opened(
-                lambda: open_activations(self._channel(ref.client_id), ref, blob, self.limits, self.guard)
-            )
+            blob = self.mailbox.upload(ref)
+            hidden, mask = self.mailbox.open_forward(ref, blob, self.guard)
             # A newer attempt of the same step supersedes an older one still waiting (sequences grow).
             self._arrivals = [
                 a
@@ -186,7 +166,7 @@ class ServerReplica:
     def submit_backward(self, ref: MessageRef) -> dict[str, Any]:
         """Accept a gradients upload for the step in flight; applies the group once all gradients are in."""
         with self._lock:
-            self._check_addressed(ref, MessageDirection.gradients)
+            self.mailbox.check_addressed(ref, MessageDirection.gradients)
             if self.store.get(ref.result_ref().blob_key()) is not None:
                 return {"status": "done"}
             self._evict_stale()
@@ -208,13 +188,9 @@ class ServerReplica:
                 if group.gradients[ref.client_id][0] == ref:
                     return {"status": "pending"}
                 raise ReplayedMessage(f"client {ref.client_id} already sent the gradients of this step")
-            blob = self._load(ref)
+            blob = self.mailbox.upload(ref)
             expected_shape = tuple(member.hidden_states.shape)
-            grad = self._opened(
-                lambda: open_hidden(
-                    self._channel(ref.client_id), ref, blob, self.limits, expected_shape, self.guard
-                )
-            )
+            grad = self.mailbox.open_gradients(ref, blob, expected_shape, self.guard)
             group.gradients[ref.client_id] = (ref, grad.to(self.device))
             if group.first_gradient_at is None:
                 group.first_gradient_at = time.monotonic()
@@ -224,15 +200,13 @@ class ServerReplica:
     def submit_eval_forward(self, ref: MessageRef) -> dict[str, Any]:
         """Run an eval_activations upload through the body without a graph and publish its eval_result."""
         with self._lock:
-            self._check_addressed(ref, MessageDirection.eval_activations)
+            self.mailbox.check_addressed(ref, MessageDirection.eval_activations)
             if self.store.get(ref.result_ref().blob_key()) is not None:
                 return {"status": "done"}  # a repeated task: the result is already published
-            blob = self._load(ref)
-            hidden, mask = self._opened(
-                lambda: open_activations(self._channel(ref.client_id), ref, blob, self.limits, self.guard)
-            )
+            blob = self.mailbox.upload(ref)
+            hidden, mask = self.mailbox.open_forward(ref, blob, self.guard)
             h1 = self._eval_body(hidden.to(self.device), mask.to(self.device))  # (batch, seq, hidden)
-            self._publish(ref.result_ref(), h1)
+            self.mailbox.publish(ref.result_ref(), h1)
             return {"status": "done"}
 
     def _eval_body(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -383,7 +357,7 @@ class ServerReplica:
         if publish:
             for arrival, (first, end) in zip(batch, rows, strict=True):
                 seq = arrival.hidden_states.shape[1]
-                self._publish(arrival.ref.result_ref(), h1[first:end, :seq, :])
+                self.mailbox.publish(arrival.ref.result_ref(), h1[first:end, :seq, :])
         return group
 
     def _finish_group(self, group: InflightGroup, journal: bool = True) -> None:
@@ -411,113 +385,41 @@ class ServerReplica:
             self.server_steps += 1
             self.applied |= keys
             if journal:
-                self._journal(group)
+                self._write_journal_entry(group)
             self._after_step()
         for member, (first, end) in zip(group.members, group.rows, strict=True):
             entry = group.gradients.get(member.ref.client_id)
             if entry is not None:
                 seq = member.hidden_states.shape[1]
-                self._publish(entry[0].result_ref(), grad_h0[first:end, :seq, :])
+                self.mailbox.publish(entry[0].result_ref(), grad_h0[first:end, :seq, :])
 
     def _zero_grads(self) -> None:
         for parameter in self.trainer.body.parameters():
             parameter.grad = None
 
     def _after_step(self) -> None:
-        spec = self.spec
-        if (
-            spec.parallel_mode is ParallelMode.server_hierarchical
-            and spec.replicas > 1
-            and self.server_steps % spec.server_fedavg_every == 0
-        ):
-            self._average_with_peers(self.server_steps)
-        if self.server_steps % spec.checkpoint_every == 0:
+        """server_hierarchical: FedAvg with the other replicas when due; then a checkpoint when due."""
+        if sync_due(self.spec, self.server_steps):
+            average_with_peers(self.trainer.body, self.store, self.spec, self.replica, self.server_steps)
+        if self.server_steps % self.spec.checkpoint_every == 0:
             self.checkpoint()
-
-    def _average_with_peers(self, sync_index: int) -> None:
-        """server_hierarchical: FedAvg of the server adapters of all replicas, weighted by their clients."""
-        own = trainable_state_dict(self.trainer.body)
-        key = server_state_key(self.spec.job_id, sync_index, self.replica)
-        self.store.put_if_absent(
-            key, encode_tensors({k: v.cpu() for k, v in own.items()}), self.spec.blob_ttl_s
-        )
-        states, weights = [], []
-        deadline = time.monotonic() + self.spec.exchange_timeout_s
-        for peer in range(self.spec.replicas):
-            data = self.store.wait_for(
-                server_state_key(self.spec.job_id, sync_index, peer), max(deadline - time.monotonic(), 0.0)
-            )
-            if data is None:
-                log.warning(
-                    "replica %s: replica %s missed sync %s; keeping local adapters",
-                    self.replica,
-                    peer,
-                    sync_index,
-                )
-                return
-            states.append(decode_tensors(data))
-            weights.append(float(len(self.spec.replica_clients(peer))))
-        load_trainable_state_dict(self.trainer.body, fedavg(states, weights))
 
     # ---- durability ------------------------------------------------------------------------------
 
-    def _journal(self, group: InflightGroup) -> None:
-        entry = {
-            "members": [m.ref.model_dump(mode="json") for m in group.members],
-            "gradients": [
-                group.gradients[m.ref.client_id][0].model_dump(mode="json")
-                if m.ref.client_id in group.gradients
-                else None
-                for m in group.members
-            ],
-        }
-        data = json.dumps(entry, sort_keys=True).encode()
-        outcome = self.store.put_if_absent(
-            journal_key(self.spec.job_id, self.replica, self.server_steps), data, self.spec.blob_ttl_s
-        )
-        if outcome is PutOutcome.conflict:
-            # Another process applied a different step at this index: two workers serve one replica.
-            raise RuntimeError(
-                f"journal entry {self.server_steps} of job {self.spec.job_id} replica {self.replica} was "
-                "written by another worker; exactly one worker process must consume a replica's queue"
-            )
+    def _write_journal_entry(self, group: InflightGroup) -> None:
+        gradients = [
+            group.gradients[m.ref.client_id][0] if m.ref.client_id in group.gradients else None
+            for m in group.members
+        ]
+        self.journal.record(self.server_steps, [m.ref for m in group.members], gradients)
 
-    def checkpoint(self) -> Any:
-        optimizer = self.trainer.optimizer.optimizer
-        scheduler = self.trainer.optimizer.scheduler
-        state: dict[int, dict[str, torch.Tensor]] = {}
-        groups: list[dict[str, Any]] = []
-        if optimizer is not None:
-            saved = optimizer.state_dict()
-            state = {int(i): dict(s) for i, s in saved["state"].items()}
-            groups = saved["param_groups"]
-        scheduler_state = {}
-        if scheduler is not None:
-            scheduler_state = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
-        snapshot = ReplicaSnapshot(
-            server_steps=self.server_steps,
-            adapters=trainable_state_dict(self.trainer.body),
-            optimizer_state=state,
-            optimizer_param_groups=groups,
-            scheduler_state=scheduler_state,
-            replay_guard=self.guard.state(),
-            applied=sorted(self.applied),
-        )
-        return save_snapshot(replica_dir(self.spec.checkpoint_dir, self.replica), snapshot)
+    def checkpoint(self) -> Path:
+        return self.journal.checkpoint(self.trainer, self.server_steps, self.guard, self.applied)
 
     def _restore(self) -> None:
         """Newest checkpoint, then every journalled step after it (replayed from the stored messages)."""
-        snapshot = latest_snapshot(replica_dir(self.spec.checkpoint_dir, self.replica))
+        snapshot = self.journal.restore_checkpoint(self.trainer)
         if snapshot is not None:
-            load_trainable_state_dict(self.trainer.body, snapshot.adapters)
-            optimizer = self.trainer.optimizer.optimizer
-            if optimizer is not None and snapshot.optimizer_param_groups:
-                optimizer.load_state_dict(
-                    {"state": snapshot.optimizer_state, "param_groups": snapshot.optimizer_param_groups}
-                )
-            scheduler = self.trainer.optimizer.scheduler
-            if scheduler is not None and snapshot.scheduler_state:
-                scheduler.load_state_dict({**scheduler.state_dict(), **snapshot.scheduler_state})
             self.guard = ReplayGuard(snapshot.replay_guard)
             self.applied = set(snapshot.applied)
             self.server_steps = snapshot.server_steps
@@ -525,92 +427,31 @@ class ServerReplica:
 
     def _replay_journal(self) -> None:
         while True:
-            data = self.store.get(journal_key(self.spec.job_id, self.replica, self.server_steps + 1))
-            if data is None:
+            entry = self.journal.entry(self.server_steps + 1)
+            if entry is None:
                 return
-            entry = json.loads(data)
-            members = [MessageRef.model_validate(m) for m in entry["members"]]
             arrivals = []
-            for ref in members:
-                blob = self._load_for_replay(ref)
-                hidden, mask = open_activations(self._channel(ref.client_id), ref, blob, self.limits)
-                self._note_sequence(ref)
+            for ref in entry.members:
+                blob = self.journal.stored_message(ref)
+                hidden, mask = open_activations(self.mailbox.channel(ref.client_id), ref, blob, self.limits)
+                note_replayed_sequence(self.guard, ref)
                 arrivals.append(Arrival(ref, hidden.to(self.device), mask.to(self.device), time.monotonic()))
             group = self._run_forward(arrivals, publish=False)
-            for member, grad_ref in zip(arrivals, entry["gradients"], strict=True):
+            for member, grad_ref in zip(arrivals, entry.gradients, strict=True):
                 if grad_ref is None:
                     continue
-                ref = MessageRef.model_validate(grad_ref)
-                blob = self._load_for_replay(ref)
+                blob = self.journal.stored_message(grad_ref)
                 shape = tuple(member.hidden_states.shape)
-                grad = open_hidden(self._channel(ref.client_id), ref, blob, self.limits, shape)
-                self._note_sequence(ref)
-                group.gradients[ref.client_id] = (ref, grad.to(self.device))
+                grad = open_hidden(
+                    self.mailbox.channel(grad_ref.client_id), grad_ref, blob, self.limits, shape
+                )
+                note_replayed_sequence(self.guard, grad_ref)
+                group.gradients[grad_ref.client_id] = (grad_ref, grad.to(self.device))
             before = self.server_steps
             self._finish_group(group, journal=False)  # publishes dL/dh0 if the crash came before
             if self.server_steps != before + 1:
                 raise JournalGap(f"journal entry {before + 1} did not replay as one applied step")
             log.info("replica %s: replayed journalled step %s", self.replica, self.server_steps)
-
-    def _note_sequence(self, ref: MessageRef) -> None:
-        # The checkpointed guard may already hold a later sequence (accepted, never applied): keep the max.
-        with contextlib.suppress(ReplayError):
-            self.guard.accept(header_for(ref))
-
-    def _load_for_replay(self, ref: MessageRef) -> bytes:
-        blob = self.store.get(ref.blob_key())
-        if blob is None:
-            raise JournalGap(
-                f"message {ref.blob_key()} of a journalled step expired before it was checkpointed; "
-                "raise blob_ttl_s or lower checkpoint_every"
-            )
-        return blob
-
-    # ---- helpers ---------------------------------------------------------------------------------
-
-    def _check_addressed(self, ref: MessageRef, direction: MessageDirection) -> None:
-        if ref.job_id != self.spec.job_id:
-            raise ReplicaMisrouted(f"message of job {ref.job_id} reached job {self.spec.job_id}")
-        if ref.direction is not direction:
-            raise ReplicaMisrouted(f"a {ref.direction.value} message reached the {direction.value} task")
-        if ref.client_id not in self.spec.client_ids():
-            raise ForeignClient(f"client {ref.client_id} is not a client of job {self.spec.job_id}")
-        if ref.client_id not in self.clients:
-            raise ReplicaMisrouted(
-                f"client {ref.client_id} is served by replica {self.spec.replica_of(ref.client_id)}, "
-                f"not {self.replica}"
-            )
-
-    def _channel(self, client_id: int) -> ChannelKeys:
-        if client_id not in self._keys:
-            public = public_key_from_b64(self.spec.public_key_of(client_id))
-            self._keys[client_id] = derive_channel_keys(
-                self._server_private_key, public, str(self.spec.job_id), str(client_id)
-            )
-        return self._keys[client_id]
-
-    def _load(self, ref: MessageRef) -> bytes:
-        blob = self.store.get(ref.blob_key())
-        if blob is None:
-            raise MissingMessage(f"no upload at {ref.blob_key()} (never sent, or expired)")
-        return blob
-
-    def _opened(self, open_message: Callable[[], Any]) -> Any:
-        """Run an opener, turning wire errors into the engine's typed refusals."""
-        try:
-            return open_message()
-        except WireError as exc:
-            raise rejection_from_wire(exc) from None
-
-    def _publish(self, ref: MessageRef, tensor: torch.Tensor) -> None:
-        sealed = seal_hidden(self._channel(ref.client_id), ref, tensor.detach().cpu(), self.wire_dtype)
-        outcome = self.store.put_if_absent(ref.blob_key(), sealed, self.spec.blob_ttl_s)
-        if outcome is PutOutcome.conflict:
-            # Results are sealed with a fresh salt, so a recomputed result never equals the stored bytes:
-            # the first published result stands, and the agent reads only that one.
-            log.info(
-                "replica %s: result %s already published; keeping the first", self.replica, ref.blob_key()
-            )
 
 
 def _hidden_size(body: nn.Module) -> int:
