@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from flglm.adapters import AdapterSpec, add_split_adapters, load_trainable_state_dict, trainable_state_dict
+from flglm.adapters import add_split_adapters, load_trainable_state_dict, trainable_state_dict
 from flglm.contracts import refusals as errors
 from flglm.contracts.tasks import SERVER_EVAL_FORWARD, route_step_message
 from flglm.split import SplitPlan, position_ids_from_attention_mask, split_model
@@ -19,8 +19,8 @@ from flglm.step_protocol import MessageDirection, MessageRef
 from flglm.tiny_models import build_tiny_model
 from flglm.wire.keys import ClientKeyPair
 from flglm.wire.sequence import ReplayGuard
-from tests.worker.step_clients import ADAPTER, HIDDEN, SimulatedClient, client_batch
-from tests.worker.test_engine import Harness
+from tests.support.engine_harness import Harness
+from tests.support.step_clients import ADAPTER, HIDDEN, SimulatedClient, client_batch
 from worker.admission import admit_step_upload
 
 
@@ -54,7 +54,7 @@ def unsplit_logits(h: Harness, client: SimulatedClient, batch: dict[str, torch.T
     """The whole model with the client's front/back adapters and the replica's body adapters."""
     model = build_tiny_model("llama", 0)
     split = split_model(model, SplitPlan(1, 1))
-    add_split_adapters(split, AdapterSpec(**h.spec.adapter), h.spec.seed)
+    add_split_adapters(split, h.spec.adapter, h.spec.seed)
     load_trainable_state_dict(split.part("front"), trainable_state_dict(client.trainer.front))
     load_trainable_state_dict(split.part("back"), trainable_state_dict(client.trainer.back))
     load_trainable_state_dict(split.part("body"), trainable_state_dict(h.replica().trainer.body))
