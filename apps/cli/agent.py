@@ -25,6 +25,7 @@ from client_agent.state import (
     save_enrollment,
 )
 from flglm import protocol
+from flglm.data.files import DataError  # torch-free: the light verbs stay light
 
 app = typer.Typer(
     help="The data owner's client agent: keeps its data, front and back blocks and loss local; talks to the "
@@ -51,12 +52,12 @@ def _guarded(action: Callable[[], T]) -> T:
     except AgentFailure as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(exc.exit_code) from None
+    except DataError as exc:
+        typer.echo(f"error: bad data: {exc} (nothing was sent)", err=True)
+        raise typer.Exit(ExitCode.bad_usage_or_data) from None
     except typer.Exit:
         raise
     except Exception as exc:
-        if type(exc).__name__ == "DataError":  # flglm.data imports torch: keep the light verbs light
-            typer.echo(f"error: bad data: {exc} (nothing was sent)", err=True)
-            raise typer.Exit(ExitCode.bad_usage_or_data) from None
         failure = failure_from(exc)
         typer.echo(f"error: {failure}", err=True)
         raise typer.Exit(failure.exit_code) from None
