@@ -16,13 +16,8 @@ Order of things, so that bad data never causes a send and a crash never loses mo
    evaluation of that global model, a second round-done report that adds the eval metrics, checkpoint at the
    start of the next round.
 
-Local evaluation (`JobSession.evaluate`) runs after the FedAvg download, so it scores the new global client
-adapters with the server's current adapters, through forward-only eval messages (`remote_score_fn`). The
-round is closed by then (its straggler deadline never waits on evaluation), which the backend allows for
-eval uploads (`flglm.step_protocol.EVAL_ROUND_RULE`) and for the repeated round-done report. It uses at most
-`eval_examples` held-out examples (job hyperparameter, default 32; 0 turns it off) and, for generation,
-`eval_max_new_tokens` (default 16) greedy tokens. Only aggregate numbers are reported (eval_loss,
-eval_examples, accuracy with its 95 % interval or rouge_l); raw text, token ids, labels and logits stay here.
+Data preparation lives in `client_agent.job_data`, the trainer and its checkpoint in
+`client_agent.job_trainer`, local evaluation after each round's FedAvg in `client_agent.evaluation`.
 """
 
 from __future__ import annotations
@@ -32,11 +27,13 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from client_agent.api import AgentFailure, ControlPlaneClient, ExitCode, failure_from
+from client_agent.evaluation import RoundEvaluation
+from client_agent.job_data import prepare_job_data, validate_data_file
+from client_agent.job_trainer import build_trainer, restore_trainer, save_trainer
 from client_agent.privacy import job_privacy
 from client_agent.progress import RoundProgress, show_round_eval
 from client_agent.state import (
@@ -48,35 +45,18 @@ from client_agent.state import (
     private_key_path,
 )
 from flglm import protocol
-from flglm.adapters import AdapterSpec, load_trainable_state_dict, trainable_state_dict
 from flglm.agent_step import (
     ClientChannel,
-    client_parts,
     download_round_adapters,
-    remote_score_fn,
     run_client_step,
     upload_round_adapters,
 )
 from flglm.contracts.job_settings import Hyperparameters
 from flglm.contracts.refusals import ConflictingDuplicate
-from flglm.data import (
-    DataError,
-    Example,
-    TokenizedDataset,
-    batch_at,
-    collate,
-    detect_task,
-    label_set_of,
-    load_examples,
-    tokenize_examples,
-    train_eval_split,
-)
-from flglm.models import load_split_parts, load_tokenizer
-from flglm.privacy.client import ClientDefence, add_client_adapters
-from flglm.round_eval import round_eval_metrics
-from flglm.split import SplitPlan
+from flglm.data.batches import batch_at
+from flglm.data.files import DataError
+from flglm.data.tokens import collate
 from flglm.step_client import StepConflict, StepHttpError, StepUnauthorized
-from flglm.trainers import ClientSideTrainer
 from flglm.wire.codec import parse_wire_dtype
 from flglm.wire.keys import ClientKeyPair, derive_channel_keys, public_key_from_b64
 from flglm.wire.sequence import SequenceCounter
@@ -101,63 +81,8 @@ class RunOptions:
     result_timeout_s: float = 600.0
 
 
-def validate_data_file(path: Path) -> int:
-    """Read and validate the whole file before anything is sent; returns its example count."""
-    if not path.is_file():
-        raise DataError(path, None, "file not found")
-    return len(load_examples(path, detect_task(path)))
-
-
 def open_client(enrollment: Enrollment) -> ControlPlaneClient:
     return ControlPlaneClient(enrollment.server_url, enrollment.credential, enrollment.ca_cert)
-
-
-@dataclass
-class JobData:
-    train: TokenizedDataset
-    held_out: list[Example]
-    label_set: list[str]
-    pad_token_id: int
-    max_seq_len: int
-    tokenizer: Any
-
-    @property
-    def held_out_count(self) -> int:
-        return len(self.held_out)
-
-
-def prepare_job_data(data_path: Path, job: protocol.AgentJobView) -> JobData:
-    """Validate the file against the job (task, declared label set), tokenise with the job's tokenizer and
-    split train/eval locally; a DataError names the file, line and problem. Never talks to the server."""
-    hp = Hyperparameters.model_validate(job.hyperparameters)
-    tokenizer = load_tokenizer(job.model_ref)
-    examples = load_examples(data_path, job.task_type.value, label_set=hp.labels, template=hp.template)
-    train, held_out = train_eval_split(examples, hp.eval_fraction, hp.seed)
-    max_seq_len = hp.max_seq_len
-    dataset = tokenize_examples(train, tokenizer, max_seq_len)
-    if dataset.truncated:
-        log.warning(
-            "%d training rows were longer than %d tokens and truncated", dataset.truncated, max_seq_len
-        )
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    labels = list(hp.labels) if hp.labels else label_set_of(examples)
-    return JobData(dataset, held_out, labels, int(pad), max_seq_len, tokenizer)
-
-
-def describe_defence(defence: ClientDefence) -> str:
-    """The defences in force, for the log (the settings' numbers, never anything private)."""
-    parts = []
-    if defence.activation.active:
-        parts.append(
-            f"h0 clipped to {defence.activation.clip_norm:.4g} per token, noise std "
-            f"{defence.activation.noise_std:.4g} (ε = {defence.activation.epsilon():.3g} per vector, "
-            "δ = 1e-5)"
-        )
-    if defence.gradient_noise > 0:
-        parts.append(f"dL/dh1 noise {defence.gradient_noise:g} x RMS")
-    if defence.private_front:
-        parts.append(f"private input block (decorrelation λ = {defence.decorrelation:g})")
-    return "; ".join(parts)
 
 
 class JobSession:
@@ -182,29 +107,16 @@ class JobSession:
         data = prepare_job_data(options.data_path, job)
         self.data = data
         self.train, self.pad_token_id = data.train, data.pad_token_id
-        self.eval_examples = hp.eval_examples
-        self.eval_max_new_tokens = hp.eval_max_new_tokens
+        self.evaluation = RoundEvaluation(
+            job.job_id, job.task_type.value, data, hp.batch_size, hp.eval_examples, hp.eval_max_new_tokens
+        )
         self.example_count = len(data.train) if options.share_example_count else None
 
-        plan = SplitPlan(job.split_plan.get("front_layers", 1), job.split_plan.get("back_layers", 1))
-        split = load_split_parts(job.model_ref, plan, parts={"front", "back"})
         self.checkpoint = JobCheckpoint(state_dir, job.job_id)
-        private_seed = self.checkpoint.private_seed() if self.privacy.private_front else None
-        add_client_adapters(
-            split,
-            AdapterSpec.model_validate(job.adapter),
-            self.seed,
-            private_seed,
-            self.privacy.private_init_scale,
-        )
-        defence = ClientDefence.from_spec(self.privacy, split.part("front"))
-        self.trainer = ClientSideTrainer(split, hp.train_config(), defence if defence.active else None)
-        if defence.active:
-            log.info("job %d: defences: %s", job.job_id, describe_defence(defence))
+        self.trainer = build_trainer(job, hp, self.privacy, self.checkpoint)
         self.position = self.checkpoint.position() or RoundPosition()
         if self.checkpoint.position() is not None:
-            load_trainable_state_dict(client_parts(self.trainer), self.checkpoint.load_adapters())
-            self._load_optimizer()
+            restore_trainer(self.trainer, self.checkpoint)
             log.info(
                 "job %d: resumed at round %d step %d (%s)",
                 job.job_id,
@@ -231,22 +143,8 @@ class JobSession:
 
     # ---- checkpointing ------------------------------------------------------------------------------
 
-    def _optimizer_state(self) -> dict[str, object]:
-        optimizer = self.trainer.optimizer
-        if optimizer.optimizer is None or optimizer.scheduler is None:
-            return {}
-        return {"optimizer": optimizer.optimizer.state_dict(), "scheduler": optimizer.scheduler.state_dict()}
-
-    def _load_optimizer(self) -> None:
-        state = self.checkpoint.load_optimizer_state()
-        optimizer = self.trainer.optimizer
-        if state and optimizer.optimizer is not None and optimizer.scheduler is not None:
-            optimizer.optimizer.load_state_dict(state["optimizer"])
-            optimizer.scheduler.load_state_dict(state["scheduler"])
-
     def _save(self) -> None:
-        adapters = trainable_state_dict(client_parts(self.trainer))
-        self.checkpoint.save(self.position, adapters, self._optimizer_state())
+        save_trainer(self.trainer, self.checkpoint, self.position)
 
     # ---- one round ------------------------------------------------------------------------------------
 
@@ -311,28 +209,8 @@ class JobSession:
         log.info("job %d: round %d done, FedAvg'd client adapters loaded", job_id, round_number)
 
     def evaluate(self, round_number: int) -> dict[str, float]:
-        """Eval metrics of the model the client parts hold now (after FedAvg: the global model of the round),
-        on at most `eval_examples` held-out examples; {} when off, without eval data, or when the server
-        refuses (e.g. this client was dropped), which is logged and never stops training."""
-        if self.eval_examples <= 0 or not self.data.held_out:
-            return {}
-        score_fn = remote_score_fn(self.trainer, self.channel, round_number)
-        try:
-            return round_eval_metrics(
-                score_fn,
-                self.data.held_out,
-                self.data.tokenizer,
-                task=self.job.task_type.value,
-                max_length=self.data.max_seq_len,
-                batch_size=self.batch_size,
-                pad_token_id=self.pad_token_id,
-                label_set=self.data.label_set,
-                max_examples=self.eval_examples,
-                max_new_tokens=self.eval_max_new_tokens,
-            )
-        except (StepHttpError, TimeoutError) as exc:
-            log.warning("job %d: round %d evaluation skipped: %s", self.job.job_id, round_number, exc)
-            return {}
+        """Local eval metrics of this round's global client adapters; {} when off or refused."""
+        return self.evaluation.metrics(self.trainer, self.channel, round_number)
 
     def _run_step(self, round_number: int, step: int, steps: int, progress: RoundProgress) -> float:
         batch = self._batch(round_number, step, steps)

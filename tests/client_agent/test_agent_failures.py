@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from client_agent.api import ControlPlaneClient, ExitCode, failure_from
-from client_agent.runner import prepare_job_data
+from client_agent.job_data import prepare_job_data
 from client_agent.state import JobCheckpoint, RoundPosition, approved_jobs, record_decision
 from flglm import protocol
 from flglm.data import DataError
