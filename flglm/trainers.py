@@ -26,10 +26,10 @@ from transformers import PreTrainedTokenizerBase
 from flglm.adapters import trainable_parameters
 from flglm.contracts.job_settings import TrainConfig as TrainConfig
 from flglm.contracts.refusals import StepGraphMissing
+from flglm.data.tokens import IGNORE_INDEX as IGNORE_INDEX
 from flglm.privacy.client import ClientDefence
 from flglm.split import ServerBody, SplitModel, position_ids_from_attention_mask
 
-IGNORE_INDEX = -100
 LMBatch = Mapping[str, torch.Tensor]  # input_ids, attention_mask, labels: each (batch, seq)
 
 
