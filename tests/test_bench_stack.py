@@ -13,6 +13,7 @@ import torch
 from apps.bench.stack import MODES, StackBenchConfig, mode_figures
 
 
+@pytest.mark.slow  # a backend subprocess and client processes train: half a minute or more on 2 cores
 def test_full_stack_bench_runs_and_reports_ratios_and_wire_bytes() -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     modes = "sequential,server_hierarchical_2"

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.backend.conftest import Agent, Api, enroll, job_spec, running_job
+from tests.support.control_plane import Agent, Api, enroll, job_spec, running_job
 
 # (method, path template, who may call it). Templates use {job}, {client}, {session}; bodies are valid for the
 # caller.

@@ -6,7 +6,7 @@ import pytest
 import sqlalchemy as sa
 from fastapi import FastAPI
 
-from tests.backend.conftest import Api
+from tests.support.control_plane import Api
 
 
 @pytest.mark.parametrize(

@@ -9,37 +9,18 @@ from peft import PeftModel
 from typer.testing import CliRunner
 
 from apps.cli.main import app as cli
-from backend.exports.service import job_checkpoint_dir
 from backend.settings import Settings
 from flglm.adapters import (
     AdapterSpec,
     add_split_adapters,
     load_trainable_state_dict,
-    trainable_state_dict,
 )
 from flglm.export import read_export_bundle
 from flglm.generation import SamplingConfig, generate_through_split
 from flglm.models import load_model, load_tokenizer
 from flglm.split import SplitPlan, split_model
-from tests.backend.conftest import Api, job_spec
-from worker.checkpoints import ReplicaSnapshot, replica_dir, save_snapshot
-from worker.fedavg import save_global_client_adapters
-
-
-def write_trained_adapters(settings: Settings, job_id: int) -> tuple[dict[str, torch.Tensor], ...]:
-    """What the workers leave on the checkpoint volume after a round: server snapshot + client average."""
-    split = add_split_adapters(split_model(load_model("tiny:llama"), SplitPlan(1, 1)), AdapterSpec(r=8), 0)
-    with torch.no_grad():
-        for parameter in split.as_module_dict().parameters():
-            if parameter.requires_grad:
-                parameter.normal_(0, 0.3)
-    client = trainable_state_dict(split.as_module_dict(["front", "back"]))
-    body = trainable_state_dict(split.part("body"))
-    directory = job_checkpoint_dir(settings, job_id)
-    snapshot = ReplicaSnapshot(4, body, {0: {"exp_avg": torch.ones(2)}}, [], {}, [], [])
-    save_snapshot(replica_dir(directory, 0), snapshot)
-    save_global_client_adapters(directory, 1, client)
-    return client, body
+from tests.support.control_plane import Api, job_spec
+from tests.support.generation_jobs import write_trained_adapters
 
 
 def test_export_route_bundle_and_cli(api: Api, settings: Settings, tmp_path: Path) -> None:

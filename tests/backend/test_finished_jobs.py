@@ -13,7 +13,7 @@ from backend.settings import Settings
 from flglm.contracts.tasks import RELEASE_JOB
 from flglm.protocol import JobSpec, JobStatus
 from flglm.step_protocol import replica_queue, spec_blob_key
-from tests.backend.conftest import Api, enroll, job_spec, running_job
+from tests.support.control_plane import Api, enroll, job_spec, running_job
 
 
 def test_only_committed_job_ends_reach_the_callback(settings: Settings) -> None:

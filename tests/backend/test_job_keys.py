@@ -17,7 +17,7 @@ from backend.steps.service import read_spec
 from flglm.protocol import AGENT_JOB_PATH, JobSpec
 from flglm.step_protocol import STEP_MESSAGE_PATH
 from flglm.wire.keys import load_private_key
-from tests.backend.conftest import Agent, Api, enroll, job_spec, running_job
+from tests.support.control_plane import Agent, Api, enroll, job_spec, running_job
 
 RETENTION_S = 3600.0
 

@@ -8,7 +8,7 @@ from fastapi import FastAPI
 from backend.steps.service import read_spec
 from flglm.contracts.job_settings import AdapterSpec, Hyperparameters
 from flglm.protocol import AGENT_JOB_PATH
-from tests.backend.conftest import Api, enroll, job_spec, running_job
+from tests.support.control_plane import Api, enroll, job_spec, running_job
 
 
 def test_an_unknown_or_out_of_range_setting_is_refused_naming_it(api: Api) -> None:

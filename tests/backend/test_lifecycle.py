@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.backend.conftest import Api, enroll, enrollment_token, job_spec, running_job
+from tests.support.control_plane import Api, enroll, enrollment_token, job_spec, running_job
 
 
 def test_job_lifecycle_end_to_end(api: Api) -> None:

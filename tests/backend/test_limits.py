@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from apps.server import create_server_app
 from backend.limits import TokenBucketLimiter
 from backend.settings import Settings
-from tests.backend.conftest import ADMIN_TOKEN, Api, LiveServer, job_spec
+from tests.support.control_plane import ADMIN_TOKEN, Api, LiveServer, job_spec
 
 LIMIT = 64 * 1024  # the `settings` fixture's max_body_bytes
 
@@ -145,7 +145,7 @@ def test_the_rate_limiter_forgets_refilled_buckets_and_never_grows_past_its_boun
     for index in range(1000):
         assert limiter.acquire(f"10.0.{index // 256}.{index % 256}", now=index * 0.1) == 0.0
         assert limiter.bucket_count() <= 100
-    # Long after, every bucket has refilled: the next pruning (every max_buckets // 2 new keys) drops them all.
+    # Long after, every bucket has refilled: the next pruning (each max_buckets // 2 new keys) drops them all.
     for index in range(50):
         assert limiter.acquire(f"10.9.0.{index}", now=1000.0) == 0.0
     assert limiter.bucket_count() == 50

@@ -13,10 +13,10 @@ from alembic.migration import MigrationContext
 
 from backend.migrate import MIGRATIONS_DIR, downgrade, upgrade, upgrade_to_head
 from backend.models import Base
-from tests.backend.conftest import fresh_postgres_schema
+from tests.support.control_plane import fresh_postgres_schema
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def empty_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'migrations.db'}"

@@ -23,7 +23,7 @@ from backend.settings import Settings
 from flglm.contracts.blob_store import RedisBlobStore
 from flglm.contracts.privacy_records import HEARTBEAT_TTL_S, AuditProgress, AuditRecords
 from flglm.contracts.tasks import PRIVACY_QUEUE
-from tests.backend.conftest import Agent, Api, enroll, job_spec
+from tests.support.control_plane import Agent, Api, enroll, job_spec
 
 TEXTS = [
     "The river rose overnight and the town council met at dawn to plan the evacuation of the low streets.",
@@ -260,7 +260,6 @@ def celery_api(settings: Settings, redis_url: str) -> Iterator[tuple[Api, FastAP
         client.close()
 
 
-@pytest.mark.redis
 def test_one_audit_per_job_at_a_time_and_a_queued_audit_times_out(
     celery_api: tuple[Api, FastAPI, RedisBlobStore],
 ) -> None:
@@ -286,7 +285,6 @@ def test_one_audit_per_job_at_a_time_and_a_queued_audit_times_out(
     assert [a["id"] for a in listed] == [second["id"], first["id"]]  # newest first
 
 
-@pytest.mark.redis
 def test_progress_is_read_from_the_records_and_a_silent_worker_fails_the_audit(
     celery_api: tuple[Api, FastAPI, RedisBlobStore],
 ) -> None:

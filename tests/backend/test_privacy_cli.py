@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from apps.cli.main import app
 from flglm.privacy.report import PrivacyAudit
-from tests.backend.test_cli import ADMIN, served  # noqa: F401  (the `flglm serve` fixture)
+from tests.support.flglm_serve import ADMIN
 
 ROWS = [
     "The river rose overnight and the town council met at dawn to plan the evacuation of the low streets.",
@@ -98,7 +98,7 @@ def test_bad_text_files_name_the_file_and_line(tmp_path: Path, name: str, conten
 
 
 def test_a_job_audit_runs_on_the_server_and_is_waited_for(
-    served: tuple[str, Path],  # noqa: F811
+    served: tuple[str, Path],
     texts: Path,
 ) -> None:
     base_url, ca_cert = served

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.backend.conftest import Api, enroll, job_spec, running_job
+from tests.support.control_plane import Api, enroll, job_spec, running_job
 
 
 def test_progress_reports_each_clients_latest_step_traffic_and_replica(api: Api) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 import backend.metrics.endpoints as metric_endpoints
-from tests.backend.conftest import Api, enroll, running_job
+from tests.support.control_plane import Api, enroll, running_job
 
 TOKENS = 2048  # per client and step: 8 rows of 256 tokens
 STEP_S = 8.0  # one batched CPU step of the three clients

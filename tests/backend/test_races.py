@@ -9,7 +9,7 @@ from functools import partial
 
 import httpx
 
-from tests.backend.conftest import Api, LiveServer, enroll, job_spec, running_job
+from tests.support.control_plane import Api, LiveServer, enroll, job_spec, running_job
 
 ATTEMPTS = 4
 

@@ -10,7 +10,7 @@ from fastapi import FastAPI
 
 from backend.auth.service import LastAdminToken, hash_secret, revoke_api_token
 from backend.models import utc_now
-from tests.backend.conftest import ADMIN_TOKEN, Api
+from tests.support.control_plane import ADMIN_TOKEN, Api
 
 VIEW_FIELDS = {"id", "name", "role", "created_at", "last_used_at", "revoked_at"}
 

@@ -15,7 +15,7 @@ from backend.clients.service import heartbeat
 from backend.housekeeping import run_housekeeping
 from backend.models import utc_now
 from backend.settings import Settings
-from tests.backend.conftest import Api, enroll, job_spec, running_job
+from tests.support.control_plane import Api, enroll, job_spec, running_job
 
 
 def _audit_total(api: Api) -> int:

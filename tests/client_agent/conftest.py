@@ -1,8 +1,19 @@
-"""Client-agent fixtures: the embedded control plane (SQLite, in-process executor) on a live HTTPS uvicorn.
+"""Client-agent tests run the same control plane as the end-to-end tests: the embedded default (SQLite file,
+in-process executor) on a live HTTPS uvicorn, and the admin talks to it over HTTPS."""
 
-The same fixtures as the end-to-end tests (with no settings overrides), imported rather than copied.
-"""
+from __future__ import annotations
 
-from tests.e2e.conftest import api, app, live_server, settings, settings_overrides
+import pytest
 
-__all__ = ["api", "app", "live_server", "settings", "settings_overrides"]
+from backend.settings import Settings
+from tests.support.control_plane import Api
+
+
+@pytest.fixture
+def settings(embedded_settings: Settings) -> Settings:
+    return embedded_settings
+
+
+@pytest.fixture
+def api(live_api: Api) -> Api:
+    return live_api

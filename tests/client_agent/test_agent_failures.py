@@ -15,9 +15,9 @@ from client_agent.state import JobCheckpoint, RoundPosition, approved_jobs, reco
 from flglm import protocol
 from flglm.data import DataError
 from flglm.step_client import StepHttpError, StepServerUnavailable, StepUnauthorized
-from tests.backend.conftest import Api, LiveServer, enrollment_token, free_port
-from tests.client_agent.agent_processes import AgentProcess, write_jsonl
-from tests.client_agent.capture_proxy import CaptureProxy
+from tests.support.agent_processes import AgentProcess, write_jsonl
+from tests.support.capture_proxy import CaptureProxy
+from tests.support.control_plane import Api, LiveServer, enrollment_token, free_port
 
 GOOD_ROWS = [{"text": "a calm morning", "label": "calm"}, {"text": "a storm at sea", "label": "storm"}]
 

@@ -11,32 +11,19 @@ import json
 import re
 import signal
 import struct
-import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from flglm.data import load_examples, tokenize_examples
 from flglm.models import load_tokenizer
-from tests.backend.conftest import Api, LiveServer, enrollment_token, job_spec
-from tests.client_agent.agent_processes import AgentProcess, write_jsonl
-from tests.client_agent.capture_proxy import CaptureProxy
+from tests.support.agent_processes import LABELS, MODEL_REF, make_agent, wait_for
+from tests.support.capture_proxy import CaptureProxy
+from tests.support.control_plane import Api, LiveServer, job_spec
 
-MODEL_REF = "tiny:llama:0"
-LABELS = ["marmalade", "tangerine"]
 ROUNDS, STEPS = 2, 2
-WORDS = ["quokka", "zeppelin", "harbour", "obsidian", "lantern", "walrus", "fjord", "cobalt"]
-
-
-def owner_rows(owner: int) -> list[dict[str, str]]:
-    return [
-        {
-            "text": f"{WORDS[i % 8]} {WORDS[(i + owner) % 8]} secret{owner}x{i}",
-            "label": LABELS[(i + owner) % 2],
-        }
-        for i in range(8)
-    ]
 
 
 def token_patterns(data: Path) -> list[bytes]:
@@ -51,32 +38,7 @@ def token_patterns(data: Path) -> list[bytes]:
     return patterns
 
 
-def wait_for(condition: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
-
-
-def make_agent(
-    tmp_path: Path, api: Api, live: LiveServer, name: str, index: int, server_url: str
-) -> AgentProcess:
-    agent = AgentProcess(
-        name,
-        tmp_path / f"state-{name}",
-        write_jsonl(tmp_path / f"{name}.jsonl", owner_rows(index)),
-        tmp_path / f"{name}.log",
-    )
-    done = agent.cli(
-        "enroll", "--server", server_url, "--token", enrollment_token(api, name),
-        "--ca-cert", str(live.tls.ca_cert), "--name", name,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    assert (agent.state_dir / "credential.json").stat().st_mode & 0o777 == 0o600
-    assert (agent.state_dir / "client_key.pem").stat().st_mode & 0o777 == 0o600
-    return agent
-
-
+@pytest.mark.slow  # four agent processes train for minutes on a busy machine (waits of up to 240 s)
 def test_three_agents_train_two_rounds_with_a_crash_and_an_unapproved_peer(
     tmp_path: Path, live_server: LiveServer, api: Api
 ) -> None:

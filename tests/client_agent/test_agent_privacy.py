@@ -8,6 +8,7 @@ import signal
 import struct
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 import torch
 from safetensors.torch import load_file
@@ -22,10 +23,10 @@ from flglm import protocol
 from flglm.step_messages import open_adapters
 from flglm.step_protocol import client_adapters_ref
 from flglm.wire.keys import derive_channel_keys, load_private_key, public_key_from_b64
-from tests.backend.conftest import Api, LiveServer, job_spec
-from tests.client_agent.capture_proxy import CaptureProxy
-from tests.client_agent.test_agent_job import LABELS, MODEL_REF, make_agent, wait_for
-from tests.e2e.step_agents import published_spec
+from tests.support.agent_processes import LABELS, MODEL_REF, make_agent, wait_for
+from tests.support.capture_proxy import CaptureProxy
+from tests.support.control_plane import Api, LiveServer, job_spec
+from tests.support.step_agents import published_spec
 
 PRIVATE = {
     "private_front": True,
@@ -137,6 +138,7 @@ def seed_patterns(seed: int) -> list[bytes]:
     return [str(seed).encode(), f"{seed:x}".encode(), struct.pack("<q", seed), struct.pack(">q", seed)]
 
 
+@pytest.mark.slow  # two agent processes train a job, one restarted (waits of up to 240 s)
 def test_private_input_block_stays_with_each_agent(
     tmp_path: Path, live_server: LiveServer, api: Api, settings: Settings
 ) -> None:

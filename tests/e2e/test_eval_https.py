@@ -25,9 +25,9 @@ from flglm.round_eval import round_eval_metrics
 from flglm.step_client import StepConflict, StepNotFound
 from flglm.step_messages import seal_activations
 from flglm.step_protocol import MessageDirection
-from tests.backend.conftest import Api, LiveServer
-from tests.e2e.step_agents import DataOwner, enroll_owner, published_spec, server_public_key, start_job
-from tests.worker.step_clients import MODEL_REF, client_batch
+from tests.support.control_plane import Api, LiveServer
+from tests.support.step_agents import DataOwner, enroll_owner, published_spec, server_public_key, start_job
+from tests.support.step_clients import MODEL_REF, client_batch
 from worker.runtime import load_server_body
 
 ROUNDS = 3

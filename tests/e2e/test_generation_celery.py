@@ -16,8 +16,9 @@ import torch
 
 from backend.settings import Settings
 from flglm.generation import encode_body_input
-from tests.backend.conftest import Api, LiveServer
-from tests.e2e.generation_jobs import (
+from tests.support.celery_workers import WorkerProcesses
+from tests.support.control_plane import Api, LiveServer
+from tests.support.generation_jobs import (
     HIDDEN,
     NEW_TOKENS,
     PROMPTS,
@@ -25,9 +26,8 @@ from tests.e2e.generation_jobs import (
     generate_through_sessions,
     trained_job,
 )
-from tests.worker.test_celery_worker import WorkerProcesses
 
-pytestmark = [pytest.mark.slow, pytest.mark.redis]
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture

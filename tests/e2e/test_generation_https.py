@@ -17,8 +17,8 @@ from backend.settings import Settings
 from flglm.generation import encode_body_input
 from flglm.generation_client import GenerationApiError
 from flglm.generation_protocol import TENSORS_MEDIA_TYPE
-from tests.backend.conftest import ADMIN_TOKEN, Api, LiveServer, job_spec
-from tests.e2e.generation_jobs import (
+from tests.support.control_plane import ADMIN_TOKEN, Api, LiveServer, job_spec
+from tests.support.generation_jobs import (
     HIDDEN,
     NEW_TOKENS,
     PROMPTS,

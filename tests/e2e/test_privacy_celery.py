@@ -15,10 +15,10 @@ import pytest
 import redis
 
 from backend.settings import Settings
-from tests.backend.conftest import Api, LiveServer, job_spec
-from tests.worker.test_celery_worker import WorkerProcesses
+from tests.support.celery_workers import WorkerProcesses
+from tests.support.control_plane import Api, LiveServer, job_spec
 
-pytestmark = [pytest.mark.slow, pytest.mark.redis]
+pytestmark = pytest.mark.slow
 
 TEXTS = [
     "The river rose overnight and the town council met at dawn to plan the evacuation of the low streets.",

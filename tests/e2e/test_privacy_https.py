@@ -37,9 +37,9 @@ from flglm.step_messages import PayloadLimits, open_activations, open_adapters, 
 from flglm.step_protocol import MessageDirection, MessageRef, client_adapters_ref
 from flglm.trainers import ClientSideTrainer, TrainConfig
 from flglm.wire.keys import ChannelKeys, derive_channel_keys, load_private_key, public_key_from_b64
-from tests.backend.conftest import Api, LiveServer
-from tests.e2e.step_agents import DataOwner, enroll_owner, published_spec, server_public_key, start_job
-from tests.worker.step_clients import ADAPTER, HIDDEN, MODEL_REF, TRAIN, VOCAB, client_batch
+from tests.support.control_plane import Api, LiveServer
+from tests.support.step_agents import DataOwner, enroll_owner, published_spec, server_public_key, start_job
+from tests.support.step_clients import ADAPTER, HIDDEN, MODEL_REF, TRAIN, VOCAB, client_batch
 
 LIMITS = PayloadLimits(torch.float32, HIDDEN, 8, 64)
 

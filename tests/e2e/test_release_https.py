@@ -12,8 +12,8 @@ from flglm.contracts.tasks import REPLICA_COUNTERS
 from flglm.export import read_export_bundle
 from flglm.step_messages import seal_activations
 from flglm.step_protocol import MessageDirection, replica_queue
-from tests.backend.conftest import Api, LiveServer
-from tests.e2e.step_agents import (
+from tests.support.control_plane import Api, LiveServer
+from tests.support.step_agents import (
     ROUNDS,
     STEPS,
     enroll_owner,
@@ -22,7 +22,7 @@ from tests.e2e.step_agents import (
     start_job,
     train_sequentially,
 )
-from tests.worker.step_clients import client_batch
+from tests.support.step_clients import client_batch
 from worker.checkpoints import latest_snapshot, replica_dir
 from worker.runtime import WorkerRuntime, load_server_body
 

@@ -20,8 +20,9 @@ from flglm.contracts.refusals import JobKeyDeleted
 from flglm.contracts.tasks import REPLICA_COUNTERS
 from flglm.step_client import StepClient
 from flglm.step_protocol import MessageDirection, MessageRef, UploadReceipt, replica_queue
-from tests.backend.conftest import Api, LiveServer
-from tests.e2e.step_agents import (
+from tests.support.celery_workers import WorkerProcesses
+from tests.support.control_plane import Api, LiveServer
+from tests.support.step_agents import (
     ROUNDS,
     STEPS,
     DataOwner,
@@ -33,10 +34,9 @@ from tests.e2e.step_agents import (
     start_job,
     train_sequentially,
 )
-from tests.worker.step_clients import client_batch
-from tests.worker.test_celery_worker import WorkerProcesses
+from tests.support.step_clients import client_batch
 
-pytestmark = [pytest.mark.slow, pytest.mark.redis]
+pytestmark = pytest.mark.slow
 EXAMPLE_COUNTS = (10, 30, 60)
 
 

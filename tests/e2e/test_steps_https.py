@@ -26,8 +26,8 @@ from flglm.contracts.blob_store import InMemoryBlobStore
 from flglm.step_client import StepConflict, StepHttpError
 from flglm.step_messages import seal_activations, seal_hidden
 from flglm.step_protocol import STEP_MESSAGE_PATH, STEP_RESULT_PATH, MessageDirection, MessageRef
-from tests.backend.conftest import Api, LiveServer
-from tests.e2e.step_agents import (
+from tests.support.control_plane import Api, LiveServer
+from tests.support.step_agents import (
     DataOwner,
     assert_job_has_its_own_key,
     client_states,
@@ -39,7 +39,7 @@ from tests.e2e.step_agents import (
     train_concurrently,
     train_sequentially,
 )
-from tests.worker.step_clients import client_batch
+from tests.support.step_clients import client_batch
 
 EXAMPLE_COUNTS = (10, 30, 60)
 REPO = Path(__file__).resolve().parents[2]

@@ -14,7 +14,7 @@ from flglm.adapters import AdapterSpec, add_split_adapters, trainable_state_dict
 from flglm.export import MERGED_DIRNAME, export_peft_adapter
 from flglm.models import load_model
 from flglm.split import SplitModel, SplitPlan, position_ids_from_attention_mask, split_model
-from tests.flglm.conftest import padded_batch
+from tests.support.padded_batches import padded_batch
 
 
 def randomised_split_job(

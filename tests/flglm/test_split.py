@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, BertConfig, BertModel, T5Config, 
 from flglm.split import SplitPlan, position_ids_from_attention_mask, split_model
 from flglm.tiny_models import TINY_ARCHITECTURES, build_tiny_model, tiny_config
 from flglm.trainers import causal_lm_loss
-from tests.flglm.conftest import PADDINGS
+from tests.support.padded_batches import PADDINGS
 
 
 def unsplit_logits(model: nn.Module, batch: dict[str, torch.Tensor], **kwargs: object) -> torch.Tensor:

@@ -35,10 +35,8 @@ from client_agent.state import (
 )
 from flglm import protocol
 from flglm.wire.keys import ClientKeyPair
-from tests.backend.conftest import ADMIN_TOKEN, enrollment_token, job_spec
-from tests.frontend.test_dashboard import SCREENSHOTS, Dashboard, dashboard, signed_in_page
-
-__all__ = ["dashboard"]  # the module-scoped live backend and Chromium of the dashboard tests
+from tests.support.control_plane import ADMIN_TOKEN, enrollment_token, job_spec
+from tests.support.dashboard import SCREENSHOTS, Dashboard, signed_in_page
 
 pytestmark = pytest.mark.browser
 

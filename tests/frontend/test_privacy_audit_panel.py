@@ -12,10 +12,8 @@ from typing import Any
 import pytest
 from playwright.sync_api import Page, expect
 
-from tests.backend.conftest import ADMIN_TOKEN, job_spec
-from tests.frontend.test_dashboard import SCREENSHOTS, Dashboard, dashboard, signed_in_page
-
-__all__ = ["dashboard"]  # the module-scoped live backend and Chromium of the dashboard tests
+from tests.support.control_plane import ADMIN_TOKEN, job_spec
+from tests.support.dashboard import SCREENSHOTS, Dashboard, signed_in_page
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 

@@ -14,7 +14,7 @@ from flglm.step_protocol import MessageDirection
 from flglm.wire.errors import ReplayError
 from flglm.wire.keys import ClientKeyPair, generate_private_key
 from flglm.wire.sequence import ReplayGuard
-from tests.worker.step_clients import SimulatedClient, make_spec
+from tests.support.step_clients import SimulatedClient, make_spec
 from worker.admission import admit_step_upload
 
 
@@ -59,7 +59,6 @@ def test_admission_refuses_hostile_uploads_with_their_status(tmp_path: Path) -> 
     assert [status for _, status in cases] == [422, 400, 403, 409]
 
 
-@pytest.mark.redis
 def test_redis_sequence_guard_is_shared_and_strictly_increasing(redis_url: str) -> None:
     import uuid
 

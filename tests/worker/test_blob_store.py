@@ -13,7 +13,7 @@ import redis
 from flglm.contracts.blob_store import BlobStore, InMemoryBlobStore, PutOutcome, RedisBlobStore
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
 def store(request: pytest.FixtureRequest) -> Iterator[BlobStore]:
     if request.param == "memory":
         yield InMemoryBlobStore()

@@ -6,170 +6,19 @@ with other suites; each test uses a fresh job id and checkpoint directory.
 
 from __future__ import annotations
 
-import os
-import random
-import signal
-import socket
 import subprocess
-import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 import torch
 
-from flglm.contracts.blob_store import RedisBlobStore
-from flglm.contracts.dispatch import CeleryDispatcher
-from flglm.contracts.job_spec import publish_job_spec
-from flglm.contracts.tasks import REPLICA_COUNTERS, ROUND_END, route_step_message
+from flglm.contracts.tasks import REPLICA_COUNTERS, ROUND_END
 from flglm.protocol import ParallelMode
-from flglm.step_protocol import MessageRef, WorkerJobSpec, replica_queue
-from flglm.wire.keys import ClientKeyPair, generate_private_key, save_private_key
-from tests.worker.step_clients import SimulatedClient, client_batch, make_spec, reference_sequential_losses
+from tests.support.celery_harness import CeleryHarness
+from tests.support.step_clients import CLIENT_IDS, client_batch, reference_sequential_losses
 from worker.checkpoints import latest_snapshot, replica_dir
-
-pytestmark = pytest.mark.redis
-CLIENT_IDS = [11, 12, 13]
-REPO = Path(__file__).resolve().parents[2]
-RESULT_WAIT_S = 15.0
-
-
-def clear_worker_queues(redis_url: str) -> str:
-    """The workers' Redis URL (database 14, theirs alone), emptied: an interrupted or earlier run leaves
-    queues and 30-day job specs there, and a stale spec of the same job id carries other client keys."""
-    url = redis_url.rsplit("/", 1)[0] + "/14"
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    client.close()
-    return url
-
-
-@pytest.fixture(scope="module")
-def worker_redis_url(redis_url: str) -> str:
-    return clear_worker_queues(redis_url)
-
-
-class WorkerProcesses:
-    """Starts `flglm worker` subprocesses (Celery, solo pool) and kills them like an operator would not."""
-
-    def __init__(self, redis_url: str, key_file: Path, log_dir: Path) -> None:
-        self.redis_url, self.key_file, self.log_dir = redis_url, key_file, log_dir
-        self.processes: list[subprocess.Popen[bytes]] = []
-        self.run_id = random.randrange(10**9)
-
-    def log_path(self, index: int) -> Path:
-        return self.log_dir / f"worker-{index}.log"
-
-    def node_name(self, index: int) -> str:
-        return f"test-{index}-{self.run_id}@{socket.gethostname()}"
-
-    def start(
-        self, *replicas: int | str, options: Sequence[str] = (), env: dict[str, str] | None = None
-    ) -> subprocess.Popen[bytes]:
-        """`flglm worker --replica R ...` (R a slot or 'auto') with `options`, node name `node_name(i)`."""
-        worker_env = dict(os.environ)
-        worker_env.update(
-            FLGLM_REDIS_URL=self.redis_url,
-            FLGLM_SERVER_KEY_FILE=str(self.key_file),
-            FLGLM_BROKER_VISIBILITY_TIMEOUT_S="5",  # redeliver a dead worker's task quickly
-            HF_HUB_OFFLINE="1",
-            TRANSFORMERS_OFFLINE="1",
-            OMP_NUM_THREADS="1",
-            PYTHONPATH=str(REPO),
-            **(env or {}),
-        )
-        args = [
-            sys.executable,
-            "-m",
-            "apps.cli.main",
-            "worker",
-            "--loglevel",
-            "warning",
-            "--hostname",
-            self.node_name(len(self.processes)),
-            *options,
-        ]
-        for replica in replicas:
-            args += ["--replica", str(replica)]
-        if replicas and replicas[0] not in (0, "auto", "none"):
-            args.append("--no-default-queue")
-        log = open(self.log_path(len(self.processes)), "wb")  # noqa: SIM115
-        process = subprocess.Popen(args, env=worker_env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-        self.processes.append(process)
-        return process
-
-    def kill(self, process: subprocess.Popen[bytes]) -> None:
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=30)
-
-    def stop_all(self) -> None:
-        for process in self.processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGKILL)
-                process.wait(timeout=30)
-
-
-class CeleryHarness:
-    """Three simulated agents talking to real workers through Redis (blob store + Celery broker)."""
-
-    def __init__(self, tmp_path: Path, redis_url: str, **spec_overrides: Any) -> None:
-        self.store = RedisBlobStore.from_url(redis_url)
-        server_key = generate_private_key()
-        key_file = tmp_path / "server.key"
-        save_private_key(server_key, key_file)
-        self.server_public = server_key.public_key()
-        self.clients = {cid: SimulatedClient(cid, ClientKeyPair.generate()) for cid in CLIENT_IDS}
-        self.spec: WorkerJobSpec = make_spec(
-            random.randrange(10**6, 10**9),
-            [(cid, c.keypair) for cid, c in self.clients.items()],
-            tmp_path / "ckpt",
-            **spec_overrides,
-        )
-        publish_job_spec(self.store, self.spec)
-        # The dispatcher the control plane uses in production: the contract suite runs on it.
-        self.executor = CeleryDispatcher(redis_url)
-        self.app = self.executor.app
-        self.workers = WorkerProcesses(redis_url, key_file, tmp_path)
-        self.attempts: dict[tuple[int, int, int], int] = {}
-
-    def send(self, ref: MessageRef) -> None:
-        name, kwargs, queue = route_step_message(self.spec, ref)
-        self.executor.submit(name, kwargs, queue)
-
-    def agent_step(
-        self, cid: int, round_number: int, step: int, before_backward: Any = None, after_backward: Any = None
-    ) -> float:
-        """What an agent does for one step, retrying from the forward when a result does not come."""
-        client, batch = self.clients[cid], client_batch(cid, step + 100 * round_number)
-        for attempt in range(1, 7):
-            self.attempts[(cid, round_number, step)] = attempt
-            fwd = client.upload_forward(self.store, self.spec, self.server_public, round_number, step, batch)
-            self.send(fwd)
-            if self.store.wait_for(fwd.result_ref().blob_key(), RESULT_WAIT_S) is None:
-                continue
-            if before_backward is not None:
-                before_backward()
-                before_backward = None
-            loss, grad_ref, _ = client.upload_gradients(self.store, self.spec, self.server_public, fwd, batch)
-            self.send(grad_ref)
-            if after_backward is not None:
-                after_backward()
-                after_backward = None
-            if self.store.wait_for(grad_ref.result_ref().blob_key(), RESULT_WAIT_S) is None:
-                continue
-            client.finish(self.store, self.spec, self.server_public, grad_ref)
-            return loss
-        raise AssertionError(f"client {cid} could not complete round {round_number} step {step}")
-
-    def task(self, name: str, replica: int, **kwargs: Any) -> dict[str, Any]:
-        kwargs = {"job_id": self.spec.job_id, "replica": replica, **kwargs}
-        return self.executor.submit(name, kwargs, replica_queue(replica)).get(timeout_s=120)
-
-    def close(self) -> None:
-        self.workers.stop_all()
-        self.app.close()
 
 
 @pytest.fixture

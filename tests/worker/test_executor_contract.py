@@ -13,13 +13,13 @@ from flglm.contracts import refusals as errors
 from flglm.contracts.tasks import CLIENT_FEDAVG, REPLICA_COUNTERS, route_step_message
 from flglm.step_messages import seal_adapters
 from flglm.step_protocol import DEFAULT_QUEUE, MessageDirection, MessageRef, replica_queue
-from tests.worker.step_clients import client_batch, reference_sequential_losses
-from tests.worker.test_celery_worker import CLIENT_IDS, CeleryHarness
-from tests.worker.test_engine import Harness
+from tests.support.celery_harness import CeleryHarness
+from tests.support.engine_harness import Harness
+from tests.support.step_clients import CLIENT_IDS, client_batch, reference_sequential_losses
 
 
 # Celery starts a worker process (imports torch, transformers, peft): seconds on a busy machine, so slow.
-@pytest.fixture(params=["inprocess", pytest.param("celery", marks=pytest.mark.slow)])
+@pytest.fixture(params=["inprocess", pytest.param("celery", marks=[pytest.mark.slow, pytest.mark.redis])])
 def harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
     if request.param == "inprocess":
         inprocess = Harness(tmp_path, checkpoint_every=4)
@@ -30,13 +30,6 @@ def harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
     celery.workers.start(0)
     yield celery
     celery.close()
-
-
-@pytest.fixture(scope="module")
-def worker_redis_url(redis_url: str) -> str:
-    from tests.worker.test_celery_worker import clear_worker_queues
-
-    return clear_worker_queues(redis_url)
 
 
 def _step(h: Any, cid: int, step: int) -> tuple[float, list[str]]:

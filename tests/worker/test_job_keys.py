@@ -18,7 +18,7 @@ from flglm.step_messages import seal_activations
 from flglm.step_protocol import MessageDirection, MessageRef, WorkerJobSpec
 from flglm.wire.errors import InsecureKeyFileError
 from flglm.wire.keys import ClientKeyPair, derive_channel_keys, generate_private_key, save_private_key
-from tests.worker.step_clients import HIDDEN, make_spec
+from tests.support.step_clients import HIDDEN, make_spec
 from worker.executor import InProcessExecutor
 
 CLIENT_ID = 11

@@ -13,8 +13,8 @@ from flglm.adapters import trainable_state_dict
 from flglm.contracts.tasks import RELEASE_JOB, REPLICA_COUNTERS, ROUND_END
 from flglm.protocol import ParallelMode
 from flglm.step_protocol import replica_queue
-from tests.worker.step_clients import client_batch, reference_sequential_losses
-from tests.worker.test_engine import CLIENT_IDS, Harness
+from tests.support.engine_harness import Harness
+from tests.support.step_clients import CLIENT_IDS, client_batch, reference_sequential_losses
 from worker.checkpoints import latest_snapshot, replica_dir
 from worker.replica import ServerReplica
 

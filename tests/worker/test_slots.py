@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -13,17 +10,11 @@ import pytest
 import redis
 import torch
 
-from tests.worker.test_celery_worker import REPO
+from tests.support.celery_workers import clear_slot_leases, run_flglm
 from worker.runtime import pick_device
 from worker.slots import NoFreeSlot, SlotClaim, read_slot_leases, slot_key
 
-pytestmark = pytest.mark.redis
 TTL_S = 0.6  # short, so that expiry and heartbeats happen within a test
-
-
-def clear_slot_leases(client: redis.Redis) -> None:
-    for key in client.scan_iter(match=slot_key(0)[:-1] + "*"):
-        client.delete(key)
 
 
 @pytest.fixture
@@ -155,13 +146,6 @@ def test_device_of_a_slot() -> None:
     for slot in range(5):
         expected = torch.device("cuda", slot % gpus) if gpus else torch.device("cpu")
         assert pick_device(slot) == expected
-
-
-def run_flglm(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    """`flglm ARGS` in a subprocess against the given Redis."""
-    env = dict(os.environ, FLGLM_REDIS_URL=redis_url, PYTHONPATH=str(REPO))
-    command = [sys.executable, "-m", "apps.cli.main", *args]
-    return subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
 
 
 def test_auto_worker_without_redis_fails_clearly() -> None:

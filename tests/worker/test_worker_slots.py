@@ -20,11 +20,10 @@ from celery import Celery
 from flglm.contracts.tasks import ADMISSION_QUEUE, PRIVACY_QUEUE
 from flglm.step_protocol import DEFAULT_QUEUE, replica_queue
 from flglm.wire.keys import generate_private_key, save_private_key
-from tests.worker.test_celery_worker import WorkerProcesses
-from tests.worker.test_slots import clear_slot_leases, run_flglm
+from tests.support.celery_workers import WorkerProcesses, clear_slot_leases, run_flglm
 from worker.slots import LEASE_LOST_EXIT_CODE, read_slot_leases, slot_key
 
-pytestmark = [pytest.mark.redis, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 LEASE_TTL_S = "2"
 WAIT_S = 90.0  # bound on waits for process start-up (torch import on a busy machine), never asserted
 

@@ -1,4 +1,4 @@
-"""Test helpers: `flglm agent ...` as real subprocesses, each with its own state directory and log file."""
+"""`flglm agent ...` as real subprocesses, each with its own state directory, data file and log."""
 
 from __future__ import annotations
 
@@ -6,8 +6,11 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from tests.support.control_plane import Api, LiveServer, enrollment_token
 
 AGENT_CLI = [sys.executable, "-m", "apps.cli.main", "agent"]
 
@@ -61,3 +64,46 @@ class AgentProcess:
 def write_jsonl(path: Path, rows: list[dict[str, str]]) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     return path
+
+
+# The job the agent tests train: a tiny model, two labels, rows of made-up words per owner.
+MODEL_REF = "tiny:llama:0"
+LABELS = ["marmalade", "tangerine"]
+WORDS = ["quokka", "zeppelin", "harbour", "obsidian", "lantern", "walrus", "fjord", "cobalt"]
+
+
+def owner_rows(owner: int) -> list[dict[str, str]]:
+    return [
+        {
+            "text": f"{WORDS[i % 8]} {WORDS[(i + owner) % 8]} secret{owner}x{i}",
+            "label": LABELS[(i + owner) % 2],
+        }
+        for i in range(8)
+    ]
+
+
+def wait_for(condition: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def make_agent(
+    tmp_path: Path, api: Api, live: LiveServer, name: str, index: int, server_url: str
+) -> AgentProcess:
+    """`flglm agent enroll` with `owner_rows(index)` as its data file; its state files must be private."""
+    agent = AgentProcess(
+        name,
+        tmp_path / f"state-{name}",
+        write_jsonl(tmp_path / f"{name}.jsonl", owner_rows(index)),
+        tmp_path / f"{name}.log",
+    )
+    done = agent.cli(
+        "enroll", "--server", server_url, "--token", enrollment_token(api, name),
+        "--ca-cert", str(live.tls.ca_cert), "--name", name,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert (agent.state_dir / "credential.json").stat().st_mode & 0o777 == 0o600
+    assert (agent.state_dir / "client_key.pem").stat().st_mode & 0o777 == 0o600
+    return agent

@@ -1,5 +1,4 @@
-"""A job with trained adapters on the checkpoint volume, its unsplit model's greedy output, and the session
-routes driven the way `flglm generate` drives them."""
+"""A tiny job's trained adapters on the checkpoint volume, its unsplit greedy output, the session routes."""
 
 from __future__ import annotations
 
@@ -7,19 +6,37 @@ from dataclasses import dataclass
 
 import torch
 
+from backend.exports.service import job_checkpoint_dir
 from backend.settings import Settings
-from flglm.adapters import AdapterSpec, add_split_adapters, load_trainable_state_dict
+from flglm.adapters import AdapterSpec, add_split_adapters, load_trainable_state_dict, trainable_state_dict
 from flglm.export import client_parts_from_bundle, read_export_bundle
 from flglm.generation import RemoteBody, SamplingConfig, generate_through_split
 from flglm.generation_client import GenerationSessionClient
 from flglm.generation_protocol import TENSORS_MEDIA_TYPE
 from flglm.models import load_model, load_tokenizer
 from flglm.split import SplitPlan, split_model
-from tests.backend.conftest import ADMIN_TOKEN, Api, LiveServer, job_spec
-from tests.backend.test_export import write_trained_adapters
+from tests.support.control_plane import ADMIN_TOKEN, Api, LiveServer, job_spec
+from worker.checkpoints import ReplicaSnapshot, replica_dir, save_snapshot
+from worker.fedavg import save_global_client_adapters
 
 PROMPTS = ["the news today", "a storm over the"]  # different lengths: the batch is left-padded
 NEW_TOKENS = 6
+
+
+def write_trained_adapters(settings: Settings, job_id: int) -> tuple[dict[str, torch.Tensor], ...]:
+    """What the workers leave on the checkpoint volume after a round: server snapshot + client average."""
+    split = add_split_adapters(split_model(load_model("tiny:llama"), SplitPlan(1, 1)), AdapterSpec(r=8), 0)
+    with torch.no_grad():
+        for parameter in split.as_module_dict().parameters():
+            if parameter.requires_grad:
+                parameter.normal_(0, 0.3)
+    client = trainable_state_dict(split.as_module_dict(["front", "back"]))
+    body = trainable_state_dict(split.part("body"))
+    directory = job_checkpoint_dir(settings, job_id)
+    snapshot = ReplicaSnapshot(4, body, {0: {"exp_avg": torch.ones(2)}}, [], {}, [], [])
+    save_snapshot(replica_dir(directory, 0), snapshot)
+    save_global_client_adapters(directory, 1, client)
+    return client, body
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Test helpers: simulated data owners that drive the worker engine through sealed messages."""
+"""Simulated data owners driving the worker engine through sealed messages, and their in-process reference."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ VOCAB = 384
 HIDDEN = 32
 TRAIN: dict[str, Any] = {"lr": 5e-3}
 ADAPTER: dict[str, Any] = {"r": 4, "alpha": 8}
+CLIENT_IDS = [11, 12, 13]  # the data owners of the engine and Celery harnesses
 
 
 def make_spec(

@@ -1,4 +1,4 @@
-"""Backend contract fixtures: every test runs against SQLite (a temp file) and the real PostgreSQL."""
+"""The control plane under test: API client, enrolled agents, job specs, databases, a live HTTPS server."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def fresh_postgres_schema(server_url: str, schema: str) -> str:
     return url.render_as_string(hide_password=False)
 
 
-@pytest.fixture(scope="session", params=["sqlite", "postgres"])
+@pytest.fixture(scope="session", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
     """A migrated database of each kind, shared by the session (tables are emptied before every test)."""
     if request.param == "sqlite":
@@ -78,6 +78,8 @@ def empty_all_tables(url: str) -> None:
 
 @pytest.fixture
 def settings(db_url: str, tmp_path: Path) -> Settings:
+    """The backend contract tests' settings: each database of `db_url`, emptied; tests/e2e and
+    tests/client_agent override it with `embedded_settings`."""
     empty_all_tables(db_url)
     return Settings(
         data_dir=tmp_path / "data",
@@ -88,6 +90,27 @@ def settings(db_url: str, tmp_path: Path) -> Settings:
         rate_limit_burst=10_000,
         rate_limit_per_minute=60_000,
         max_body_bytes=64 * 1024,
+    )
+
+
+@pytest.fixture
+def settings_overrides() -> dict[str, Any]:
+    """What a test module changes in `embedded_settings` (the Celery tests pick the executor and Redis)."""
+    return {}
+
+
+@pytest.fixture
+def embedded_settings(tmp_path: Path, settings_overrides: dict[str, Any]) -> Settings:
+    """The embedded default (in-process executor, in-memory blobs) on a fresh SQLite file."""
+    return Settings(
+        data_dir=tmp_path / "data",
+        database_url=f"sqlite:///{tmp_path / 'flglm.db'}",
+        bootstrap_admin_token=ADMIN_TOKEN,
+        deadline_check_interval_s=0,
+        rate_limit_burst=10_000,
+        rate_limit_per_minute=60_000,
+        max_body_bytes=1024 * 1024,
+        **settings_overrides,
     )
 
 
@@ -128,8 +151,17 @@ def app(settings: Settings) -> FastAPI:
 
 @pytest.fixture
 def api(app: FastAPI) -> Iterator[Api]:
+    """The admin's client of the app in this process (no server)."""
     with TestClient(app) as client:
         yield Api(client)
+
+
+@pytest.fixture
+def live_api(live_server: LiveServer) -> Iterator[Api]:
+    """The admin's client of the live server, closed before the server stops (an idle TLS connection left
+    open would hold uvicorn's shutdown until its close_notify times out)."""
+    with live_server.client() as http:
+        yield Api(http)
 
 
 @dataclass

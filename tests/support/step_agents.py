@@ -1,4 +1,4 @@
-"""Test helpers: data owners that enroll, approve and train a job through HTTPS with `run_client_step`."""
+"""Data owners that enroll, approve and train a job through HTTPS with `run_client_step`."""
 
 from __future__ import annotations
 
@@ -40,8 +40,8 @@ from flglm.wire.keys import (
     public_key_from_b64,
     public_key_to_b64,
 )
-from tests.backend.conftest import Api, LiveServer, enrollment_token, job_spec
-from tests.worker.step_clients import ADAPTER, MODEL_REF, TRAIN, client_batch
+from tests.support.control_plane import Api, LiveServer, enrollment_token, job_spec
+from tests.support.step_clients import ADAPTER, MODEL_REF, TRAIN, client_batch
 from worker.runtime import load_server_body
 
 ROUNDS = 2
