@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -37,6 +38,19 @@ def get_session(request: Request) -> Iterator[Session]:
 
 
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+
+
+@contextmanager
+def brief_session(request: Request) -> Iterator[Session]:
+    """A transaction of its own, closed (its pooled connection returned) before the caller goes on: for the
+    routes that wait (long-polls, uploads waiting for admission), which must never hold a connection while
+    they wait, or a round's worth of waiting agents would take the whole pool."""
+    session: Session = request.app.state.session_factory()
+    try:
+        with session.begin():
+            yield session
+    finally:
+        session.close()
 
 
 def get_settings_from_app(request: Request) -> Settings:
@@ -75,9 +89,20 @@ def require_client(principal: CurrentPrincipal) -> Principal:
     return require_role(principal, Role.client)
 
 
+def require_client_briefly(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
+) -> Principal:
+    """`ClientDep` for the routes that wait: authenticated in a `brief_session`, released at once."""
+    with brief_session(request) as session:
+        principal = authenticate(session, credentials.credentials if credentials else None)
+    return require_role(principal, Role.client)
+
+
 AdminDep = Annotated[Principal, Depends(require_admin)]
 OperatorDep = Annotated[Principal, Depends(require_operator)]
 ClientDep = Annotated[Principal, Depends(require_client)]
+WaitingClientDep = Annotated[Principal, Depends(require_client_briefly)]
 
 
 def enforce_rate_limit(request: Request) -> None:

@@ -14,7 +14,7 @@ from typing import Annotated, Any, TypeVar
 from fastapi import APIRouter, Depends, Path, Query, Request, Response, status
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from backend.api.deps import ClientDep, SessionDep, SettingsDep
+from backend.api.deps import SettingsDep, WaitingClientDep, brief_session
 from backend.errors import refusal
 from backend.steps import service
 from backend.steps.relay import StepRelay
@@ -51,30 +51,37 @@ def step_relay(request: Request) -> StepRelay:
 RelayDep = Annotated[StepRelay, Depends(step_relay)]
 
 
+# Every route here may wait (for an admission verdict, or a long-poll): the database is asked in a brief
+# session of its own, released before the waiting starts (never `SessionDep`, held until the route returns).
+
+
 def upload_access(
-    job_id: JobId, round_number: RoundNumber, session: SessionDep, client: ClientDep
+    request: Request, job_id: JobId, round_number: RoundNumber, client: WaitingClientDep
 ) -> StepAccess:
-    return service.check_step_access(session, client.id, job_id, round_number, uploading=True)
+    with brief_session(request) as session:
+        return service.check_step_access(session, client.id, job_id, round_number, uploading=True)
 
 
 def step_upload_access(
+    request: Request,
     job_id: JobId,
     round_number: RoundNumber,
     direction: MessageDirection,
-    session: SessionDep,
-    client: ClientDep,
+    client: WaitingClientDep,
 ) -> StepAccess:
     """Like `upload_access`; eval forwards may also name the round before the current one."""
     evaluating = direction is MessageDirection.eval_activations
-    return service.check_step_access(
-        session, client.id, job_id, round_number, uploading=True, evaluating=evaluating
-    )
+    with brief_session(request) as session:
+        return service.check_step_access(
+            session, client.id, job_id, round_number, uploading=True, evaluating=evaluating
+        )
 
 
 def read_access(
-    job_id: JobId, round_number: RoundNumber, session: SessionDep, client: ClientDep
+    request: Request, job_id: JobId, round_number: RoundNumber, client: WaitingClientDep
 ) -> StepAccess:
-    return service.check_step_access(session, client.id, job_id, round_number, uploading=False)
+    with brief_session(request) as session:
+        return service.check_step_access(session, client.id, job_id, round_number, uploading=False)
 
 
 UploadAccess = Annotated[StepAccess, Depends(upload_access)]

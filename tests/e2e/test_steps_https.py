@@ -10,6 +10,8 @@ from __future__ import annotations
 import itertools
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 
@@ -320,3 +322,34 @@ def test_the_celery_control_plane_never_imports_torch(tmp_path: Path) -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_waiting_requests_hold_no_database_connection(live_server: LiveServer, api: Api) -> None:
+    """A round's worth of agents long-polling at once (more than the pool holds) must leave the pool free:
+    the access check runs in a brief session of its own, released before the wait starts. An operator's
+    page keeps answering meanwhile, and every long-poll answers its 204."""
+    owners = owners_of(api)
+    job_id = start_job(api, owners, "client_batch")  # the batch waits (30 s window) for all three clients
+    owner = owners[0]
+    channel = owner.channel(live_server, job_id, server_public_key(api, owner, job_id))
+    batch = client_batch(owner.client_id, 0)
+    forward = channel.ref(1, 0, MessageDirection.activations)
+    h0 = owner.trainer.forward_front(batch)  # (batch, seq, hidden)
+    receipt = channel.client.upload(
+        forward, seal_activations(channel.keys, forward, h0, batch["attention_mask"], torch.float32)
+    )
+    assert receipt.result_path is not None
+    pool = live_server.app.state.engine.pool
+    waiters = 24  # more than SQLite's QueuePool holds (5 + 10 overflow)
+    agent = api.as_(owner.credential)
+    with ThreadPoolExecutor(max_workers=waiters) as threads:
+        polls = [threads.submit(agent.get, receipt.result_path, params={"wait_s": 4}) for _ in range(waiters)]
+        held = []
+        for _ in range(5):  # while the long-polls wait (4 s); a sample may catch one brief access check
+            time.sleep(0.5)
+            held.append(pool.checkedout())
+        jobs = api.get("/jobs")
+        answers = [poll.result(timeout=60).status_code for poll in polls]
+    assert min(held) == 0, f"pooled connections held by waiting long-polls: {held}"
+    assert jobs.status_code == 200 and answers == [204] * waiters
+    channel.client.close()
