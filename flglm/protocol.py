@@ -205,9 +205,9 @@ class JobSpec(StrictModel):
 
 class EnrollRequest(StrictModel):
     token: str = Field(min_length=1, max_length=200)
-    public_key: str = Field(description="raw 32-byte X25519 public key, base64")
+    public_key: str = Field(max_length=64, description="raw 32-byte X25519 public key, base64")
     example_count: int = Field(
-        default=0, ge=0, description="how many examples this data owner chooses to disclose"
+        default=0, ge=0, le=10**9, description="how many examples this data owner chooses to disclose"
     )
 
     @field_validator("public_key")
@@ -224,7 +224,7 @@ class EnrollResponse(BaseModel):
 
 
 class HeartbeatRequest(StrictModel):
-    example_count: int | None = Field(default=None, ge=0)
+    example_count: int | None = Field(default=None, ge=0, le=10**9)
 
 
 class HeartbeatResponse(BaseModel):
@@ -285,7 +285,7 @@ class WorkResponse(BaseModel):
 
 
 class RoundDoneRequest(StrictModel):
-    example_count: int = Field(ge=0)
+    example_count: int = Field(ge=0, le=10**9)
     eval_metrics: dict[str, float] = Field(default_factory=dict)
 
 

@@ -198,6 +198,9 @@ def spec_blob_key(job_id: int) -> str:
 
 
 DEFAULT_QUEUE = "flglm.default"
+# The most examples a client may claim for its FedAvg weight: far above any real data owner's, far below
+# what would overflow a float sum of every client's weight.
+MAX_EXAMPLE_COUNT = 10**9
 REPLICA_QUEUE_PREFIX = "flglm.replica"
 
 

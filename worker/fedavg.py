@@ -13,7 +13,7 @@ from flglm.contracts.blob_store import PutOutcome
 from flglm.contracts.job_spec import read_job_spec
 from flglm.contracts.refusals import ForeignClient, MissingMessage, ReplicaMisrouted
 from flglm.step_messages import open_adapters, rejection_from_wire, seal_adapters
-from flglm.step_protocol import MessageDirection, MessageRef
+from flglm.step_protocol import MAX_EXAMPLE_COUNT, MessageDirection, MessageRef
 from flglm.wire.atomic_file import write_file_atomically
 from flglm.wire.errors import WireError
 from flglm.wire.keys import derive_channel_keys, public_key_from_b64
@@ -70,7 +70,8 @@ def run_client_fedavg(
             states.append(open_adapters(keys[ref.client_id], ref, blob, expected=expected))
         except WireError as exc:
             raise rejection_from_wire(exc) from None
-        weights.append(float(example_counts.get(str(ref.client_id), 0)))
+        # Bounded again here: a count that reached the store some other way must not overflow the sum.
+        weights.append(float(min(max(int(example_counts.get(str(ref.client_id), 0)), 0), MAX_EXAMPLE_COUNT)))
     if sum(weights) <= 0:
         weights = [1.0] * len(states)  # nobody disclosed a count: a plain average
     averaged = fedavg(states, weights)

@@ -15,7 +15,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Request, Response, status
 from starlette.concurrency import run_in_threadpool
 
-from backend.api.deps import AdminDep, OperatorDep, SessionDep, SettingsDep
+from backend.api.deps import AdminDep, SessionDep, SettingsDep
 from backend.exports import service, sessions
 from backend.exports.schemas import GenerateRequest, GenerateView
 from backend.jobs.service import get_job
@@ -59,12 +59,12 @@ def generate(
     session: SessionDep,
     settings: SettingsDep,
     relay: RelayDep,
-    operator: OperatorDep,
+    admin: AdminDep,
     http: Request,
 ) -> GenerateView:
     """Complete prompts with the job's trained model: front and back here, the body on a worker."""
     complete = http.app.state.complete_prompts
-    return sessions.generate_completions(session, settings, relay, complete, operator.actor, job_id, request)
+    return sessions.generate_completions(session, settings, relay, complete, admin.actor, job_id, request)
 
 
 @generation_router.post(

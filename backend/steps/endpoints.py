@@ -22,6 +22,7 @@ from backend.steps.service import StepAccess
 from flglm.contracts.refusals import WrongDirection
 from flglm.step_protocol import (
     CLIENT_ADAPTERS_PATH,
+    MAX_EXAMPLE_COUNT,
     MAX_LONG_POLL_S,
     STEP_MESSAGE_PATH,
     STEP_RESULT_PATH,
@@ -199,7 +200,9 @@ async def upload_client_adapters(
     access: UploadAccess,
     relay: RelayDep,
     settings: SettingsDep,
-    example_count: Annotated[int, Query(ge=0, description="FedAvg weight: examples this client trained on")],
+    example_count: Annotated[
+        int, Query(ge=0, le=MAX_EXAMPLE_COUNT, description="FedAvg weight: examples this client trained on")
+    ],
 ) -> UploadReceipt:
     body = await read_typed_body(request, (OCTET_STREAM,), "the sealed envelope")
     outcome = await in_wait_pool(

@@ -37,6 +37,9 @@ def public_key_to_b64(public_key: X25519PublicKey) -> str:
     return base64.b64encode(raw).decode("ascii")
 
 
+_PROBE_KEY = X25519PrivateKey.generate()  # any private key: a low-order point gives zeros with every one
+
+
 def public_key_from_b64(text: str) -> X25519PublicKey:
     """Parse `public_key_to_b64` output; `KeyFormatError` names what is wrong with anything else."""
     if not isinstance(text, str):
@@ -47,7 +50,14 @@ def public_key_from_b64(text: str) -> X25519PublicKey:
         raise KeyFormatError("public key is not valid base64") from None
     if len(raw) != 32:
         raise KeyFormatError(f"public key is {len(raw)} bytes; an X25519 public key is 32")
-    return X25519PublicKey.from_public_bytes(raw)
+    public_key = X25519PublicKey.from_public_bytes(raw)
+    try:
+        _PROBE_KEY.exchange(public_key)
+    except ValueError:  # OpenSSL refuses an all-zero shared secret: a low-order point agrees on nothing
+        raise KeyFormatError(
+            "public key is a low-order X25519 point (e.g. all zeros): no shared secret can be agreed with it"
+        ) from None
+    return public_key
 
 
 def public_key_fingerprint(public_key: X25519PublicKey) -> str:

@@ -86,11 +86,12 @@ def test_export_route_bundle_and_cli(api: Api, settings: Settings, tmp_path: Pat
     assert result.stdout_bytes.decode() == f"{text}\n"  # raw: `output` would turn a trailing "\r\n" into "\n"
 
     # The API route runs the same split generation (front and back in the backend, the body on the
-    # in-process worker); viewers may call it.
+    # in-process worker); admins only, like the export: a viewer is refused before anything runs.
     viewer = api.ok("POST", "/tokens", 201, json={"name": "v", "role": "viewer"})["token"]
-    answer = api.as_(viewer).ok(
-        "POST", f"/jobs/{job_id}/generate", json={"prompts": ["the news today"], "max_new_tokens": 5}
-    )
+    request = {"prompts": ["the news today"], "max_new_tokens": 5}
+    refused = api.as_(viewer).post(f"/jobs/{job_id}/generate", json=request)
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "forbidden"
+    answer = api.ok("POST", f"/jobs/{job_id}/generate", json=request)
     assert answer["completions"] == [text] and answer["model_ref"] == "tiny:llama"
     assert api.as_(viewer).get(f"/jobs/{job_id}/export").status_code == 403
 

@@ -1,5 +1,6 @@
 """Key pairs, key files and channel keys: equal on both sides, independent across everything else."""
 
+import base64
 import os
 import stat
 import subprocess
@@ -92,7 +93,7 @@ def test_bad_public_keys_get_a_clear_error(text: object, message: str) -> None:
 
 
 def test_low_order_public_key_is_refused_at_key_agreement() -> None:
-    zero_point = public_key_from_b64("A" * 43 + "=")  # all-zero u-coordinate: shared secret would be zero
+    zero_point = X25519PublicKey.from_public_bytes(bytes(32))  # shared secret would be zero
     with pytest.raises(KeyFormatError, match="low-order"):
         derive_channel_keys(generate_private_key(), zero_point, "job", "client")
 
@@ -166,3 +167,17 @@ def test_keys_load_without_torch_and_the_wire_package_without_server_frameworks(
     )
     completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert completed.returncode == 0, completed.stderr
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        bytes(32),  # all zeros
+        bytes([1]) + bytes(31),  # the point of order 1
+        bytes.fromhex("e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800"),  # order 8
+    ],
+)
+def test_a_low_order_public_key_is_refused_where_it_enters(raw: bytes) -> None:
+    """Such a key agrees on an all-zero secret with everyone: every later message of its owner would fail."""
+    with pytest.raises(KeyFormatError, match="low-order"):
+        public_key_from_b64(base64.b64encode(raw).decode())
