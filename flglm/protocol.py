@@ -6,9 +6,10 @@ import enum
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from flglm.contracts.job_settings import AdapterSpec, Hyperparameters
+from flglm.contracts.request_model import StrictModel
 from flglm.wire.keys import public_key_from_b64
 
 API_PREFIX = "/api/v1"
@@ -94,8 +95,11 @@ def validate_public_key_b64(value: str) -> str:
     return value
 
 
-class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+# The largest id, round, step or count the job store holds (PostgreSQL INTEGER); sizes use BIGINT's half.
+MAX_DB_INT = 2**31 - 1
+MAX_DB_BIGINT = 2**62
+MAX_SEQUENCE = 2**63 - 1  # a message's sequence number: the replay guards compare it as 20 digits
+MAX_METRIC_KEYS = 64  # phase timings or eval metrics one report may carry
 
 
 class ErrorDetail(BaseModel):
@@ -110,8 +114,8 @@ class ErrorBody(BaseModel):
 
 
 class SplitPlanSpec(StrictModel):
-    front_layers: int = Field(default=1, ge=1)
-    back_layers: int = Field(default=1, ge=1)
+    front_layers: int = Field(default=1, ge=1, le=1000)
+    back_layers: int = Field(default=1, ge=1, le=1000)
 
 
 class PrivacySpec(StrictModel):
@@ -188,11 +192,13 @@ class JobSpec(StrictModel):
     replicas: int = Field(default=1, ge=1, le=1024)
     rounds: int = Field(default=1, ge=1, le=100_000)
     steps_per_round: int = Field(default=1, ge=1, le=10_000_000)
-    min_clients: int = Field(default=1, ge=1)
-    round_timeout_s: float = Field(default=3600.0, gt=0)
+    min_clients: int = Field(default=1, ge=1, le=100_000)
+    round_timeout_s: float = Field(default=3600.0, gt=0, le=30 * 86_400)
     straggler_policy: StragglerPolicy = StragglerPolicy.drop
     privacy: PrivacySpec = Field(default_factory=lambda: PrivacySpec())
-    clients: list[str] = Field(default_factory=list, description="names of the invited client agents")
+    clients: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
+        default_factory=list, max_length=10_000, description="names of the invited client agents"
+    )
 
     @model_validator(mode="after")
     def _check_consistency(self) -> JobSpec:
@@ -286,7 +292,9 @@ class WorkResponse(BaseModel):
 
 class RoundDoneRequest(StrictModel):
     example_count: int = Field(ge=0, le=10**9)
-    eval_metrics: dict[str, float] = Field(default_factory=dict)
+    eval_metrics: dict[Annotated[str, Field(max_length=64)], float] = Field(
+        default_factory=dict, max_length=MAX_METRIC_KEYS
+    )
 
 
 class RoundDoneResponse(BaseModel):
@@ -297,13 +305,15 @@ class RoundDoneResponse(BaseModel):
 
 
 class StepMetricIn(StrictModel):
-    round_number: int = Field(ge=1)
-    step: int = Field(ge=0)
-    loss: float | None = None
-    tokens: int = Field(default=0, ge=0)
-    phase_timings_s: dict[str, Annotated[float, Field(ge=0)]] = Field(default_factory=dict)
-    wire_bytes_up: int = Field(default=0, ge=0)
-    wire_bytes_down: int = Field(default=0, ge=0)
+    round_number: int = Field(ge=1, le=MAX_DB_INT)
+    step: int = Field(ge=0, le=MAX_DB_INT)
+    loss: float | None = Field(default=None, ge=-1e9, le=1e9)
+    tokens: int = Field(default=0, ge=0, le=MAX_DB_BIGINT)
+    phase_timings_s: dict[Annotated[str, Field(max_length=64)], Annotated[float, Field(ge=0, le=1e7)]] = (
+        Field(default_factory=dict, max_length=MAX_METRIC_KEYS)
+    )
+    wire_bytes_up: int = Field(default=0, ge=0, le=MAX_DB_BIGINT)
+    wire_bytes_down: int = Field(default=0, ge=0, le=MAX_DB_BIGINT)
 
 
 class StepMetricView(StepMetricIn):

@@ -12,11 +12,12 @@ from backend.auth.repository import ApiTokenRepository
 from backend.auth.schemas import ApiTokenCreate, ApiTokenCreated, ApiTokenView, PrincipalView, Role
 from backend.auth.service import create_api_token, revoke_api_token
 from backend.models import utc_now
+from flglm.protocol import MAX_DB_INT
 
 router = APIRouter(prefix="/auth", tags=["auth"], dependencies=[RateLimitDep])
 tokens_router = APIRouter(prefix="/tokens", tags=["tokens"], dependencies=[RateLimitDep])
 
-TokenId = Annotated[int, Path(ge=1)]
+TokenId = Annotated[int, Path(ge=1, le=MAX_DB_INT)]
 
 
 @router.get("/me", response_model=PrincipalView)

@@ -9,6 +9,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from flglm.contracts.request_model import StrictModel
+
 
 class Role(enum.StrEnum):
     admin = "admin"
@@ -36,9 +38,7 @@ class PrincipalView(BaseModel):
     role: Role
 
 
-class ApiTokenCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class ApiTokenCreate(StrictModel):
     name: str = Field(min_length=1, max_length=200)
     role: Literal["admin", "viewer"]
 

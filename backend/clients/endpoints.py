@@ -13,12 +13,12 @@ from backend.clients.repository import ClientRepository
 from backend.clients.schemas import ClientView, EnrollmentTokenCreate, EnrollmentTokenCreated
 from backend.models import utc_now
 from flglm import protocol
-from flglm.protocol import ClientStatus
+from flglm.protocol import MAX_DB_INT, ClientStatus
 
 router = APIRouter(prefix="/clients", tags=["clients"])
 agent_router = APIRouter(tags=["agent"])
 
-ClientId = Annotated[int, Path(ge=1)]
+ClientId = Annotated[int, Path(ge=1, le=MAX_DB_INT)]
 
 
 @router.post(

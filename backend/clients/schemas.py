@@ -6,12 +6,11 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from flglm.contracts.request_model import StrictModel
 from flglm.protocol import ClientStatus
 
 
-class EnrollmentTokenCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class EnrollmentTokenCreate(StrictModel):
     name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     expires_in_s: float | None = Field(None, gt=0, le=30 * 24 * 3600)
 

@@ -28,12 +28,13 @@ from flglm.generation_protocol import (
     TENSORS_MEDIA_TYPE,
     GenerationSessionView,
 )
+from flglm.protocol import MAX_DB_INT
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 generation_router = APIRouter(tags=["generation"])  # session paths are full paths (flglm.generation_protocol)
 
 EXPORT_MEDIA_TYPE = TENSORS_MEDIA_TYPE
-JobId = Annotated[int, Path(ge=1)]
+JobId = Annotated[int, Path(ge=1, le=MAX_DB_INT)]
 SessionId = Annotated[str, Path(pattern=SESSION_ID_PATTERN, description="from opening the session")]
 BODY_MEDIA_TYPES = (TENSORS_MEDIA_TYPE, "application/octet-stream")
 

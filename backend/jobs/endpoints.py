@@ -21,12 +21,12 @@ from backend.models import Round, utc_now
 from backend.privacy.matching import audited_figure
 from backend.steps import service as steps_service
 from flglm import protocol
-from flglm.protocol import JobSpec, JobStatus
+from flglm.protocol import MAX_DB_INT, JobSpec, JobStatus
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 agent_router = APIRouter(tags=["agent"])
 
-JobId = Annotated[int, Path(ge=1)]
+JobId = Annotated[int, Path(ge=1, le=MAX_DB_INT)]
 
 
 @router.post("", response_model=JobView, status_code=status.HTTP_201_CREATED)
@@ -112,7 +112,10 @@ def list_rounds(job_id: JobId, session: SessionDep, _: OperatorDep) -> list[Roun
 
 @router.post("/{job_id}/rounds/{round_number}/close", response_model=RoundView)
 def close_round(
-    job_id: JobId, round_number: Annotated[int, Path(ge=1)], session: SessionDep, admin: AdminDep
+    job_id: JobId,
+    round_number: Annotated[int, Path(ge=1, le=MAX_DB_INT)],
+    session: SessionDep,
+    admin: AdminDep,
 ) -> RoundView:
     round_ = service.close_round_now(session, admin.actor, job_id, round_number, utc_now())
     return _round_view(RoundRepository(session), round_)
@@ -165,7 +168,7 @@ def my_work(request: Request, session: SessionDep, client: ClientDep) -> protoco
 @agent_router.post(protocol.ROUND_DONE_PATH, response_model=protocol.RoundDoneResponse)
 def report_round_done(
     job_id: JobId,
-    round_number: Annotated[int, Path(ge=1)],
+    round_number: Annotated[int, Path(ge=1, le=MAX_DB_INT)],
     body: protocol.RoundDoneRequest,
     session: SessionDep,
     client: ClientDep,

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
+from flglm.contracts.request_model import StrictModel
 from flglm.privacy.epsilon import DELTA_TEXT, activation_epsilon, hidden_size_hint
 from flglm.protocol import ConsentStatus, JobStatus, RoundParticipantStatus, RoundStatus
 
@@ -65,10 +66,10 @@ class ParticipantView(BaseModel):
     decided_at: datetime | None
 
 
-class InviteRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    clients: list[str] = Field(min_length=1)
+class InviteRequest(StrictModel):
+    clients: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
+        min_length=1, max_length=10_000
+    )
 
 
 class RoundParticipantView(BaseModel):

@@ -14,6 +14,7 @@ from backend.metrics.service import job_progress, record_step_metric
 from backend.models import utc_now
 from backend.steps.service import JobNotServed, read_spec
 from flglm import protocol
+from flglm.protocol import MAX_DB_INT
 
 router = APIRouter(prefix="/metrics", tags=["metrics"])
 agent_router = APIRouter(tags=["agent"])
@@ -24,9 +25,9 @@ def list_metrics(
     session: SessionDep,
     _: OperatorDep,
     page: PageDep,
-    job_id: Annotated[int | None, Query(ge=1)] = None,
-    round_number: Annotated[int | None, Query(ge=1)] = None,
-    client_id: Annotated[int | None, Query(ge=1)] = None,
+    job_id: Annotated[int | None, Query(ge=1, le=MAX_DB_INT)] = None,
+    round_number: Annotated[int | None, Query(ge=1, le=MAX_DB_INT)] = None,
+    client_id: Annotated[int | None, Query(ge=1, le=MAX_DB_INT)] = None,
 ) -> Page[StepMetricView]:
     rows, total = StepMetricRepository(session).page(
         limit=page.limit, offset=page.offset, job_id=job_id, round_number=round_number, client_id=client_id
@@ -37,7 +38,7 @@ def list_metrics(
 
 @router.get("/jobs/{job_id}/progress", response_model=JobProgressView)
 def show_job_progress(
-    job_id: Annotated[int, Path(ge=1)],
+    job_id: Annotated[int, Path(ge=1, le=MAX_DB_INT)],
     request: Request,
     session: SessionDep,
     _: OperatorDep,
@@ -61,7 +62,10 @@ def _served_replicas(request: Request, job_id: int) -> dict[int, int] | None:
     protocol.STEP_METRICS_PATH, response_model=StepMetricView, status_code=status.HTTP_201_CREATED
 )
 def post_step_metric(
-    job_id: Annotated[int, Path(ge=1)], body: StepMetricIn, session: SessionDep, client: ClientDep
+    job_id: Annotated[int, Path(ge=1, le=MAX_DB_INT)],
+    body: StepMetricIn,
+    session: SessionDep,
+    client: ClientDep,
 ) -> StepMetricView:
     metric = record_step_metric(session, client.id, job_id, body, utc_now())
     return StepMetricView.model_validate(metric, from_attributes=True)

@@ -6,7 +6,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy.orm import Session
 
-from backend.errors import Conflict
+from backend.errors import Conflict, InvalidInput
 from backend.jobs.repository import ParticipantRepository
 from backend.jobs.service import get_job, job_for_client
 from backend.metrics.repository import (
@@ -26,6 +26,10 @@ class JobNotAcceptingMetrics(Conflict):
     code = "job_not_accepting_metrics"
 
 
+class MetricBeyondThePlan(InvalidInput):
+    code = "metric_beyond_the_plan"
+
+
 def record_step_metric(
     session: Session, client_id: int, job_id: int, metric: StepMetricIn, now: datetime
 ) -> StepMetric:
@@ -34,6 +38,8 @@ def record_step_metric(
         raise JobNotAcceptingMetrics(f"job {job_id} is {job.status}")
     if metric.round_number > job.current_round:
         raise MetricForUnknownRound(f"round_number: job {job_id} is at round {job.current_round}")
+    if metric.step >= job.steps_per_round:  # a round's steps are 0..steps_per_round-1: nothing else is stored
+        raise MetricBeyondThePlan(f"step: job {job_id} has {job.steps_per_round} steps per round, 0-based")
     repository = StepMetricRepository(session)
     first = repository.find(job_id, client_id, metric.round_number, metric.step)
     if first is not None:

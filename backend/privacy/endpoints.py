@@ -12,11 +12,12 @@ from backend.models import utc_now
 from backend.privacy import service
 from backend.privacy.schemas import AuditStartRequest, PrivacyAuditView
 from backend.steps.relay import StepRelay
+from flglm.protocol import MAX_DB_INT
 
 router = APIRouter(prefix="/jobs", tags=["privacy"])
 
-JobId = Annotated[int, Path(ge=1)]
-AuditId = Annotated[int, Path(ge=1)]
+JobId = Annotated[int, Path(ge=1, le=MAX_DB_INT)]
+AuditId = Annotated[int, Path(ge=1, le=MAX_DB_INT)]
 
 
 def _runtime(request: Request) -> StepRelay:

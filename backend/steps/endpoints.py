@@ -20,6 +20,7 @@ from backend.steps import service
 from backend.steps.relay import StepRelay
 from backend.steps.service import StepAccess
 from flglm.contracts.refusals import WrongDirection
+from flglm.protocol import MAX_DB_INT, MAX_SEQUENCE
 from flglm.step_protocol import (
     CLIENT_ADAPTERS_PATH,
     MAX_EXAMPLE_COUNT,
@@ -37,8 +38,8 @@ router = APIRouter(tags=["agent steps"])
 T = TypeVar("T")
 
 OCTET_STREAM = "application/octet-stream"
-JobId = Annotated[int, Path(ge=1)]
-RoundNumber = Annotated[int, Path(ge=1)]
+JobId = Annotated[int, Path(ge=1, le=MAX_DB_INT)]
+RoundNumber = Annotated[int, Path(ge=1, le=MAX_DB_INT)]
 WaitSeconds = Annotated[
     float, Query(ge=0, description=f"long-poll up to this many seconds (capped at {MAX_LONG_POLL_S})")
 ]
@@ -138,9 +139,9 @@ async def upload_step_message(
     access: StepUploadAccess,
     relay: RelayDep,
     settings: SettingsDep,
-    step: Annotated[int, Path(ge=0)],
+    step: Annotated[int, Path(ge=0, le=MAX_DB_INT)],
     direction: MessageDirection,
-    sequence: Annotated[int, Path(ge=0)],
+    sequence: Annotated[int, Path(ge=0, le=MAX_SEQUENCE)],
 ) -> UploadReceipt:
     if direction not in service.STEP_DIRECTIONS:
         raise refusal(
@@ -174,9 +175,9 @@ async def upload_step_message(
 async def wait_step_result(
     access: ReadAccess,
     relay: RelayDep,
-    step: Annotated[int, Path(ge=0)],
+    step: Annotated[int, Path(ge=0, le=MAX_DB_INT)],
     direction: MessageDirection,
-    sequence: Annotated[int, Path(ge=0)],
+    sequence: Annotated[int, Path(ge=0, le=MAX_SEQUENCE)],
     wait_s: WaitSeconds = 0.0,
 ) -> Response:
     if direction not in service.STEP_DIRECTIONS:

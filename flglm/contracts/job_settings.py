@@ -11,16 +11,18 @@ from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
+from flglm.contracts.request_model import StrictModel
+
 PartName = Literal["front", "body", "back"]
 PART_NAMES: tuple[PartName, ...] = ("front", "body", "back")
 ALL_LINEAR: Literal["all-linear"] = "all-linear"
 DEFAULT_CLASSIFICATION_TEMPLATE = "Text: {text}\nLabel:"
 
 
-class AdapterSpec(BaseModel):
+class AdapterSpec(StrictModel):
     """Which adapter, its size, which modules and which split parts get it (`kind` is read as `method`)."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True)
 
     method: Literal["lora"] = Field(default="lora", validation_alias=AliasChoices("method", "kind"))
     r: int = Field(default=8, ge=1, le=4096)
@@ -40,6 +42,8 @@ class AdapterSpec(BaseModel):
 class TrainConfig(BaseModel):
     """Optimizer, schedule and precision; shared by every trainer so their losses are comparable."""
 
+    model_config = ConfigDict(allow_inf_nan=False)
+
     lr: float = Field(default=2e-4, gt=0, le=10)
     weight_decay: float = Field(default=0.0, ge=0, le=10)
     betas: tuple[float, float] = (0.9, 0.999)
@@ -50,10 +54,10 @@ class TrainConfig(BaseModel):
     score_only_targets: bool = True  # run the LM head only where a label exists (logits_to_keep)
 
 
-class Hyperparameters(TrainConfig):
+class Hyperparameters(TrainConfig, StrictModel):
     """Everything a job's `hyperparameters` may set: optimizer (`TrainConfig`), data, evaluation, engine."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     # The data owner's side.
     seed: int = Field(default=0, ge=0, le=2**31 - 1)  # public adapter init, data split, sampling

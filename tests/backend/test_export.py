@@ -90,7 +90,7 @@ def test_export_route_bundle_and_cli(api: Api, settings: Settings, tmp_path: Pat
     viewer = api.ok("POST", "/tokens", 201, json={"name": "v", "role": "viewer"})["token"]
     request = {"prompts": ["the news today"], "max_new_tokens": 5}
     refused = api.as_(viewer).post(f"/jobs/{job_id}/generate", json=request)
-    assert refused.status_code == 403 and refused.json()["error"]["code"] == "forbidden"
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "insufficient_role"
     answer = api.ok("POST", f"/jobs/{job_id}/generate", json=request)
     assert answer["completions"] == [text] and answer["model_ref"] == "tiny:llama"
     assert api.as_(viewer).get(f"/jobs/{job_id}/export").status_code == 403
