@@ -30,6 +30,7 @@ from backend.migrate import upgrade_to_head
 from backend.models import utc_now
 from backend.privacy.service import fail_orphaned_audits
 from backend.protocol_version import ProtocolVersionCheck
+from backend.security_headers import SecurityHeaders
 from backend.server_keys import load_or_create_server_key, public_key_b64
 from backend.settings import Settings, get_settings
 from backend.steps.relay import InProcessDispatcherFactory, step_relay_from_settings
@@ -50,6 +51,7 @@ def create_app(
 ) -> FastAPI:
     settings = settings or get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.data_dir.chmod(0o700)  # keys, the admin token and the SQLite job store live here
     url = settings.resolved_database_url()
     if settings.run_migrations_on_start:
         upgrade_to_head(url)
@@ -81,7 +83,10 @@ def create_app(
         title="FL-GLM control plane",
         version="1",
         openapi_url="/openapi.json",
-        docs_url="/docs",
+        # Swagger UI loads its script from a CDN, on the origin that holds the operator's token: off unless
+        # FLGLM_API_DOCS=true (the OpenAPI document itself is always at /openapi.json).
+        docs_url="/docs" if settings.api_docs else None,
+        redoc_url=None,
         lifespan=lifespan,
     )
     app.state.settings = settings
@@ -98,6 +103,7 @@ def create_app(
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(ProtocolVersionCheck)
+    app.add_middleware(SecurityHeaders)
     app.include_router(api_router, prefix=API_PREFIX)
     if FRONTEND_DIR.is_dir():
         app.mount("/", StaticFiles(directory=FRONTEND_DIR, html=True), name="dashboard")

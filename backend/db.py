@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -26,6 +27,9 @@ def create_db_engine(url: str, *, pooled: bool = True) -> Engine:
         database = sa.engine.make_url(url).database
         if database and database != ":memory:":
             Path(database).parent.mkdir(parents=True, exist_ok=True)
+            # Created 0600 before SQLite opens it: SQLite gives its -wal and -shm files the database's mode.
+            os.close(os.open(database, os.O_WRONLY | os.O_CREAT, 0o600))
+            os.chmod(database, 0o600)
         engine = sa.create_engine(
             url,
             connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},

@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     # job ended (forward secrecy); the agents' final evaluation of the last round runs within it.
     job_key_retention_s: float = Field(default=86400.0, ge=0)
     run_migrations_on_start: bool = True
+    # Swagger UI at /docs (its script comes from a CDN, on the origin that holds the operator's token).
+    api_docs: bool = False
 
     ssl_certfile: Path | None = None
     ssl_keyfile: Path | None = None
