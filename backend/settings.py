@@ -35,9 +35,12 @@ class Settings(BaseSettings):
     # How often the app enforces round deadlines and heartbeat leases; 0 disables the loop (tests call it).
     deadline_check_interval_s: float = 5.0
     max_body_bytes: int = 16 * 1024 * 1024
-    # Token bucket per client IP on auth/enrollment endpoints.
+    # Token buckets per client address and per credential on the auth, token and enrollment endpoints.
     rate_limit_per_minute: float = 30.0
     rate_limit_burst: int = 10
+    # Reverse proxies whose X-Forwarded-For / X-Forwarded-Proto are believed (comma-separated addresses or
+    # networks, e.g. "10.0.0.5,172.18.0.0/16"); none by default: the client address is the connection's.
+    trusted_proxies: str = ""
     enrollment_token_ttl_s: float = 24 * 3600.0
 
     # A fixed admin token (e.g. from a secret store); when empty one is created on first start and

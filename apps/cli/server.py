@@ -71,7 +71,15 @@ def serve(
         ssl_certfile=str(certfile) if certfile else None,
         ssl_keyfile=str(keyfile) if keyfile else None,
         log_level="info",
+        proxy_headers=bool(trusted_proxies(settings)),
+        forwarded_allow_ips=trusted_proxies(settings) or "",
     )
+
+
+def trusted_proxies(settings: Settings) -> list[str]:
+    """Whose X-Forwarded-* uvicorn believes: `FLGLM_TRUSTED_PROXIES` only (uvicorn's own default trusts
+    127.0.0.1, so anyone on the host could pick their address and dodge the rate limit)."""
+    return [entry.strip() for entry in settings.trusted_proxies.split(",") if entry.strip()]
 
 
 @db_app.command("upgrade")

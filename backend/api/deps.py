@@ -12,7 +12,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from backend.auth.schemas import Principal, Role
-from backend.auth.service import authenticate, note_api_token_use, require_role
+from backend.auth.service import authenticate, hash_secret, note_api_token_use, require_role
 from backend.errors import RateLimited
 from backend.limits import TokenBucketLimiter
 from backend.models import utc_now
@@ -105,10 +105,19 @@ ClientDep = Annotated[Principal, Depends(require_client)]
 WaitingClientDep = Annotated[Principal, Depends(require_client_briefly)]
 
 
-def enforce_rate_limit(request: Request) -> None:
+def enforce_rate_limit(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
+) -> None:
+    """One bucket per client address and one per credential: both must have a token left.
+
+    The address is the connection's peer; `X-Forwarded-For` counts only from the proxies listed in
+    `FLGLM_TRUSTED_PROXIES` (`flglm serve` tells uvicorn so), so rotating that header buys nothing."""
     limiter: TokenBucketLimiter = request.app.state.rate_limiter
-    key = request.client.host if request.client else "unknown"
-    wait_s = limiter.acquire(key)
+    keys = [f"ip:{request.client.host if request.client else 'unknown'}"]
+    if credentials is not None and credentials.credentials:
+        keys.append(f"credential:{hash_secret(credentials.credentials)[:32]}")
+    wait_s = max(limiter.acquire(key) for key in keys)
     if wait_s > 0:
         retry_after = "3600" if math.isinf(wait_s) else str(max(1, math.ceil(wait_s)))
         raise RateLimited("too many requests; slow down", headers={"Retry-After": retry_after})

@@ -7,6 +7,7 @@ import socket
 import ssl
 from pathlib import Path
 
+import httpx
 from fastapi.testclient import TestClient
 
 from apps.server import create_server_app
@@ -157,3 +158,19 @@ def test_the_rate_limiter_forgets_refilled_buckets_and_never_grows_past_its_boun
     for index in range(4):
         full.acquire(f"k{index}", now=0.0)
     assert full.acquire("k-new", now=0.5) > 0 and full.bucket_count() == 4
+
+
+def test_a_forged_forwarded_for_does_not_dodge_the_rate_limit(served: tuple[str, Path]) -> None:
+    """`flglm serve` believes X-Forwarded-For only from FLGLM_TRUSTED_PROXIES (none by default): a client on
+    the host rotating that header used to get a fresh bucket on every request."""
+    base_url, ca_cert = served
+    statuses = []
+    with httpx.Client(base_url=base_url, verify=str(ca_cert)) as http:
+        for index in range(15):  # the default burst is 10
+            response = http.post(
+                "/api/v1/agent/enroll",
+                json={"token": "flglm_et_nope", "public_key": "B" * 43 + "="},
+                headers={"X-Forwarded-For": f"203.0.113.{index}"},
+            )
+            statuses.append(response.status_code)
+    assert 429 in statuses and statuses[-1] == 429, statuses
