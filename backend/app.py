@@ -20,6 +20,7 @@ from starlette.concurrency import run_in_threadpool
 
 from backend.api.router import api_router
 from backend.auth.service import ensure_bootstrap_admin
+from backend.authenticate_first import AuthenticateFirst
 from backend.db import create_db_engine, create_session_factory
 from backend.errors import install_error_handlers
 from backend.exports.sessions import CompletePrompts
@@ -102,6 +103,8 @@ def create_app(
     on_jobs_finished(session_factory, lambda job_ids: release_job_replicas(step_relay, job_ids))
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
+    # Added last = runs first: headers on everything, then the protocol version, then the credential.
+    app.add_middleware(AuthenticateFirst, session_factory=session_factory, limiter=app.state.rate_limiter)
     app.add_middleware(ProtocolVersionCheck)
     app.add_middleware(SecurityHeaders)
     app.include_router(api_router, prefix=API_PREFIX)

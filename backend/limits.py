@@ -125,3 +125,8 @@ class TokenBucketLimiter:
             if self.rate_per_s <= 0:
                 return math.inf
             return (1.0 - tokens) / self.rate_per_s
+
+
+def retry_after(wait_s: float) -> str:
+    """The `Retry-After` header of a refusal that must wait `wait_s` (an hour when it never refills)."""
+    return "3600" if math.isinf(wait_s) else str(max(1, math.ceil(wait_s)))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated
@@ -14,7 +13,7 @@ from sqlalchemy.orm import Session
 from backend.auth.schemas import Principal, Role
 from backend.auth.service import authenticate, hash_secret, note_api_token_use, require_role
 from backend.errors import RateLimited
-from backend.limits import TokenBucketLimiter
+from backend.limits import TokenBucketLimiter, retry_after
 from backend.models import utc_now
 from backend.settings import Settings
 
@@ -119,8 +118,7 @@ def enforce_rate_limit(
         keys.append(f"credential:{hash_secret(credentials.credentials)[:32]}")
     wait_s = max(limiter.acquire(key) for key in keys)
     if wait_s > 0:
-        retry_after = "3600" if math.isinf(wait_s) else str(max(1, math.ceil(wait_s)))
-        raise RateLimited("too many requests; slow down", headers={"Retry-After": retry_after})
+        raise RateLimited("too many requests; slow down", headers={"Retry-After": retry_after(wait_s)})
 
 
 RateLimitDep = Depends(enforce_rate_limit)

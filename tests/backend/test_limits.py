@@ -174,3 +174,38 @@ def test_a_forged_forwarded_for_does_not_dodge_the_rate_limit(served: tuple[str,
             )
             statuses.append(response.status_code)
     assert 429 in statuses and statuses[-1] == 429, statuses
+
+
+def test_an_anonymous_body_is_refused_before_a_byte_of_it_is_read(live_server: LiveServer) -> None:
+    """FastAPI parses a JSON body before the route's dependencies run: anonymous megabytes used to be read
+    and parsed (then a 422). Now the 401 comes with the body's first chunk still unanswered-for."""
+    host, port = "localhost", int(live_server.base_url.rsplit(":", 1)[1])
+    context = ssl.create_default_context(cafile=str(live_server.tls.ca_cert))
+    with (
+        socket.create_connection((host, port), timeout=20) as raw,
+        context.wrap_socket(raw, server_hostname=host) as tls,
+    ):
+        head = (
+            "POST /api/v1/jobs HTTP/1.1\r\nHost: localhost\r\n"
+            "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        tls.sendall(head.encode() + b'8\r\n{"name":\r\n')  # then nothing: the body never ends
+        response = b""
+        while b"}}" not in response:
+            more = tls.recv(65536)
+            if not more:
+                break
+            response += more
+    assert response.startswith(b"HTTP/1.1 401"), response[:200]
+    assert b'"missing_credential"' in response
+    with live_server.client() as client:
+        http = Api(client)
+        forged = http.as_("flglm_at_forged").post(
+            "/jobs", content=b"x" * 4096, headers={"content-type": "application/json"}
+        )
+        assert forged.status_code == 401 and forged.json()["error"]["code"] == "invalid_credential"
+        enroll = http.as_(None).post(
+            "/agent/enroll", json={"token": "flglm_et_x", "public_key": "B" * 43 + "="}
+        )
+        assert enroll.status_code == 401  # the anonymous route still reads its body: a bad enrollment token
+        assert _job_count(http) == 0
