@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,14 +14,17 @@ from alembic.migration import MigrationContext
 
 from backend.migrate import MIGRATIONS_DIR, downgrade, upgrade, upgrade_to_head
 from backend.models import Base
-from tests.support.control_plane import fresh_postgres_schema
+from tests.support.control_plane import drop_postgres_schema, fresh_postgres_schema
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def empty_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+def empty_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'migrations.db'}"
-    return fresh_postgres_schema(request.getfixturevalue("postgres_url"), "flglm_test_backend_migrations")
+        yield f"sqlite:///{tmp_path / 'migrations.db'}"
+        return
+    schema = f"flglm_test_backend_migrations_{os.getpid()}"  # apart from any other run on this machine
+    yield fresh_postgres_schema(request.getfixturevalue("postgres_url"), schema)
+    drop_postgres_schema(request.getfixturevalue("postgres_url"), schema)
 
 
 @contextlib.contextmanager

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -26,7 +27,15 @@ from flglm.protocol import API_PREFIX
 from flglm.wire.keys import generate_private_key, public_key_to_b64
 
 ADMIN_TOKEN = "flglm_at_test-admin-token"
-PG_SCHEMA = "flglm_test_backend"
+# One schema per test process: two runs on one machine (a CI clone beside a working copy) never share one.
+PG_SCHEMA = f"flglm_test_backend_{os.getpid()}"
+
+
+def drop_postgres_schema(server_url: str, schema: str) -> None:
+    engine = sa.create_engine(server_url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+    with engine.connect() as conn:
+        conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+    engine.dispose()
 
 
 def fresh_postgres_schema(server_url: str, schema: str) -> str:
@@ -45,14 +54,16 @@ def fresh_postgres_schema(server_url: str, schema: str) -> str:
 
 
 @pytest.fixture(scope="session", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
+def db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A migrated database of each kind, shared by the session (tables are emptied before every test)."""
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path_factory.mktemp('sqlite') / 'flglm.db'}"
     else:
         url = fresh_postgres_schema(request.getfixturevalue("postgres_url"), PG_SCHEMA)
     upgrade_to_head(url)
-    return url
+    yield url
+    if request.param == "postgres":
+        drop_postgres_schema(request.getfixturevalue("postgres_url"), PG_SCHEMA)
 
 
 def empty_all_tables(url: str) -> None:
