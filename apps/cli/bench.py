@@ -146,3 +146,41 @@ def split(
             )
         typer.echo(f"Llama-7B client/full parameters: {result['llama_7b']['client_ratio']:.3f}")
     typer.echo(json.dumps(result))
+
+
+@app.command("load")
+def load(
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON object as the last line."),
+    agents: int = typer.Option(200, min=1, help="Simulated agents (one holdout participant more)."),
+    seconds: float = typer.Option(30.0, min=1.0, help="Timed window, in seconds."),
+    heartbeat_s: float = typer.Option(5.0, min=0.1, help="Each agent's heartbeat interval."),
+    poll_s: float = typer.Option(2.0, min=0.1, help="Each agent's work-poll interval."),
+    wait_s: float = typer.Option(5.0, min=0.1, help="wait_s of each step-result long-poll."),
+    operator_s: float = typer.Option(1.5, min=0.1, help="The operator's job-page poll interval."),
+    database_url: str = typer.Option(
+        "", help="PostgreSQL server URL (default: FLGLM_DATABASE_URL, else the local test database)."
+    ),
+    work_dir: Path | None = typer.Option(None, help="Keep the backend's log here (default: a temp dir)."),
+) -> None:
+    """One backend (PostgreSQL, Celery) under N agents' heartbeats, work polls and long-polls: latencies."""
+    import json
+
+    from apps.bench.load import LoadBenchConfig, load_table, run_load_bench
+
+    try:
+        config = LoadBenchConfig(
+            agents=agents,
+            seconds=seconds,
+            heartbeat_s=heartbeat_s,
+            poll_s=poll_s,
+            wait_s=wait_s,
+            operator_s=operator_s,
+            database_url=database_url,
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    result = run_load_bench(config, work_dir)
+    if not json_output:
+        typer.echo(load_table(result))
+        return
+    typer.echo(json.dumps(result))

@@ -1,0 +1,620 @@
+"""`flglm bench load`: does one control-plane process hold N agents' traffic? Per-route latency and errors.
+
+One `flglm serve --self-signed` subprocess on PostgreSQL (a fresh schema, dropped afterwards) with the
+Celery executor (Redis, a database of its own) and one `flglm worker --replica 0` subprocess serving the
+admissions. N simulated agents (asyncio, one `httpx.AsyncClient` each, HTTPS against the generated CA)
+enroll, approve one `client_batch` job (tiny Llama) and then, for `seconds`:
+
+- heartbeat (`POST /agent/heartbeat`) every `heartbeat_s`,
+- poll their work (`GET /agent/work`) every `poll_s`,
+- upload one sealed forward (`PUT …/activations/1`, admitted by the worker) and long-poll its result
+  (`GET …/activations/1/result?wait_s=…`) for the rest of the run.
+
+One more enrolled participant (the holdout) approves the job and heartbeats but never uploads, so the
+job's first batch waits for it (`batch_window_s` = one hour) and every long-poll ends in 204 after its
+`wait_s`: the waiting requests pile up, which is the load under test. An operator polls the job page's
+routes (`GET /jobs/{id}`, `/jobs/{id}/rounds`, `/metrics/jobs/{id}/progress`) every `operator_s`.
+
+Latencies are measured by the load generator, on the same machine (its own scheduling delay included).
+An error is any answer other than the route's expected status (heartbeat/work/operator 200, upload 201,
+long-poll 204) or a transport error; a 5xx is always one. Peak RSS is the serve process's VmHWM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import random
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from apps.bench.stack import free_port
+
+DEFAULT_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+REDIS_URL = "redis://127.0.0.1:6379/11"  # a database of its own (stack bench: 13, tests: 15)
+ADMIN_TOKEN = "bench-load-admin-token-0123456789abcdef"
+MODEL_REF = "tiny:llama:0"
+ROWS, SEQ = 1, 8  # one sealed forward per agent: (1, 8, hidden) float32 and its mask
+TARGETS = {"agents": 200, "p99_ms_non_waiting": 50.0, "errors": 0}
+
+# Route name -> (kind, expected status). "plain" routes carry the p99 target; the upload waits for the
+# worker's admission and the long-poll for its `wait_s`, so neither does.
+ROUTES: dict[str, tuple[str, int]] = {
+    "POST /agent/heartbeat": ("plain", 200),
+    "GET /agent/work": ("plain", 200),
+    "PUT /agent/jobs/{id}/rounds/{r}/steps/{s}/activations/{seq}": ("admission", 201),
+    "GET /agent/jobs/{id}/rounds/{r}/steps/{s}/activations/{seq}/result": ("long_poll", 204),
+    "GET /jobs/{id}": ("plain", 200),
+    "GET /jobs/{id}/rounds": ("plain", 200),
+    "GET /metrics/jobs/{id}/progress": ("plain", 200),
+}
+HEARTBEAT, WORK, UPLOAD, RESULT, JOB, ROUNDS, PROGRESS = ROUTES
+
+
+@dataclass(frozen=True)
+class LoadBenchConfig:
+    agents: int = 200
+    seconds: float = 30.0
+    heartbeat_s: float = 5.0
+    poll_s: float = 2.0
+    wait_s: float = 5.0
+    operator_s: float = 1.5
+    database_url: str = ""  # empty: FLGLM_DATABASE_URL, else DEFAULT_DATABASE_URL
+
+    def __post_init__(self) -> None:
+        if self.agents < 1 or self.seconds <= 0:
+            raise ValueError("agents must be >= 1 and seconds > 0")
+        if min(self.heartbeat_s, self.poll_s, self.wait_s, self.operator_s) <= 0:
+            raise ValueError("intervals and wait_s must be > 0")
+
+    def resolved_database_url(self) -> str:
+        return self.database_url or os.environ.get("FLGLM_DATABASE_URL") or DEFAULT_DATABASE_URL
+
+
+@dataclass
+class RouteStats:
+    latencies_ms: list[float] = field(default_factory=list)
+    statuses: Counter[str] = field(default_factory=Counter)
+    errors: int = 0
+    overshoot_ms: list[float] = field(default_factory=list)  # long-polls: answered this long after wait_s
+    error_samples: list[str] = field(default_factory=list)
+
+
+class Recorder:
+    """Per-route latencies, statuses and errors of every request the bench makes in the timed window."""
+
+    def __init__(self) -> None:
+        self.routes = {name: RouteStats() for name in ROUTES}
+
+    async def call(
+        self,
+        route: str,
+        client: httpx.AsyncClient,
+        method: str,
+        path: str,
+        wait_s: float = 0.0,
+        **kwargs: Any,
+    ) -> httpx.Response | None:
+        stats = self.routes[route]
+        expected = ROUTES[route][1]
+        start = time.perf_counter()
+        try:
+            response = await client.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            stats.latencies_ms.append((time.perf_counter() - start) * 1e3)
+            stats.statuses[type(exc).__name__] += 1
+            self._error(stats, f"{method} {path}: {type(exc).__name__}: {exc}")
+            return None
+        latency_ms = (time.perf_counter() - start) * 1e3
+        stats.latencies_ms.append(latency_ms)
+        if wait_s:
+            stats.overshoot_ms.append(latency_ms - wait_s * 1e3)
+        stats.statuses[str(response.status_code)] += 1
+        if response.status_code != expected:
+            self._error(stats, f"{method} {path}: HTTP {response.status_code} {response.text[:200]}")
+        return response
+
+    @staticmethod
+    def _error(stats: RouteStats, message: str) -> None:
+        stats.errors += 1
+        if len(stats.error_samples) < 5:
+            stats.error_samples.append(message)
+
+    def totals(self) -> tuple[int, int]:
+        return (
+            sum(len(s.latencies_ms) for s in self.routes.values()),
+            sum(s.errors for s in self.routes.values()),
+        )
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in 0..100) of `values`; None when there are none."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), math.ceil(q / 100 * len(ordered))))
+    return ordered[rank - 1]
+
+
+# ---- the backend ------------------------------------------------------------------------------------
+
+
+def fresh_schema(server_url: str, schema: str) -> str:
+    """Create `schema` (dropping a leftover); returns a URL whose search_path is that schema."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(server_url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+    with engine.connect() as conn:
+        conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    engine.dispose()
+    url = sa.engine.make_url(server_url).update_query_dict({"options": f"-csearch_path={schema}"})
+    return url.render_as_string(hide_password=False)
+
+
+def drop_schema(server_url: str, schema: str) -> None:
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(server_url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+    with engine.connect() as conn:
+        conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+    engine.dispose()
+
+
+@dataclass
+class LoadBackend:
+    base_url: str
+    ca_cert: Path
+    serve_pid: int
+
+
+def peak_rss_bytes(pid: int) -> int | None:
+    """VmHWM (peak resident set) of process `pid`, in bytes; None where /proc does not tell."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+@contextmanager
+def running_backend(work_dir: Path, database_url: str) -> Iterator[LoadBackend]:
+    """`flglm serve --self-signed` on `database_url` and one `flglm worker --replica 0`, Celery on Redis."""
+    import redis
+
+    from backend.tls import ensure_self_signed
+
+    data_dir = work_dir / "backend"
+    tls = ensure_self_signed(data_dir / "tls")
+    redis.Redis.from_url(REDIS_URL).flushdb()  # queues, blobs and replay guards of an earlier run go
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "FLGLM_DATA_DIR": str(data_dir),
+        "FLGLM_DATABASE_URL": database_url,
+        "FLGLM_EXECUTOR": "celery",
+        "FLGLM_REDIS_URL": REDIS_URL,
+        "FLGLM_BOOTSTRAP_ADMIN_TOKEN": ADMIN_TOKEN,
+        # The bench enrolls every agent from one address: the enrollment limits would refuse it.
+        "FLGLM_RATE_LIMIT_BURST": "100000",
+        "FLGLM_RATE_LIMIT_PER_MINUTE": "1000000",
+    }
+    port = free_port()
+    cli = [sys.executable, "-m", "apps.cli.main"]
+    log = (work_dir / "backend.log").open("ab")
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        processes.append(
+            subprocess.Popen(
+                [*cli, "serve", "--self-signed", "--data-dir", str(data_dir), "--port", str(port)],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        )
+        worker = [*cli, "worker", "--replica", "0", "--loglevel", "warning"]
+        worker += ["--hostname", "flglm-bench-load-r0@%h"]
+        processes.append(subprocess.Popen(worker, env=env, stdout=log, stderr=subprocess.STDOUT))
+        base_url = f"https://localhost:{port}"
+        with httpx.Client(base_url=base_url, verify=str(tls.ca_cert), timeout=30) as probe:
+            deadline = time.monotonic() + 90
+            while True:
+                if processes[0].poll() is not None:
+                    raise RuntimeError(f"flglm serve exited; see {work_dir / 'backend.log'}")
+                try:
+                    if probe.get("/api/v1/health").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError("flglm serve did not answer /api/v1/health within 90 s")
+                time.sleep(0.3)
+        yield LoadBackend(base_url, tls.ca_cert, processes[0].pid)
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        log.close()
+        redis.Redis.from_url(REDIS_URL).flushdb()
+
+
+# ---- setup: agents, the job, their sealed forwards -------------------------------------------------
+
+
+@dataclass
+class SimAgent:
+    index: int
+    name: str
+    client_id: int
+    credential: str
+    keypair: Any  # flglm.wire.keys.ClientKeyPair
+    upload_path: str = ""
+    sealed: bytes = b""
+
+
+async def _ok(client: httpx.AsyncClient, method: str, path: str, status: int, **kwargs: Any) -> Any:
+    response = await client.request(method, path, **kwargs)
+    if response.status_code != status:
+        raise RuntimeError(f"{method} {path}: HTTP {response.status_code} {response.text[:300]}")
+    return response.json() if response.content else None
+
+
+async def _enroll(admin: httpx.AsyncClient, anonymous: httpx.AsyncClient, index: int, name: str) -> SimAgent:
+    from flglm.protocol import ENROLL_PATH
+    from flglm.wire.keys import ClientKeyPair
+
+    keypair = ClientKeyPair.generate()
+    token = (await _ok(admin, "POST", "/clients/enrollment-tokens", 201, json={"name": name}))["token"]
+    body = await _ok(
+        anonymous,
+        "POST",
+        ENROLL_PATH,
+        201,
+        json={"token": token, "public_key": keypair.public_b64, "example_count": 1},
+    )
+    return SimAgent(index, name, int(body["client_id"]), str(body["credential"]), keypair)
+
+
+async def _bounded(limit: int, coroutines: list[Any]) -> list[Any]:
+    semaphore = asyncio.Semaphore(limit)
+
+    async def run(coroutine: Any) -> Any:
+        async with semaphore:
+            return await coroutine
+
+    return list(await asyncio.gather(*(run(c) for c in coroutines)))
+
+
+def _job_spec(names: list[str]) -> dict[str, Any]:
+    return {
+        "name": "bench-load",
+        "model_ref": MODEL_REF,
+        "task_type": "generation",
+        "split_plan": {"front_layers": 1, "back_layers": 1},
+        "adapter": {"r": 4, "alpha": 8},
+        "hyperparameters": {
+            "lr": 1e-3,
+            "batch_size": ROWS,
+            "max_batch_size": 8,
+            "max_seq_len": SEQ,
+            "batch_window_s": 3600.0,  # the first batch waits for the holdout, which never uploads
+        },
+        "parallel_mode": "client_batch",
+        "rounds": 1,
+        "steps_per_round": 1,
+        "min_clients": len(names),
+        "round_timeout_s": 3600,
+        "clients": names,
+    }
+
+
+def _seal_forward(agent: SimAgent, job_id: int, round_number: int, server_b64: str) -> None:
+    import torch
+
+    from flglm.step_messages import seal_activations
+    from flglm.step_protocol import STEP_MESSAGE_PATH, MessageDirection, MessageRef
+    from flglm.wire.keys import derive_channel_keys, public_key_from_b64
+
+    keys = derive_channel_keys(
+        agent.keypair.private_key, public_key_from_b64(server_b64), str(job_id), str(agent.client_id)
+    )
+    ref = MessageRef(
+        job_id=job_id,
+        round_number=round_number,
+        step=0,
+        client_id=agent.client_id,
+        direction=MessageDirection.activations,
+        sequence=1,
+    )
+    hidden = _hidden_size()
+    generator = torch.Generator().manual_seed(agent.index)
+    h0 = torch.randn(ROWS, SEQ, hidden, generator=generator)  # (batch, seq, hidden)
+    mask = torch.ones(ROWS, SEQ, dtype=torch.long)  # (batch, seq)
+    agent.sealed = seal_activations(keys, ref, h0, mask, torch.float32)
+    agent.upload_path = STEP_MESSAGE_PATH.format(
+        job_id=job_id, round_number=round_number, step=0, direction=ref.direction.value, sequence=1
+    )
+
+
+def _hidden_size() -> int:
+    from flglm.models import load_config
+
+    return int(load_config(MODEL_REF).hidden_size)
+
+
+# ---- the timed window --------------------------------------------------------------------------------
+
+
+async def _every(interval_s: float, deadline: float, action: Callable[[], Any]) -> None:
+    """`action` at a random phase within the first interval, then every `interval_s`, until `deadline`."""
+    due = time.monotonic() + random.uniform(0, interval_s)
+    while due < deadline:
+        await asyncio.sleep(max(0.0, due - time.monotonic()))
+        await action()
+        due = max(due + interval_s, time.monotonic())
+
+
+async def _agent(
+    agent: SimAgent,
+    backend: LoadBackend,
+    tls: ssl.SSLContext,
+    config: LoadBenchConfig,
+    recorder: Recorder,
+    deadline: float,
+    uploads: bool,
+) -> None:
+    from flglm.protocol import API_PREFIX, HEARTBEAT_PATH, PROTOCOL_HEADER, PROTOCOL_VERSION, WORK_PATH
+
+    headers = {"Authorization": f"Bearer {agent.credential}", PROTOCOL_HEADER: PROTOCOL_VERSION}
+    async with httpx.AsyncClient(
+        base_url=backend.base_url + API_PREFIX,
+        headers=headers,
+        verify=tls,
+        timeout=30.0,
+        limits=httpx.Limits(max_connections=4, max_keepalive_connections=4),
+    ) as client:
+
+        async def heartbeat() -> None:
+            await recorder.call(HEARTBEAT, client, "POST", HEARTBEAT_PATH, json={})
+
+        async def work() -> None:
+            await recorder.call(WORK, client, "GET", WORK_PATH)
+
+        async def step() -> None:
+            await asyncio.sleep(random.uniform(0, min(1.0, config.seconds / 4)))
+            uploaded = await recorder.call(
+                UPLOAD,
+                client,
+                "PUT",
+                agent.upload_path,
+                content=agent.sealed,
+                headers={"Content-Type": "application/octet-stream"},
+                timeout=60.0,
+            )
+            if uploaded is None or uploaded.status_code not in (200, 201):
+                return
+            while (remaining := deadline - time.monotonic()) > min(config.wait_s, 0.5):
+                wait_s = round(min(config.wait_s, remaining), 3)
+                await recorder.call(
+                    RESULT,
+                    client,
+                    "GET",
+                    agent.upload_path + "/result",
+                    wait_s=wait_s,
+                    params={"wait_s": f"{wait_s:.3f}"},
+                    timeout=wait_s + 30.0,
+                )
+
+        tasks = [_every(config.heartbeat_s, deadline, heartbeat), _every(config.poll_s, deadline, work)]
+        if uploads:
+            tasks.append(step())
+        await asyncio.gather(*tasks)
+
+
+async def _operator(
+    admin: httpx.AsyncClient, job_id: int, config: LoadBenchConfig, recorder: Recorder, deadline: float
+) -> None:
+    async def page() -> None:
+        await asyncio.gather(
+            recorder.call(JOB, admin, "GET", f"/jobs/{job_id}"),
+            recorder.call(ROUNDS, admin, "GET", f"/jobs/{job_id}/rounds"),
+            recorder.call(PROGRESS, admin, "GET", f"/metrics/jobs/{job_id}/progress"),
+        )
+
+    await _every(config.operator_s, deadline, page)
+
+
+async def _progress(recorder: Recorder, started: float, deadline: float, log: Callable[[str], None]) -> None:
+    while time.monotonic() < deadline:
+        await asyncio.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
+        requests, errors = recorder.totals()
+        log(f"load: {time.monotonic() - started:5.1f} s, {requests} requests, {errors} errors")
+
+
+async def _run(config: LoadBenchConfig, backend: LoadBackend, log: Callable[[str], None]) -> dict[str, Any]:
+    from flglm.protocol import AGENT_JOB_PATH, API_PREFIX, INVITATION_DECISION_PATH
+
+    tls = ssl.create_default_context(cafile=str(backend.ca_cert))
+    async with (
+        httpx.AsyncClient(
+            base_url=backend.base_url + API_PREFIX,
+            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+            verify=tls,
+            timeout=60.0,
+        ) as admin,
+        httpx.AsyncClient(base_url=backend.base_url + API_PREFIX, verify=tls, timeout=60.0) as anon,
+    ):
+        setup_start = time.monotonic()
+        names = [f"load-agent-{i}" for i in range(config.agents)] + ["load-holdout"]
+        agents: list[SimAgent] = await _bounded(
+            16, [_enroll(admin, anon, i, name) for i, name in enumerate(names)]
+        )
+        job_id = int((await _ok(admin, "POST", "/jobs", 201, json=_job_spec(names)))["id"])
+        await _ok(admin, "POST", f"/jobs/{job_id}/open", 200)
+        await _bounded(
+            16,
+            [
+                _ok(
+                    admin,
+                    "POST",
+                    INVITATION_DECISION_PATH.format(job_id=job_id),
+                    200,
+                    json={"decision": "approve"},
+                    headers={"Authorization": f"Bearer {a.credential}"},
+                )
+                for a in agents
+            ],
+        )
+        await _ok(admin, "POST", f"/jobs/{job_id}/start", 200)
+        view = await _ok(
+            admin,
+            "GET",
+            AGENT_JOB_PATH.format(job_id=job_id),
+            200,
+            headers={"Authorization": f"Bearer {agents[0].credential}"},
+        )
+        for agent in agents[: config.agents]:
+            _seal_forward(agent, job_id, int(view["current_round"]), str(view["server_public_key"]))
+        setup_s = time.monotonic() - setup_start
+        log(f"load: {len(agents)} agents enrolled and approved job {job_id} in {setup_s:.1f} s; timing")
+
+        recorder = Recorder()
+        started = time.monotonic()
+        deadline = started + config.seconds
+        await asyncio.gather(
+            *(
+                _agent(a, backend, tls, config, recorder, deadline, uploads=a.index < config.agents)
+                for a in agents
+            ),
+            _operator(admin, job_id, config, recorder, deadline),
+            _progress(recorder, started, deadline, log),
+        )
+        elapsed = time.monotonic() - started
+    return {"job_id": job_id, "setup_s": setup_s, "elapsed_s": elapsed, "recorder": recorder}
+
+
+def _route_figures(name: str, stats: RouteStats, elapsed_s: float) -> dict[str, Any]:
+    kind, expected = ROUTES[name]
+    p99 = percentile(stats.latencies_ms, 99)
+    target = TARGETS["p99_ms_non_waiting"] if kind == "plain" else None
+    return {
+        "kind": kind,
+        "expected_status": expected,
+        "requests": len(stats.latencies_ms),
+        "requests_per_s": len(stats.latencies_ms) / elapsed_s,
+        "errors": stats.errors,
+        "statuses": dict(stats.statuses),
+        "p50_ms": percentile(stats.latencies_ms, 50),
+        "p99_ms": p99,
+        "max_ms": max(stats.latencies_ms, default=None),
+        # Long-polls: how long after the requested wait_s the 204 came (queueing for the wait threads).
+        "overshoot_p50_ms": percentile(stats.overshoot_ms, 50),
+        "overshoot_p99_ms": percentile(stats.overshoot_ms, 99),
+        "target_p99_ms": target,
+        "meets_target": None if target is None or p99 is None else p99 < target,
+        "error_samples": stats.error_samples,
+    }
+
+
+def run_load_bench(
+    config: LoadBenchConfig, work_dir: Path | None = None, log: Callable[[str], None] | None = None
+) -> dict[str, Any]:
+    """Every figure of `flglm bench load` as one JSON-able dict (backend log under `work_dir` if given)."""
+    say = log or (lambda message: print(message, file=sys.stderr, flush=True))
+    server_url = config.resolved_database_url()
+    schema = f"flglm_bench_load_{uuid.uuid4().hex[:10]}"
+    database_url = fresh_schema(server_url, schema)
+    try:
+        with tempfile.TemporaryDirectory(prefix="flglm-bench-load-") as scratch:
+            root = work_dir or Path(scratch)
+            root.mkdir(parents=True, exist_ok=True)
+            with running_backend(root, database_url) as backend:
+                say(f"load: backend up at {backend.base_url} (pid {backend.serve_pid}, schema {schema})")
+                outcome = asyncio.run(_run(config, backend, say))
+                peak_rss = peak_rss_bytes(backend.serve_pid)
+    finally:
+        drop_schema(server_url, schema)
+    recorder: Recorder = outcome["recorder"]
+    elapsed = float(outcome["elapsed_s"])
+    routes = {name: _route_figures(name, stats, elapsed) for name, stats in recorder.routes.items()}
+    requests, errors = recorder.totals()
+    plain_p99 = [r["p99_ms"] for r in routes.values() if r["kind"] == "plain" and r["p99_ms"] is not None]
+    worst_p99 = max(plain_p99, default=None)
+    return {
+        "bench": "load",
+        "config": asdict(config) | {"database_url": "<server url>; fresh schema, dropped"},
+        "agents": config.agents,
+        "holdout_agents": 1,
+        "seconds": elapsed,
+        "setup_s": outcome["setup_s"],
+        "job_id": outcome["job_id"],
+        "requests": requests,
+        "errors": errors,
+        "long_polls": routes[RESULT]["requests"],
+        "backend_peak_rss_bytes": peak_rss,
+        "worst_non_waiting_p99_ms": worst_p99,
+        "routes": routes,
+        "targets": TARGETS,
+        "meets_targets": {
+            "agents": config.agents >= TARGETS["agents"],
+            "p99_ms_non_waiting": None if worst_p99 is None else worst_p99 < TARGETS["p99_ms_non_waiting"],
+            "errors": errors == TARGETS["errors"],
+        },
+        "cpu_count": os.cpu_count(),
+        "load_average": list(os.getloadavg()),
+    }
+
+
+def load_table(result: dict[str, Any]) -> str:
+    """A readable table of `run_load_bench`'s result, targets beside the figures."""
+
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1f}"
+
+    lines = [
+        f"{result['agents']} agents (+{result['holdout_agents']} holdout) for {result['seconds']:.1f} s "
+        f"(target {TARGETS['agents']}): {result['requests']} requests, {result['errors']} errors "
+        f"(target {TARGETS['errors']}), {result['long_polls']} long-polls",
+        f"{'route':<70} {'kind':<9} {'n':>6} {'err':>4} {'p50 ms':>8} {'p99 ms':>8} target",
+    ]
+    for name, route in result["routes"].items():
+        target = "-" if route["target_p99_ms"] is None else f"p99 < {route['target_p99_ms']:.0f} ms"
+        if route["meets_target"] is not None:
+            target += " ok" if route["meets_target"] else " MISSED"
+        lines.append(
+            f"{name:<70} {route['kind']:<9} {route['requests']:>6} {route['errors']:>4} "
+            f"{ms(route['p50_ms']):>8} {ms(route['p99_ms']):>8} {target}"
+        )
+    long_poll = result["routes"][RESULT]
+    lines.append(
+        f"long-polls answered after their wait_s by p50 {ms(long_poll['overshoot_p50_ms'])} ms, "
+        f"p99 {ms(long_poll['overshoot_p99_ms'])} ms"
+    )
+    rss = result["backend_peak_rss_bytes"]
+    lines.append(f"backend peak RSS (VmHWM): {'-' if rss is None else f'{rss / 2**20:.0f} MiB'}")
+    for name, route in result["routes"].items():
+        for sample in route["error_samples"]:
+            lines.append(f"error {name}: {sample}")
+    return "\n".join(lines)
