@@ -14,6 +14,7 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import anyio.to_thread
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
@@ -67,6 +68,11 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Sync routes and dependencies run on this pool, one hop each, and a request's database connection
+        # is held from its authentication to its commit, across hops. With fewer threads than requests in
+        # flight, every thread can end up waiting for a connection held by a request that waits for a
+        # thread: nothing moves until the pool times out (a 500). Threads are made on demand.
+        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.request_threads
         task = None
         if settings.deadline_check_interval_s > 0:
             task = asyncio.create_task(_housekeeping_loop(app, settings))

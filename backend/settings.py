@@ -21,6 +21,9 @@ class Settings(BaseSettings):
     # Step protocol: threads that long-polls wait in (each waiting request holds at most two), how long an
     # upload waits for a worker to admit it, and where server replicas checkpoint (the workers' disk).
     step_wait_threads: int = 64
+    # Threads for the sync routes and dependencies (anyio's default is 40): more than the requests that
+    # can be in flight at once, so a request holding a database connection always finds one for its next hop.
+    request_threads: int = Field(default=1024, ge=8, le=100_000)
     step_admission_timeout_s: float = 30.0
     checkpoint_dir: Path | None = None
     # The in-process executor's worker relay (`inprocess` only; Celery workers read the same variable,
