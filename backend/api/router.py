@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
+from backend.api.responses import ANY_ROUTE
 from backend.audit.endpoints import router as audit_router
 from backend.auth.endpoints import router as auth_router
 from backend.auth.endpoints import tokens_router
@@ -13,13 +14,10 @@ from backend.jobs import endpoints as jobs
 from backend.metrics import endpoints as metrics
 from backend.privacy import endpoints as privacy
 from backend.steps import endpoints as steps
-from flglm.protocol import ErrorBody
 
-# Every error has one body (`ErrorBody`, written by `backend.errors`): documented as such for the 422 every
-# route with parameters can give, instead of FastAPI's own validation-error shape, which we never send.
-api_router = APIRouter(
-    responses={422: {"model": ErrorBody, "description": "a parameter or the body is invalid (names which)"}}
-)
+# Every error has one body (`ErrorBody`, written by `backend.errors`): documented as such for what any route
+# can answer (backend.api.responses), instead of FastAPI's own validation-error shape, which we never send.
+api_router = APIRouter(responses=ANY_ROUTE)
 for router in (
     auth_router,
     tokens_router,

@@ -8,14 +8,17 @@ from fastapi import APIRouter, Path, status
 
 from backend.api.deps import AdminDep, CurrentPrincipal, RateLimitDep, SessionDep
 from backend.api.pagination import Page, PageDep
+from backend.api.responses import AUTHENTICATED, ROLE_GATED, errors
 from backend.auth.repository import ApiTokenRepository
 from backend.auth.schemas import ApiTokenCreate, ApiTokenCreated, ApiTokenView, PrincipalView, Role
 from backend.auth.service import create_api_token, revoke_api_token
 from backend.models import utc_now
 from flglm.protocol import MAX_DB_INT
 
-router = APIRouter(prefix="/auth", tags=["auth"], dependencies=[RateLimitDep])
-tokens_router = APIRouter(prefix="/tokens", tags=["tokens"], dependencies=[RateLimitDep])
+router = APIRouter(prefix="/auth", tags=["auth"], dependencies=[RateLimitDep], responses=AUTHENTICATED)
+tokens_router = APIRouter(
+    prefix="/tokens", tags=["tokens"], dependencies=[RateLimitDep], responses=ROLE_GATED
+)
 
 TokenId = Annotated[int, Path(ge=1, le=MAX_DB_INT)]
 
@@ -40,7 +43,7 @@ def create_token(body: ApiTokenCreate, session: SessionDep, admin: AdminDep) -> 
     return ApiTokenCreated(**ApiTokenView.model_validate(token).model_dump(), token=secret)
 
 
-@tokens_router.delete("/{token_id}", response_model=ApiTokenView)
+@tokens_router.delete("/{token_id}", response_model=ApiTokenView, responses=errors(404, 409))
 def revoke_token(token_id: TokenId, session: SessionDep, admin: AdminDep) -> ApiTokenView:
     """Revoke at once: every later request with it is a 401. 409 for the last active admin token."""
     return ApiTokenView.model_validate(revoke_api_token(session, admin.actor, token_id, utc_now()))

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Path, Request, status
 
 from backend.api.deps import AdminDep, ClientDep, OperatorDep, RateLimitDep, SessionDep, SettingsDep
 from backend.api.pagination import Page, PageDep
+from backend.api.responses import ROLE_GATED, errors
 from backend.clients import service
 from backend.clients.repository import ClientRepository
 from backend.clients.schemas import ClientView, EnrollmentTokenCreate, EnrollmentTokenCreated
@@ -15,7 +16,7 @@ from backend.models import utc_now
 from flglm import protocol
 from flglm.protocol import MAX_DB_INT, ClientStatus
 
-router = APIRouter(prefix="/clients", tags=["clients"])
+router = APIRouter(prefix="/clients", tags=["clients"], responses=ROLE_GATED)
 agent_router = APIRouter(tags=["agent"])
 
 ClientId = Annotated[int, Path(ge=1, le=MAX_DB_INT)]
@@ -26,6 +27,7 @@ ClientId = Annotated[int, Path(ge=1, le=MAX_DB_INT)]
     response_model=EnrollmentTokenCreated,
     status_code=status.HTTP_201_CREATED,
     dependencies=[RateLimitDep],
+    responses=errors(409),
 )
 def create_enrollment_token(
     body: EnrollmentTokenCreate, session: SessionDep, admin: AdminDep, settings: SettingsDep
@@ -47,12 +49,12 @@ def list_clients(
     )
 
 
-@router.get("/{client_id}", response_model=ClientView)
+@router.get("/{client_id}", response_model=ClientView, responses=errors(404))
 def show_client(client_id: ClientId, session: SessionDep, _: OperatorDep) -> ClientView:
     return ClientView.model_validate(service.get_client(session, client_id))
 
 
-@router.post("/{client_id}/revoke", response_model=ClientView)
+@router.post("/{client_id}/revoke", response_model=ClientView, responses=errors(404, 409))
 def revoke_client(client_id: ClientId, session: SessionDep, admin: AdminDep) -> ClientView:
     return ClientView.model_validate(service.revoke(session, admin.actor, client_id, utc_now()))
 
@@ -62,12 +64,13 @@ def revoke_client(client_id: ClientId, session: SessionDep, admin: AdminDep) -> 
     response_model=protocol.EnrollResponse,
     status_code=status.HTTP_201_CREATED,
     dependencies=[RateLimitDep],
+    responses=errors(400, 401, 409, 429),  # anonymous: the one-time enrollment token is in the body
 )
 def enroll(body: protocol.EnrollRequest, request: Request, session: SessionDep) -> protocol.EnrollResponse:
     return service.enroll(session, body, request.app.state.server_public_key_b64, utc_now())
 
 
-@agent_router.post(protocol.HEARTBEAT_PATH, response_model=protocol.HeartbeatResponse)
+@agent_router.post(protocol.HEARTBEAT_PATH, response_model=protocol.HeartbeatResponse, responses=ROLE_GATED)
 def heartbeat(
     body: protocol.HeartbeatRequest, session: SessionDep, client: ClientDep, settings: SettingsDep
 ) -> protocol.HeartbeatResponse:

@@ -16,6 +16,7 @@ from fastapi import APIRouter, Path, Request, Response, status
 from starlette.concurrency import run_in_threadpool
 
 from backend.api.deps import AdminDep, SessionDep, SettingsDep
+from backend.api.responses import ROLE_GATED, errors, raw_body
 from backend.exports import service, sessions
 from backend.exports.schemas import GenerateRequest, GenerateView
 from backend.jobs.service import get_job
@@ -30,8 +31,10 @@ from flglm.generation_protocol import (
 )
 from flglm.protocol import MAX_DB_INT
 
-router = APIRouter(prefix="/jobs", tags=["jobs"])
-generation_router = APIRouter(tags=["generation"])  # session paths are full paths (flglm.generation_protocol)
+router = APIRouter(prefix="/jobs", tags=["jobs"], responses=ROLE_GATED)
+generation_router = APIRouter(
+    tags=["generation"], responses=ROLE_GATED
+)  # session paths are full paths (flglm.generation_protocol)
 
 EXPORT_MEDIA_TYPE = TENSORS_MEDIA_TYPE
 JobId = Annotated[int, Path(ge=1, le=MAX_DB_INT)]
@@ -42,7 +45,10 @@ BODY_MEDIA_TYPES = (TENSORS_MEDIA_TYPE, "application/octet-stream")
 @router.get(
     "/{job_id}/export",
     response_class=Response,
-    responses={200: {"content": {EXPORT_MEDIA_TYPE: {}}, "description": "safetensors bundle"}},
+    responses={
+        200: {"content": {EXPORT_MEDIA_TYPE: {}}, "description": "safetensors bundle"},
+        **errors(404, 409),
+    },
 )
 def export_job(job_id: JobId, session: SessionDep, settings: SettingsDep, admin: AdminDep) -> Response:
     bundle = service.export_bundle(session, settings, admin.actor, job_id)
@@ -53,7 +59,7 @@ def export_job(job_id: JobId, session: SessionDep, settings: SettingsDep, admin:
     )
 
 
-@router.post("/{job_id}/generate", response_model=GenerateView)
+@router.post("/{job_id}/generate", response_model=GenerateView, responses=errors(404, 409, 503))
 def generate(
     job_id: JobId,
     request: GenerateRequest,
@@ -69,7 +75,10 @@ def generate(
 
 
 @generation_router.post(
-    GENERATION_SESSIONS_PATH, response_model=GenerationSessionView, status_code=status.HTTP_201_CREATED
+    GENERATION_SESSIONS_PATH,
+    response_model=GenerationSessionView,
+    status_code=status.HTTP_201_CREATED,
+    responses=errors(404, 409, 503),
 )
 def open_generation_session(
     job_id: JobId, session: SessionDep, settings: SettingsDep, relay: RelayDep, admin: AdminDep
@@ -84,7 +93,13 @@ def open_generation_session(
 @generation_router.post(
     GENERATION_BODY_PATH,
     response_class=Response,
-    responses={200: {"content": {TENSORS_MEDIA_TYPE: {}}, "description": "safetensors {hidden_states}"}},
+    responses={
+        200: {"content": {TENSORS_MEDIA_TYPE: {}}, "description": "safetensors {hidden_states}"},
+        **errors(404, 409, 415, 503),
+    },
+    openapi_extra=raw_body(
+        *BODY_MEDIA_TYPES, description="safetensors {hidden_states, attention_mask} (see the summary)"
+    ),
 )
 async def run_generation_body(
     request: Request,
@@ -107,7 +122,9 @@ async def run_generation_body(
     return Response(content=output, media_type=TENSORS_MEDIA_TYPE)
 
 
-@generation_router.delete(GENERATION_SESSION_PATH, status_code=status.HTTP_204_NO_CONTENT)
+@generation_router.delete(
+    GENERATION_SESSION_PATH, status_code=status.HTTP_204_NO_CONTENT, responses=errors(404, 503)
+)
 def close_generation_session(
     job_id: JobId,
     session_id: SessionId,

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Path, Request, status
 
 from backend.api.deps import AdminDep, ClientDep, OperatorDep, SessionDep, SettingsDep
 from backend.api.pagination import Page, PageDep
+from backend.api.responses import ROLE_GATED, errors
 from backend.jobs import service
 from backend.jobs.repository import JobRepository, ParticipantRepository, RoundRepository
 from backend.jobs.schemas import (
@@ -23,13 +24,13 @@ from backend.steps import service as steps_service
 from flglm import protocol
 from flglm.protocol import MAX_DB_INT, JobSpec, JobStatus
 
-router = APIRouter(prefix="/jobs", tags=["jobs"])
-agent_router = APIRouter(tags=["agent"])
+router = APIRouter(prefix="/jobs", tags=["jobs"], responses=ROLE_GATED)
+agent_router = APIRouter(tags=["agent"], responses=ROLE_GATED)
 
 JobId = Annotated[int, Path(ge=1, le=MAX_DB_INT)]
 
 
-@router.post("", response_model=JobView, status_code=status.HTTP_201_CREATED)
+@router.post("", response_model=JobView, status_code=status.HTTP_201_CREATED, responses=errors(409))
 def create_job(spec: JobSpec, session: SessionDep, admin: AdminDep) -> JobView:
     return JobView.model_validate(service.create_job(session, admin.actor, spec, utc_now()))
 
@@ -44,7 +45,7 @@ def list_jobs(
     )
 
 
-@router.get("/{job_id}", response_model=JobView)
+@router.get("/{job_id}", response_model=JobView, responses=errors(404))
 def show_job(job_id: JobId, session: SessionDep, _: OperatorDep) -> JobView:
     job = service.get_job(session, job_id)
     recovery, attack = audited_figure(session, job)
@@ -73,6 +74,7 @@ def _transition_route(action: str) -> None:
         methods=["POST"],
         response_model=JobView,
         summary=f"{action.title()} a job",
+        responses=errors(404, 409, 410, 503),
     )
 
 
@@ -80,7 +82,7 @@ for _action in ("open", "start", "pause", "resume", "cancel"):
     _transition_route(_action)
 
 
-@router.get("/{job_id}/participants", response_model=list[ParticipantView])
+@router.get("/{job_id}/participants", response_model=list[ParticipantView], responses=errors(404))
 def list_participants(job_id: JobId, session: SessionDep, _: OperatorDep) -> list[ParticipantView]:
     service.get_job(session, job_id)
     return [
@@ -95,7 +97,7 @@ def list_participants(job_id: JobId, session: SessionDep, _: OperatorDep) -> lis
     ]
 
 
-@router.post("/{job_id}/participants", response_model=list[ParticipantView])
+@router.post("/{job_id}/participants", response_model=list[ParticipantView], responses=errors(404, 409))
 def invite_clients(
     job_id: JobId, body: InviteRequest, session: SessionDep, admin: AdminDep
 ) -> list[ParticipantView]:
@@ -103,14 +105,14 @@ def invite_clients(
     return list_participants(job_id, session, admin)
 
 
-@router.get("/{job_id}/rounds", response_model=list[RoundView])
+@router.get("/{job_id}/rounds", response_model=list[RoundView], responses=errors(404))
 def list_rounds(job_id: JobId, session: SessionDep, _: OperatorDep) -> list[RoundView]:
     service.get_job(session, job_id)
     rounds = RoundRepository(session)
     return [_round_view(rounds, r) for r in rounds.list_for_job(job_id)]
 
 
-@router.post("/{job_id}/rounds/{round_number}/close", response_model=RoundView)
+@router.post("/{job_id}/rounds/{round_number}/close", response_model=RoundView, responses=errors(404, 409))
 def close_round(
     job_id: JobId,
     round_number: Annotated[int, Path(ge=1, le=MAX_DB_INT)],
@@ -146,14 +148,16 @@ def my_invitations(session: SessionDep, client: ClientDep) -> list[protocol.Invi
     return service.list_invitations(session, client.id)
 
 
-@agent_router.post(protocol.INVITATION_DECISION_PATH, response_model=protocol.InvitationView)
+@agent_router.post(
+    protocol.INVITATION_DECISION_PATH, response_model=protocol.InvitationView, responses=errors(404, 409)
+)
 def decide_invitation(
     job_id: JobId, body: protocol.ConsentRequest, session: SessionDep, client: ClientDep
 ) -> protocol.InvitationView:
     return service.decide(session, client.id, client.actor, job_id, body.decision, utc_now())
 
 
-@agent_router.get(protocol.AGENT_JOB_PATH, response_model=protocol.AgentJobView)
+@agent_router.get(protocol.AGENT_JOB_PATH, response_model=protocol.AgentJobView, responses=errors(404, 410))
 def my_job(job_id: JobId, request: Request, session: SessionDep, client: ClientDep) -> protocol.AgentJobView:
     return service.agent_job_view(session, client.id, job_id, _server_public_key(request))
 
@@ -165,7 +169,9 @@ def my_work(request: Request, session: SessionDep, client: ClientDep) -> protoco
     )
 
 
-@agent_router.post(protocol.ROUND_DONE_PATH, response_model=protocol.RoundDoneResponse)
+@agent_router.post(
+    protocol.ROUND_DONE_PATH, response_model=protocol.RoundDoneResponse, responses=errors(404, 409)
+)
 def report_round_done(
     job_id: JobId,
     round_number: Annotated[int, Path(ge=1, le=MAX_DB_INT)],

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Path, Query, Request, status
 
 from backend.api.deps import ClientDep, OperatorDep, SessionDep, SettingsDep
 from backend.api.pagination import Page, PageDep
+from backend.api.responses import ROLE_GATED, errors
 from backend.metrics.repository import StepMetricRepository
 from backend.metrics.schemas import JobProgressView, StepMetricIn, StepMetricView
 from backend.metrics.service import job_progress, record_step_metric
@@ -16,8 +17,8 @@ from backend.steps.service import JobNotServed, read_spec
 from flglm import protocol
 from flglm.protocol import MAX_DB_INT
 
-router = APIRouter(prefix="/metrics", tags=["metrics"])
-agent_router = APIRouter(tags=["agent"])
+router = APIRouter(prefix="/metrics", tags=["metrics"], responses=ROLE_GATED)
+agent_router = APIRouter(tags=["agent"], responses=ROLE_GATED)
 
 
 @router.get("", response_model=Page[StepMetricView])
@@ -36,7 +37,7 @@ def list_metrics(
     return Page(items=items, total=total, limit=page.limit, offset=page.offset)
 
 
-@router.get("/jobs/{job_id}/progress", response_model=JobProgressView)
+@router.get("/jobs/{job_id}/progress", response_model=JobProgressView, responses=errors(404))
 def show_job_progress(
     job_id: Annotated[int, Path(ge=1, le=MAX_DB_INT)],
     request: Request,
@@ -59,7 +60,10 @@ def _served_replicas(request: Request, job_id: int) -> dict[int, int] | None:
 
 
 @agent_router.post(
-    protocol.STEP_METRICS_PATH, response_model=StepMetricView, status_code=status.HTTP_201_CREATED
+    protocol.STEP_METRICS_PATH,
+    response_model=StepMetricView,
+    status_code=status.HTTP_201_CREATED,
+    responses=errors(404, 409),
 )
 def post_step_metric(
     job_id: Annotated[int, Path(ge=1, le=MAX_DB_INT)],

@@ -8,13 +8,14 @@ from fastapi import APIRouter, Body, Path, Request, status
 
 from backend.api.deps import AdminDep, OperatorDep, SessionDep, SettingsDep
 from backend.api.pagination import Page, PageDep
+from backend.api.responses import ROLE_GATED, errors
 from backend.models import utc_now
 from backend.privacy import service
 from backend.privacy.schemas import AuditStartRequest, PrivacyAuditView
 from backend.steps.relay import StepRelay
 from flglm.protocol import MAX_DB_INT
 
-router = APIRouter(prefix="/jobs", tags=["privacy"])
+router = APIRouter(prefix="/jobs", tags=["privacy"], responses=ROLE_GATED)
 
 JobId = Annotated[int, Path(ge=1, le=MAX_DB_INT)]
 AuditId = Annotated[int, Path(ge=1, le=MAX_DB_INT)]
@@ -26,7 +27,10 @@ def _runtime(request: Request) -> StepRelay:
 
 
 @router.post(
-    "/{job_id}/privacy-audits", response_model=PrivacyAuditView, status_code=status.HTTP_202_ACCEPTED
+    "/{job_id}/privacy-audits",
+    response_model=PrivacyAuditView,
+    status_code=status.HTTP_202_ACCEPTED,
+    responses=errors(404, 409, 503),
 )
 def start_audit(
     job_id: JobId,
@@ -51,7 +55,7 @@ def start_audit(
     return service.audit_view(audit, audit.settings_key)  # it audits the job's current settings
 
 
-@router.get("/{job_id}/privacy-audits", response_model=Page[PrivacyAuditView])
+@router.get("/{job_id}/privacy-audits", response_model=Page[PrivacyAuditView], responses=errors(404))
 def list_audits(
     job_id: JobId, request: Request, session: SessionDep, _: OperatorDep, settings: SettingsDep, page: PageDep
 ) -> Page[PrivacyAuditView]:
@@ -68,7 +72,7 @@ def list_audits(
     return Page(items=items, total=total, limit=page.limit, offset=page.offset)
 
 
-@router.get("/{job_id}/privacy-audits/{audit_id}", response_model=PrivacyAuditView)
+@router.get("/{job_id}/privacy-audits/{audit_id}", response_model=PrivacyAuditView, responses=errors(404))
 def show_audit(
     job_id: JobId,
     audit_id: AuditId,

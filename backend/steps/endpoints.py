@@ -15,6 +15,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request, Response, status
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from backend.api.deps import SettingsDep, WaitingClientDep, brief_session
+from backend.api.responses import ROLE_GATED, errors, raw_body
 from backend.errors import refusal
 from backend.steps import service
 from backend.steps.relay import StepRelay
@@ -34,7 +35,7 @@ from flglm.step_protocol import (
     client_adapters_ref,
 )
 
-router = APIRouter(tags=["agent steps"])
+router = APIRouter(tags=["agent steps"], responses=ROLE_GATED)
 T = TypeVar("T")
 
 OCTET_STREAM = "application/octet-stream"
@@ -51,6 +52,11 @@ def step_relay(request: Request) -> StepRelay:
 
 
 RelayDep = Annotated[StepRelay, Depends(step_relay)]
+
+# What the step checks and refusals (`flglm.contracts.refusals`) answer; uploads add 415 and their raw body.
+STEP_REFUSALS = errors(404, 409, 410, 503)
+UPLOAD_REFUSALS = {**STEP_REFUSALS, **errors(415)}
+SEALED_BODY = raw_body(OCTET_STREAM, description="the sealed envelope (flglm.wire.envelope)")
 
 
 # Every route here may wait (for an admission verdict, or a long-poll): the database is asked in a brief
@@ -132,6 +138,8 @@ def _not_yet() -> Response:
     response_model=UploadReceipt,
     status_code=status.HTTP_201_CREATED,
     summary="Upload a sealed step message (201 stored, 200 identical duplicate, 409 conflicting duplicate)",
+    responses={200: {"model": UploadReceipt, "description": "an identical duplicate"}, **UPLOAD_REFUSALS},
+    openapi_extra=SEALED_BODY,
 )
 async def upload_step_message(
     request: Request,
@@ -168,7 +176,11 @@ async def upload_step_message(
 @router.get(
     STEP_RESULT_PATH,
     response_class=Response,
-    responses={200: {"content": {OCTET_STREAM: {}}}, 204: {"description": "not ready yet; ask again"}},
+    responses={
+        200: {"content": {OCTET_STREAM: {}}},
+        204: {"description": "not ready yet; ask again"},
+        **STEP_REFUSALS,
+    },
     summary="Long-poll the sealed result of an upload (h1 for activations and eval_activations, dL/dh0 for "
     "gradients)",
 )
@@ -194,6 +206,8 @@ async def wait_step_result(
     response_model=UploadReceipt,
     status_code=status.HTTP_201_CREATED,
     summary="Upload this client's sealed adapters at the end of a round, with its example count",
+    responses={200: {"model": UploadReceipt, "description": "an identical duplicate"}, **UPLOAD_REFUSALS},
+    openapi_extra=SEALED_BODY,
 )
 async def upload_client_adapters(
     request: Request,
@@ -223,7 +237,11 @@ async def upload_client_adapters(
 @router.get(
     CLIENT_ADAPTERS_PATH,
     response_class=Response,
-    responses={200: {"content": {OCTET_STREAM: {}}}, 204: {"description": "FedAvg not done yet; ask again"}},
+    responses={
+        200: {"content": {OCTET_STREAM: {}}},
+        204: {"description": "FedAvg not done yet; ask again"},
+        **STEP_REFUSALS,
+    },
     summary="Long-poll the round's FedAvg'd client adapters, sealed for this client",
 )
 async def wait_client_adapters(access: ReadAccess, relay: RelayDep, wait_s: WaitSeconds = 0.0) -> Response:
