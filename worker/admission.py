@@ -10,6 +10,7 @@ runs: authentication under AEAD is decryption, and the plaintext never goes back
 
 from __future__ import annotations
 
+import hashlib
 from functools import lru_cache
 from typing import Any
 
@@ -36,7 +37,7 @@ from flglm.wire.codec import parse_wire_dtype
 from flglm.wire.directions import Direction
 from flglm.wire.errors import ReplayError, WireError
 from flglm.wire.keys import derive_channel_keys, public_key_from_b64
-from flglm.wire.sequence import SequencedHeader, SequenceGuard
+from flglm.wire.sequence import ReplayGuard, SequencedHeader, SequenceGuard
 from worker.runtime import WorkerRuntime
 
 UPLOAD_DIRECTIONS = (
@@ -100,13 +101,23 @@ class RedisSequenceGuard:
     """`SequenceGuard` on Redis: one atomic compare-and-set per message, shared by every process.
 
     Sequences are compared as zero-padded decimal strings, because Lua numbers are doubles and would
-    round sequence numbers above 2**53.
+    round sequence numbers above 2**53. With a `digest` (admission passes the upload's SHA-256), the last
+    accepted sequence is kept with it, and the same sequence with the same digest is accepted again: the
+    identical retry of an upload whose admission ran but whose storing did not (the backend died in between)
+    is the same authenticated message, not a replay.
     """
 
     _SCRIPT = """
     local last = redis.call('GET', KEYS[1])
-    if last and last >= ARGV[1] then return 0 end
-    redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+    if last then
+      local sequence = string.sub(last, 1, 20)
+      if sequence > ARGV[1] then return 0 end
+      if sequence == ARGV[1] then
+        if ARGV[3] ~= '' and string.sub(last, 22) == ARGV[3] then return 1 end
+        return 0
+      end
+    end
+    redis.call('SET', KEYS[1], ARGV[1] .. ':' .. ARGV[3], 'EX', ARGV[2])
     return 1
     """
 
@@ -116,9 +127,9 @@ class RedisSequenceGuard:
         self._ttl_s = ttl_s
         self._compare_and_set = client.register_script(self._SCRIPT)
 
-    def accept(self, header: SequencedHeader) -> None:
+    def accept(self, header: SequencedHeader, digest: str = "") -> None:
         key = f"{self._namespace}{header.job_id}:{header.client_id}:{Direction(header.direction).value}"
-        if not self._compare_and_set(keys=[key], args=[f"{header.sequence:020d}", self._ttl_s]):
+        if not self._compare_and_set(keys=[key], args=[f"{header.sequence:020d}", self._ttl_s, digest]):
             raise ReplayError(
                 f"{header.direction} message {header.sequence} of job {header.job_id!r}, client "
                 f"{header.client_id!r} is not after the last accepted one: replayed or reordered"
@@ -135,5 +146,19 @@ def run_admit_upload(
     blob = runtime.store.get(staging_key)
     if blob is None:
         raise MissingMessage(f"nothing staged at {staging_key}")
-    admit_step_upload(spec, runtime.server_key_for(spec), ref, blob, runtime.upload_guard)
+    guard = IdenticalRetryGuard(runtime.upload_guard, hashlib.sha256(blob).hexdigest())
+    admit_step_upload(spec, runtime.server_key_for(spec), ref, blob, guard)
     return {"status": "admitted"}
+
+
+class IdenticalRetryGuard:
+    """The upload guard, told the upload's digest: an identical retry of an admitted sequence passes."""
+
+    def __init__(self, guard: SequenceGuard, digest: str) -> None:
+        self._guard, self._digest = guard, digest
+
+    def accept(self, header: SequencedHeader) -> None:
+        if isinstance(self._guard, RedisSequenceGuard | ReplayGuard):
+            self._guard.accept(header, digest=self._digest)
+        else:
+            self._guard.accept(header)

@@ -98,28 +98,35 @@ class ReplayGuard:
     def __init__(self, last_accepted: Iterable[tuple[str, str, str, int]] = ()) -> None:
         self._lock = threading.Lock()
         self._last: dict[StreamKey, int] = {}
+        self._digests: dict[StreamKey, str] = {}  # of the last accepted message, when the caller gave one
         for job_id, client_id, direction, sequence in last_accepted:
             self._last[(job_id, client_id, Direction(direction))] = int(sequence)
 
     def last_sequence(self, job_id: str, client_id: str, direction: Direction) -> int | None:
         return self._last.get((job_id, client_id, Direction(direction)))
 
-    def accept(self, header: SequencedHeader) -> None:
+    def accept(self, header: SequencedHeader, digest: str = "") -> None:
+        """Record the sequence, or raise `ReplayError`. With a `digest` of the message, the same sequence with
+        the same digest is accepted again (an identical retry: the same message, not a replay)."""
         key = (header.job_id, header.client_id, Direction(header.direction))
         with self._lock:
             last = self._last.get(key)
+            if digest and last == header.sequence and self._digests.get(key) == digest:
+                return
             if last is not None and header.sequence <= last:
                 raise ReplayError(
                     f"{header.direction} message {header.sequence} of job {header.job_id!r}, client "
                     f"{header.client_id!r} is not after the last accepted one ({last}): replayed or reordered"
                 )
             self._last[key] = header.sequence
+            self._digests[key] = digest
 
     def forget_job(self, job_id: str) -> None:
         """Drop a finished job's streams (its keys are never used again, so nothing can be replayed)."""
         with self._lock:
             for key in [key for key in self._last if key[0] == job_id]:
                 del self._last[key]
+                self._digests.pop(key, None)
 
     def state(self) -> list[tuple[str, str, str, int]]:
         with self._lock:

@@ -82,9 +82,18 @@ def test_redis_sequence_guard_is_shared_and_strictly_increasing(redis_url: str) 
     first.accept(header_for(ref))
     with pytest.raises(ReplayError):
         second.accept(header_for(ref))  # the other process sees it
+    digested = ref.model_copy(update={"sequence": 2**60 + 5})
+    first.accept(header_for(digested), digest="aa" * 32)
+    second.accept(header_for(digested), digest="aa" * 32)  # an identical retry, in another process
+    with pytest.raises(ReplayError):
+        second.accept(header_for(digested), digest="bb" * 32)  # the same sequence, another message
+    with pytest.raises(ReplayError):
+        second.accept(header_for(digested))  # no digest: no identical retry either
     with pytest.raises(ReplayError):
         second.accept(header_for(ref.model_copy(update={"sequence": 2**60})))
-    second.accept(header_for(ref.model_copy(update={"sequence": 2**60 + 2})))  # above 2**53: exact
+    with pytest.raises(ReplayError):
+        second.accept(header_for(ref.model_copy(update={"sequence": 2**60 + 2})))  # below the last: 2**60 + 5
+    second.accept(header_for(ref.model_copy(update={"sequence": 2**60 + 6})))  # above 2**53: exact
     first.accept(header_for(ref.model_copy(update={"direction": MessageDirection.gradients})))  # own stream
     client.close()
 
@@ -112,8 +121,19 @@ def test_admit_upload_task_checks_a_staged_upload(tmp_path: Path) -> None:
         assert executor.submit(ADMIT_UPLOAD, kwargs, DEFAULT_QUEUE).get(timeout_s=30) == {
             "status": "admitted"
         }
-        with pytest.raises(errors.ReplayedMessage):  # the same sequence again, at admission already
-            executor.submit(ADMIT_UPLOAD, kwargs, DEFAULT_QUEUE).get(timeout_s=30)
+        # The identical bytes again (the retry of an upload whose storing never happened: the backend died
+        # after its admission) are the same message, admitted again; other bytes under that sequence are not.
+        assert executor.submit(ADMIT_UPLOAD, kwargs, DEFAULT_QUEUE).get(timeout_s=30) == {
+            "status": "admitted"
+        }
+        other = seal_activations(
+            keys, ref, torch.randn(1, 4, 32), torch.ones(1, 4, dtype=torch.long), torch.float32
+        )
+        store.put_if_absent("staging:c", other, 30)
+        with pytest.raises(errors.ReplayedMessage):  # the same sequence, another message: a replay
+            executor.submit(ADMIT_UPLOAD, kwargs | {"staging_key": "staging:c"}, DEFAULT_QUEUE).get(
+                timeout_s=30
+            )
         store.put_if_absent("staging:b", sealed[:-3], 30)
         with pytest.raises(errors.TamperedMessage):
             executor.submit(ADMIT_UPLOAD, kwargs | {"staging_key": "staging:b"}, DEFAULT_QUEUE).get(
