@@ -325,9 +325,10 @@ def test_agent_cut_off_for_good_is_dropped_as_offline_and_the_job_completes_with
 @pytest.mark.xfail(
     strict=False,  # what is in flight when Redis dies depends on timing
     raises=AssertionError,
-    reason="backend/agent defect: Redis runs without persistence (as docker-compose.yml configures it), so "
-    "its restart loses the step messages in flight; the agent's result long-poll gets 500 during the "
-    "outage, then 404 upload_not_found, and the agent exits 8 instead of redoing the step",
+    reason="backend defect: Redis runs without persistence (as docker-compose.yml configures it), and its "
+    "restart loses the job's worker spec (published once, at start) and the step messages in flight: "
+    "uploads then get 404 job_not_published, result long-polls 500 then 404 upload_not_found, and the "
+    "agent exits 8",
 )
 def test_redis_restarted_mid_round_the_job_completes(tmp_path: Path, fault_database_url: str) -> None:
     """A private `redis-server` on a free port (no persistence, like docker-compose.yml's: its queues,
