@@ -215,7 +215,7 @@ def test_backend_sigkilled_mid_round_and_restarted_the_job_completes_applying_ev
     PostgreSQL database while the agents retry (their StepClient backoff: 6 retries, 0.25 s doubling to
     8 s, at least ~8 s in all; the outage lasts the 1 s pause plus the restart). The agents are frozen
     (SIGSTOP) for the kill itself, so that no upload is half-way through the backend when it dies: that
-    case is the next test's (a backend defect)."""
+    case is the next test's."""
     stack.enroll_agents([stack.serve.base_url] * AGENTS)
     job_id = stack.start_job()
     stack.wait_for_position(0, job_id, 1, 1)
@@ -232,18 +232,12 @@ def test_backend_sigkilled_mid_round_and_restarted_the_job_completes_applying_ev
     assert restart_s < 30, restart_s
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="backend defect: an upload whose admission (the Redis sequence guard) ran but whose blob was "
-    "never stored, because the backend died in between, is refused for good: its identical retry gets "
-    "409 replayed_message, the agent exits 7 (conflict) and the round cannot finish",
-)
 def test_backend_sigkilled_while_an_upload_awaits_admission_the_retry_is_accepted(stack: Stack) -> None:
     """The worker is frozen (SIGSTOP) so that the next upload waits for its admission task in the backend;
     the backend is SIGKILLed then, the worker thawed (it admits the staged upload: the sequence number is
     taken) and the backend restarted. The agent's retry of the same sealed bytes must be taken as the
-    identical duplicate it is, and the job must complete with every step applied once."""
+    identical duplicate it is, and the job must complete with every step applied once. (Before df8aced the
+    sequence guard refused it for good: 409 replayed_message, the agent exited 7, the round never ended.)"""
     stack.enroll_agents([stack.serve.base_url] * AGENTS)
     job_id = stack.start_job()
     stack.wait_for_position(0, job_id, 1, 1)
