@@ -233,15 +233,16 @@ def test_backend_sigkilled_mid_round_and_restarted_the_job_completes_applying_ev
 
 
 def test_backend_sigkilled_while_an_upload_awaits_admission_the_retry_is_accepted(stack: Stack) -> None:
-    """The worker is frozen (SIGSTOP) so that the next upload waits for its admission task in the backend;
+    """The worker is frozen (SIGSTOP) so that an upload waits for its admission task in the backend;
     the backend is SIGKILLed then, the worker thawed (it admits the staged upload: the sequence number is
     taken) and the backend restarted. The agent's retry of the same sealed bytes must be taken as the
     identical duplicate it is, and the job must complete with every step applied once. (Before df8aced the
     sequence guard refused it for good: 409 replayed_message, the agent exited 7, the round never ended.)"""
     stack.enroll_agents([stack.serve.base_url] * AGENTS)
     job_id = stack.start_job()
-    stack.wait_for_position(0, job_id, 1, 1)
     worker = stack.workers.processes[0]
+    # Frozen as soon as the round opens: the agents' first uploads (round 1, step 0) must wait for it.
+    # Freezing it later races the agents: both may be long-polling results, with no upload to catch.
     worker.send_signal(signal.SIGSTOP)
     try:
         wait_until(lambda: staged_uploads(stack.serve.redis_url), 60, "an upload awaiting admission")
@@ -341,7 +342,7 @@ def test_redis_restarted_mid_round_the_job_completes(tmp_path: Path, fault_datab
         stack.wait_for_position(0, job_id, 1, 1)
         private.kill()
         private.start()
-        stack.wait_agents_done()
+        stack.wait_agents_done(timeout=90)  # it passes in 20-50 s; a stuck run must not take minutes
         assert_completed_cleanly(stack, job_id)
     finally:
         stack.close()
