@@ -60,3 +60,25 @@ def fetch_page(session: Session, query: sa.Select[Row], *, limit: int, offset: i
     """One page of an ordered query and the total count of its rows (for `Page` responses)."""
     total = session.scalar(sa.select(sa.func.count()).select_from(query.order_by(None).subquery())) or 0
     return list(session.scalars(query.limit(limit).offset(offset)).all()), total
+
+
+def fresh_postgres_schema(server_url: str, schema: str) -> str:
+    """Drop and create `schema` in a PostgreSQL database; returns a URL whose search_path is that schema.
+
+    A schema of its own keeps a test run or a benchmark apart from others that use the same database, and is
+    much faster to recreate than a database.
+    """
+    engine = sa.create_engine(server_url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+    with engine.connect() as conn:
+        conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    engine.dispose()
+    url = sa.engine.make_url(server_url).update_query_dict({"options": f"-csearch_path={schema}"})
+    return url.render_as_string(hide_password=False)
+
+
+def drop_postgres_schema(server_url: str, schema: str) -> None:
+    engine = sa.create_engine(server_url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+    with engine.connect() as conn:
+        conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+    engine.dispose()

@@ -27,7 +27,6 @@ import math
 import os
 import random
 import ssl
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,7 +40,7 @@ from typing import Any
 
 import httpx
 
-from apps.bench.stack import free_port
+from apps.bench.stack import ServedBackend, serve_subprocesses
 
 DEFAULT_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 REDIS_URL = "redis://127.0.0.1:6379/11"  # a database of its own (stack bench: 13, tests: 15)
@@ -152,35 +151,6 @@ def percentile(values: list[float], q: float) -> float | None:
 # ---- the backend ------------------------------------------------------------------------------------
 
 
-def fresh_schema(server_url: str, schema: str) -> str:
-    """Create `schema` (dropping a leftover); returns a URL whose search_path is that schema."""
-    import sqlalchemy as sa
-
-    engine = sa.create_engine(server_url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
-    with engine.connect() as conn:
-        conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    engine.dispose()
-    url = sa.engine.make_url(server_url).update_query_dict({"options": f"-csearch_path={schema}"})
-    return url.render_as_string(hide_password=False)
-
-
-def drop_schema(server_url: str, schema: str) -> None:
-    import sqlalchemy as sa
-
-    engine = sa.create_engine(server_url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
-    with engine.connect() as conn:
-        conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-    engine.dispose()
-
-
-@dataclass
-class LoadBackend:
-    base_url: str
-    ca_cert: Path
-    serve_pid: int
-
-
 def peak_rss_bytes(pid: int) -> int | None:
     """VmHWM (peak resident set) of process `pid`, in bytes; None where /proc does not tell."""
     try:
@@ -193,14 +163,11 @@ def peak_rss_bytes(pid: int) -> int | None:
 
 
 @contextmanager
-def running_backend(work_dir: Path, database_url: str) -> Iterator[LoadBackend]:
+def running_backend(work_dir: Path, database_url: str) -> Iterator[ServedBackend]:
     """`flglm serve --self-signed` on `database_url` and one `flglm worker --replica 0`, Celery on Redis."""
     import redis
 
-    from backend.tls import ensure_self_signed
-
     data_dir = work_dir / "backend"
-    tls = ensure_self_signed(data_dir / "tls")
     redis.Redis.from_url(REDIS_URL).flushdb()  # queues, blobs and replay guards of an earlier run go
     env = {
         **os.environ,
@@ -216,47 +183,11 @@ def running_backend(work_dir: Path, database_url: str) -> Iterator[LoadBackend]:
         "FLGLM_RATE_LIMIT_BURST": "100000",
         "FLGLM_RATE_LIMIT_PER_MINUTE": "1000000",
     }
-    port = free_port()
-    cli = [sys.executable, "-m", "apps.cli.main"]
-    log = (work_dir / "backend.log").open("ab")
-    processes: list[subprocess.Popen[bytes]] = []
+    worker = ["--replica", "0", "--loglevel", "warning", "--hostname", "flglm-bench-load-r0@%h"]
     try:
-        processes.append(
-            subprocess.Popen(
-                [*cli, "serve", "--self-signed", "--data-dir", str(data_dir), "--port", str(port)],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        )
-        worker = [*cli, "worker", "--replica", "0", "--loglevel", "warning"]
-        worker += ["--hostname", "flglm-bench-load-r0@%h"]
-        processes.append(subprocess.Popen(worker, env=env, stdout=log, stderr=subprocess.STDOUT))
-        base_url = f"https://localhost:{port}"
-        with httpx.Client(base_url=base_url, verify=str(tls.ca_cert), timeout=30) as probe:
-            deadline = time.monotonic() + 90
-            while True:
-                if processes[0].poll() is not None:
-                    raise RuntimeError(f"flglm serve exited; see {work_dir / 'backend.log'}")
-                try:
-                    if probe.get("/api/v1/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError("flglm serve did not answer /api/v1/health within 90 s")
-                time.sleep(0.3)
-        yield LoadBackend(base_url, tls.ca_cert, processes[0].pid)
+        with serve_subprocesses(work_dir, data_dir, env, [worker]) as served:
+            yield served
     finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        log.close()
         redis.Redis.from_url(REDIS_URL).flushdb()
 
 
@@ -378,7 +309,7 @@ async def _every(interval_s: float, deadline: float, action: Callable[[], Any]) 
 
 async def _agent(
     agent: SimAgent,
-    backend: LoadBackend,
+    backend: ServedBackend,
     tls: ssl.SSLContext,
     config: LoadBenchConfig,
     recorder: Recorder,
@@ -453,7 +384,7 @@ async def _progress(recorder: Recorder, started: float, deadline: float, log: Ca
         log(f"load: {time.monotonic() - started:5.1f} s, {requests} requests, {errors} errors")
 
 
-async def _run(config: LoadBenchConfig, backend: LoadBackend, log: Callable[[str], None]) -> dict[str, Any]:
+async def _run(config: LoadBenchConfig, backend: ServedBackend, log: Callable[[str], None]) -> dict[str, Any]:
     from flglm.protocol import AGENT_JOB_PATH, API_PREFIX, INVITATION_DECISION_PATH
 
     tls = ssl.create_default_context(cafile=str(backend.ca_cert))
@@ -542,10 +473,12 @@ def run_load_bench(
     config: LoadBenchConfig, work_dir: Path | None = None, log: Callable[[str], None] | None = None
 ) -> dict[str, Any]:
     """Every figure of `flglm bench load` as one JSON-able dict (backend log under `work_dir` if given)."""
+    from backend.db import drop_postgres_schema, fresh_postgres_schema
+
     say = log or (lambda message: print(message, file=sys.stderr, flush=True))
     server_url = config.resolved_database_url()
     schema = f"flglm_bench_load_{uuid.uuid4().hex[:10]}"
-    database_url = fresh_schema(server_url, schema)
+    database_url = fresh_postgres_schema(server_url, schema)
     try:
         with tempfile.TemporaryDirectory(prefix="flglm-bench-load-") as scratch:
             root = work_dir or Path(scratch)
@@ -555,7 +488,7 @@ def run_load_bench(
                 outcome = asyncio.run(_run(config, backend, say))
                 peak_rss = peak_rss_bytes(backend.serve_pid)
     finally:
-        drop_schema(server_url, schema)
+        drop_postgres_schema(server_url, schema)
     recorder: Recorder = outcome["recorder"]
     elapsed = float(outcome["elapsed_s"])
     routes = {name: _route_figures(name, stats, elapsed) for name, stats in recorder.routes.items()}

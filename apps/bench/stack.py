@@ -130,54 +130,48 @@ class BenchBackend:
         return response.json() if response.content else None
 
 
+@dataclass
+class ServedBackend:
+    base_url: str
+    ca_cert: Path
+    serve_pid: int
+
+
 @contextmanager
-def running_backend(work_dir: Path, threads: int, executor: str, replicas: int) -> Iterator[BenchBackend]:
-    """`flglm serve --self-signed` (and, for Celery, one `flglm worker` per replica) as subprocesses."""
+def serve_subprocesses(
+    work_dir: Path, data_dir: Path, env: dict[str, str], worker_args: Sequence[Sequence[str]] = ()
+) -> Iterator[ServedBackend]:
+    """`flglm serve --self-signed` on a free port and one `flglm worker ARGS` per entry of `worker_args`, as
+    subprocesses logging to <work_dir>/backend.log; yields once /api/v1/health answers; stops them after."""
     from backend.tls import ensure_self_signed
 
-    data_dir = work_dir / "backend"
     tls = ensure_self_signed(data_dir / "tls")
-    if executor == "celery":
-        import redis
-
-        # A fresh SQLite numbers jobs from 1 again: blobs and replay guards of an earlier run must go.
-        redis.Redis.from_url(REDIS_URL).flushdb()
-    env = bench_env(threads, data_dir, executor)
     port = free_port()
     cli = [sys.executable, "-m", "apps.cli.main"]
-    processes = []
-    log = (work_dir / "backend.log").open("ab")
+    log_path = work_dir / "backend.log"
+    log = log_path.open("ab")
+    processes: list[subprocess.Popen[bytes]] = []
     try:
-        processes.append(
-            subprocess.Popen(
-                [*cli, "serve", "--self-signed", "--data-dir", str(data_dir), "--port", str(port)],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        )
-        if executor == "celery":
-            for replica in range(replicas):
-                worker = [*cli, "worker", "--replica", str(replica), "--loglevel", "warning"]
-                worker += ["--hostname", f"flglm-bench-r{replica}@%h"]
-                if replica > 0:
-                    worker.append("--no-default-queue")
-                processes.append(subprocess.Popen(worker, env=env, stdout=log, stderr=subprocess.STDOUT))
+        serve = [*cli, "serve", "--self-signed", "--data-dir", str(data_dir), "--port", str(port)]
+        processes.append(subprocess.Popen(serve, env=env, stdout=log, stderr=subprocess.STDOUT))
+        for args in worker_args:
+            worker = [*cli, "worker", *args]
+            processes.append(subprocess.Popen(worker, env=env, stdout=log, stderr=subprocess.STDOUT))
         base_url = f"https://localhost:{port}"
-        with httpx.Client(base_url=base_url, verify=str(tls.ca_cert), timeout=60) as admin:
+        with httpx.Client(base_url=base_url, verify=str(tls.ca_cert), timeout=30) as probe:
             deadline = time.monotonic() + 90
             while True:
                 if processes[0].poll() is not None:
-                    raise RuntimeError(f"flglm serve exited; see {work_dir / 'backend.log'}")
+                    raise RuntimeError(f"flglm serve exited; see {log_path}")
                 try:
-                    if admin.get("/api/v1/health").status_code == 200:
+                    if probe.get("/api/v1/health").status_code == 200:
                         break
                 except httpx.TransportError:
                     pass
                 if time.monotonic() > deadline:
                     raise RuntimeError("flglm serve did not answer /api/v1/health within 90 s")
                 time.sleep(0.3)
-            yield BenchBackend(base_url, tls.ca_cert, admin)
+        yield ServedBackend(base_url, tls.ca_cert, processes[0].pid)
     finally:
         for process in processes:
             process.terminate()
@@ -186,7 +180,35 @@ def running_backend(work_dir: Path, threads: int, executor: str, replicas: int) 
                 process.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 process.kill()
+                process.wait()
         log.close()
+
+
+@contextmanager
+def running_backend(work_dir: Path, threads: int, executor: str, replicas: int) -> Iterator[BenchBackend]:
+    """`flglm serve --self-signed` (and, for Celery, one `flglm worker` per replica) as subprocesses."""
+    data_dir = work_dir / "backend"
+    workers = []
+    if executor == "celery":
+        import redis
+
+        # A fresh SQLite numbers jobs from 1 again: blobs and replay guards of an earlier run must go.
+        redis.Redis.from_url(REDIS_URL).flushdb()
+        for replica in range(replicas):
+            args = [
+                "--replica",
+                str(replica),
+                "--loglevel",
+                "warning",
+                "--hostname",
+                f"flglm-bench-r{replica}@%h",
+            ]
+            workers.append(args + (["--no-default-queue"] if replica > 0 else []))
+    with (
+        serve_subprocesses(work_dir, data_dir, bench_env(threads, data_dir, executor), workers) as served,
+        httpx.Client(base_url=served.base_url, verify=str(served.ca_cert), timeout=60) as admin,
+    ):
+        yield BenchBackend(served.base_url, served.ca_cert, admin)
 
 
 class CentralizedReference:

@@ -12,9 +12,9 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
+from backend.db import drop_postgres_schema, fresh_postgres_schema
 from backend.migrate import MIGRATIONS_DIR, downgrade, upgrade, upgrade_to_head
 from backend.models import Base
-from tests.support.control_plane import drop_postgres_schema, fresh_postgres_schema
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

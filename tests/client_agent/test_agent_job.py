@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from flglm.data import load_examples, tokenize_examples
 from flglm.models import load_tokenizer
-from tests.support.agent_processes import LABELS, MODEL_REF, make_agent, wait_for
+from tests.support.agent_processes import LABELS, MODEL_REF, make_agent, wait_until
 from tests.support.capture_proxy import CaptureProxy
 from tests.support.control_plane import Api, LiveServer, job_spec
 
@@ -82,13 +82,13 @@ def test_three_agents_train_two_rounds_with_a_crash_and_an_unapproved_peer(
         def started() -> bool:
             return api.post(f"/jobs/{job_id}/start").status_code == 200
 
-        wait_for(started, 60, "the job to start (three approved agents online)")
+        wait_until(started, 60, "the job to start (three approved agents online)")
 
         def mid_round_one() -> bool:
             position = agents[0].position(job_id)
             return position is not None and position["round_number"] == 1 and position["next_step"] == 1
 
-        wait_for(mid_round_one, 120, "agent 0 to finish its first step")
+        wait_until(mid_round_one, 120, "agent 0 to finish its first step")
         processes[0].send_signal(signal.SIGKILL)
         processes[0].wait(timeout=10)
         processes[0] = agents[0].start_run("--stop-when-done")

@@ -23,7 +23,7 @@ from flglm import protocol
 from flglm.step_messages import open_adapters
 from flglm.step_protocol import client_adapters_ref
 from flglm.wire.keys import derive_channel_keys, load_private_key, public_key_from_b64
-from tests.support.agent_processes import LABELS, MODEL_REF, make_agent, wait_for
+from tests.support.agent_processes import LABELS, MODEL_REF, make_agent, wait_until
 from tests.support.capture_proxy import CaptureProxy
 from tests.support.control_plane import Api, LiveServer, job_spec
 from tests.support.step_agents import published_spec
@@ -156,13 +156,13 @@ def test_private_input_block_stays_with_each_agent(
 
     processes = [agent.start_run("--stop-when-done") for agent in agents]
     try:
-        wait_for(lambda: api.post(f"/jobs/{job_id}/start").status_code == 200, 60, "the job to start")
+        wait_until(lambda: api.post(f"/jobs/{job_id}/start").status_code == 200, 60, "the job to start")
 
         def after_first_step() -> bool:
             position = agents[0].position(job_id)
             return position is not None and position["next_step"] == 1
 
-        wait_for(after_first_step, 120, "agent 0 to finish its first step")
+        wait_until(after_first_step, 120, "agent 0 to finish its first step")
         seed_before = (agents[0].job_dir(job_id) / "private_seed").read_text()
         processes[0].send_signal(signal.SIGKILL)  # a restart must rebuild the same private block
         processes[0].wait(timeout=10)

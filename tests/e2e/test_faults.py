@@ -27,17 +27,16 @@ from typing import Any
 import pytest
 import redis
 
-from tests.support.agent_processes import LABELS, MODEL_REF, AgentProcess
+from backend.db import drop_postgres_schema, fresh_postgres_schema
+from tests.support.agent_processes import LABELS, MODEL_REF, AgentProcess, make_agent_process, wait_until
 from tests.support.celery_workers import WorkerProcesses
-from tests.support.control_plane import Api, drop_postgres_schema, fresh_postgres_schema, job_spec
+from tests.support.control_plane import Api, job_spec
 from tests.support.fault_stack import (
     CuttableProxy,
     PrivateRedis,
     ServeProcess,
     flushed_redis_db,
-    make_agent_process,
     replica_counters,
-    wait_until,
 )
 
 pytestmark = pytest.mark.slow

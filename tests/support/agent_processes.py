@@ -7,8 +7,10 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tests.support.control_plane import Api, LiveServer, enrollment_token
 
@@ -82,17 +84,21 @@ def owner_rows(owner: int) -> list[dict[str, str]]:
     ]
 
 
-def wait_for(condition: object, timeout: float, what: str) -> None:
+def wait_until(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.2) -> Any:
+    """Poll `condition` until it returns something truthy (returned); fails after `timeout` seconds."""
     deadline = time.monotonic() + timeout
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(interval)
 
 
-def make_agent(
-    tmp_path: Path, api: Api, live: LiveServer, name: str, index: int, server_url: str
+def make_agent_process(
+    tmp_path: Path, api: Api, ca_cert: Path, name: str, index: int, server_url: str
 ) -> AgentProcess:
-    """`flglm agent enroll` with `owner_rows(index)` as its data file; its state files must be private."""
+    """`flglm agent enroll` (through `server_url`, e.g. a proxy) with `owner_rows(index)` as its data."""
     agent = AgentProcess(
         name,
         tmp_path / f"state-{name}",
@@ -101,9 +107,17 @@ def make_agent(
     )
     done = agent.cli(
         "enroll", "--server", server_url, "--token", enrollment_token(api, name),
-        "--ca-cert", str(live.tls.ca_cert), "--name", name,
+        "--ca-cert", str(ca_cert), "--name", name,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
+    return agent
+
+
+def make_agent(
+    tmp_path: Path, api: Api, live: LiveServer, name: str, index: int, server_url: str
+) -> AgentProcess:
+    """`make_agent_process` against a live server; the agent's state files must be private."""
+    agent = make_agent_process(tmp_path, api, live.tls.ca_cert, name, index, server_url)
     assert (agent.state_dir / "credential.json").stat().st_mode & 0o777 == 0o600
     assert (agent.state_dir / "client_key.pem").stat().st_mode & 0o777 == 0o600
     return agent

@@ -19,6 +19,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from apps.server import create_server_app
+from backend.db import drop_postgres_schema, fresh_postgres_schema
 from backend.migrate import upgrade_to_head
 from backend.models import Base
 from backend.settings import Settings
@@ -29,28 +30,6 @@ from flglm.wire.keys import generate_private_key, public_key_to_b64
 ADMIN_TOKEN = "flglm_at_test-admin-token"
 # One schema per test process: two runs on one machine (a CI clone beside a working copy) never share one.
 PG_SCHEMA = f"flglm_test_backend_{os.getpid()}"
-
-
-def drop_postgres_schema(server_url: str, schema: str) -> None:
-    engine = sa.create_engine(server_url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
-    with engine.connect() as conn:
-        conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-    engine.dispose()
-
-
-def fresh_postgres_schema(server_url: str, schema: str) -> str:
-    """Drop and create `schema` in the shared test database; returns a URL whose search_path is that schema.
-
-    A dedicated schema keeps these tests apart from other suites that use the same database, and is much
-    faster to recreate than a database.
-    """
-    engine = sa.create_engine(server_url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
-    with engine.connect() as conn:
-        conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    engine.dispose()
-    url = sa.engine.make_url(server_url).update_query_dict({"options": f"-csearch_path={schema}"})
-    return url.render_as_string(hide_password=False)
 
 
 @pytest.fixture(scope="session", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,22 +26,11 @@ import redis
 from flglm.contracts.dispatch import CeleryDispatcher
 from flglm.contracts.tasks import REPLICA_COUNTERS
 from flglm.step_protocol import replica_queue
-from tests.support.agent_processes import AgentProcess, owner_rows, write_jsonl
-from tests.support.control_plane import Api, enrollment_token, free_port
+from tests.support.agent_processes import wait_until
+from tests.support.control_plane import Api, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 ADMIN = "flglm_at_fault-test-admin"
-
-
-def wait_until(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.2) -> Any:
-    """Poll `condition` until it returns something truthy (returned); fails after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
-        time.sleep(interval)
 
 
 @dataclass
@@ -135,24 +123,6 @@ class ServeProcess:
     def api(self) -> Api:
         """A fresh admin client (a new pool: the old one may hold connections to a dead process)."""
         return Api(httpx.Client(base_url=self.base_url, verify=str(self.ca_cert), timeout=30), ADMIN)
-
-
-def make_agent_process(
-    tmp_path: Path, api: Api, ca_cert: Path, name: str, index: int, server_url: str
-) -> AgentProcess:
-    """`flglm agent enroll` (through `server_url`, e.g. a proxy) with `owner_rows(index)` as its data."""
-    agent = AgentProcess(
-        name,
-        tmp_path / f"state-{name}",
-        write_jsonl(tmp_path / f"{name}.jsonl", owner_rows(index)),
-        tmp_path / f"{name}.log",
-    )
-    done = agent.cli(
-        "enroll", "--server", server_url, "--token", enrollment_token(api, name),
-        "--ca-cert", str(ca_cert), "--name", name,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    return agent
 
 
 def replica_counters(redis_url: str, job_id: int, load: bool = True) -> dict[str, Any]:
