@@ -5,6 +5,8 @@ from __future__ import annotations
 import select
 import socket
 import ssl
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -31,14 +33,32 @@ def test_declared_oversize_body_is_413_with_the_error_shape(api: Api) -> None:
     assert _job_count(api) == 0
 
 
-def test_streamed_oversize_body_is_refused_before_it_ends(live_server: LiveServer) -> None:
-    """Chunked upload over TLS: the 413 arrives while the body is still open, so nothing buffered it all."""
+@contextmanager
+def raw_tls(live_server: LiveServer) -> Iterator[ssl.SSLSocket]:
+    """A TLS socket to the live server, to write requests byte by byte (chunks sent or withheld)."""
     host, port = "localhost", int(live_server.base_url.rsplit(":", 1)[1])
     context = ssl.create_default_context(cafile=str(live_server.tls.ca_cert))
     with (
         socket.create_connection((host, port), timeout=20) as raw,
         context.wrap_socket(raw, server_hostname=host) as tls,
     ):
+        yield tls
+
+
+def read_error_response(tls: ssl.SSLSocket) -> bytes:
+    """The raw response up to the end of its JSON error body (or the connection's end)."""
+    response = b""
+    while b"}}" not in response:
+        more = tls.recv(65536)
+        if not more:
+            break
+        response += more
+    return response
+
+
+def test_streamed_oversize_body_is_refused_before_it_ends(live_server: LiveServer) -> None:
+    """Chunked upload over TLS: the 413 arrives while the body is still open, so nothing buffered it all."""
+    with raw_tls(live_server) as tls:
         head = (
             "POST /api/v1/jobs HTTP/1.1\r\nHost: localhost\r\n"
             f"Authorization: Bearer {ADMIN_TOKEN}\r\n"
@@ -58,12 +78,7 @@ def test_streamed_oversize_body_is_refused_before_it_ends(live_server: LiveServe
             except (BrokenPipeError, ConnectionResetError, TimeoutError, ssl.SSLError):
                 break  # the server answered and closed; read the answer below
             sent += len(chunk)
-        response = b""
-        while b"}}" not in response:
-            more = tls.recv(65536)
-            if not more:
-                break
-            response += more
+        response = read_error_response(tls)
     assert response.startswith(b"HTTP/1.1 413"), response[:200]
     assert b'"body_too_large"' in response
     assert sent < 50 * LIMIT  # the server answered long before we would have stopped
@@ -179,23 +194,13 @@ def test_a_forged_forwarded_for_does_not_dodge_the_rate_limit(served: tuple[str,
 def test_an_anonymous_body_is_refused_before_a_byte_of_it_is_read(live_server: LiveServer) -> None:
     """FastAPI parses a JSON body before the route's dependencies run: anonymous megabytes used to be read
     and parsed (then a 422). Now the 401 comes with the body's first chunk still unanswered-for."""
-    host, port = "localhost", int(live_server.base_url.rsplit(":", 1)[1])
-    context = ssl.create_default_context(cafile=str(live_server.tls.ca_cert))
-    with (
-        socket.create_connection((host, port), timeout=20) as raw,
-        context.wrap_socket(raw, server_hostname=host) as tls,
-    ):
+    with raw_tls(live_server) as tls:
         head = (
             "POST /api/v1/jobs HTTP/1.1\r\nHost: localhost\r\n"
             "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
         )
         tls.sendall(head.encode() + b'8\r\n{"name":\r\n')  # then nothing: the body never ends
-        response = b""
-        while b"}}" not in response:
-            more = tls.recv(65536)
-            if not more:
-                break
-            response += more
+        response = read_error_response(tls)
     assert response.startswith(b"HTTP/1.1 401"), response[:200]
     assert b'"missing_credential"' in response
     with live_server.client() as client:

@@ -23,11 +23,17 @@ from backend.housekeeping import run_housekeeping
 from backend.models import utc_now
 from backend.settings import Settings
 from backend.steps.relay import StepRelay
-from flglm.agent_step import run_client_eval_forward, run_client_step
+from flglm.agent_step import ClientChannel, run_client_eval_forward, run_client_step
 from flglm.contracts.blob_store import InMemoryBlobStore
 from flglm.step_client import StepConflict, StepHttpError
 from flglm.step_messages import seal_activations, seal_hidden
-from flglm.step_protocol import STEP_MESSAGE_PATH, STEP_RESULT_PATH, MessageDirection, MessageRef
+from flglm.step_protocol import (
+    STEP_MESSAGE_PATH,
+    STEP_RESULT_PATH,
+    MessageDirection,
+    MessageRef,
+    UploadReceipt,
+)
 from tests.support.control_plane import Api, LiveServer
 from tests.support.step_agents import (
     DataOwner,
@@ -285,11 +291,13 @@ def test_hostile_step_input_gets_a_clear_4xx_and_stores_nothing(
     channel.client.close()
 
 
-def test_long_poll_answers_204_with_retry_after_while_the_batch_waits(
+def upload_a_forward_that_waits(
     live_server: LiveServer, api: Api
-) -> None:
+) -> tuple[DataOwner, ClientChannel, MessageRef, UploadReceipt]:
+    """One owner's first forward of a `client_batch` job whose batch waits (30 s window) for all three
+    clients: its result long-polls answer 204 until the window ends."""
     owners = owners_of(api)
-    job_id = start_job(api, owners, "client_batch")  # the batch waits (30 s window) for all three clients
+    job_id = start_job(api, owners, "client_batch")
     owner = owners[0]
     channel = owner.channel(live_server, job_id, server_public_key(api, owner, job_id))
     batch = client_batch(owner.client_id, 0)
@@ -298,6 +306,13 @@ def test_long_poll_answers_204_with_retry_after_while_the_batch_waits(
     receipt = channel.client.upload(
         forward, seal_activations(channel.keys, forward, h0, batch["attention_mask"], torch.float32)
     )
+    return owner, channel, forward, receipt
+
+
+def test_long_poll_answers_204_with_retry_after_while_the_batch_waits(
+    live_server: LiveServer, api: Api
+) -> None:
+    owner, channel, forward, receipt = upload_a_forward_that_waits(live_server, api)
     assert receipt.outcome == "stored" and receipt.result_path is not None
     waiting = api.as_(owner.credential).get(receipt.result_path, params={"wait_s": 0.3})
     assert waiting.status_code == 204 and waiting.headers["Retry-After"] == "0"
@@ -328,16 +343,7 @@ def test_waiting_requests_hold_no_database_connection(live_server: LiveServer, a
     """A round's worth of agents long-polling at once (more than the pool holds) must leave the pool free:
     the access check runs in a brief session of its own, released before the wait starts. An operator's
     page keeps answering meanwhile, and every long-poll answers its 204."""
-    owners = owners_of(api)
-    job_id = start_job(api, owners, "client_batch")  # the batch waits (30 s window) for all three clients
-    owner = owners[0]
-    channel = owner.channel(live_server, job_id, server_public_key(api, owner, job_id))
-    batch = client_batch(owner.client_id, 0)
-    forward = channel.ref(1, 0, MessageDirection.activations)
-    h0 = owner.trainer.forward_front(batch)  # (batch, seq, hidden)
-    receipt = channel.client.upload(
-        forward, seal_activations(channel.keys, forward, h0, batch["attention_mask"], torch.float32)
-    )
+    owner, channel, _, receipt = upload_a_forward_that_waits(live_server, api)
     assert receipt.result_path is not None
     pool = live_server.app.state.engine.pool
     waiters = 24  # more than SQLite's QueuePool holds (5 + 10 overflow)

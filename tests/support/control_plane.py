@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from apps.bench.stack import free_port as free_port  # one free-port finder for benches and tests
 from apps.server import create_server_app
 from backend.db import drop_postgres_schema, fresh_postgres_schema
 from backend.migrate import upgrade_to_head
@@ -209,13 +209,6 @@ def running_job(api: Api, agents: list[Agent], **overrides: Any) -> int:
     api.ok("POST", f"/jobs/{job['id']}/start")
     job_id: int = job["id"]
     return job_id
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass
