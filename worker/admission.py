@@ -37,7 +37,7 @@ from flglm.wire.codec import parse_wire_dtype
 from flglm.wire.directions import Direction
 from flglm.wire.errors import ReplayError, WireError
 from flglm.wire.keys import derive_channel_keys, public_key_from_b64
-from flglm.wire.sequence import ReplayGuard, SequencedHeader, SequenceGuard
+from flglm.wire.sequence import SequencedHeader, SequenceGuard
 from worker.runtime import WorkerRuntime
 
 UPLOAD_DIRECTIONS = (
@@ -157,8 +157,5 @@ class IdenticalRetryGuard:
     def __init__(self, guard: SequenceGuard, digest: str) -> None:
         self._guard, self._digest = guard, digest
 
-    def accept(self, header: SequencedHeader) -> None:
-        if isinstance(self._guard, RedisSequenceGuard | ReplayGuard):
-            self._guard.accept(header, digest=self._digest)
-        else:
-            self._guard.accept(header)
+    def accept(self, header: SequencedHeader, digest: str = "") -> None:
+        self._guard.accept(header, digest=digest or self._digest)

@@ -81,7 +81,9 @@ class SequenceGuard(Protocol):
     message in Redis or SQL) so that every replica sees every accepted sequence.
     """
 
-    def accept(self, header: SequencedHeader) -> None: ...
+    def accept(self, header: SequencedHeader, digest: str = "") -> None:
+        """With a `digest` of the message's bytes, the same sequence with the same digest passes again."""
+        ...
 
 
 StreamKey = tuple[str, str, Direction]
