@@ -7,8 +7,6 @@ generation (front and back) there too: both are wired in here, and both import t
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from fastapi import FastAPI
 
@@ -18,16 +16,12 @@ from flglm.contracts.blob_store import BlobStore
 from flglm.contracts.dispatch import TaskDispatcher
 from flglm.generation_protocol import BodyTransport, SamplingConfig
 
-if TYPE_CHECKING:
-    from worker.executor import InProcessExecutor
-
 
 def inprocess_executor(store: BlobStore, server_key: X25519PrivateKey, settings: Settings) -> TaskDispatcher:
     """The embedded mode's dispatcher: the worker's task functions in this process (loads torch)."""
     from worker.executor import InProcessExecutor
 
-    executor: InProcessExecutor = InProcessExecutor(store, server_key, settings.replica_idle_ttl_s)
-    return executor
+    return InProcessExecutor(store, server_key, settings.replica_idle_ttl_s)
 
 
 def complete_prompts(
