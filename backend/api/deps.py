@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from backend.auth.schemas import Principal, Role
 from backend.auth.service import authenticate, hash_secret, note_api_token_use, require_role
+from backend.authenticate_first import PRINCIPAL_STATE
 from backend.errors import RateLimited
 from backend.limits import TokenBucketLimiter, retry_after
 from backend.models import utc_now
@@ -60,13 +61,21 @@ def get_settings_from_app(request: Request) -> Settings:
 SettingsDep = Annotated[Settings, Depends(get_settings_from_app)]
 
 
+def authenticated_already(request: Request) -> Principal | None:
+    """The principal `AuthenticateFirst` found for this request (requests with a body), if it ran."""
+    principal: Principal | None = request.scope.get("state", {}).get(PRINCIPAL_STATE)
+    return principal
+
+
 def get_principal(
     request: Request,
     session: SessionDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
 ) -> Principal:
     """Checked on every request (a revoked token or client is refused at once); API tokens note their use."""
-    principal = authenticate(session, credentials.credentials if credentials else None)
+    principal = authenticated_already(request) or authenticate(
+        session, credentials.credentials if credentials else None
+    )
     if principal.kind == "token":
         note_api_token_use(session, request.app.state.session_factory, principal.id, utc_now())
     return principal
@@ -93,8 +102,10 @@ def require_client_briefly(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
 ) -> Principal:
     """`ClientDep` for the routes that wait: authenticated in a `brief_session`, released at once."""
-    with brief_session(request) as session:
-        principal = authenticate(session, credentials.credentials if credentials else None)
+    principal = authenticated_already(request)
+    if principal is None:
+        with brief_session(request) as session:
+            principal = authenticate(session, credentials.credentials if credentials else None)
     return require_role(principal, Role.client)
 
 

@@ -10,12 +10,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import sqlalchemy as sa
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from apps.server import create_server_app
 from backend.limits import TokenBucketLimiter
 from backend.settings import Settings
-from tests.support.control_plane import ADMIN_TOKEN, Api, LiveServer, job_spec
+from tests.support.control_plane import ADMIN_TOKEN, Api, LiveServer, enroll, job_spec
 
 LIMIT = 64 * 1024  # the `settings` fixture's max_body_bytes
 
@@ -214,3 +216,21 @@ def test_an_anonymous_body_is_refused_before_a_byte_of_it_is_read(live_server: L
         )
         assert enroll.status_code == 401  # the anonymous route still reads its body: a bad enrollment token
         assert _job_count(http) == 0
+
+
+def test_a_body_request_looks_its_credential_up_once(api: Api, app: FastAPI) -> None:
+    """`AuthenticateFirst` checks the credential before the body is read and hands the principal on: the
+    route's dependencies do not query it a second time."""
+    agent = enroll(api, "counted")
+    lookups: list[str] = []
+
+    def count(conn: object, cursor: object, statement: str, *args: object) -> None:
+        if "WHERE clients.credential_hash" in statement:  # the credential lookup, not a read of the row
+            lookups.append(statement)
+
+    sa.event.listen(app.state.engine, "before_cursor_execute", count)
+    try:
+        agent.api.ok("POST", "/agent/heartbeat", json={})
+    finally:
+        sa.event.remove(app.state.engine, "before_cursor_execute", count)
+    assert len(lookups) == 1, lookups
