@@ -64,6 +64,7 @@ def serve(
             "flglm: WARNING serving plain HTTP; use --self-signed or a certificate outside tests", err=True
         )
     app = create_server_app(settings)
+    proxies = trusted_proxies(settings)
     uvicorn.run(
         app,
         host=host,
@@ -71,8 +72,8 @@ def serve(
         ssl_certfile=str(certfile) if certfile else None,
         ssl_keyfile=str(keyfile) if keyfile else None,
         log_level="info",
-        proxy_headers=bool(trusted_proxies(settings)),
-        forwarded_allow_ips=trusted_proxies(settings) or "",
+        proxy_headers=bool(proxies),
+        forwarded_allow_ips=proxies or "",
     )
 
 

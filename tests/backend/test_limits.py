@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import pytest
 import sqlalchemy as sa
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
@@ -177,20 +178,31 @@ def test_the_rate_limiter_forgets_refilled_buckets_and_never_grows_past_its_boun
     assert full.acquire("k-new", now=0.5) > 0 and full.bucket_count() == 4
 
 
-def test_a_forged_forwarded_for_does_not_dodge_the_rate_limit(served: tuple[str, Path]) -> None:
-    """`flglm serve` believes X-Forwarded-For only from FLGLM_TRUSTED_PROXIES (none by default): a client on
-    the host rotating that header used to get a fresh bucket on every request."""
+def forwarded_for_statuses(served: tuple[str, Path]) -> list[int]:
+    """15 enrollments from this host, each claiming another address in X-Forwarded-For (default burst: 10)."""
     base_url, ca_cert = served
-    statuses = []
     with httpx.Client(base_url=base_url, verify=str(ca_cert)) as http:
-        for index in range(15):  # the default burst is 10
-            response = http.post(
+        return [
+            http.post(
                 "/api/v1/agent/enroll",
                 json={"token": "flglm_et_nope", "public_key": "B" * 43 + "="},
                 headers={"X-Forwarded-For": f"203.0.113.{index}"},
-            )
-            statuses.append(response.status_code)
+            ).status_code
+            for index in range(15)
+        ]
+
+
+def test_a_forged_forwarded_for_does_not_dodge_the_rate_limit(served: tuple[str, Path]) -> None:
+    """`flglm serve` believes X-Forwarded-For only from FLGLM_TRUSTED_PROXIES (none by default): a client on
+    the host rotating that header used to get a fresh bucket on every request."""
+    statuses = forwarded_for_statuses(served)
     assert 429 in statuses and statuses[-1] == 429, statuses
+
+
+@pytest.mark.parametrize("served_env", [{"FLGLM_TRUSTED_PROXIES": "127.0.0.1"}])
+def test_a_trusted_proxy_forwards_each_clients_own_address(served: tuple[str, Path]) -> None:
+    """Behind a configured proxy each forwarded address has its own bucket: none of the 15 is limited."""
+    assert forwarded_for_statuses(served) == [401] * 15
 
 
 def test_an_anonymous_body_is_refused_before_a_byte_of_it_is_read(live_server: LiveServer) -> None:
@@ -234,3 +246,14 @@ def test_a_body_request_looks_its_credential_up_once(api: Api, app: FastAPI) -> 
     finally:
         sa.event.remove(app.state.engine, "before_cursor_execute", count)
     assert len(lookups) == 1, lookups
+
+
+def test_the_request_thread_pool_is_the_configured_size(settings: Settings) -> None:
+    """FLGLM_REQUEST_THREADS sizes the threads sync routes run on (anyio's default 40 deadlocked 200 agents on
+    the database pool in `flglm bench load`)."""
+    import anyio.to_thread
+
+    with TestClient(create_server_app(settings.model_copy(update={"request_threads": 77}))) as client:
+        assert client.portal is not None
+        size = client.portal.call(lambda: anyio.to_thread.current_default_thread_limiter().total_tokens)
+    assert size == 77

@@ -18,10 +18,21 @@ ADMIN = "flglm_at_cli-test-admin"
 
 
 @pytest.fixture
-def served(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+def served_env() -> dict[str, str]:
+    """Settings for the `served` process; a test overrides it with `@pytest.mark.parametrize`."""
+    return {}
+
+
+@pytest.fixture
+def served(tmp_path: Path, served_env: dict[str, str]) -> Iterator[tuple[str, Path]]:
     """A `flglm serve --self-signed` process on SQLite; yields (base URL, CA certificate)."""
     port = free_port()
-    env = {**os.environ, "FLGLM_BOOTSTRAP_ADMIN_TOKEN": ADMIN, "FLGLM_DEADLINE_CHECK_INTERVAL_S": "1"}
+    env = {
+        **os.environ,
+        "FLGLM_BOOTSTRAP_ADMIN_TOKEN": ADMIN,
+        "FLGLM_DEADLINE_CHECK_INTERVAL_S": "1",
+        **served_env,
+    }
     cmd = [sys.executable, "-m", "apps.cli.main", "serve", "--self-signed", "--port", str(port)]
     process = subprocess.Popen(
         [*cmd, "--data-dir", str(tmp_path / "data")],
