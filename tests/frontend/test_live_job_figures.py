@@ -213,8 +213,17 @@ def test_a_live_jobs_throughput_round_marks_and_adapter_are_true(
     # longer than half the window. The three clients reported the job's last step within milliseconds of
     # each other; the page's server is pinned to the instant of the last of those reports, its window to
     # that step.
+    # A typical step (the median by the clients' own step time): one step's duration is noise on a loaded
+    # machine, and a window of one slow step rightly reads slow; the check is about the estimator.
     metrics = dashboard.api.ok("GET", "/metrics", params={"job_id": job_id, "limit": 500})["items"]
-    one_step = [m for m in metrics if (m["round_number"], m["step"]) == (ROUNDS, STEPS - 1)]
+    steps: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    for metric in metrics:
+        steps.setdefault((metric["round_number"], metric["step"]), []).append(metric)
+    batched = sorted(
+        (group for group in steps.values() if len(group) == 3),
+        key=lambda group: sum(m["phase_timings_s"]["step"] for m in group),
+    )
+    one_step = batched[len(batched) // 2]
     assert len(one_step) == 3
     reported = sorted(datetime.fromisoformat(m["created_at"]) for m in one_step)
     window_s = (reported[-1] - reported[0]).total_seconds()
