@@ -56,7 +56,14 @@ from flglm.contracts.refusals import ConflictingDuplicate
 from flglm.data.batches import batch_at
 from flglm.data.files import DataError
 from flglm.data.tokens import collate
-from flglm.step_client import StepConflict, StepHttpError, StepUnauthorized
+from flglm.step_client import (
+    UPLOAD_NOT_FOUND,
+    StepConflict,
+    StepHttpError,
+    StepNotFound,
+    StepServerUnavailable,
+    StepUnauthorized,
+)
 from flglm.wire.codec import parse_wire_dtype
 from flglm.wire.keys import ClientKeyPair, derive_channel_keys, public_key_from_b64
 from flglm.wire.sequence import SequenceCounter
@@ -79,6 +86,12 @@ class RunOptions:
     poll_s: float = 2.0
     heartbeat_s: float = 15.0
     result_timeout_s: float = 600.0
+    # Ride out a server that is unreachable (connection errors, 5xx) for this long, resuming from the state
+    # directory as a restart would; exit 5 after. The server drops an agent silent for its heartbeat lease.
+    max_outage_s: float = 900.0
+
+
+MAX_OUTAGE_PAUSE_S = 15.0  # between two tries during an outage (each try's requests retry ~16 s on their own)
 
 
 def open_client(enrollment: Enrollment) -> ControlPlaneClient:
@@ -191,9 +204,7 @@ class JobSession:
             )
             self.position.phase = "done"
             self.checkpoint.save_position(self.position)
-        averaged = download_round_adapters(
-            self.trainer, self.channel, round_number, self.options.result_timeout_s
-        )
+        averaged = self._download_averaged(round_number)
         self.checkpoint.save_global_adapters(round_number, averaged)
         eval_metrics = self.evaluate(round_number)
         if eval_metrics:
@@ -207,6 +218,25 @@ class JobSession:
         self.position = RoundPosition(round_number + 1)
         self._save()
         log.info("job %d: round %d done, FedAvg'd client adapters loaded", job_id, round_number)
+
+    def _download_averaged(self, round_number: int, max_attempts: int = 3) -> dict[str, torch.Tensor]:
+        """The round's FedAvg'd adapters; when the server lost this client's upload (Redis restarted without
+        persistence, so the FedAvg never ran) the adapters are uploaded again and the wait starts over."""
+        for attempt in range(1, max_attempts + 1):
+            try:
+                return download_round_adapters(
+                    self.trainer, self.channel, round_number, self.options.result_timeout_s
+                )
+            except StepNotFound as exc:
+                if exc.code != UPLOAD_NOT_FOUND or attempt == max_attempts:
+                    raise
+                log.warning(
+                    "job %d: the server lost round %d's adapters upload; uploading them again",
+                    self.job.job_id,
+                    round_number,
+                )
+                self._upload_adapters(round_number)
+        raise AssertionError("unreachable")
 
     def evaluate(self, round_number: int) -> dict[str, float]:
         """Local eval metrics of this round's global client adapters; {} when off or refused."""
@@ -296,6 +326,37 @@ class Heartbeat:
         self._client.close()
 
 
+class Outage:
+    """How long the server has been unreachable; pauses between tries until `max_s`, then gives up."""
+
+    def __init__(self, max_s: float) -> None:
+        self.max_s = max_s
+        self.started: float | None = None
+
+    def wait_or_raise(self, exc: StepServerUnavailable) -> None:
+        now = time.monotonic()
+        self.started = now if self.started is None else self.started
+        elapsed = now - self.started
+        if elapsed >= self.max_s:
+            raise StepServerUnavailable(
+                f"unreachable for {elapsed:.0f} s (--max-outage {self.max_s:g}): {exc}"
+            ) from exc
+        pause = min(MAX_OUTAGE_PAUSE_S, self.max_s - elapsed)
+        log.warning(
+            "server unreachable for %.0f s (giving up after %g s): %s; trying again in %.0f s",
+            elapsed,
+            self.max_s,
+            exc,
+            pause,
+        )
+        time.sleep(pause)
+
+    def over(self) -> None:
+        if self.started is not None:
+            log.info("server reachable again after %.0f s", time.monotonic() - self.started)
+        self.started = None
+
+
 def finished_outcome(client: ControlPlaneClient, approved: set[int]) -> ExitCode | None:
     """None while an approved job is still going or an invitation awaits a decision; else `done`, or
     `failed` when an approved job failed or was cancelled."""
@@ -331,29 +392,37 @@ def run_agent(state_dir: Path, options: RunOptions) -> ExitCode:
                 enrollment, example_count if options.share_example_count else None, options.heartbeat_s
             )
             heartbeat.start()
+            outage = Outage(options.max_outage_s)
             try:
                 while True:
                     if heartbeat.failure is not None:
                         raise heartbeat.failure
                     approved = approved_jobs(state_dir)
-                    for assignment in client.work():
-                        if assignment.job_id not in approved:
-                            if assignment.job_id in skipped:
+                    try:
+                        assignments = client.work()
+                        outage.over()
+                        for assignment in assignments:
+                            if assignment.job_id not in approved:
+                                if assignment.job_id in skipped:
+                                    continue
+                                skipped.add(assignment.job_id)
+                                log.warning(
+                                    "job %d: not approved through this agent; not working on it",
+                                    assignment.job_id,
+                                )
                                 continue
-                            skipped.add(assignment.job_id)
-                            log.warning(
-                                "job %d: not approved through this agent; not working on it",
-                                assignment.job_id,
-                            )
-                            continue
-                        session = sessions.get(assignment.job_id)
-                        if session is None:
-                            session = JobSession(
-                                client, enrollment, keypair, sequence, state_dir, assignment.job, options
-                            )
-                            sessions[assignment.job_id] = session
-                        session.run_round(assignment)
-                    outcome = finished_outcome(client, approved) if options.stop_when_done else None
+                            session = sessions.get(assignment.job_id)
+                            if session is None:
+                                session = JobSession(
+                                    client, enrollment, keypair, sequence, state_dir, assignment.job, options
+                                )
+                                sessions[assignment.job_id] = session
+                            session.run_round(assignment)
+                        outcome = finished_outcome(client, approved) if options.stop_when_done else None
+                    except StepServerUnavailable as exc:
+                        outage.wait_or_raise(exc)
+                        sessions.clear()  # resume each job from the state directory, as a restart would
+                        continue
                     if outcome is not None:
                         return outcome
                     time.sleep(options.poll_s)

@@ -4,12 +4,50 @@
 because every task body is idempotent (see worker.replica). Each replica queue must be consumed by one
 worker process with the `solo` (or single `threads`) pool, because the autograd graph a forward leaves
 in memory is needed by the backward that follows: prefork children would not share it.
+
+`survive_broker_restart` works around a kombu defect (5.7.0): when Redis drops the connection (a restart),
+closing the consumer's channel restores its unacknowledged messages through a connection kombu has already
+cleared, the AttributeError escapes, and Celery stops the worker as "unrecoverable" (losing every replica
+held in memory). Skipping that immediate restore lets the consumer reconnect; the messages stay in Redis's
+unacked index and come back after the visibility timeout (when Redis restarted without persistence there
+is nothing to restore: the agents resend what was lost).
 """
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
+from kombu.transport import redis as kombu_redis
+
 from flglm.contracts.dispatch import celery_app
 from worker.settings import get_worker_settings
+
+log = logging.getLogger(__name__)
+
+
+def survive_broker_restart() -> None:
+    """Patch kombu's Redis QoS so a consumer whose broker connection is already gone reconnects instead of
+    crashing (idempotent)."""
+    original = kombu_redis.QoS.restore_unacked
+    if getattr(original, "flglm_patched", False):
+        return
+
+    def restore_unacked(self: Any, client: Any = None) -> None:
+        if client is None and self.channel.connection.client is None:
+            log.warning(
+                "broker connection lost with %d unacknowledged task(s): they come back after the "
+                "visibility timeout (or were lost with Redis's contents)",
+                len(self._delivered),
+            )
+            return
+        original(self, client)
+
+    restore_unacked.flglm_patched = True  # type: ignore[attr-defined]
+    setattr(kombu_redis.QoS, "restore_unacked", restore_unacked)  # noqa: B010 (mypy: no method assign)
+
+
+survive_broker_restart()
 
 settings = get_worker_settings()
 

@@ -178,6 +178,16 @@ def run(
         bool, typer.Option("--stop-when-done", help="exit 0 once every approved job is over")
     ] = False,
     poll_s: Annotated[float, typer.Option("--poll-s", min=0.05, help="seconds between work polls")] = 2.0,
+    max_outage: Annotated[
+        float,
+        typer.Option(
+            "--max-outage",
+            min=0,
+            max=7 * 24 * 3600,
+            help="seconds to keep trying while the server is unreachable, resuming where it stopped; then "
+            "exit 5 (the server drops an agent silent for longer than its heartbeat lease)",
+        ),
+    ] = 900.0,
     state_dir: StateDir = None,
 ) -> None:
     """Heartbeat, pull work for approved jobs, train, report metrics; resumes from the state directory."""
@@ -186,7 +196,9 @@ def run(
     def action() -> ExitCode:
         from client_agent.runner import RunOptions, run_agent
 
-        options = RunOptions(data.resolve(), share_example_count, quiet, stop_when_done, poll_s)
+        options = RunOptions(
+            data.resolve(), share_example_count, quiet, stop_when_done, poll_s, max_outage_s=max_outage
+        )
         return run_agent(resolve_state_dir(state_dir), options)
 
     code = _guarded(action)
