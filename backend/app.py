@@ -26,7 +26,7 @@ from backend.db import create_db_engine, create_session_factory
 from backend.errors import install_error_handlers
 from backend.exports.sessions import CompletePrompts
 from backend.housekeeping import run_housekeeping
-from backend.jobs.finished import on_jobs_finished
+from backend.jobs.after_commit import on_clients_dropped, on_jobs_finished
 from backend.limits import BodySizeLimit, TokenBucketLimiter
 from backend.migrate import upgrade_to_head
 from backend.models import utc_now
@@ -36,7 +36,7 @@ from backend.security_headers import SecurityHeaders
 from backend.server_keys import load_or_create_server_key, public_key_b64
 from backend.settings import Settings, get_settings
 from backend.steps.relay import InProcessDispatcherFactory, step_relay_from_settings
-from backend.steps.service import publish_missing_specs, release_job_replicas
+from backend.steps.service import publish_missing_specs, release_dropped_clients, release_job_replicas
 from flglm.protocol import API_PREFIX
 from flglm.wire.atomic_file import write_file_atomically
 
@@ -107,6 +107,8 @@ def create_app(
     app.state.complete_prompts = complete_prompts
     # A job that ended frees its server replicas on the workers once that end is committed.
     on_jobs_finished(session_factory, lambda job_ids: release_job_replicas(step_relay, job_ids))
+    # A client dropped from its round stops holding the others' step on the replicas once that is committed.
+    on_clients_dropped(session_factory, lambda drops: release_dropped_clients(step_relay, drops))
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
     # Added last = runs first: headers on everything, then the protocol version, then the credential.

@@ -11,7 +11,11 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from kombu.exceptions import OperationalError as BrokerUnavailable
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeout
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import OperationalError as DatabaseUnavailable
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from flglm.contracts.refusals import StepRejected
@@ -150,6 +154,21 @@ def install_error_handlers(app: FastAPI) -> None:
         # creates of the same name): the transaction was rolled back, so it is a plain conflict.
         log.info("integrity error mapped to 409: %s", exc.orig)
         return error_response(409, "conflict", "the request conflicts with a concurrent change; retry it")
+
+    async def _store_down(_: Request, exc: Exception) -> JSONResponse:
+        # Redis (blob store, broker) restarting, or unreachable: transient; agents retry 5xx with backoff.
+        log.warning("blob store / broker unavailable: %s: %s", type(exc).__name__, exc)
+        message = "the blob store or task broker is unavailable (restarting?); retry shortly"
+        return error_response(503, "store_unavailable", message, {"Retry-After": "1"})
+
+    for kind in (RedisConnectionError, RedisTimeout, BrokerUnavailable):
+        app.add_exception_handler(kind, _store_down)
+
+    @app.exception_handler(DatabaseUnavailable)
+    async def _database_down(_: Request, exc: DatabaseUnavailable) -> JSONResponse:
+        log.warning("database unavailable: %s", exc.orig)
+        message = "the database is unavailable or busy; retry shortly"
+        return error_response(503, "database_unavailable", message, {"Retry-After": "1"})
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

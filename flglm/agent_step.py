@@ -31,7 +31,14 @@ import torch
 from torch import nn
 
 from flglm.adapters import load_trainable_state_dict, trainable_state_dict
-from flglm.step_client import STEP_GRAPH_MISSING, StepClient, StepConflict
+from flglm.step_client import (
+    STEP_GRAPH_MISSING,
+    UPLOAD_NOT_FOUND,
+    StepClient,
+    StepConflict,
+    StepHttpError,
+    StepNotFound,
+)
 from flglm.step_messages import (
     PayloadLimits,
     open_adapters,
@@ -103,12 +110,18 @@ def run_client_step(
     for attempt in range(1, max_attempts + 1):
         try:
             return ClientStepResult(_attempt_step(trainer, channel, round_number, step, batch), attempt)
-        except StepConflict as exc:
-            if exc.code != STEP_GRAPH_MISSING or attempt == max_attempts:
+        except (StepConflict, StepNotFound) as exc:
+            if not server_lost_step(exc) or attempt == max_attempts:
                 raise
             for parameter in client_parts(trainer).parameters():
                 parameter.grad = None  # the back's gradients of the lost attempt must not count twice
     raise AssertionError("unreachable")
+
+
+def server_lost_step(exc: StepHttpError) -> bool:
+    """The server lost this attempt (its graph, or the upload itself when Redis restarted without
+    persistence): run the step again from its forward, with new sequence numbers."""
+    return exc.code in (STEP_GRAPH_MISSING, UPLOAD_NOT_FOUND)
 
 
 def _attempt_step(
@@ -179,6 +192,7 @@ def run_client_eval_forward(
     eval_index: int,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
+    max_attempts: int = 3,
 ) -> torch.Tensor:
     """Logits (batch, seq, vocab) of the whole split model for one batch, through the server, no training.
 
@@ -189,11 +203,17 @@ def run_client_eval_forward(
     with _evaluating(trainer, input_ids.device):
         h0 = trainer.eval_front(input_ids, attention_mask)  # (batch, seq, hidden), defended
     limits = PayloadLimits(channel.wire_dtype, h0.shape[-1], h0.shape[0], h0.shape[1])
-    forward = channel.ref(round_number, eval_index, MessageDirection.eval_activations)
-    channel.client.upload(
-        forward, seal_activations(channel.keys, forward, h0, attention_mask, channel.wire_dtype)
-    )
-    sealed = channel.client.wait_result(forward, channel.result_timeout_s)
+    for attempt in range(1, max_attempts + 1):
+        forward = channel.ref(round_number, eval_index, MessageDirection.eval_activations)
+        channel.client.upload(
+            forward, seal_activations(channel.keys, forward, h0, attention_mask, channel.wire_dtype)
+        )
+        try:
+            sealed = channel.client.wait_result(forward, channel.result_timeout_s)
+            break
+        except StepNotFound as exc:  # the server lost the upload (Redis restarted): send it again
+            if not server_lost_step(exc) or attempt == max_attempts:
+                raise
     h1 = open_hidden(
         channel.keys, forward.result_ref(), sealed, limits, tuple(h0.shape)
     )  # (batch, seq, hidden)

@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from flglm.contracts.refusals import StepGraphMissing
+from flglm.contracts.refusals import StepGraphMissing, UploadNotFound
 from flglm.protocol import API_PREFIX, PROTOCOL_HEADER, PROTOCOL_VERSION
 from flglm.step_protocol import (
     CLIENT_ADAPTERS_PATH,
@@ -88,6 +88,7 @@ _ERRORS: dict[int, type[StepHttpError]] = {
 }
 
 STEP_GRAPH_MISSING = StepGraphMissing.code
+UPLOAD_NOT_FOUND = UploadNotFound.code
 
 
 class StepClient:

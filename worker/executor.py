@@ -24,6 +24,7 @@ from flglm.contracts.tasks import (
     BODY_GENERATE_CLOSE,
     BODY_GENERATE_OPEN,
     CLIENT_FEDAVG,
+    DROP_CLIENT,
     PRIVACY_AUDIT,
     RELEASE_JOB,
     REPLICA_COUNTERS,
@@ -84,6 +85,15 @@ def run_release_job(runtime: WorkerRuntime, job_id: int, replica: int) -> dict[s
     return {"status": "released", "dropped": runtime.forget(job_id, replica)}
 
 
+def run_drop_client(runtime: WorkerRuntime, job_id: int, replica: int, client_id: int) -> dict[str, Any]:
+    """The backend dropped the client from its round (offline, revoked, withdrawn): a replica in memory stops
+    waiting for it; one that is not loaded holds nothing of it (never load it for this)."""
+    held = runtime.held(job_id, replica)
+    if held is None:
+        return {"status": "not_loaded"}
+    return held.drop_client(client_id)
+
+
 def replica_counters(runtime: WorkerRuntime, job_id: int, replica: int, load: bool = True) -> dict[str, Any]:
     """Step counters of a replica (for monitoring and tests); with `load=False`, a replica that is not in
     this process's memory answers `{"loaded": False}` instead of being loaded."""
@@ -104,6 +114,7 @@ TASK_FUNCTIONS: dict[str, TaskFunction] = {
     CLIENT_FEDAVG: run_client_fedavg,
     REPLICA_COUNTERS: replica_counters,
     RELEASE_JOB: run_release_job,
+    DROP_CLIENT: run_drop_client,
     ADMIT_UPLOAD: run_admit_upload,
     BODY_GENERATE_OPEN: run_body_generate_open,
     BODY_GENERATE: run_body_generate,

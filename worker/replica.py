@@ -231,11 +231,37 @@ class ServerReplica:
         member = None if group is None else group.member_of(ref.client_id)
         if group is None or member is None or member.ref.sequence >= ref.sequence:
             return
-        if ref.client_id not in group.gradients:
-            group.abandoned.add(ref.client_id)
+        self._stop_waiting_for(group, ref.client_id)
+
+    def _stop_waiting_for(self, group: InflightGroup, client_id: int) -> bool:
+        """Count the client's missing gradients as zero; a group nobody answers any more frees its graph.
+        True when the client's gradients were still awaited."""
+        awaited = client_id not in group.gradients
+        if awaited:
+            group.abandoned.add(client_id)
         if not group.gradients and group.abandoned == {m.ref.client_id for m in group.members}:
             self.trainer.drop(group.key)
             self._inflight = None
+        return awaited
+
+    def drop_client(self, client_id: int) -> dict[str, Any]:
+        """The backend dropped this client from its round: forget its waiting forwards and stop waiting for
+        its gradients, so the others' step goes on now instead of after `inflight_timeout_s`."""
+        with self._lock:
+            waiting = len(self._arrivals)
+            self._arrivals = [a for a in self._arrivals if a.ref.client_id != client_id]
+            forgotten = waiting - len(self._arrivals)
+            group = self._inflight
+            awaited = False
+            if group is not None and group.member_of(client_id) is not None:
+                awaited = self._stop_waiting_for(group, client_id)
+            self._advance()
+            log.info("replica %s: client %s dropped from its round", self.replica, client_id)
+            return {
+                "status": "dropped",
+                "forwards_forgotten": forgotten,
+                "gradients_awaited": awaited,
+            }
 
     def flush(self) -> dict[str, Any]:
         """Timer task: run whatever batch or backward has waited past its window; evict stale graphs."""

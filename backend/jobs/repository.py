@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from backend.db import fetch_page
-from backend.jobs.finished import note_finished
+from backend.jobs.after_commit import note_finished
 from backend.jobs.lifecycle import TERMINAL_STATES
 from backend.models import Client, Job, JobParticipant, Round, RoundParticipant
 from flglm.protocol import ConsentStatus, RoundStatus
@@ -56,7 +56,7 @@ class JobRepository:
 
     def set_status_if(self, job_id: int, expected: Collection[str], new: str, **values: Any) -> bool:
         """`UPDATE jobs SET status=new WHERE id=.. AND status IN expected`: True for the one winner, which
-        notes a job that ends here for the after-commit work (see `backend.jobs.finished`)."""
+        notes a job that ends here for the after-commit work (see `backend.jobs.after_commit`)."""
         result = self.session.execute(
             sa.update(Job)
             .where(Job.id == job_id, Job.status.in_(list(expected)))

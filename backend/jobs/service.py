@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 from backend.audit.service import record
 from backend.clients.repository import ClientRepository
 from backend.errors import Conflict, Forbidden, Gone, InvalidInput, NotFound
+from backend.jobs.after_commit import note_dropped
 from backend.jobs.lifecycle import CONSENT_OPEN_STATES, TERMINAL_STATES, TRANSITIONS
 from backend.jobs.repository import JobRepository, ParticipantRepository, RoundRepository
 from backend.models import Job, JobParticipant, Round, RoundParticipant
@@ -281,6 +282,7 @@ def drop_client_from_open_rounds(
             continue
         participant.status = RoundParticipantStatus.dropped
         participant.drop_reason = reason
+        note_dropped(session, job.id, client_id)
         session.flush()
         record(session, SYSTEM, "round.drop_client", "job", job.id, {"round": number, "client_id": client_id})
         if job.status != JobStatus.running:
@@ -472,7 +474,7 @@ def _apply_round_policy(session: Session, job: Job, round_: Round, now: datetime
             session, job, round_, now, f"{reason}; dropped {len(stragglers)} stragglers"
         ):
             return False
-        _drop(stragglers, reason)
+        _drop(session, job.id, stragglers, reason)
         return True
     why = f"{reason}; {len(finished)} finished, min_clients={job.min_clients}, policy={job.straggler_policy}"
     if not rounds.set_status_if_open(round_.id, RoundStatus.failed, closed_at=now, close_reason=why):
@@ -481,10 +483,11 @@ def _apply_round_policy(session: Session, job: Job, round_: Round, now: datetime
     return True
 
 
-def _drop(participants: list[RoundParticipant], reason: str) -> None:
+def _drop(session: Session, job_id: int, participants: list[RoundParticipant], reason: str) -> None:
     for participant in participants:
         participant.status = RoundParticipantStatus.dropped
         participant.drop_reason = reason
+        note_dropped(session, job_id, participant.client_id)
 
 
 def _close_and_advance(session: Session, job: Job, round_: Round, now: datetime, reason: str) -> bool:

@@ -48,6 +48,11 @@ class StepRelay:
             while len(self._handles) > self._max_handles:
                 self._handles.popitem(last=False)
 
+    def forget(self, key: str) -> None:
+        """Drop the handle for `key` (its task was lost with the blob store's contents)."""
+        with self._lock:
+            self._handles.pop(key, None)
+
     def handle_for(self, key: str) -> TaskHandle | None:
         """None when another backend process queued it (then only the blob is waited on)."""
         with self._lock:

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
 from backend.clients.repository import ClientRepository
-from backend.errors import BadRequest, DomainError, InvalidInput, NotFound, Unavailable, refusal
+from backend.errors import BadRequest, DomainError, InvalidInput, Unavailable, refusal
 from backend.jobs.repository import JobRepository, RoundRepository
 from backend.jobs.service import (
     JobNotRunning,
@@ -36,11 +36,18 @@ from flglm.contracts import job_spec
 from flglm.contracts.blob_store import PutOutcome
 from flglm.contracts.dispatch import TaskHandle
 from flglm.contracts.job_settings import AdapterSpec, Hyperparameters
-from flglm.contracts.refusals import ConflictingDuplicate, ReplayedMessage, StepRejected, UnknownJob
+from flglm.contracts.refusals import (
+    ConflictingDuplicate,
+    ReplayedMessage,
+    StepRejected,
+    UnknownJob,
+    UploadNotFound,
+)
 from flglm.contracts.tasks import (
     ADMISSION_QUEUE,
     ADMIT_UPLOAD,
     CLIENT_FEDAVG,
+    DROP_CLIENT,
     RELEASE_JOB,
     ROUND_END,
     route_step_message,
@@ -73,11 +80,10 @@ class WorkerSpecInvalid(InvalidInput):
     code = "worker_spec_invalid"
 
 
-class UploadNotFound(NotFound):
-    code = "upload_not_found"
+class JobNotServed(Unavailable):
+    """A running job whose worker spec is not in the blob store: Redis lost it (restarted without
+    persistence); the housekeeping pass republishes it from the database, so the agent retries."""
 
-
-class JobNotServed(NotFound):
     code = "job_not_published"
 
 
@@ -167,7 +173,11 @@ def read_spec(relay: StepRelay, job_id: int) -> WorkerJobSpec:
     try:
         return job_spec.read_job_spec(relay.store, job_id)
     except UnknownJob:
-        raise JobNotServed(f"job {job_id} has no worker spec (it never started on this deployment)") from None
+        raise JobNotServed(
+            f"job {job_id} has no worker spec in the blob store (lost in a Redis restart?); the control "
+            "plane republishes it from the database within seconds: retry",
+            headers={"Retry-After": "2"},
+        ) from None
 
 
 def release_job_replicas(relay: StepRelay, job_ids: list[int]) -> None:
@@ -183,6 +193,19 @@ def release_job_replicas(relay: StepRelay, job_ids: list[int]) -> None:
         for replica in range(spec.replicas):
             kwargs = {"job_id": job_id, "replica": replica}
             relay.dispatcher.submit(RELEASE_JOB, kwargs, replica_queue(replica))
+
+
+def release_dropped_clients(relay: StepRelay, drops: list[tuple[int, int]]) -> None:
+    """Clients dropped from their rounds (committed): queue `flglm.drop_client` on each replica queue of
+    their jobs, so a replica waiting for a dropped client's gradients finishes the others' step now."""
+    for job_id, client_id in drops:
+        try:
+            spec = read_spec(relay, job_id)
+        except JobNotServed:
+            continue
+        for replica in range(spec.replicas):
+            kwargs = {"job_id": job_id, "replica": replica, "client_id": client_id}
+            relay.dispatcher.submit(DROP_CLIENT, kwargs, replica_queue(replica))
 
 
 # ---- access --------------------------------------------------------------------------------------
@@ -318,6 +341,10 @@ def store_adapters(
     round's participants starts the FedAvg task."""
     ref = client_adapters_ref(access.job_id, access.round_number, access.client_id)
     outcome = store_upload(relay, ref, body, admission_timeout_s)
+    if outcome is UploadOutcome.stored:
+        # Stored anew although a FedAvg may have been queued for it: the blob store lost the round's uploads
+        # and that task (a Redis restart), so the round's FedAvg must be queued again once all are back.
+        relay.forget(ref.result_ref().blob_key())
     spec = read_spec(relay, access.job_id)
     relay.store.put_if_absent(_examples_key(ref), str(example_count).encode(), spec.blob_ttl_s)
     start_fedavg_when_complete(relay, access)
@@ -381,7 +408,8 @@ async def wait_for_result(relay: StepRelay, ref: MessageRef, wait_s: float) -> b
     """
     loop = asyncio.get_running_loop()
     if await loop.run_in_executor(relay.wait_pool, relay.store.get, ref.blob_key()) is None:
-        raise UploadNotFound(f"nothing was uploaded at {ref.blob_key()} (or it expired)")
+        lost = UploadNotFound(f"nothing was uploaded at {ref.blob_key()} (or it expired, or was lost)")
+        raise refusal(lost)
     result_key = ref.result_ref().blob_key()
     blob_wait = loop.run_in_executor(relay.wait_pool, relay.store.wait_for, result_key, wait_s)
     handle = relay.handle_for(result_key)

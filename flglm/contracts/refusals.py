@@ -35,6 +35,14 @@ class MissingMessage(StepRejected):
     code = "missing_message"
 
 
+class UploadNotFound(StepRejected):
+    """A result was asked of an upload the blob store does not hold (never uploaded, expired, or lost when
+    Redis restarted without persistence): the agent uploads again (a step: retried from its forward)."""
+
+    http_status = 404
+    code = "upload_not_found"
+
+
 class TamperedMessage(StepRejected):
     """The envelope failed authentication, or its header names another message."""
 

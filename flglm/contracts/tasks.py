@@ -21,6 +21,7 @@ ROUND_END = "flglm.round_end"
 CLIENT_FEDAVG = "flglm.client_fedavg"
 REPLICA_COUNTERS = "flglm.replica_counters"
 RELEASE_JOB = "flglm.release_job"  # a job ended: drop its replica from the memory of the queue's worker
+DROP_CLIENT = "flglm.drop_client"  # a client was dropped from its round: the replica stops waiting for it
 ADMIT_UPLOAD = "flglm.admit_upload"
 # Upload admission has its own queue: on `flglm.default` (which the replica-0 solo worker also consumes) an
 # admission could wait behind a forward pass and time out. Every `flglm worker` consumes it unless told not.

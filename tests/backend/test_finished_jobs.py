@@ -7,7 +7,7 @@ from fastapi import FastAPI
 
 from backend.db import create_db_engine, create_session_factory
 from backend.jobs import service
-from backend.jobs.finished import on_jobs_finished
+from backend.jobs.after_commit import on_jobs_finished
 from backend.models import utc_now
 from backend.settings import Settings
 from flglm.contracts.tasks import RELEASE_JOB

@@ -300,15 +300,13 @@ def test_agent_cut_off_for_good_is_dropped_as_offline_and_the_job_completes_with
     the backend marks it offline and drops it from the open round (straggler policy `drop`, min_clients
     1). Agent 0 finishes the job alone; the audit log says who was dropped from which round.
 
-    The job's `inflight_timeout_s` is scaled down from 600 s to 15 s: the cut may leave agent 1's forward
-    graph in flight on the (sequential) replica, and the worker learns nothing of the drop, so that graph
-    holds every other client's next step until it times out."""
+    The replica learns of the drop (`flglm.drop_client`, queued once the drop is committed): agent 1's
+    forward graph, left in flight on the (sequential) replica by the cut, stops holding agent 0's next step
+    at once, not after the job's `inflight_timeout_s` (600 s, the default here)."""
     proxy = CuttableProxy(stack.serve.port)
     try:
         stack.enroll_agents([stack.serve.base_url, proxy.url])
-        job_id = stack.start_job(
-            {"inflight_timeout_s": 15.0}, ("--max-outage", "10"), min_clients=1, straggler_policy="drop"
-        )
+        job_id = stack.start_job(None, ("--max-outage", "10"), min_clients=1, straggler_policy="drop")
         stack.wait_for_position(1, job_id, 1, 1)
         proxy.cut()
         assert stack.runs[1].wait(timeout=60) == 5, stack.agents[1].log.read_text()[-3000:]

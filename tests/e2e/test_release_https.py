@@ -7,7 +7,7 @@ import torch
 
 from backend.steps.relay import StepRelay
 from flglm.adapters import load_trainable_state_dict
-from flglm.agent_step import run_client_eval_forward
+from flglm.agent_step import run_client_eval_forward, run_client_step
 from flglm.contracts.tasks import REPLICA_COUNTERS
 from flglm.export import read_export_bundle
 from flglm.step_messages import seal_activations
@@ -96,3 +96,39 @@ def test_a_cancelled_job_releases_every_replica_even_with_graphs_in_flight(
     api.ok("POST", f"/jobs/{job_id}/cancel")
     assert not is_loaded(runtime, job_id, 0) and not is_loaded(runtime, job_id, 1)
     assert held_replicas(runtime, job_id) == []
+
+
+def test_a_revoked_clients_step_in_flight_stops_holding_the_others_at_once(
+    live_server: LiveServer, api: Api
+) -> None:
+    """Sequential mode: owner 0's forward ran and its graph waits for gradients (the job's in-flight timeout:
+    600 s). The operator revokes owner 0; once that is committed the replica hears of the drop
+    (`flglm.drop_client`), frees the graph, and owner 1's whole step completes within seconds."""
+    owners = [enroll_owner(api, f"owner-{i}", 10) for i in range(2)]
+    job_id = start_job(api, owners, "sequential", min_clients=1, straggler_policy="drop")
+    server_b64 = server_public_key(api, owners[0], job_id)
+    first, second = (owner.channel(live_server, job_id, server_b64) for owner in owners)
+    try:
+        batch = client_batch(owners[0].client_id, 0)
+        h0 = owners[0].trainer.forward_front(batch)  # (batch, seq, hidden)
+        forward = first.ref(1, 0, MessageDirection.activations)
+        first.client.upload(
+            forward, seal_activations(first.keys, forward, h0, batch["attention_mask"], torch.float32)
+        )
+        first.client.wait_result(forward, 60)  # the graph is in flight; its gradients never come
+
+        api.ok("POST", f"/clients/{owners[0].client_id}/revoke")
+        second.result_timeout_s = 20.0  # far below the in-flight timeout the graph would otherwise hold
+        result = run_client_step(owners[1].trainer, second, 1, 0, client_batch(owners[1].client_id, 0))
+        assert result.attempts == 1 and result.loss > 0
+        runtime: StepRelay = live_server.app.state.step_relay
+        counters = runtime.dispatcher.submit(
+            REPLICA_COUNTERS, {"job_id": job_id, "replica": 0}, replica_queue(0)
+        ).get(60)
+        assert counters["applied"] == [f"1:0:{owners[1].client_id}"], counters
+        rounds = api.ok("GET", f"/jobs/{job_id}/rounds")
+        mine = {p["client_id"]: p for p in rounds[0]["participants"]}
+        assert mine[owners[0].client_id]["status"] == "dropped", mine
+    finally:
+        first.client.close()
+        second.client.close()

@@ -12,7 +12,7 @@ import torch
 from flglm.adapters import fedavg, trainable_state_dict
 from flglm.contracts import refusals as errors
 from flglm.contracts.blob_store import PutOutcome
-from flglm.contracts.tasks import CLIENT_FEDAVG, DEFAULT_QUEUE, route_step_message
+from flglm.contracts.tasks import CLIENT_FEDAVG, DEFAULT_QUEUE, DROP_CLIENT, route_step_message
 from flglm.protocol import ParallelMode
 from flglm.step_messages import open_adapters, seal_activations, seal_adapters
 from flglm.step_protocol import MessageDirection, MessageRef, replica_queue
@@ -363,6 +363,45 @@ def test_a_graph_whose_gradients_never_come_is_evicted(tmp_path: Path) -> None:
         with pytest.raises(errors.StepGraphMissing):
             h.send(late)
         assert h.counters()["server_steps"] == 0
+    finally:
+        h.executor.close()
+
+
+def test_a_dropped_clients_graph_no_longer_holds_the_next_forward(harness: Harness) -> None:
+    """The backend dropped client 11 (offline) while its graph waits for gradients (sequential, 600 s
+    in-flight timeout): `flglm.drop_client` frees it and the queued forward of client 12 runs at once."""
+    spec, store, public = harness.spec, harness.store, harness.server_public
+    silent = harness.clients[11].upload_forward(store, spec, public, 1, 0, client_batch(11, 0))
+    assert harness.send(silent)["status"] == "done"
+    waiting = harness.clients[12].upload_forward(store, spec, public, 1, 0, client_batch(12, 0))
+    assert harness.send(waiting)["status"] == "pending"
+    dropped = harness.executor.submit(
+        DROP_CLIENT, {"job_id": spec.job_id, "replica": 0, "client_id": 11}, replica_queue(0)
+    ).get(timeout_s=30)
+    assert dropped == {"status": "dropped", "forwards_forgotten": 0, "gradients_awaited": True}
+    assert store.get(waiting.result_ref().blob_key()) is not None  # client 12's h1, without any timer
+    assert harness.counters()["server_steps"] == 0
+
+
+def test_a_client_dropped_from_a_batch_counts_as_zero_and_the_others_step(tmp_path: Path) -> None:
+    """client_batch: 11 and 12 sent their gradients, 13 was dropped before sending its own: the group steps
+    on the two (13's rows count zero) as soon as the drop arrives."""
+    h = Harness(tmp_path, parallel_mode=ParallelMode.client_batch)
+    try:
+        spec, store, public = h.spec, h.store, h.server_public
+        batches = {cid: client_batch(cid, 0) for cid in CLIENT_IDS}
+        forwards = {
+            cid: c.upload_forward(store, spec, public, 1, 0, batches[cid]) for cid, c in h.clients.items()
+        }
+        assert [h.send(forwards[cid])["status"] for cid in CLIENT_IDS] == ["pending", "pending", "done"]
+        for cid in (11, 12):
+            _, grad_ref, _ = h.clients[cid].upload_gradients(store, spec, public, forwards[cid], batches[cid])
+            assert h.send(grad_ref)["status"] == "pending"  # 13's gradients are still awaited
+        dropped = h.executor.submit(
+            DROP_CLIENT, {"job_id": spec.job_id, "replica": 0, "client_id": 13}, replica_queue(0)
+        ).get(timeout_s=30)
+        assert dropped == {"status": "dropped", "forwards_forgotten": 0, "gradients_awaited": True}
+        assert h.counters() == {"server_steps": 1, "applied": ["1:0:11", "1:0:12"]}
     finally:
         h.executor.close()
 
