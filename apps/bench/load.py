@@ -163,12 +163,15 @@ def peak_rss_bytes(pid: int) -> int | None:
 
 
 @contextmanager
-def running_backend(work_dir: Path, database_url: str) -> Iterator[ServedBackend]:
-    """`flglm serve --self-signed` on `database_url` and one `flglm worker --replica 0`, Celery on Redis."""
+def running_backend(
+    work_dir: Path, database_url: str, redis_url: str = REDIS_URL, name: str = "load"
+) -> Iterator[ServedBackend]:
+    """`flglm serve --self-signed` on `database_url` and one `flglm worker --replica 0`, Celery on Redis
+    (`redis_url`, flushed before and after); `name` tells this bench's worker node apart."""
     import redis
 
     data_dir = work_dir / "backend"
-    redis.Redis.from_url(REDIS_URL).flushdb()  # queues, blobs and replay guards of an earlier run go
+    redis.Redis.from_url(redis_url).flushdb()  # queues, blobs and replay guards of an earlier run go
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
@@ -177,18 +180,18 @@ def running_backend(work_dir: Path, database_url: str) -> Iterator[ServedBackend
         "FLGLM_DATA_DIR": str(data_dir),
         "FLGLM_DATABASE_URL": database_url,
         "FLGLM_EXECUTOR": "celery",
-        "FLGLM_REDIS_URL": REDIS_URL,
+        "FLGLM_REDIS_URL": redis_url,
         "FLGLM_BOOTSTRAP_ADMIN_TOKEN": ADMIN_TOKEN,
         # The bench enrolls every agent from one address: the enrollment limits would refuse it.
         "FLGLM_RATE_LIMIT_BURST": "100000",
         "FLGLM_RATE_LIMIT_PER_MINUTE": "1000000",
     }
-    worker = ["--replica", "0", "--loglevel", "warning", "--hostname", "flglm-bench-load-r0@%h"]
+    worker = ["--replica", "0", "--loglevel", "warning", "--hostname", f"flglm-bench-{name}-r0@%h"]
     try:
         with serve_subprocesses(work_dir, data_dir, env, [worker]) as served:
             yield served
     finally:
-        redis.Redis.from_url(REDIS_URL).flushdb()
+        redis.Redis.from_url(redis_url).flushdb()
 
 
 # ---- setup: agents, the job, their sealed forwards -------------------------------------------------

@@ -184,3 +184,38 @@ def load(
         typer.echo(load_table(result))
         return
     typer.echo(json.dumps(result))
+
+
+@app.command("longrun")
+def longrun(
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON object as the last line."),
+    steps: int = typer.Option(1000, min=1, help="Steps per client over the whole job."),
+    rounds: int = typer.Option(10, min=1, help="Rounds (steps must be a multiple of them)."),
+    agents: int = typer.Option(2, min=1, help="Real `flglm agent run` processes."),
+    batch_size: int = typer.Option(2, min=1, help="Rows per client batch."),
+    timeout_s: float = typer.Option(3600.0, min=1.0, help="Give up when the job runs longer."),
+    database_url: str = typer.Option(
+        "", help="PostgreSQL server URL (default: FLGLM_DATABASE_URL, else the local test database)."
+    ),
+    work_dir: Path | None = typer.Option(None, help="Keep backend/agent logs here (default: a temp dir)."),
+) -> None:
+    """A long tiny-model job (Celery, real agents): exactly-once, Redis keys, rows and RSS left behind."""
+    import json
+
+    from apps.bench.longrun import LongRunConfig, longrun_table, run_longrun_bench
+
+    try:
+        config = LongRunConfig(
+            steps=steps,
+            rounds=rounds,
+            agents=agents,
+            batch_size=batch_size,
+            timeout_s=timeout_s,
+            database_url=database_url,
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    result = run_longrun_bench(config, work_dir)
+    typer.echo(json.dumps(result) if json_output else longrun_table(result))
+    if not result["ok"]:
+        raise typer.Exit(1)
