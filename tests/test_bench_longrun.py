@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -63,7 +64,7 @@ def test_small_longrun_applies_every_step_once_and_leaks_nothing(
 
 
 def test_a_key_without_ttl_or_beyond_its_promise_is_a_leak() -> None:
-    groups = {
+    groups: dict[str, dict[str, Any]] = {
         key_group(key): {"count": 1, "no_ttl": no_ttl, "ttl_min_s": ttl, "ttl_max_s": ttl, "example": key}
         for key, no_ttl, ttl in [
             ("flglm:blob:msg:1:1:0:2:activations:1", 0, 3600),  # within blob_ttl_s
