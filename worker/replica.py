@@ -56,12 +56,13 @@ from flglm.step_protocol import MessageDirection, MessageRef, WorkerJobSpec
 from flglm.trainers import ServerSideTrainer, TrainConfig
 from flglm.wire.codec import parse_wire_dtype
 from flglm.wire.sequence import ReplayGuard
-from worker.replica_journal import ReplicaJournal, applied_key, note_replayed_sequence
+from worker.replica_journal import ReplicaJournal, applied_key, journal_key, note_replayed_sequence
 from worker.replica_mailbox import ReplicaMailbox
 from worker.replica_sync import average_with_peers, sync_due
 
 log = logging.getLogger(__name__)
 
+CONSUMED_GRACE_S = 60.0  # how long a step message outlives the checkpoint that made it unnecessary
 ScheduleFlush = Callable[[float], None]  # "call flush() on this replica in about this many seconds"
 
 
@@ -128,6 +129,8 @@ class ServerReplica:
         self._next_group_key = 0
         self._flush_due: float | None = None
         self._lock = threading.RLock()
+        self._consumed: list[str] = []  # blob keys of finished steps not yet covered by a checkpoint
+        self._journal_expired_upto = 0  # journal entries up to here were let expire
         self._restore()
 
     @staticmethod
@@ -418,6 +421,9 @@ class ServerReplica:
             if entry is not None:
                 seq = member.hidden_states.shape[1]
                 self.mailbox.publish(entry[0].result_ref(), grad_h0[first:end, :seq, :])
+        # Its messages are consumed; the next checkpoint (which covers this step) lets them expire.
+        for ref in [m.ref for m in group.members] + [g[0] for g in group.gradients.values()]:
+            self._consumed.extend((ref.blob_key(), ref.result_ref().blob_key()))
 
     def _zero_grads(self) -> None:
         for parameter in self.trainer.body.parameters():
@@ -440,7 +446,22 @@ class ServerReplica:
         self.journal.record(self.server_steps, [m.ref for m in group.members], gradients)
 
     def checkpoint(self) -> Path:
-        return self.journal.checkpoint(self.trainer, self.server_steps, self.guard, self.applied)
+        """Save the replica, then let what the checkpoint made unnecessary expire (`_expire_consumed`)."""
+        path = self.journal.checkpoint(self.trainer, self.server_steps, self.guard, self.applied)
+        self._expire_consumed()
+        return path
+
+    def _expire_consumed(self) -> None:
+        """Step messages (uploads and results) of steps a checkpoint covers, and their journal entries, are
+        never read again by a replay: they expire within `CONSUMED_GRACE_S` (an agent fetches its result
+        within seconds, a StepClient retries an upload within ~16 s) instead of after `blob_ttl_s`, so the
+        blob store holds about `checkpoint_every` steps of messages, not hours of them."""
+        for key in self._consumed:
+            self.store.expire(key, CONSUMED_GRACE_S)
+        self._consumed.clear()
+        for index in range(self._journal_expired_upto + 1, self.server_steps + 1):
+            self.store.expire(journal_key(self.spec.job_id, self.replica, index), CONSUMED_GRACE_S)
+        self._journal_expired_upto = self.server_steps
 
     def _restore(self) -> None:
         """Newest checkpoint, then every journalled step after it (replayed from the stored messages)."""
@@ -449,6 +470,7 @@ class ServerReplica:
             self.guard = ReplayGuard(snapshot.replay_guard)
             self.applied = set(snapshot.applied)
             self.server_steps = snapshot.server_steps
+            self._journal_expired_upto = snapshot.server_steps  # the process that checkpointed did it
         self._replay_journal()
 
     def _replay_journal(self) -> None:

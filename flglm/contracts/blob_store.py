@@ -40,6 +40,11 @@ class BlobStore(Protocol):
         """Remove `key` (no error when absent)."""
         ...
 
+    def expire(self, key: str, ttl_s: float) -> None:
+        """Let `key` live at most `ttl_s` more seconds (never longer than it would have); nothing when
+        absent. How consumed step messages leave the store long before their `blob_ttl_s`."""
+        ...
+
     def replace(self, key: str, data: bytes, ttl_s: float) -> None:
         """Store `data` under `key`, overwriting it: small status records only (a privacy audit's progress);
         tensor blobs are write-once (`put_if_absent`). Waiters of `wait_for` are not woken."""
@@ -92,6 +97,12 @@ class InMemoryBlobStore:
     def delete(self, key: str) -> None:
         with self._changed:
             self._blobs.pop(key, None)
+
+    def expire(self, key: str, ttl_s: float) -> None:
+        with self._changed:
+            entry = self._blobs.get(key)
+            if entry is not None:
+                self._blobs[key] = (entry[0], min(entry[1], time.monotonic() + max(ttl_s, 0.0)))
 
     def replace(self, key: str, data: bytes, ttl_s: float) -> None:
         with self._changed:
@@ -164,6 +175,13 @@ class RedisBlobStore:
 
     def delete(self, key: str) -> None:
         self._redis.delete(self._data_key(key), self._ready_key(key))
+
+    def expire(self, key: str, ttl_s: float) -> None:
+        ttl_ms = max(int(ttl_s * 1000), 1)
+        with self._redis.pipeline(transaction=False) as pipe:
+            pipe.pexpire(self._data_key(key), ttl_ms, lt=True)  # LT: only ever shortens (Redis >= 7)
+            pipe.pexpire(self._ready_key(key), ttl_ms, lt=True)
+            pipe.execute()
 
     def replace(self, key: str, data: bytes, ttl_s: float) -> None:
         self._redis.set(self._data_key(key), data, px=max(int(ttl_s * 1000), 1))

@@ -101,6 +101,13 @@ class Stack:
             decided = agent.cli("approve", str(job_id))
             assert decided.returncode == 0 and "approved" in decided.stdout, decided.stderr
         self.runs = [agent.start_run("--stop-when-done", *run_args) for agent in self.agents]
+
+        def all_online() -> bool:  # a job with min_clients 1 would start without a late agent
+            clients = api.ok("GET", "/clients", params={"limit": 100})["items"]
+            names = {agent.name for agent in self.agents}
+            return all(c["status"] == "active" for c in clients if c["name"] in names)
+
+        wait_until(all_online, 60, "every agent online (heartbeating)", interval=0.5)
         wait_until(
             lambda: api.post(f"/jobs/{job_id}/start").status_code == 200,
             60,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import pytest
 import torch
 
+import worker.replica
 from flglm.adapters import fedavg, trainable_state_dict
 from flglm.contracts import refusals as errors
 from flglm.contracts.blob_store import PutOutcome
@@ -28,6 +30,7 @@ from tests.support.step_clients import (
 )
 from worker.checkpoints import latest_snapshot, replica_dir
 from worker.executor import InProcessExecutor
+from worker.replica_journal import journal_key
 from worker.runtime import load_server_body
 
 
@@ -404,6 +407,33 @@ def test_a_client_dropped_from_a_batch_counts_as_zero_and_the_others_step(tmp_pa
         assert h.counters() == {"server_steps": 1, "applied": ["1:0:11", "1:0:12"]}
     finally:
         h.executor.close()
+
+
+def test_a_checkpoint_lets_the_messages_it_covers_expire(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """checkpoint_every=2: the messages (uploads and results) of the steps a checkpoint covers expire within
+    CONSUMED_GRACE_S, with their journal entries; the 7th step's messages, which a restarted replica would
+    replay, stay."""
+    monkeypatch.setattr(worker.replica, "CONSUMED_GRACE_S", 0.2)
+    harness.sequential_step(1, 0)  # three clients, one server step each
+    harness.sequential_step(1, 1)  # six server steps: checkpoints at 2, 4 and 6
+    spec = harness.spec
+    assert harness.counters()["server_steps"] == 6
+    client = harness.clients[11]
+    batch = client_batch(11, 2)
+    extra = client.upload_forward(harness.store, spec, harness.server_public, 1, 2, batch)
+    assert harness.send(extra)["status"] == "done"
+    _, grad_ref, _ = client.upload_gradients(harness.store, spec, harness.server_public, extra, batch)
+    assert harness.send(grad_ref)["status"] == "done"  # the 7th step: no checkpoint covers it yet
+    time.sleep(0.5)
+    store = harness.store
+    first = MessageRef(job_id=spec.job_id, round_number=1, step=0, client_id=11,
+                       direction=MessageDirection.activations, sequence=1)  # fmt: skip
+    assert store.get(first.blob_key()) is None and store.get(first.result_ref().blob_key()) is None
+    assert all(store.get(journal_key(spec.job_id, 0, index)) is None for index in range(1, 7))
+    assert store.get(extra.blob_key()) is not None and store.get(grad_ref.blob_key()) is not None
+    assert store.get(journal_key(spec.job_id, 0, 7)) is not None
 
 
 def test_a_retried_forward_supersedes_the_abandoned_attempt(harness: Harness) -> None:
