@@ -15,8 +15,10 @@ from typing import Any
 import redis
 import torch
 from celery import Task
+from celery.signals import task_postrun
 
 from flglm.contracts.blob_store import RedisBlobStore
+from flglm.contracts.dispatch import DONE_TOKEN_TTL_S, task_done_key
 from flglm.step_protocol import replica_queue
 from flglm.wire.keys import load_private_key
 from worker.admission import RedisSequenceGuard
@@ -110,3 +112,17 @@ def _register(name: str) -> None:
 
 for _name in TASK_FUNCTIONS:
     _register(_name)
+
+
+@task_postrun.connect
+def _announce_done(task_id: str | None = None, **_: Any) -> None:
+    """The task's result (or failure) is stored: wake whoever waits on it (`CeleryDispatcher` handles)."""
+    if task_id is None:
+        return
+    try:
+        with _redis_client().pipeline(transaction=False) as pipe:
+            pipe.rpush(task_done_key(task_id), b"1")
+            pipe.expire(task_done_key(task_id), DONE_TOKEN_TTL_S)
+            pipe.execute()
+    except redis.RedisError:  # a waiter still reads the task's state every DONE_WAIT_SLICE_S
+        log.warning("could not announce task %s as done", task_id, exc_info=True)

@@ -96,6 +96,7 @@ def _job_blob_ttl_s() -> float:
 def retention_rules() -> list[Retention]:
     """Every Redis key kind the product writes, with the TTL its code sets (read from the code)."""
     from backend.steps.service import STAGING_TTL_S
+    from flglm.contracts.dispatch import DONE_TOKEN_TTL_S
     from flglm.contracts.job_spec import MIN_SPEC_TTL_S
 
     blob = _job_blob_ttl_s()
@@ -105,7 +106,8 @@ def retention_rules() -> list[Retention]:
                   "flglm/contracts/job_spec.py:18", max(blob, MIN_SPEC_TTL_S)),
         Retention(r"^flglm:blob:staging:msg:", "upload awaiting admission (deleted after it)",
                   "backend/steps/service.py:287 (deleted :307)", STAGING_TTL_S),
-        Retention(r"^flglm:blob:msg:", "sealed step message (activations, results, gradients, adapters)",
+        Retention(r"^flglm:blob:msg:", "sealed step message (a step's expire 60 s after the checkpoint that "
+                  "covers it: worker/replica.py CONSUMED_GRACE_S; adapters and eval after blob_ttl_s)",
                   "backend/steps/service.py:308, worker/replica_mailbox.py:96, worker/fedavg.py:82", blob),
         Retention(r"^flglm:blob:journal:", "replica journal (checkpointed server steps)",
                   "worker/replica_journal.py:66", blob),
@@ -117,6 +119,8 @@ def retention_rules() -> list[Retention]:
         Retention(r"^flglm:seq:", "replay guard (last accepted sequence)", "worker/admission.py:124",
                   90 * DAY),
         Retention(r"^flglm:deliveries:", "task delivery count", "worker/tasks.py:78", DAY),
+        Retention(r"^flglm:task-done:", "task-finished token (BLPOP)", "worker/tasks.py:_announce_done",
+                  DONE_TOKEN_TTL_S),
         Retention(r"^flglm:worker-slot:", "replica slot lease", "worker/slots.py:123", 30.0),
         Retention(r"^celery-task-meta-", "Celery task result", "worker/celery_app.py:64 (result_expires)",
                   6 * HOUR),

@@ -63,11 +63,13 @@ SEALED_BODY = raw_body(OCTET_STREAM, description="the sealed envelope (flglm.wir
 # session of its own, released before the waiting starts (never `SessionDep`, held until the route returns).
 
 
-def upload_access(
+def adapters_upload_access(
     request: Request, job_id: JobId, round_number: RoundNumber, client: WaitingClientDep
 ) -> StepAccess:
     with brief_session(request) as session:
-        return service.check_step_access(session, client.id, job_id, round_number, uploading=True)
+        return service.check_step_access(
+            session, client.id, job_id, round_number, uploading=True, with_round_clients=True
+        )
 
 
 def step_upload_access(
@@ -92,9 +94,19 @@ def read_access(
         return service.check_step_access(session, client.id, job_id, round_number, uploading=False)
 
 
-UploadAccess = Annotated[StepAccess, Depends(upload_access)]
+def adapters_read_access(
+    request: Request, job_id: JobId, round_number: RoundNumber, client: WaitingClientDep
+) -> StepAccess:
+    with brief_session(request) as session:
+        return service.check_step_access(
+            session, client.id, job_id, round_number, uploading=False, with_round_clients=True
+        )
+
+
+AdaptersUploadAccess = Annotated[StepAccess, Depends(adapters_upload_access)]
 StepUploadAccess = Annotated[StepAccess, Depends(step_upload_access)]
 ReadAccess = Annotated[StepAccess, Depends(read_access)]
+AdaptersReadAccess = Annotated[StepAccess, Depends(adapters_read_access)]
 
 
 def _step_ref(access: StepAccess, step: int, direction: MessageDirection, sequence: int) -> MessageRef:
@@ -212,7 +224,7 @@ async def wait_step_result(
 async def upload_client_adapters(
     request: Request,
     response: Response,
-    access: UploadAccess,
+    access: AdaptersUploadAccess,
     relay: RelayDep,
     settings: SettingsDep,
     example_count: Annotated[
@@ -244,7 +256,9 @@ async def upload_client_adapters(
     },
     summary="Long-poll the round's FedAvg'd client adapters, sealed for this client",
 )
-async def wait_client_adapters(access: ReadAccess, relay: RelayDep, wait_s: WaitSeconds = 0.0) -> Response:
+async def wait_client_adapters(
+    access: AdaptersReadAccess, relay: RelayDep, wait_s: WaitSeconds = 0.0
+) -> Response:
     await in_wait_pool(relay, service.start_fedavg_when_complete, relay, access)
     ref = client_adapters_ref(access.job_id, access.round_number, access.client_id)
     blob = await service.wait_for_result(relay, ref, min(wait_s, MAX_LONG_POLL_S))

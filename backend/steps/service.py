@@ -218,7 +218,7 @@ class StepAccess:
     job_id: int
     round_number: int
     client_id: int
-    round_clients: tuple[int, ...]  # participants of the round that were not dropped
+    round_clients: tuple[int, ...]  # participants of the round not dropped (adapters routes only; else ())
 
 
 def check_step_access(
@@ -229,6 +229,7 @@ def check_step_access(
     *,
     uploading: bool,
     evaluating: bool = False,
+    with_round_clients: bool = False,
 ) -> StepAccess:
     """404 unless the client approved the job; uploads need the job running and this its current round.
 
@@ -259,14 +260,16 @@ def check_step_access(
     round_ = rounds.get(job_id, round_number)
     if round_ is None or round_number > job.current_round:
         raise StaleRound(f"job {job_id} has no round {round_number} yet")
-    participants = rounds.participants(round_.id)
-    mine = next((p for p in participants if p.client_id == client_id), None)
+    mine = rounds.participant(round_.id, client_id)
     if mine is None:
         raise NotRoundParticipant(
             f"client {client_id} is not a participant of round {round_number} of job {job_id}"
         )
     if uploading and mine.status == RoundParticipantStatus.dropped:
         raise StaleRound(f"client {client_id} was dropped from round {round_number}: {mine.drop_reason}")
+    if not with_round_clients:  # steps: one row, not the round's N (every step request asked for them)
+        return StepAccess(job_id, round_number, client_id, ())
+    participants = rounds.participants(round_.id)
     active = tuple(p.client_id for p in participants if p.status != RoundParticipantStatus.dropped)
     return StepAccess(job_id, round_number, client_id, active)
 

@@ -11,13 +11,23 @@ from __future__ import annotations
 import time
 from typing import Any, Protocol
 
+import redis
+
 from flglm.contracts.tasks import raise_if_rejected
 from flglm.step_protocol import DEFAULT_QUEUE
 
-# How often a Celery task's state is read from the result backend while someone waits on it. Celery's own
-# `AsyncResult.get` shares one pub/sub consumer that is not safe across threads, so each waiter reads the
-# task's state key (one Redis GET) at this interval instead.
-CELERY_STATE_INTERVAL_S = 0.05
+# Waiting for a Celery task without polling: Celery's own `AsyncResult.get` shares one pub/sub consumer that
+# is not safe across threads, and reading the task's state every 50 ms from each of 200 waiting requests
+# took the control plane's whole core. Instead the worker pushes a token on `task_done_key(id)` once the
+# task's result is stored (`worker.tasks`, Celery's task_postrun), and a waiter sleeps in BLPOP on it,
+# reading the state when woken or every `DONE_WAIT_SLICE_S` (a worker that pushes nothing is still heard).
+DONE_WAIT_SLICE_S = 2.0
+DONE_TOKEN_TTL_S = 600
+
+
+def task_done_key(task_id: str) -> str:
+    """The Redis list a worker pushes a token on when task `task_id` finished (its result is stored)."""
+    return f"flglm:task-done:{task_id}"
 
 
 class TaskHandle(Protocol):
@@ -51,11 +61,12 @@ def celery_app(redis_url: str, **conf: Any) -> Any:
 
 
 class _CeleryStateHandle:
-    def __init__(self, app: Any, task_id: str) -> None:
-        self._app, self._task_id = app, task_id
+    def __init__(self, app: Any, task_id: str, notices: redis.Redis) -> None:
+        self._app, self._task_id, self._notices = app, task_id, notices
 
     def get(self, timeout_s: float) -> dict[str, Any]:
         deadline = time.monotonic() + timeout_s
+        done_key = task_done_key(self._task_id)
         while True:
             meta = self._app.backend.get_task_meta(self._task_id)
             state = meta.get("status")
@@ -63,9 +74,12 @@ class _CeleryStateHandle:
                 return raise_if_rejected(dict(meta.get("result") or {}))
             if state in ("FAILURE", "REVOKED"):
                 raise RuntimeError(f"task {self._task_id} failed: {meta.get('result')!r}")
-            if time.monotonic() >= deadline:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 raise TimeoutError(f"task {self._task_id} did not finish in {timeout_s} s")
-            time.sleep(CELERY_STATE_INTERVAL_S)
+            if self._notices.blpop([done_key], timeout=min(max(remaining, 0.01), DONE_WAIT_SLICE_S)):
+                self._notices.rpush(done_key, b"1")  # hand the token on to any other waiter of the task
+                self._notices.expire(done_key, DONE_TOKEN_TTL_S)
 
 
 class CeleryDispatcher:
@@ -73,10 +87,12 @@ class CeleryDispatcher:
 
     def __init__(self, redis_url: str) -> None:
         self.app = celery_app(redis_url)
+        self._notices = redis.Redis.from_url(redis_url)  # one pool for every waiter's BLPOP
 
     def submit(self, name: str, kwargs: dict[str, Any], queue: str, countdown_s: float = 0.0) -> TaskHandle:
         result = self.app.send_task(name, kwargs=kwargs, queue=queue, countdown=countdown_s or None)
-        return _CeleryStateHandle(self.app, result.id)
+        return _CeleryStateHandle(self.app, result.id, self._notices)
 
     def close(self) -> None:
         self.app.close()
+        self._notices.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from flglm.contracts.blob_store import BlobStore, PutOutcome
 from flglm.contracts.refusals import SpecConflict, UnknownJob
 from flglm.step_protocol import WorkerJobSpec, spec_blob_key
@@ -26,4 +28,11 @@ def read_job_spec(store: BlobStore, job_id: int) -> WorkerJobSpec:
     data = store.get(spec_blob_key(job_id))
     if data is None:
         raise UnknownJob(f"job {job_id} is not known to the workers (no published spec)")
+    return _parsed_spec(bytes(data))
+
+
+@functools.lru_cache(maxsize=256)
+def _parsed_spec(data: bytes) -> WorkerJobSpec:
+    """Parsing checks every client's X25519 key (an exchange each): with 200 clients ~10 ms, which every
+    upload paid; a spec is write-once, so the same bytes parse once (treat the result as read-only)."""
     return WorkerJobSpec.model_validate_json(data)

@@ -58,7 +58,9 @@ def credentials(app: FastAPI) -> Iterator[dict[str, str | None]]:
         api = Api(client)
         viewer = api.ok("POST", "/tokens", 201, json={"name": "fuzz-viewer", "role": "viewer"})["token"]
         agent = enroll(api, "fuzz-agent")
-        running_job(api, [agent], min_clients=1)
+        # The tiny model: an admin case that starts a privacy audit of this job must finish in seconds (the
+        # app's shutdown waits for it), not run a SmolLM2 inversion for many minutes.
+        running_job(api, [agent], min_clients=1, model_ref="tiny:llama")
         yield {"admin": ADMIN_TOKEN, "viewer": viewer, "agent": agent.credential, "anonymous": None}
 
 
