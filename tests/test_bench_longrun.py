@@ -40,7 +40,7 @@ def test_small_longrun_applies_every_step_once_and_leaks_nothing(
     assert once["applied"] == once["applied_unique"] == STEPS * AGENTS
     assert once["missing"] == [] and once["unexpected"] == []
     assert STEPS <= once["server_steps"] <= STEPS * AGENTS
-    assert once["journal_entries"] == once["server_steps"]
+    assert once["journal_entries"] <= once["server_steps"]  # the checkpointed ones expire
 
     assert result["leaks"] == [], {n: g for n, g in result["redis"]["groups"].items() if n in result["leaks"]}
     groups = result["redis"]["groups"]

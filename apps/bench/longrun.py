@@ -473,7 +473,9 @@ def _exactly_once(
 
     `applied` must hold each client step ("round:step:client") exactly once. In `client_batch` one
     optimizer step (`server_steps`, one journal entry each) applies a whole batch of client steps, so
-    `server_steps` is `steps` when every batch was full and at most `agents * steps` otherwise."""
+    `server_steps` is `steps` when every batch was full and at most `agents * steps` otherwise. Journal
+    entries a checkpoint covers expire (worker/replica.py `_expire_consumed`), so at most `server_steps`
+    remain (`journal_entries`, counted when the job ended)."""
     applied = [str(a) for a in counters.get("applied", [])]
     expected = {
         f"{r['number']}:{step}:{p['client_id']}"
@@ -496,7 +498,7 @@ def _exactly_once(
         "ok": len(applied) == len(set(applied)) == want
         and set(applied) == expected
         and config.steps <= server_steps <= want
-        and journal_entries == server_steps,
+        and journal_entries <= server_steps,
     }
 
 
