@@ -77,4 +77,5 @@ def test_a_running_job_whose_spec_redis_lost_answers_503_until_housekeeping_repu
         assert publish_missing_specs(session, app.state.step_relay, settings) == [job_id]
     # The spec is back: the upload passes it and waits for a worker's admission (none runs here).
     response = agent.api.request("PUT", upload_path(job_id), **SEALED)
-    assert response.status_code == 503 and response.json()["error"]["code"] == "admission_timeout", response.text
+    assert response.status_code == 503, response.text
+    assert response.json()["error"]["code"] == "admission_timeout", response.text
