@@ -63,13 +63,23 @@ SEALED_BODY = raw_body(OCTET_STREAM, description="the sealed envelope (flglm.wir
 # session of its own, released before the waiting starts (never `SessionDep`, held until the route returns).
 
 
-def adapters_upload_access(
-    request: Request, job_id: JobId, round_number: RoundNumber, client: WaitingClientDep
-) -> StepAccess:
-    with brief_session(request) as session:
-        return service.check_step_access(
-            session, client.id, job_id, round_number, uploading=True, with_round_clients=True
-        )
+def _access_check(*, uploading: bool, with_round_clients: bool = False) -> Callable[..., StepAccess]:
+    """A dependency running `service.check_step_access` with these flags in a brief session."""
+
+    def access(
+        request: Request, job_id: JobId, round_number: RoundNumber, client: WaitingClientDep
+    ) -> StepAccess:
+        with brief_session(request) as session:
+            return service.check_step_access(
+                session,
+                client.id,
+                job_id,
+                round_number,
+                uploading=uploading,
+                with_round_clients=with_round_clients,
+            )
+
+    return access
 
 
 def step_upload_access(
@@ -79,7 +89,7 @@ def step_upload_access(
     direction: MessageDirection,
     client: WaitingClientDep,
 ) -> StepAccess:
-    """Like `upload_access`; eval forwards may also name the round before the current one."""
+    """An upload's check; eval forwards may also name the round before the current one."""
     evaluating = direction is MessageDirection.eval_activations
     with brief_session(request) as session:
         return service.check_step_access(
@@ -87,26 +97,11 @@ def step_upload_access(
         )
 
 
-def read_access(
-    request: Request, job_id: JobId, round_number: RoundNumber, client: WaitingClientDep
-) -> StepAccess:
-    with brief_session(request) as session:
-        return service.check_step_access(session, client.id, job_id, round_number, uploading=False)
-
-
-def adapters_read_access(
-    request: Request, job_id: JobId, round_number: RoundNumber, client: WaitingClientDep
-) -> StepAccess:
-    with brief_session(request) as session:
-        return service.check_step_access(
-            session, client.id, job_id, round_number, uploading=False, with_round_clients=True
-        )
-
-
-AdaptersUploadAccess = Annotated[StepAccess, Depends(adapters_upload_access)]
 StepUploadAccess = Annotated[StepAccess, Depends(step_upload_access)]
-ReadAccess = Annotated[StepAccess, Depends(read_access)]
-AdaptersReadAccess = Annotated[StepAccess, Depends(adapters_read_access)]
+ReadAccess = Annotated[StepAccess, Depends(_access_check(uploading=False))]
+# The adapters routes also need the round's participants (FedAvg starts once all of them uploaded).
+AdaptersUploadAccess = Annotated[StepAccess, Depends(_access_check(uploading=True, with_round_clients=True))]
+AdaptersReadAccess = Annotated[StepAccess, Depends(_access_check(uploading=False, with_round_clients=True))]
 
 
 def _step_ref(access: StepAccess, step: int, direction: MessageDirection, sequence: int) -> MessageRef:
