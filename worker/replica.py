@@ -456,11 +456,10 @@ class ServerReplica:
         never read again by a replay: they expire within `CONSUMED_GRACE_S` (an agent fetches its result
         within seconds, a StepClient retries an upload within ~16 s) instead of after `blob_ttl_s`, so the
         blob store holds about `checkpoint_every` steps of messages, not hours of them."""
-        for key in self._consumed:
-            self.store.expire(key, CONSUMED_GRACE_S)
-        self._consumed.clear()
-        for index in range(self._journal_expired_upto + 1, self.server_steps + 1):
-            self.store.expire(journal_key(self.spec.job_id, self.replica, index), CONSUMED_GRACE_S)
+        journal = range(self._journal_expired_upto + 1, self.server_steps + 1)
+        keys = self._consumed + [journal_key(self.spec.job_id, self.replica, index) for index in journal]
+        self.store.expire(keys, CONSUMED_GRACE_S)
+        self._consumed = []
         self._journal_expired_upto = self.server_steps
 
     def _restore(self) -> None:

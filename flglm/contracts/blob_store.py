@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from enum import StrEnum
 from typing import Protocol, runtime_checkable
 
@@ -40,9 +41,9 @@ class BlobStore(Protocol):
         """Remove `key` (no error when absent)."""
         ...
 
-    def expire(self, key: str, ttl_s: float) -> None:
-        """Let `key` live at most `ttl_s` more seconds (never longer than it would have); nothing when
-        absent. How consumed step messages leave the store long before their `blob_ttl_s`."""
+    def expire(self, keys: Sequence[str], ttl_s: float) -> None:
+        """Let each of `keys` live at most `ttl_s` more seconds (never longer than it would have); absent
+        keys are skipped. How consumed step messages leave the store long before their `blob_ttl_s`."""
         ...
 
     def replace(self, key: str, data: bytes, ttl_s: float) -> None:
@@ -98,11 +99,13 @@ class InMemoryBlobStore:
         with self._changed:
             self._blobs.pop(key, None)
 
-    def expire(self, key: str, ttl_s: float) -> None:
+    def expire(self, keys: Sequence[str], ttl_s: float) -> None:
         with self._changed:
-            entry = self._blobs.get(key)
-            if entry is not None:
-                self._blobs[key] = (entry[0], min(entry[1], time.monotonic() + max(ttl_s, 0.0)))
+            deadline = time.monotonic() + max(ttl_s, 0.0)
+            for key in keys:
+                entry = self._blobs.get(key)
+                if entry is not None:
+                    self._blobs[key] = (entry[0], min(entry[1], deadline))
 
     def replace(self, key: str, data: bytes, ttl_s: float) -> None:
         with self._changed:
@@ -176,11 +179,14 @@ class RedisBlobStore:
     def delete(self, key: str) -> None:
         self._redis.delete(self._data_key(key), self._ready_key(key))
 
-    def expire(self, key: str, ttl_s: float) -> None:
+    def expire(self, keys: Sequence[str], ttl_s: float) -> None:
+        if not keys:
+            return
         ttl_ms = max(int(ttl_s * 1000), 1)
-        with self._redis.pipeline(transaction=False) as pipe:
-            pipe.pexpire(self._data_key(key), ttl_ms, lt=True)  # LT: only ever shortens (Redis >= 7)
-            pipe.pexpire(self._ready_key(key), ttl_ms, lt=True)
+        with self._redis.pipeline(transaction=False) as pipe:  # one round trip for all of them
+            for key in keys:
+                pipe.pexpire(self._data_key(key), ttl_ms, lt=True)  # LT: only ever shortens (Redis >= 7)
+                pipe.pexpire(self._ready_key(key), ttl_ms, lt=True)
             pipe.execute()
 
     def replace(self, key: str, data: bytes, ttl_s: float) -> None:

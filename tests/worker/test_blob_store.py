@@ -52,9 +52,8 @@ def test_delete_frees_the_key(store: BlobStore) -> None:
 def test_expire_only_ever_shortens_a_blobs_life(store: BlobStore) -> None:
     store.put_if_absent("consumed", b"x", ttl_s=30)
     store.put_if_absent("brief", b"y", ttl_s=0.2)
-    store.expire("consumed", 0.2)  # 30 s -> 0.2 s
-    store.expire("brief", 30)  # never lengthened: still 0.2 s
-    store.expire("absent", 1)  # no error, nothing created
+    store.expire(["consumed", "absent"], 0.2)  # 30 s -> 0.2 s; an absent key: no error, nothing created
+    store.expire(["brief"], 30)  # never lengthened: still 0.2 s
     assert store.get("consumed") == b"x" and store.get("brief") == b"y"
     time.sleep(0.5)
     assert store.get("consumed") is None and store.get("brief") is None and store.get("absent") is None
