@@ -40,11 +40,13 @@ class ClientRepository:
         return fetch_page(self.session, query, limit=limit, offset=offset)
 
     def mark_silent_offline(self, cutoff: datetime) -> list[int]:
-        """Active clients whose last heartbeat is older than `cutoff` become offline; returns their ids."""
+        """Active clients whose last heartbeat (or, before their first, their enrollment) is older than
+        `cutoff` become offline; returns their ids."""
+        last_seen = sa.func.coalesce(Client.last_heartbeat_at, Client.enrolled_at)
         silent = list(
             self.session.scalars(
                 sa.select(Client.id)
-                .where(Client.status == ClientStatus.active, Client.last_heartbeat_at < cutoff)
+                .where(Client.status == ClientStatus.active, last_seen < cutoff)
                 .with_for_update(skip_locked=True)
             ).all()
         )

@@ -74,7 +74,9 @@ def enroll(session: Session, request: EnrollRequest, server_public_key: str, now
     client.status = ClientStatus.active
     client.example_count = request.example_count
     client.enrolled_at = now
-    client.last_heartbeat_at = now
+    # No heartbeat yet: enrolling is not an agent running. The client reads online only once its agent
+    # heartbeats (within the lease); a silent one still goes offline a lease after enrolling.
+    client.last_heartbeat_at = None
     record(session, f"client:{client.id}:{client.name}", "client.enroll", "client", client.id, {})
     return EnrollResponse(
         client_id=client.id, name=client.name, credential=credential, server_public_key=server_public_key

@@ -30,12 +30,13 @@ class ClientProgressView(BaseModel):
 
 
 class ReplicaLoadView(BaseModel):
-    """One server replica: the clients dealt to it and the steps they reported in the recent window."""
+    """One server replica: the clients dealt to it and the server steps it ran for them in the recent window
+    (in the batch modes the clients of one step share one server step)."""
 
     replica: int
     client_ids: list[int]
     steps_in_window: int
-    tokens_per_s: float | None
+    tokens_per_s: float | None  # None when idle or once the job ended
 
 
 class JobProgressView(BaseModel):
@@ -47,7 +48,7 @@ class JobProgressView(BaseModel):
     rounds: int
     steps_per_round: int
     window_s: float
-    tokens_per_s: float | None  # each client on its own clock over the recent window, summed; None: idle
+    tokens_per_s: float | None  # each client on its own clock in the recent window, summed; None: idle/ended
     steps_reported: int
     tokens: int
     wire_bytes_up: int

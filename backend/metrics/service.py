@@ -15,7 +15,7 @@ from backend.metrics.repository import (
 )
 from backend.metrics.schemas import ClientProgressView, JobProgressView, ReplicaLoadView
 from backend.models import StepMetric
-from flglm.protocol import ClientStatus, ConsentStatus, JobStatus, StepMetricIn
+from flglm.protocol import ClientStatus, ConsentStatus, JobStatus, ParallelMode, StepMetricIn
 
 
 class MetricForUnknownRound(Conflict):
@@ -100,12 +100,16 @@ def job_progress(
                 wire_bytes_down=total.wire_bytes_down if total else 0,
             )
         )
+    live = job.status in (JobStatus.running, JobStatus.paused)  # an ended job has no live throughput
     replicas = [
         ReplicaLoadView(
             replica=index,
             client_ids=[cid for cid in served if replica_of[cid] == index],
-            steps_in_window=len(mine := [m for m in recent if replica_of.get(m.client_id) == index]),
-            tokens_per_s=_tokens_per_s(mine),
+            steps_in_window=_server_steps(
+                mine := [m for m in recent if replica_of.get(m.client_id) == index],
+                ParallelMode(job.parallel_mode),
+            ),
+            tokens_per_s=_tokens_per_s(mine) if live else None,
         )
         for index in range(job.replicas)
     ]
@@ -116,7 +120,7 @@ def job_progress(
         rounds=job.rounds,
         steps_per_round=job.steps_per_round,
         window_s=window_s,
-        tokens_per_s=_tokens_per_s(recent),
+        tokens_per_s=_tokens_per_s(recent) if live else None,
         steps_reported=sum(t.steps_reported for t in totals.values()),
         tokens=sum(t.tokens for t in totals.values()),
         wire_bytes_up=sum(t.wire_bytes_up for t in totals.values()),
@@ -125,6 +129,14 @@ def job_progress(
         replicas=replicas,
         generated_at=now,
     )
+
+
+def _server_steps(reports: list[StepMetric], mode: ParallelMode) -> int:
+    """The training steps a replica ran for these client reports: one per report in `sequential`; in the
+    batch modes the clients of one (round, step) share one forward and backward, so one per distinct step."""
+    if mode is ParallelMode.sequential:
+        return len(reports)
+    return len({(m.round_number, m.step) for m in reports})
 
 
 def _step_seconds(metric: StepMetric) -> float:

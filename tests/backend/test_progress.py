@@ -39,10 +39,46 @@ def test_progress_reports_each_clients_latest_step_traffic_and_replica(api: Api)
     replicas = {r["replica"]: r for r in progress["replicas"]}
     assert replicas[0]["client_ids"] == [a["client_id"], c["client_id"]]
     assert replicas[1]["client_ids"] == [b["client_id"]]
-    assert (replicas[0]["steps_in_window"], replicas[1]["steps_in_window"]) == (4, 0)
+    # Replica 0's clients a and c share their step 0 in one batch (server_hierarchical batches a replica's
+    # clients): 4 reports, 3 server steps.
+    assert (replicas[0]["steps_in_window"], replicas[1]["steps_in_window"]) == (3, 0)
     assert replicas[1]["tokens_per_s"] is None
-    # Enrolling counts as a heartbeat, well inside the lease.
-    assert all(client["online"] and client["last_heartbeat_at"] for client in progress["clients"])
+    # Enrolling is no heartbeat: a client is online only once its agent heartbeats (within the lease).
+    assert not any(client["online"] or client["last_heartbeat_at"] for client in progress["clients"])
+    agents[1].api.ok("POST", "/agent/heartbeat", json={})
+    progress = api.ok("GET", f"/metrics/jobs/{job_id}/progress")
+    online = {c["client_name"]: c["online"] for c in progress["clients"]}
+    assert online == {"hospital-a": False, "hospital-b": True, "hospital-c": False}
+
+
+def test_batched_server_steps_count_once_and_an_ended_job_has_no_live_throughput(api: Api) -> None:
+    agents = [enroll(api, name) for name in ("batch-a", "batch-b")]
+    job_id = running_job(api, agents, parallel_mode="client_batch", rounds=1, steps_per_round=6)
+    for step in range(6):
+        for agent in agents:
+            body = {
+                "round_number": 1,
+                "step": step,
+                "loss": 2.0,
+                "tokens": 100,
+                "phase_timings_s": {"step": 0.5},
+            }
+            agent.api.ok("POST", f"/agent/jobs/{job_id}/metrics", 201, json=body)
+    progress = api.ok("GET", f"/metrics/jobs/{job_id}/progress")
+    assert [r["steps_in_window"] for r in progress["replicas"]] == [6]  # 12 reports, 6 batched server steps
+    assert progress["tokens_per_s"] is not None and progress["replicas"][0]["tokens_per_s"] is not None
+    api.ok("POST", f"/jobs/{job_id}/cancel")
+    ended = api.ok("GET", f"/metrics/jobs/{job_id}/progress")
+    assert ended["status"] == "cancelled" and ended["tokens"] == 1200
+    assert ended["tokens_per_s"] is None and ended["replicas"][0]["tokens_per_s"] is None
+
+    sequential = running_job(api, agents, parallel_mode="sequential", rounds=1, steps_per_round=2)
+    for agent in agents:
+        agent.api.ok(
+            "POST", f"/agent/jobs/{sequential}/metrics", 201, json={"round_number": 1, "step": 0, "tokens": 5}
+        )
+    progress = api.ok("GET", f"/metrics/jobs/{sequential}/progress")
+    assert [r["steps_in_window"] for r in progress["replicas"]] == [2]  # one server step per client in turn
 
 
 def test_a_resent_step_metric_is_kept_once_the_first_report_stands(api: Api) -> None:
