@@ -96,6 +96,16 @@ class SideOptimizer:
             self.optimizer.zero_grad(set_to_none=True)
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX).
+
+    Where it does, CPU bf16 autocast made a SmolLM2 step about 1.7x faster; on an AVX2-only CPU the same
+    matmul is emulated: a (384, 576) x (576, 1536) forward and backward took 0.11 s against 0.023 s in
+    float32 on one thread.
+    """
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
 def _autocast(cfg: TrainConfig, device: torch.device) -> AbstractContextManager[object]:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16_autocast)
 

@@ -30,7 +30,13 @@ from flglm.privacy.client import ClientDefence, add_client_adapters
 from flglm.privacy.report import ALL_ATTACKS, AttackName, AuditRequest
 from flglm.protocol import PrivacySpec
 from flglm.split import SplitPlan, find_decoder_layout, split_model
-from flglm.trainers import SideOptimizer, TrainConfig, causal_lm_loss, target_positions
+from flglm.trainers import (
+    SideOptimizer,
+    TrainConfig,
+    causal_lm_loss,
+    cpu_has_native_bf16,
+    target_positions,
+)
 
 
 @dataclass(frozen=True)
@@ -252,7 +258,10 @@ def frontier_row(
                 steps=steps,
                 batch_size=batch_size,
                 train_cfg=TrainConfig(
-                    lr=1e-3, warmup_steps=min(4, steps), total_steps=steps, bf16_autocast=True
+                    lr=1e-3,
+                    warmup_steps=min(4, steps),
+                    total_steps=steps,
+                    bf16_autocast=cpu_has_native_bf16(),
                 ),
                 adapter=AdapterSpec(r=8, alpha=16),
                 seed=seed,
