@@ -10,6 +10,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from flglm import protocol
+from flglm.contracts.disclosures import disclosed_round_metrics
 from flglm.protocol import PROTOCOL_VERSION
 from flglm.step_client import (
     StepClient,
@@ -130,7 +131,13 @@ class ControlPlaneClient(StepClient):
         self, job_id: int, round_number: int, body: protocol.RoundDoneRequest
     ) -> protocol.RoundDoneResponse:
         path = protocol.ROUND_DONE_PATH.format(job_id=job_id, round_number=round_number)
-        return protocol.RoundDoneResponse.model_validate(self._json("POST", path, body))
+        disclosed = body.model_copy(update={"eval_metrics": disclosed_round_metrics(body.eval_metrics)})
+        return protocol.RoundDoneResponse.model_validate(self._json("POST", path, disclosed))
 
     def step_metric(self, job_id: int, metric: protocol.StepMetricIn) -> None:
         self._json("POST", protocol.STEP_METRICS_PATH.format(job_id=job_id), metric)
+
+    def report_failure(self, job_id: int, reason: str) -> protocol.AgentFailureResponse:
+        body = protocol.AgentFailureRequest(reason=reason[: protocol.MAX_FAILURE_REASON_CHARS])
+        path = protocol.AGENT_FAILURE_PATH.format(job_id=job_id)
+        return protocol.AgentFailureResponse.model_validate(self._json("POST", path, body))

@@ -9,6 +9,7 @@ from pydantic import ValidationError
 
 from client_agent.api import AgentFailure, ExitCode
 from flglm import protocol
+from flglm.contracts.disclosures import EXAMPLE_COUNT, ROUND_METRICS, STEP_METRIC_FIELDS, describe
 from flglm.privacy.epsilon import describe_activation_noise, hidden_size_hint
 
 
@@ -85,4 +86,10 @@ def consent_lines(view: protocol.InvitationView, hidden_size: int | None) -> lis
             f"  audited token recovery: {100 * view.audited_token_recovery:.1f} % of training tokens "
             f"recovered by the strongest audited attack{attack}"
         )
+    lines += [
+        "in plain numbers (over TLS, readable by the operator and shown on the dashboard):",
+        f"  every step: {describe(STEP_METRIC_FIELDS)}",
+        f"  each round: {describe(ROUND_METRICS)}",
+        f"  {EXAMPLE_COUNT}",
+    ]
     return lines

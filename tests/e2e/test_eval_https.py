@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from client_agent.api import ControlPlaneClient
 from flglm.adapters import load_trainable_state_dict, trainable_state_dict
 from flglm.agent_step import (
     ClientChannel,
@@ -20,7 +21,7 @@ from flglm.agent_step import (
 )
 from flglm.data import generation_example
 from flglm.models import load_tokenizer
-from flglm.protocol import ROUND_DONE_PATH
+from flglm.protocol import ROUND_DONE_PATH, RoundDoneRequest
 from flglm.round_eval import round_eval_metrics
 from flglm.step_client import StepConflict, StepNotFound
 from flglm.step_messages import seal_activations
@@ -65,11 +66,11 @@ def test_eval_round_trips_after_the_round_closed(live_server: LiveServer, api: A
     assert api.ok("GET", f"/jobs/{job_id}")["current_round"] == 2
     closed, current = eval_forward(1, 0), eval_forward(2, 0)  # round 1 closed, round 2 open: both allowed
     assert closed.shape == (*batch["input_ids"].shape, 384) and torch.equal(closed, current)
-    # The eval metrics of round 1, reported after it closed, join its round-done report.
-    done_path = ROUND_DONE_PATH.format(job_id=job_id, round_number=1)
-    api.as_(owner.credential).ok(
-        "POST", done_path, json={"example_count": 0, "eval_metrics": {"eval_loss": 2.5, "accuracy": 0.5}}
-    )
+    # The eval metrics of round 1, reported after it closed, join its round-done report; the agent's client
+    # sends only the metrics its consent text lists.
+    reported = {"eval_loss": 2.5, "accuracy": 0.5, "undisclosed_figure": 7.0}
+    with ControlPlaneClient(live_server.base_url, owner.credential, live_server.tls.ca_cert) as agent:
+        agent.round_done(job_id, 1, RoundDoneRequest(example_count=0, eval_metrics=reported))
     round_one = api.ok("GET", f"/jobs/{job_id}/rounds")[0]
     mine = next(p for p in round_one["participants"] if p["client_id"] == owner.client_id)
     assert mine["eval_metrics"] == {"eval_loss": 2.5, "accuracy": 0.5} and mine["example_count"] == 10

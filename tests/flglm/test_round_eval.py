@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from flglm.contracts.disclosures import ROUND_METRICS
 from flglm.data import classification_example, generation_example
 from flglm.models import load_tokenizer
 from flglm.round_eval import greedy_completions, round_eval_metrics
@@ -66,6 +67,7 @@ def test_round_eval_metrics_per_task_and_bounded(model: torch.nn.Module) -> None
     )  # fmt: skip
     assert set(metrics) == {"eval_loss", "eval_examples", "accuracy", "accuracy_ci_low", "accuracy_ci_high"}
     assert metrics["eval_examples"] == 3 and 0 <= metrics["accuracy"] <= 1 and metrics["eval_loss"] > 0
+    classification = metrics
     assert [rows for rows, _ in calls] == [3, 4, 2]  # 3 loss rows, then 3 x 2 (example, label) rows
     assert all(rows <= 4 for rows, _ in calls)
 
@@ -76,6 +78,7 @@ def test_round_eval_metrics_per_task_and_bounded(model: torch.nn.Module) -> None
         max_new_tokens=3,
     )  # fmt: skip
     assert set(metrics) == {"eval_loss", "eval_examples", "rouge_l"} and 0 <= metrics["rouge_l"] <= 1
+    assert set(metrics) | set(classification) <= set(ROUND_METRICS)  # the consent text lists them all
     assert 2 <= len(calls) <= 1 + 3  # one loss batch, at most max_new_tokens decoding forwards
     nothing = round_eval_metrics(
         counting, [], tokenizer, task="generation", max_length=32, batch_size=2, pad_token_id=0
