@@ -1,16 +1,19 @@
 """Typed domain errors and the ONE place that maps them (and FastAPI/Starlette errors) to HTTP responses.
 
-Every error body is `{"error": {"code": ..., "message": ...}}`. Domain errors live next to their service and
+Every error body is `{"error": {"code": ..., "message": ...}}` (a 422 adds `fields`, one readable problem
+each: field, message, allowed values, suggestion). Domain errors live next to their service and
 subclass one of the kinds below; the kind alone decides the HTTP status.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from kombu.exceptions import OperationalError as BrokerUnavailable
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeout
@@ -19,6 +22,7 @@ from sqlalchemy.exc import OperationalError as DatabaseUnavailable
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from flglm.contracts.refusals import StepRejected
+from flglm.contracts.validation_errors import FieldProblem, describe_errors
 
 log = logging.getLogger(__name__)
 
@@ -124,13 +128,22 @@ def error_response(
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
-def describe_validation_errors(exc: RequestValidationError) -> str:
-    """'body.rounds: Input should be a valid integer; query.limit: ...' — every message names its field."""
-    parts = []
-    for err in exc.errors():
-        location = ".".join(str(part) for part in err.get("loc", ()))
-        parts.append(f"{location}: {err.get('msg', 'invalid')}")
-    return "; ".join(parts) or "invalid request"
+def _body_model(request: Request | None) -> Any:
+    """The annotation of the route's one (not embedded) body parameter, where its errors' paths start."""
+    route = request.scope.get("route") if request is not None else None
+    params = route.dependant.body_params if isinstance(route, APIRoute) else []
+    if len(params) == 1 and not getattr(params[0].field_info, "embed", False):
+        return params[0].field_info.annotation
+    return None
+
+
+def describe_validation_errors(
+    exc: RequestValidationError, request: Request | None = None
+) -> tuple[str, list[FieldProblem]]:
+    """'body.rounds: Input should be a valid integer (got 'x'); body.model: unknown field; did you mean
+    model_ref?' and the same problems one by one (`flglm.contracts.validation_errors`, as the CLI)."""
+    problems = describe_errors(exc.errors(), _body_model(request), ("body",))
+    return "; ".join(problem.line() for problem in problems) or "invalid request", problems
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -139,8 +152,11 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(http_status_of(exc), exc.code, exc.message, exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(422, "validation_error", describe_validation_errors(exc))
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, problems = describe_validation_errors(exc, request)
+        body = {"code": "validation_error", "message": message}
+        fields = [problem.model_dump(exclude_none=True) for problem in problems]
+        return JSONResponse({"error": {**body, "fields": fields}}, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 
 from flglm.contracts.job_settings import AdapterSpec, Hyperparameters
 from flglm.contracts.request_model import StrictModel
+from flglm.contracts.validation_errors import FieldProblem
 from flglm.wire.keys import public_key_from_b64
 
 API_PREFIX = "/api/v1"
@@ -105,6 +106,9 @@ MAX_METRIC_KEYS = 64  # phase timings or eval metrics one report may carry
 class ErrorDetail(BaseModel):
     code: str
     message: str
+    fields: list[FieldProblem] | None = Field(
+        default=None, description="validation errors (422) one by one: field, allowed values, did you mean"
+    )
 
 
 class ErrorBody(BaseModel):

@@ -13,8 +13,10 @@ from typing import Annotated, Any, Literal
 import httpx
 import typer
 import yaml
+from pydantic import ValidationError
 
-from flglm.protocol import API_PREFIX, JobSpec
+from flglm.contracts.validation_errors import describe_errors
+from flglm.protocol import API_PREFIX, JobSpec, TaskType
 
 job_app = typer.Typer(help="Submit and steer training jobs.", no_args_is_help=True)
 client_app = typer.Typer(help="Enroll, list and revoke client agents.", no_args_is_help=True)
@@ -62,13 +64,32 @@ def _print(body: Any) -> None:
 
 
 def read_job_spec(path: Path) -> JobSpec:
-    """A job file in YAML (.yaml/.yml) or JSON, validated locally so mistakes name their field at once."""
-    text = path.read_text()
-    data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+    """A job file in YAML (.yaml/.yml) or JSON, validated locally so mistakes name their field at once.
+
+    A bad file prints one line per problem (field, allowed values, did you mean) and exits 2."""
+    try:
+        text = path.read_text()
+        data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        typer.echo(f"error: {path}: not a readable job file: {exc}", err=True)
+        raise typer.Exit(2) from None
     try:
         return JobSpec.model_validate(data)
-    except ValueError as exc:
-        raise typer.BadParameter(f"{path}: {exc}") from None
+    except ValidationError as exc:
+        problems = describe_errors(exc.errors(), JobSpec)
+        lines = "\n".join(f"  {problem.line()}" for problem in problems)
+        typer.echo(f"error: {path}: invalid job spec (nothing was sent):\n{lines}", err=True)
+        raise typer.Exit(2) from None
+
+
+@job_app.command("init")
+def init(
+    task: Annotated[TaskType, typer.Option("--task", help="the job's task_type")] = TaskType.classification,
+) -> None:
+    """Print a commented job file (every field, its default and meaning): `flglm job init > job.yaml`."""
+    from apps.cli.job_template import job_template
+
+    typer.echo(job_template(task), nl=False)
 
 
 @job_app.command("submit")

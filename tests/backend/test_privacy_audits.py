@@ -216,8 +216,9 @@ def test_only_admins_start_audits_viewers_read_them_clients_touch_nothing(api: A
         ({"attacks": ["learned_inverter", "learned_inverter"]}, "attacks contains duplicates"),
         ({"attacks": []}, "body.attacks: List should have at least 1 item"),
         ({"seed": -1}, "body.seed: Input should be greater than or equal to 0"),
-        ({"model_ref": "other"}, "body.model_ref: Extra inputs are not permitted"),
-        ({"privacy": {"activation_noise": 9}}, "body.privacy: Extra inputs are not permitted"),
+        ({"model_ref": "other"}, "body.model_ref: unknown field; allowed: sequences, seq_len, corpus, texts"),
+        ({"privacy": {"activation_noise": 9}}, "body.privacy: unknown field; allowed: sequences"),
+        ({"sequence": 4}, "body.sequence: unknown field; did you mean sequences?"),
         ([1, 2], "body: Input should be a valid dictionary"),
     ],
 )
