@@ -46,7 +46,8 @@ export function renderClients({ principal, showError }) {
       const rows = page.items.map((c) => [
         h("strong", {}, c.name),
         badge(c.status),
-        formatNumber(c.example_count),
+        // The count is the data owner's choice to share (opt-in); an agent that does not share it reads 0.
+        c.example_count > 0 ? formatNumber(c.example_count) : h("span", { class: "muted", title: "the data owner does not share its example count" }, "not shared"),
         formatAgo(c.last_heartbeat_at),
         (jobsByClient.get(c.id) || []).map(({ job, consent }) =>
           h("span", { class: "chip" }, h("a", { href: `#/jobs/${job.id}` }, job.name), ` ${consent}`),

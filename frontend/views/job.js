@@ -7,6 +7,7 @@ import { privacyAuditCard } from "./privacy_audit.js";
 
 const POLL_MS = 1500; // the issue asks for updates at least every 2 s
 const METRICS_PAGE = 500;
+const ENDED = new Set(["completed", "failed", "cancelled"]); // no live throughput once a job is over
 
 // Which admin buttons each job status offers (the backend's lifecycle decides; this only hides dead ends).
 const ACTIONS = {
@@ -29,6 +30,30 @@ function adapterText(adapter) {
   const given = { kind: adapter.method ?? adapter.kind, r: adapter.r, alpha: adapter.alpha };
   const value = (key) => (given[key] === undefined || given[key] === null ? `${ADAPTER_DEFAULTS[key]} (default)` : `${given[key]}`);
   return `${value("kind")} r=${value("r")} α=${value("alpha")}`;
+}
+
+/** A step as people count it: the API's steps are 0-based within a round, the page says "step 1" for the
+ * first. Every step number on the page (header, client rows, chart) goes through here. */
+export function stepNumber(step) {
+  return step + 1;
+}
+
+const percent = (value) => formatNumber(100 * value, 1);
+const COUNT_KEYS = /(^|_)(examples|count|n)$/; // whole numbers sent as floats (`eval_examples 6.0`)
+
+/** One client's evaluation metrics in words: accuracy with its 95 % interval in %, counts as whole numbers. */
+export function evalMetricsText(metrics) {
+  const parts = [];
+  const { accuracy, accuracy_ci_low: low, accuracy_ci_high: high, ...rest } = metrics;
+  if (accuracy !== undefined) {
+    const interval = low !== undefined && high !== undefined ? ` (95 % CI [${percent(low)}, ${percent(high)}] %)` : "";
+    parts.push(`accuracy ${percent(accuracy)} %${interval}`);
+  }
+  for (const [key, value] of Object.entries(rest)) {
+    const whole = COUNT_KEYS.test(key) && Number.isInteger(Number(value));
+    parts.push(`${key} ${formatNumber(value, whole ? 0 : 3)}`);
+  }
+  return parts.join(" · ");
 }
 
 function progressBar(label, fraction) {
@@ -161,8 +186,8 @@ export function renderJob({ principal, params, showError }) {
 
   function renderStats(job, progress) {
     const inRound = progress.clients.filter((c) => c.round_number === job.current_round && c.step !== null);
-    // Steps are numbered from 0, so step s means s + 1 done.
-    const stepsDone = inRound.length ? Math.max(...inRound.map((c) => c.step)) + 1 : 0;
+    // The furthest client's step, counted from 1: "step 3 / 3" is the round's third and last step, done.
+    const stepsDone = inRound.length ? stepNumber(Math.max(...inRound.map((c) => c.step))) : 0;
     const roundsDone = Math.max(0, job.current_round - 1);
     const overall = (roundsDone * job.steps_per_round + stepsDone) / (job.rounds * job.steps_per_round);
     fill(
@@ -176,7 +201,11 @@ export function renderJob({ principal, params, showError }) {
         progressBar("Progress of the whole job", overall),
         h("div", { class: "stat-note" }, `${Math.round(overall * 100)} % of the job`),
       ),
-      stat("Tokens / s", formatNumber(progress.tokens_per_s, 1), "tokens-per-s"),
+      stat(
+        "Tokens / s",
+        ENDED.has(job.status) ? h("span", { title: `the job is ${job.status}: no live throughput` }, "—") : formatNumber(progress.tokens_per_s, 1),
+        "tokens-per-s",
+      ),
       stat("Tokens", formatNumber(progress.tokens), "tokens"),
       stat("Bytes up", formatBytes(progress.wire_bytes_up), "bytes-up"),
       stat("Bytes down", formatBytes(progress.wire_bytes_down), "bytes-down"),
@@ -189,7 +218,7 @@ export function renderJob({ principal, params, showError }) {
       c.consent === "approved" ? badge("approved") : badge(c.consent),
       h("span", { class: c.online ? "dot dot-on" : "dot dot-off" }, c.online ? "online" : "offline"),
       formatAgo(c.last_heartbeat_at),
-      c.step === null ? "—" : `round ${c.round_number}, step ${c.step}`,
+      c.step === null ? "—" : h("span", { "data-testid": "client-step" }, `round ${c.round_number}, step ${stepNumber(c.step)} / ${progress.steps_per_round}`),
       formatNumber(c.last_loss, 3),
       c.replica === null ? "—" : `#${c.replica}`,
       formatBytes(c.wire_bytes_up),
@@ -210,13 +239,13 @@ export function renderJob({ principal, params, showError }) {
     const rows = progress.replicas.map((r) => [
       `#${r.replica}`,
       r.client_ids.length ? r.client_ids.map((id) => progress.clients.find((c) => c.client_id === id)?.client_name ?? id).join(", ") : "—",
-      formatNumber(r.steps_in_window),
+      h("span", { "data-testid": "replica-steps" }, formatNumber(r.steps_in_window)),
       formatNumber(r.tokens_per_s, 1),
     ]);
     fill(
       regions.replicas,
       h("p", { class: "help" }, `${job.parallel_mode.replaceAll("_", " ")} · load over the last ${progress.window_s} s`),
-      table("Server replicas", ["Replica", "Clients", "Steps", "Tokens / s"], rows),
+      table("Server replicas", ["Replica", "Clients", "Server steps", "Tokens / s"], rows),
     );
   }
 
@@ -230,7 +259,7 @@ export function renderJob({ principal, params, showError }) {
           badge(round.status),
           names.get(p.client_id) || `client ${p.client_id}`,
           badge(p.status),
-          metrics.length ? metrics.map(([k, v]) => `${k} ${formatNumber(v, 3)}`).join(" · ") : "—",
+          metrics.length ? h("span", { "data-testid": "eval-metrics" }, evalMetricsText(p.eval_metrics)) : "—",
         ]);
       }
     }

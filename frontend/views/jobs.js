@@ -22,6 +22,7 @@ export function renderJobs({ principal, showError }) {
       const rows = page.items
         .sort((a, b) => b.id - a.id)
         .map((job) => [
+          h("a", { href: `#/jobs/${job.id}`, "aria-label": `Job ${job.id}` }, `#${job.id}`),
           h("a", { href: `#/jobs/${job.id}` }, job.name),
           badge(job.status),
           `${job.current_round} / ${job.rounds}`,
@@ -29,7 +30,7 @@ export function renderJobs({ principal, showError }) {
           job.model_ref,
           formatTime(job.created_at),
         ]);
-      fill(body, table("Jobs", ["Job", "Status", "Round", "Parallel mode", "Model", "Created"], rows, "No jobs yet."));
+      fill(body, table("Jobs", ["ID", "Job", "Status", "Round", "Parallel mode", "Model", "Created"], rows, "No jobs yet."));
     } catch (error) {
       showError(error);
     }

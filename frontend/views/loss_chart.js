@@ -6,6 +6,8 @@ import { h } from "../dom.js";
 // Okabe–Ito colours: distinguishable with the common colour-vision deficiencies.
 const PALETTE = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442"];
 const GLOBAL_COLOUR = "#1f2933";
+// Steps are whole: the x axis only ever steps by these, so no tick falls between two steps.
+const STEP_INCREMENTS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000];
 
 export class LossChart {
   constructor(clientNames) {
@@ -18,7 +20,7 @@ export class LossChart {
     this.frame = h("div", { class: "chart-frame" });
     this.element = h(
       "figure",
-      { class: "chart", "data-testid": "loss-chart", "data-points": "0", "data-round-marks": "" },
+      { class: "chart", "data-testid": "loss-chart", "data-points": "0", "data-round-marks": "", "data-x-ticks": "" },
       this.frame,
       h("figcaption", { class: "visually-hidden" }, "Training loss per client and global mean, by step"),
     );
@@ -30,14 +32,15 @@ export class LossChart {
     return { width: Math.max(320, this.frame.clientWidth), height: 280 };
   }
 
-  /** Add step metrics; the job's `stepsPerRound` turns (round, step) into one increasing x, and its
-   * `rounds` bound the round boundaries drawn. */
+  /** Add step metrics; the job's `stepsPerRound` turns (round, step) into one increasing x counted from 1
+   * (the API's steps are 0-based within a round: round 1's first step is x = 1), and its `rounds` bound the
+   * round boundaries drawn. */
   add(metrics, stepsPerRound, rounds) {
     this.stepsPerRound = stepsPerRound;
     this.rounds = rounds;
     for (const m of metrics) {
       if (m.loss === null || m.loss === undefined) continue;
-      const x = (m.round_number - 1) * stepsPerRound + m.step;
+      const x = (m.round_number - 1) * stepsPerRound + m.step + 1;
       if (!this.points.has(x)) this.points.set(x, new Map());
       this.points.get(x).set(m.client_id, m.loss);
     }
@@ -73,7 +76,13 @@ export class LossChart {
       ...this.size(),
       scales: { x: { time: false, range: (u, min, max) => this.xRange(min, max) } },
       axes: [
-        { label: "step (across rounds)", stroke: "#3e4c59", grid: { stroke: "#e4e7eb" } },
+        {
+          label: "step (across rounds)",
+          stroke: "#3e4c59",
+          grid: { stroke: "#e4e7eb" },
+          incrs: STEP_INCREMENTS,
+          values: (u, splits) => this.stepTicks(splits),
+        },
         { label: "loss", stroke: "#3e4c59", grid: { stroke: "#e4e7eb" } },
       ],
       legend: { live: false },
@@ -92,11 +101,18 @@ export class LossChart {
     };
   }
 
+  /** The x tick labels: whole steps only (listed in `data-x-ticks`). */
+  stepTicks(splits) {
+    const labels = splits.map((v) => (Number.isInteger(v) ? String(v) : ""));
+    this.element.dataset.xTicks = labels.filter(Boolean).join(" ");
+    return labels;
+  }
+
   /** The x range uPlot chose, kept within the job's steps (half a step of margin): uPlot widens a lone
-   * point's range, so step 0 alone read 0 to 100 and round boundaries were drawn far past the job's end. */
+   * point's range, so step 1 alone read 0 to 100 and round boundaries were drawn far past the job's end. */
   xRange(min, max) {
     if (min == null || max == null) return [min, max];
-    const [first, last] = [-0.5, this.rounds * this.stepsPerRound - 0.5];
+    const [first, last] = [0.5, this.rounds * this.stepsPerRound + 0.5];
     const low = Math.max(first, Math.min(min, last));
     const high = Math.min(last, Math.max(max, first));
     return low < high ? [low, high] : [first, last];
@@ -115,8 +131,8 @@ export class LossChart {
     ctx.textAlign = "left";
     ctx.textBaseline = "alphabetic";
     ctx.font = `${12 * devicePixelRatio}px system-ui, sans-serif`;
-    for (let round = 2; round <= this.rounds && (round - 1) * this.stepsPerRound - 0.5 <= xMax; round += 1) {
-      const x = (round - 1) * this.stepsPerRound - 0.5;
+    for (let round = 2; round <= this.rounds && (round - 1) * this.stepsPerRound + 0.5 <= xMax; round += 1) {
+      const x = (round - 1) * this.stepsPerRound + 0.5;
       if (x < xMin) continue;
       marked.push(round);
       const px = u.valToPos(x, "x", true);

@@ -35,8 +35,21 @@ export function renderSignIn({ signIn, showError }) {
     h(
       "p",
       { id: "token-help", class: "help" },
-      "An admin token (first start prints one and writes it to ~/.flglm/admin_token) or a viewer token ",
-      "from ",
+      // Where `flglm serve` wrote it: `<data_dir>/admin_token` (backend.app), data_dir from --data-dir or
+      // FLGLM_DATA_DIR, else ~/.flglm of the user running the server; no file when the token was configured.
+      "An admin token: ",
+      h("code", {}, "flglm serve"),
+      " prints one on its first start and writes it to ",
+      h("code", {}, "admin_token"),
+      " in its data directory (",
+      h("code", {}, "--data-dir"),
+      " or ",
+      h("code", {}, "FLGLM_DATA_DIR"),
+      "; by default ",
+      h("code", {}, "~/.flglm"),
+      " of the user running the server), unless ",
+      h("code", {}, "FLGLM_BOOTSTRAP_ADMIN_TOKEN"),
+      " set one. Or a viewer token from ",
       h("code", {}, "flglm token create NAME"),
       ". It stays in this browser tab only.",
     ),

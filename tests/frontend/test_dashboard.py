@@ -89,6 +89,8 @@ def test_admin_creates_starts_watches_pauses_and_resumes_a_job(dashboard: Dashbo
         expect(privacy).to_contain_text(said)
     assert dashboard.api.ok("GET", f"/jobs/{job_id}")["privacy"]["private_front"] is True
 
+    for agent in dashboard.agents:  # their agents run: online from their first heartbeat
+        agent.api.ok("POST", "/agent/heartbeat", json={})
     page.get_by_role("button", name="Open for consent").click()
     expect(page.locator("#job-status")).to_contain_text("waiting for clients")
     for agent in dashboard.agents:
@@ -129,9 +131,9 @@ def test_admin_creates_starts_watches_pauses_and_resumes_a_job(dashboard: Dashbo
     post_steps(dashboard.agents, job_id, 2, range(4))
     expect(page.get_by_test_id("step-counter")).to_have_text(f"4 / {STEPS_PER_ROUND}")
     expect(chart).to_have_attribute("data-points", str(STEPS_PER_ROUND + 4))
-    expect(page.get_by_role("region", name="Evaluation per round")).to_contain_text("accuracy 0.610")
+    expect(page.get_by_role("region", name="Evaluation per round")).to_contain_text("accuracy 61.0 %")
     clients = page.get_by_role("region", name="Clients")
-    expect(clients).to_contain_text("round 2, step 3")
+    expect(clients).to_contain_text(f"round 2, step 4 / {STEPS_PER_ROUND}")  # steps 0..3 reported: the 4th
     expect(clients.get_by_text("online")).to_have_count(2)
 
     page.wait_for_timeout(300)  # let the progress bar's transition finish before the picture
