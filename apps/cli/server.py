@@ -19,10 +19,10 @@ DataDir = Annotated[
 ]
 
 
-def _settings(data_dir: Path | None, database_url: str | None = None) -> Settings:
+def _settings(data_dir: Path | None, database_url: str | None = None, **more: str | None) -> Settings:
     from backend.settings import Settings
 
-    overrides: dict[str, object] = {}
+    overrides: dict[str, object] = {name: value for name, value in more.items() if value}
     if data_dir is not None:
         overrides["data_dir"] = data_dir
     if database_url:
@@ -41,14 +41,27 @@ def serve(
     ] = False,
     data_dir: DataDir = None,
     database_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL (FLGLM_DATABASE_URL)")] = None,
+    executor: Annotated[
+        str | None,
+        typer.Option(
+            help="inprocess (an embedded worker) or celery (`flglm worker` processes over Redis); "
+            "FLGLM_EXECUTOR"
+        ),
+    ] = None,
+    redis_url: Annotated[
+        str | None, typer.Option(help="Redis of the Celery executor (FLGLM_REDIS_URL)")
+    ] = None,
 ) -> None:
     """Serve `/api/v1` (and the dashboard at `/`) until Ctrl-C; migrations run at start."""
     import uvicorn
 
+    from apps.cli.banner import serve_banner
     from apps.server import create_server_app
     from backend.tls import ensure_self_signed
 
-    settings = _settings(data_dir, database_url)
+    if executor not in (None, "inprocess", "celery"):
+        raise typer.BadParameter("must be inprocess or celery", param_hint="--executor")
+    settings = _settings(data_dir, database_url, executor=executor, redis_url=redis_url)
     certfile = ssl_certfile or settings.ssl_certfile
     keyfile = ssl_keyfile or settings.ssl_keyfile
     if self_signed:
@@ -63,6 +76,8 @@ def serve(
         typer.echo(
             "flglm: WARNING serving plain HTTP; use --self-signed or a certificate outside tests", err=True
         )
+    scheme = "https" if certfile else "http"
+    typer.echo(serve_banner(settings, f"{scheme}://{host}:{port}"), err=True)
     app = create_server_app(settings)
     proxies = trusted_proxies(settings)
     uvicorn.run(

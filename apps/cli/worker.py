@@ -156,6 +156,13 @@ def run(
     from worker.tasks import use_device_of_slot
 
     use_device_of_slot(slots[0] if slots else 0)
+    from apps.cli.banner import worker_banner
+    from worker.runtime import pick_device
+    from worker.settings import get_worker_settings
+
+    worker_settings = get_worker_settings()
+    device = pick_device(slots[0] if slots else 0, worker_settings.worker_device)
+    typer.echo(worker_banner(worker_settings, queues, str(device)), err=True)
     name = hostname or f"flglm-r{'-'.join(str(r) for r in slots) or 'none'}@%h"
     try:
         celery_app.worker_main(
