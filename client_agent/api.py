@@ -13,6 +13,7 @@ from flglm import protocol
 from flglm.contracts.disclosures import disclosed_round_metrics
 from flglm.protocol import PROTOCOL_VERSION
 from flglm.step_client import (
+    StepCertificateError,
     StepClient,
     StepConflict,
     StepForbidden,
@@ -73,6 +74,12 @@ def failure_from(exc: BaseException) -> AgentFailure:
             ExitCode.protocol_mismatch,
             f"protocol-version mismatch (agent speaks {PROTOCOL_VERSION}): {exc.message}; upgrade the agent",
         )
+    if isinstance(exc, StepCertificateError):
+        return AgentFailure(
+            ExitCode.bad_usage_or_data,
+            f"{exc}: a certificate problem, not a network one — give the CA certificate that signed the "
+            "server's (`flglm serve` prints its path) with `flglm agent enroll --ca-cert PATH`",
+        )
     if isinstance(exc, StepServerUnavailable):
         return AgentFailure(ExitCode.unreachable, f"server unreachable: {exc}")
     if isinstance(exc, StepHttpError):
@@ -119,8 +126,18 @@ class ControlPlaneClient(StepClient):
             self._json("POST", path, protocol.ConsentRequest(decision=decision))
         )
 
-    def work(self) -> list[protocol.WorkAssignment]:
-        return protocol.WorkResponse.model_validate(self._json("GET", protocol.WORK_PATH)).assignments
+    def work(self, wait_s: float = 0.0) -> list[protocol.WorkAssignment]:
+        """The open rounds to work on; with `wait_s` a long-poll that answers once there are some (or a job of
+        this agent changed), at the latest after `wait_s`."""
+        if wait_s <= 0:
+            return protocol.WorkResponse.model_validate(self._json("GET", protocol.WORK_PATH)).assignments
+        response = self._request(
+            "GET",
+            protocol.WORK_PATH,
+            params={"wait_s": f"{wait_s:.3f}"},
+            timeout=wait_s + self.request_timeout_s,
+        )
+        return protocol.WorkResponse.model_validate(response.json()).assignments
 
     def job(self, job_id: int) -> protocol.AgentJobView:
         return protocol.AgentJobView.model_validate(

@@ -3,7 +3,8 @@
 Transport only: it moves sealed bytes and never sees a tensor or a key (sealing is `flglm.step_messages`,
 the step itself `flglm.agent_step`). Paths and message models come from `flglm.step_protocol`, the same
 ones the backend serves. Connection errors and 5xx answers are retried with exponential backoff and
-jitter (every upload is idempotent, so a retried one has one effect); 4xx answers raise a typed
+jitter (every upload is idempotent, so a retried one has one effect), a certificate verification failure is
+raised at once (`StepCertificateError`); 4xx answers raise a typed
 `StepHttpError` carrying the server's error code and message (426: the backend speaks another protocol
 version than `flglm.protocol.PROTOCOL_VERSION`, which every request sends).
 """
@@ -11,6 +12,7 @@ version than `flglm.protocol.PROTOCOL_VERSION`, which every request sends).
 from __future__ import annotations
 
 import random
+import ssl
 import time
 from pathlib import Path
 from types import TracebackType
@@ -73,6 +75,20 @@ class StepRejectedPayload(StepHttpError):
 
 class StepServerUnavailable(Exception):
     """Connection errors or 5xx answers persisted through every retry."""
+
+
+class StepCertificateError(Exception):
+    """The server's TLS certificate failed verification: raised at once, as no retry fixes a wrong CA."""
+
+
+def certificate_failure(exc: BaseException) -> str | None:
+    """The TLS error when `exc` (or what caused it) is a certificate verification failure, else None."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return str(seen)
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 _ERRORS: dict[int, type[StepHttpError]] = {
@@ -186,6 +202,10 @@ class StepClient:
                     method, path, headers=headers, timeout=timeout or self.request_timeout_s, **kwargs
                 )
             except httpx.TransportError as exc:
+                if reason := certificate_failure(exc):
+                    raise StepCertificateError(
+                        f"the server's certificate could not be verified ({reason})"
+                    ) from None
                 failure: str = f"{type(exc).__name__}: {exc}"
             else:
                 if response.status_code < 400:

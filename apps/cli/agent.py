@@ -26,6 +26,7 @@ from client_agent.state import (
 )
 from flglm import protocol
 from flglm.data.files import DataError  # torch-free: the light verbs stay light
+from flglm.step_client import StepUnauthorized
 
 app = typer.Typer(
     help="The data owner's client agent: keeps its data, front and back blocks and loss local; talks to the "
@@ -89,7 +90,14 @@ def enroll(
         keypair = ClientKeyPair.generate()
         ca = str(ca_cert.resolve()) if ca_cert else None
         with ControlPlaneClient(server, None, ca) as client:
-            body = client.enroll(protocol.EnrollRequest(token=token, public_key=keypair.public_b64))
+            try:
+                body = client.enroll(protocol.EnrollRequest(token=token, public_key=keypair.public_b64))
+            except StepUnauthorized as exc:  # not a running agent's revoked credential: say which token
+                raise AgentFailure(
+                    ExitCode.revoked,
+                    f"the server refused the enrollment token: {exc.message} — ask the operator for a new "
+                    "one (`flglm client enroll-token NAME`)",
+                ) from None
         if name is not None and name != body.name:
             typer.echo(f"warning: the token was issued for client {body.name!r}, not {name!r}", err=True)
         keypair.save(private_key_path(directory))

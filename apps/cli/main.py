@@ -1,8 +1,14 @@
 """Entry point of the `flglm` command: registers every verb group."""
 
+import logging
+
 import typer
 
 from apps.cli import agent, artifacts, bench, demo, operator, privacy, server, worker
+
+# HTTP clients log every request at INFO: an agent polling every 2 s would print a line a second.
+for _client_logger in ("httpx", "httpcore"):
+    logging.getLogger(_client_logger).setLevel(logging.WARNING)
 
 app = typer.Typer(
     help="FL-GLM: split federated fine-tuning of LLMs on data that never leaves its owners.",

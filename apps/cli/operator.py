@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from flglm.contracts.validation_errors import describe_errors
 from flglm.protocol import API_PREFIX, JobSpec, TaskType
+from flglm.step_client import certificate_failure
 
 job_app = typer.Typer(help="Submit and steer training jobs.", no_args_is_help=True)
 client_app = typer.Typer(help="Enroll, list and revoke client agents.", no_args_is_help=True)
@@ -40,7 +41,15 @@ def call_api(
         with httpx.Client(base_url=server.rstrip("/") + API_PREFIX, verify=verify, timeout=30) as client:
             response = client.request(method, path, headers={"Authorization": f"Bearer {token}"}, **kwargs)
     except httpx.HTTPError as exc:
-        typer.echo(f"error: cannot reach {server}: {exc}", err=True)
+        if reason := certificate_failure(exc):
+            typer.echo(
+                f"error: the certificate of {server} could not be verified ({reason}): a certificate "
+                "problem, not a network one — give the CA certificate that signed it (`flglm serve` prints "
+                "its path) with --ca-cert PATH or FLGLM_CA_CERT",
+                err=True,
+            )
+        else:
+            typer.echo(f"error: cannot reach {server}: {exc}", err=True)
         raise typer.Exit(1) from None
     if response.is_error:
         try:
