@@ -1,6 +1,6 @@
 """Periodic control-plane duties: heartbeat leases, round deadlines, expired job keys (one transaction), then
-the privacy audits' progress and the specs of started jobs not yet published (transactions of their own: a
-blob store that is down must not undo the rest)."""
+the `auto` jobs whose clients are ready are started, the privacy audits' progress and the specs of started
+jobs not yet published (transactions of their own: a blob store that is down must not undo the rest)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 from sqlalchemy.orm import Session, sessionmaker
 
 from backend.clients.service import mark_silent_clients_offline
+from backend.jobs.auto_start import start_ready_jobs
 from backend.jobs.service import delete_expired_job_keys, enforce_round_deadlines
 from backend.privacy.service import sync_active_audits
 from flglm.contracts.blob_store import BlobStore
@@ -24,6 +25,7 @@ class HousekeepingReport:
     job_keys_deleted: list[int]
     privacy_audits_synced: list[int]
     specs_published: list[int]
+    jobs_started: list[int]
 
 
 def run_housekeeping(
@@ -46,6 +48,8 @@ def run_housekeeping(
             if job_keys_dir is None
             else delete_expired_job_keys(session, now, job_key_retention_s, job_keys_dir)
         )
+    with session_factory() as session, session.begin():
+        started = start_ready_jobs(session, now)  # their specs are published below, in this pass
     synced = []
     if audit_store is not None:
         with session_factory() as session, session.begin():
@@ -60,4 +64,5 @@ def run_housekeeping(
         job_keys_deleted=deleted,
         privacy_audits_synced=synced,
         specs_published=published,
+        jobs_started=started,
     )

@@ -104,6 +104,8 @@ class Job(Base):
     min_clients: Mapped[int]
     round_timeout_s: Mapped[float]
     straggler_policy: Mapped[str] = mapped_column(sa.String(16))
+    # `auto`: housekeeping starts the waiting job once min_clients approved clients are online; `manual`.
+    start: Mapped[str] = mapped_column("start_mode", sa.String(16), server_default="auto")
     status: Mapped[str] = mapped_column(sa.String(32), index=True)
     current_round: Mapped[int] = mapped_column(default=0)
     failure_reason: Mapped[str | None] = mapped_column(sa.Text)
@@ -129,6 +131,8 @@ class JobParticipant(Base):
     consent: Mapped[str] = mapped_column(sa.String(16))
     invited_at: Mapped[datetime] = mapped_column(default=utc_now)
     decided_at: Mapped[datetime | None]
+    # The fatal error the client's agent reported for this job (it takes no part in later rounds).
+    failure_reason: Mapped[str | None] = mapped_column(sa.Text)
 
 
 class Round(Base):

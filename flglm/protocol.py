@@ -27,6 +27,7 @@ WORK_PATH = "/agent/work"
 AGENT_JOB_PATH = "/agent/jobs/{job_id}"
 ROUND_DONE_PATH = "/agent/jobs/{job_id}/rounds/{round_number}/done"
 STEP_METRICS_PATH = "/agent/jobs/{job_id}/metrics"
+AGENT_FAILURE_PATH = "/agent/jobs/{job_id}/failure"
 
 
 class JobStatus(enum.StrEnum):
@@ -55,6 +56,13 @@ class StragglerPolicy(enum.StrEnum):
 
     drop = "drop"
     fail = "fail"
+
+
+class StartMode(enum.StrEnum):
+    """How a waiting job starts: by itself once `min_clients` approved clients are online, or by hand."""
+
+    auto = "auto"
+    manual = "manual"
 
 
 class ConsentStatus(enum.StrEnum):
@@ -199,6 +207,11 @@ class JobSpec(StrictModel):
     min_clients: int = Field(default=1, ge=1, le=100_000)
     round_timeout_s: float = Field(default=3600.0, gt=0, le=30 * 86_400)
     straggler_policy: StragglerPolicy = StragglerPolicy.drop
+    start: StartMode = Field(
+        default=StartMode.auto,
+        description="auto: the job starts by itself once min_clients approved clients are online; "
+        "manual: it waits for the operator's start (`flglm job start ID`)",
+    )
     privacy: PrivacySpec = Field(default_factory=lambda: PrivacySpec())
     clients: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
         default_factory=list, max_length=10_000, description="names of the invited client agents"
@@ -306,6 +319,32 @@ class RoundDoneResponse(BaseModel):
     round_number: int
     round_status: RoundStatus
     job_status: JobStatus
+
+
+MAX_FAILURE_REASON_CHARS = 1000
+
+
+class AgentFailureRequest(StrictModel):
+    """An agent's fatal error on a job (model not loadable, data not fitting): no data, only the reason."""
+
+    reason: str = Field(min_length=1, max_length=MAX_FAILURE_REASON_CHARS)
+
+    @field_validator("reason")
+    @classmethod
+    def _printable(cls, value: str) -> str:
+        cleaned = " ".join("".join(c if c.isprintable() else " " for c in value).split())
+        if not cleaned:
+            raise ValueError("reason must contain printable text")
+        return cleaned
+
+
+class AgentFailureResponse(BaseModel):
+    job_id: int
+    job_status: JobStatus
+    outcome: str = Field(
+        description="job_failed (straggler_policy fail, or too few clients left) or "
+        "client_dropped (the job goes on without this client)"
+    )
 
 
 class StepMetricIn(StrictModel):

@@ -10,6 +10,7 @@ from backend.api.deps import AdminDep, ClientDep, OperatorDep, SessionDep, Setti
 from backend.api.pagination import Page, PageDep
 from backend.api.responses import ROLE_GATED, errors
 from backend.jobs import service
+from backend.jobs.auto_start import waiting_for
 from backend.jobs.repository import JobRepository, ParticipantRepository, RoundRepository
 from backend.jobs.schemas import (
     InviteRequest,
@@ -50,7 +51,15 @@ def show_job(job_id: JobId, session: SessionDep, _: OperatorDep) -> JobView:
     job = service.get_job(session, job_id)
     recovery, attack = audited_figure(session, job)
     view = JobView.model_validate(job)
-    return view.model_copy(update={"audited_token_recovery": recovery, "audited_attack": attack})
+    failures = {c.name: p.failure_reason for p, c in ParticipantRepository(session).list_for_job(job_id)}
+    return view.model_copy(
+        update={
+            "audited_token_recovery": recovery,
+            "audited_attack": attack,
+            "waiting_for": waiting_for(session, job),
+            "client_failures": {name: reason for name, reason in failures.items() if reason is not None},
+        }
+    )
 
 
 def _transition_route(action: str) -> None:
@@ -180,6 +189,22 @@ def report_round_done(
     client: ClientDep,
 ) -> protocol.RoundDoneResponse:
     return service.report_round_done(session, client.id, client.actor, job_id, round_number, body, utc_now())
+
+
+@agent_router.post(
+    protocol.AGENT_FAILURE_PATH,
+    response_model=protocol.AgentFailureResponse,
+    summary="Report a fatal error of this agent on a job",
+    description="For an approved participant of a running or paused job: under `straggler_policy: fail` the "
+    "job fails with the reason; under `drop` this client leaves the job, which goes on while min_clients "
+    "remain. The reason shows in `GET /jobs/{id}` (`failure_reason`, `client_failures`). 404 unless the "
+    "client approved the job; 409 `job_not_running` when the job is not running (repeats answer the state).",
+    responses=errors(404, 409),
+)
+def report_failure(
+    job_id: JobId, body: protocol.AgentFailureRequest, session: SessionDep, client: ClientDep
+) -> protocol.AgentFailureResponse:
+    return service.report_client_failure(session, client.id, client.actor, job_id, body.reason, utc_now())
 
 
 __all__ = ["agent_router", "router"]

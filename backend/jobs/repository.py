@@ -109,7 +109,8 @@ class ParticipantRepository:
         return [(row[0], row[1]) for row in rows]
 
     def approved_active_client_ids(self, job_id: int) -> list[int]:
-        """Clients that approved the job and are currently online (not pending, offline or revoked)."""
+        """Clients that approved the job and are currently online (not pending, offline or revoked), less
+        those whose agent reported a fatal error for it."""
         return list(
             self.session.scalars(
                 sa.select(JobParticipant.client_id)
@@ -117,6 +118,7 @@ class ParticipantRepository:
                 .where(
                     JobParticipant.job_id == job_id,
                     JobParticipant.consent == ConsentStatus.approved,
+                    JobParticipant.failure_reason.is_(None),
                     Client.status == "active",
                 )
                 .order_by(JobParticipant.client_id)

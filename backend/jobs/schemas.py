@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from flglm.contracts.request_model import StrictModel
 from flglm.privacy.epsilon import DELTA_TEXT, activation_epsilon, hidden_size_hint
-from flglm.protocol import ConsentStatus, JobStatus, RoundParticipantStatus, RoundStatus
+from flglm.protocol import ConsentStatus, JobStatus, RoundParticipantStatus, RoundStatus, StartMode
 
 
 class JobView(BaseModel):
@@ -30,6 +30,7 @@ class JobView(BaseModel):
     min_clients: int
     round_timeout_s: float
     straggler_policy: str
+    start: StartMode
     status: JobStatus
     current_round: int
     failure_reason: str | None
@@ -44,6 +45,12 @@ class JobView(BaseModel):
     # of the job's current settings (filled by GET /jobs/{id}; null in lists and when never audited).
     audited_token_recovery: float | None = None
     audited_attack: str | None = None
+    # Filled by GET /jobs/{id} (null/empty in lists): what a draft or waiting job waits for, in one line
+    # ("1 of 2 approved, online clients ...", "a manual start ..."), and each client's reported fatal error.
+    waiting_for: str | None = None
+    client_failures: dict[str, str] = Field(
+        default_factory=dict, description="client name -> the fatal error its agent reported for this job"
+    )
 
     @computed_field(  # type: ignore[prop-decorator]
         description=f"ε (δ = {DELTA_TEXT}) of one h0 vector under the job's activation noise; null when "

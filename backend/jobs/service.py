@@ -22,6 +22,7 @@ from backend.models import Job, JobParticipant, Round, RoundParticipant
 from backend.privacy.matching import audited_figure
 from backend.server_keys import create_job_key, delete_job_key
 from flglm.protocol import (
+    AgentFailureResponse,
     AgentJobView,
     ClientStatus,
     ConsentDecision,
@@ -107,6 +108,7 @@ def create_job(session: Session, actor: str, spec: JobSpec, now: datetime) -> Jo
             min_clients=spec.min_clients,
             round_timeout_s=spec.round_timeout_s,
             straggler_policy=spec.straggler_policy.value,
+            start=spec.start.value,
             status=JobStatus.draft,
             current_round=0,
             created_by=actor,
@@ -429,6 +431,41 @@ def report_round_done(
     if all(p.status != RoundParticipantStatus.active for p in rounds.participants(round_.id)):
         _close_and_advance(session, job, round_, now, "all participants finished")
     return _round_done_response(session, job_id, number)
+
+
+def report_client_failure(
+    session: Session, client_id: int, actor: str, job_id: int, reason: str, now: datetime
+) -> AgentFailureResponse:
+    """A participant's agent cannot go on with a running (or paused) job: under `straggler_policy: fail`
+    the job fails with the reason; under `drop` the client leaves the job (its open round, and no later
+    round takes it) and the job goes on while `min_clients` remain. A repeated report answers the state."""
+    job_for_client(session, job_id, client_id, approved=True)
+    job = get_job(session, job_id, for_update=True)
+    participant = ParticipantRepository(session).get(job_id, client_id)
+    assert participant is not None
+    if participant.failure_reason is None:
+        if job.status not in (JobStatus.running, JobStatus.paused):
+            raise JobNotRunning(f"job {job_id} is {job.status}; failures are reported while it runs")
+        participant.failure_reason = reason
+        session.flush()
+        record(
+            session, actor, "job.client_failure", "job", job_id, {"client_id": client_id, "reason": reason}
+        )
+        client = ClientRepository(session).get(client_id)
+        why = f"client {client.name if client else client_id} reported a fatal error: {reason}"
+        if job.straggler_policy == StragglerPolicy.fail:
+            rounds = RoundRepository(session)
+            open_round = rounds.open_round(job_id)
+            if open_round is not None:
+                rounds.set_status_if_open(open_round.id, RoundStatus.failed, closed_at=now, close_reason=why)
+            _fail_job(session, job, why, now)
+        else:
+            drop_client_from_open_rounds(session, client_id, f"reported a fatal error: {reason}", now, job_id)
+    status = JobStatus(get_job(session, job_id).status)
+    going_on = status in (JobStatus.running, JobStatus.paused, JobStatus.completed)
+    return AgentFailureResponse(
+        job_id=job_id, job_status=status, outcome="client_dropped" if going_on else "job_failed"
+    )
 
 
 # --- round mechanics ------------------------------------------------------------------------------
