@@ -26,7 +26,8 @@ from backend.db import create_db_engine, create_session_factory
 from backend.errors import install_error_handlers
 from backend.exports.sessions import CompletePrompts
 from backend.housekeeping import run_housekeeping
-from backend.jobs.after_commit import on_clients_dropped, on_jobs_finished
+from backend.jobs.after_commit import on_clients_dropped, on_jobs_finished, on_work_changed
+from backend.jobs.work_signal import WorkSignal
 from backend.limits import BodySizeLimit, TokenBucketLimiter
 from backend.migrate import upgrade_to_head
 from backend.models import utc_now
@@ -109,6 +110,9 @@ def create_app(
     on_jobs_finished(session_factory, lambda job_ids: release_job_replicas(step_relay, job_ids))
     # A client dropped from its round stops holding the others' step on the replicas once that is committed.
     on_clients_dropped(session_factory, lambda drops: release_dropped_clients(step_relay, drops))
+    # Agents' work long-polls wake when a commit changed their jobs.
+    app.state.work_signal = WorkSignal()
+    on_work_changed(session_factory, app.state.work_signal.bump)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
     # Added last = runs first: headers on everything, then the protocol version, then the credential.

@@ -24,6 +24,7 @@ HEARTBEAT_PATH = "/agent/heartbeat"
 INVITATIONS_PATH = "/agent/invitations"
 INVITATION_DECISION_PATH = "/agent/invitations/{job_id}/decision"
 WORK_PATH = "/agent/work"
+MAX_WORK_WAIT_S = 60.0  # `GET /agent/work?wait_s=`: the longest a work long-poll is held
 AGENT_JOB_PATH = "/agent/jobs/{job_id}"
 ROUND_DONE_PATH = "/agent/jobs/{job_id}/rounds/{round_number}/done"
 STEP_METRICS_PATH = "/agent/jobs/{job_id}/metrics"

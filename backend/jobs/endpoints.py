@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import time
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Request, status
+from fastapi import APIRouter, Path, Query, Request, status
+from starlette.concurrency import run_in_threadpool
 
-from backend.api.deps import AdminDep, ClientDep, OperatorDep, SessionDep, SettingsDep
+from backend.api.deps import (
+    AdminDep,
+    ClientDep,
+    OperatorDep,
+    SessionDep,
+    SettingsDep,
+    WaitingClientDep,
+    brief_session,
+)
 from backend.api.pagination import Page, PageDep
 from backend.api.responses import ROLE_GATED, errors
 from backend.jobs import service
@@ -19,6 +29,7 @@ from backend.jobs.schemas import (
     RoundParticipantView,
     RoundView,
 )
+from backend.jobs.work_signal import WorkSignal
 from backend.models import Round, utc_now
 from backend.privacy.matching import audited_figure
 from backend.steps import service as steps_service
@@ -171,11 +182,34 @@ def my_job(job_id: JobId, request: Request, session: SessionDep, client: ClientD
     return service.agent_job_view(session, client.id, job_id, _server_public_key(request))
 
 
-@agent_router.get(protocol.WORK_PATH, response_model=protocol.WorkResponse)
-def my_work(request: Request, session: SessionDep, client: ClientDep) -> protocol.WorkResponse:
-    return protocol.WorkResponse(
-        assignments=service.work_for(session, client.id, _server_public_key(request))
-    )
+@agent_router.get(
+    protocol.WORK_PATH,
+    response_model=protocol.WorkResponse,
+    description="The open rounds this agent is to work on. With `wait_s` > 0 a long-poll: when there is "
+    "none, the answer waits until one of the agent's jobs changes (started, a round opened, paused, ended, "
+    "the agent dropped) or `wait_s` passed, holding no database connection meanwhile.",
+)
+async def my_work(
+    request: Request,
+    client: WaitingClientDep,
+    wait_s: Annotated[float, Query(ge=0, le=protocol.MAX_WORK_WAIT_S)] = 0.0,
+) -> protocol.WorkResponse:
+    signal: WorkSignal = request.app.state.work_signal
+    deadline = time.monotonic() + wait_s
+    while True:
+        since = signal.epoch  # before reading: a change from here on ends the wait at once
+        assignments, job_ids = await run_in_threadpool(_read_work, request, client.id)
+        remaining = deadline - time.monotonic()
+        if assignments or remaining <= 0:
+            return protocol.WorkResponse(assignments=assignments)
+        await signal.wait(job_ids, since, remaining)
+
+
+def _read_work(request: Request, client_id: int) -> tuple[list[protocol.WorkAssignment], list[int]]:
+    """This client's assignments and the unended jobs whose changes would change them, in a brief session."""
+    with brief_session(request) as session:
+        assignments = service.work_for(session, client_id, _server_public_key(request))
+        return assignments, ParticipantRepository(session).unended_job_ids(client_id)
 
 
 @agent_router.post(

@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from backend.db import fetch_page
-from backend.jobs.after_commit import note_finished
+from backend.jobs.after_commit import note_finished, note_work_changed
 from backend.jobs.lifecycle import TERMINAL_STATES
 from backend.models import Client, Job, JobParticipant, Round, RoundParticipant
 from flglm.protocol import ConsentStatus, RoundStatus
@@ -64,6 +64,8 @@ class JobRepository:
             .execution_options(synchronize_session=False)
         )
         won = bool(result.rowcount == 1)  # type: ignore[attr-defined]
+        if won:
+            note_work_changed(self.session, job_id)
         if won and new in TERMINAL_STATES:
             note_finished(self.session, job_id)
         return won
@@ -108,6 +110,15 @@ class ParticipantRepository:
         rows = self.session.execute(query.order_by(Job.id)).all()
         return [(row[0], row[1]) for row in rows]
 
+    def unended_job_ids(self, client_id: int) -> list[int]:
+        """The jobs this client is invited to or takes part in that have not ended."""
+        query = (
+            sa.select(JobParticipant.job_id)
+            .join(Job, Job.id == JobParticipant.job_id)
+            .where(JobParticipant.client_id == client_id, Job.status.not_in(list(TERMINAL_STATES)))
+        )
+        return list(self.session.scalars(query).all())
+
     def approved_active_client_ids(self, job_id: int) -> list[int]:
         """Clients that approved the job and are currently online (not pending, offline or revoked), less
         those whose agent reported a fatal error for it."""
@@ -133,6 +144,7 @@ class RoundRepository:
     def add(self, round_: Round, client_ids: Collection[int]) -> Round:
         self.session.add(round_)
         self.session.flush()
+        note_work_changed(self.session, round_.job_id)
         for client_id in client_ids:
             self.session.add(RoundParticipant(round_id=round_.id, client_id=client_id, status="active"))
         self.session.flush()
