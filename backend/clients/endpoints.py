@@ -12,7 +12,8 @@ from backend.api.responses import ROLE_GATED, errors
 from backend.clients import service
 from backend.clients.repository import ClientRepository
 from backend.clients.schemas import ClientView, EnrollmentTokenCreate, EnrollmentTokenCreated
-from backend.models import utc_now
+from backend.models import Client, utc_now
+from backend.settings import Settings
 from flglm import protocol
 from flglm.protocol import MAX_DB_INT, ClientStatus
 
@@ -39,24 +40,36 @@ def create_enrollment_token(
     return EnrollmentTokenCreated(client_id=client.id, name=client.name, token=token, expires_at=expires_at)
 
 
+def _view(client: Client, settings: Settings) -> ClientView:
+    view = ClientView.model_validate(client)
+    view.online = service.is_online(client, utc_now(), settings.heartbeat_lease_s)
+    return view
+
+
 @router.get("", response_model=Page[ClientView])
 def list_clients(
-    session: SessionDep, _: OperatorDep, page: PageDep, status: ClientStatus | None = None
+    session: SessionDep,
+    _: OperatorDep,
+    page: PageDep,
+    settings: SettingsDep,
+    status: ClientStatus | None = None,
 ) -> Page[ClientView]:
     rows, total = ClientRepository(session).page(limit=page.limit, offset=page.offset, status=status)
-    return Page(
-        items=[ClientView.model_validate(r) for r in rows], total=total, limit=page.limit, offset=page.offset
-    )
+    return Page(items=[_view(r, settings) for r in rows], total=total, limit=page.limit, offset=page.offset)
 
 
 @router.get("/{client_id}", response_model=ClientView, responses=errors(404))
-def show_client(client_id: ClientId, session: SessionDep, _: OperatorDep) -> ClientView:
-    return ClientView.model_validate(service.get_client(session, client_id))
+def show_client(
+    client_id: ClientId, session: SessionDep, _: OperatorDep, settings: SettingsDep
+) -> ClientView:
+    return _view(service.get_client(session, client_id), settings)
 
 
 @router.post("/{client_id}/revoke", response_model=ClientView, responses=errors(404, 409))
-def revoke_client(client_id: ClientId, session: SessionDep, admin: AdminDep) -> ClientView:
-    return ClientView.model_validate(service.revoke(session, admin.actor, client_id, utc_now()))
+def revoke_client(
+    client_id: ClientId, session: SessionDep, admin: AdminDep, settings: SettingsDep
+) -> ClientView:
+    return _view(service.revoke(session, admin.actor, client_id, utc_now()), settings)
 
 
 @agent_router.post(

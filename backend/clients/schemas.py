@@ -31,6 +31,7 @@ class ClientView(BaseModel):
     public_key: str | None
     example_count: int
     last_heartbeat_at: datetime | None
+    online: bool = Field(False, description="active and its agent heartbeat within the lease")
     created_at: datetime
     enrolled_at: datetime | None
     revoked_at: datetime | None

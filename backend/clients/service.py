@@ -27,6 +27,17 @@ class EnrollmentTokenInvalid(Unauthorized):
     code = "enrollment_token_invalid"
 
 
+def is_online(client: Client, now: datetime, lease_s: float) -> bool:
+    """Online: active, and its agent heartbeat within the lease. Enrolling is no heartbeat, so a client whose
+    agent never ran is not online."""
+    heartbeat = client.last_heartbeat_at
+    return (
+        client.status == ClientStatus.active
+        and heartbeat is not None
+        and (now - heartbeat).total_seconds() <= lease_s
+    )
+
+
 def get_client(session: Session, client_id: int) -> Client:
     client = ClientRepository(session).get(client_id)
     if client is None:

@@ -6,6 +6,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy.orm import Session
 
+from backend.clients.service import is_online
 from backend.errors import Conflict, InvalidInput
 from backend.jobs.repository import ParticipantRepository
 from backend.jobs.service import get_job, job_for_client
@@ -78,17 +79,14 @@ def job_progress(
     for participant, client in participants:
         total = totals.get(client.id)
         last = latest.get(client.id)
-        heartbeat = client.last_heartbeat_at
         clients.append(
             ClientProgressView(
                 client_id=client.id,
                 client_name=client.name,
                 client_status=ClientStatus(client.status),
                 consent=ConsentStatus(participant.consent),
-                online=client.status == ClientStatus.active
-                and heartbeat is not None
-                and (now - heartbeat).total_seconds() <= heartbeat_lease_s,
-                last_heartbeat_at=heartbeat,
+                online=is_online(client, now, heartbeat_lease_s),
+                last_heartbeat_at=client.last_heartbeat_at,
                 replica=replica_of.get(client.id),
                 round_number=last.round_number if last else None,
                 step=last.step if last else None,

@@ -45,7 +45,7 @@ export function renderClients({ principal, showError }) {
       const [page] = await Promise.all([get("/clients?limit=500"), passes++ % JOBS_EVERY === 0 ? loadJobs() : null]);
       const rows = page.items.map((c) => [
         h("strong", {}, c.name),
-        badge(c.status),
+        [badge(c.status), " ", h("span", { class: c.online ? "dot dot-on" : "dot dot-off", "data-testid": "client-online" }, c.online ? "online" : "offline")],
         // The count is the data owner's choice to share (opt-in); an agent that does not share it reads 0.
         c.example_count > 0 ? formatNumber(c.example_count) : h("span", { class: "muted", title: "the data owner does not share its example count" }, "not shared"),
         formatAgo(c.last_heartbeat_at),

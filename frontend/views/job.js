@@ -17,8 +17,14 @@ const ACTIONS = {
   paused: [["resume", "Resume"], ["cancel", "Cancel"]],
 };
 
-function stat(label, valueNode, testid) {
-  return h("div", { class: "stat" }, h("div", { class: "stat-label" }, label), h("div", { class: "stat-value", "data-testid": testid }, valueNode));
+function stat(label, valueNode, testid, note = null) {
+  return h(
+    "div",
+    { class: "stat" },
+    h("div", { class: "stat-label" }, label),
+    h("div", { class: "stat-value", "data-testid": testid }, valueNode),
+    note ? h("div", { class: "stat-note" }, note) : null,
+  );
 }
 
 // The adapter agents and workers build from a job's `adapter` reads `method` (specs may write `kind`, the same
@@ -201,11 +207,9 @@ export function renderJob({ principal, params, showError }) {
         progressBar("Progress of the whole job", overall),
         h("div", { class: "stat-note" }, `${Math.round(overall * 100)} % of the job`),
       ),
-      stat(
-        "Tokens / s",
-        ENDED.has(job.status) ? h("span", { title: `the job is ${job.status}: no live throughput` }, "—") : formatNumber(progress.tokens_per_s, 1),
-        "tokens-per-s",
-      ),
+      ENDED.has(job.status)
+        ? stat("Tokens / s", "—", "tokens-per-s", `the job is ${job.status}`)
+        : stat("Tokens / s", formatNumber(progress.tokens_per_s, 1), "tokens-per-s"),
       stat("Tokens", formatNumber(progress.tokens), "tokens"),
       stat("Bytes up", formatBytes(progress.wire_bytes_up), "bytes-up"),
       stat("Bytes down", formatBytes(progress.wire_bytes_down), "bytes-down"),

@@ -113,6 +113,8 @@ export class LossChart {
   xRange(min, max) {
     if (min == null || max == null) return [min, max];
     const [first, last] = [0.5, this.rounds * this.stepsPerRound + 0.5];
+    // A lone step: the whole job (uPlot widens a lone x by its magnitude: step 1 alone read 0 to 2).
+    if (this.points.size <= 1) return [first, last];
     const low = Math.max(first, Math.min(min, last));
     const high = Math.min(last, Math.max(max, first));
     return low < high ? [low, high] : [first, last];

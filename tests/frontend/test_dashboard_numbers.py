@@ -169,6 +169,9 @@ def test_example_counts_not_shared_read_not_shared(dashboard: Dashboard) -> None
         count = client["example_count"]
         cell = row.get_by_role("cell").nth(2)
         expect(cell).to_have_text(f"{count:,}" if count else "not shared")
+        # Online as the API says: none of these heartbeats except the job's agents (the other test's).
+        expect(row.get_by_test_id("client-online")).to_have_text("online" if client["online"] else "offline")
+    assert clients[private.name]["online"] is False and clients[private.name]["last_heartbeat_at"] is None
     context.close()
 
 

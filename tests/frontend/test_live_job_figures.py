@@ -275,6 +275,8 @@ def test_a_lone_first_step_draws_no_round_past_the_jobs_last(dashboard: Dashboar
     chart = page.get_by_test_id("loss-chart")
     expect(chart).to_have_attribute("data-points", "1")
     expect(chart).to_have_attribute("data-round-marks", "2 3 4 5")
+    ticks = [int(t) for t in (chart.get_attribute("data-x-ticks") or "").split()]  # whole steps of the job
+    assert ticks and all(1 <= t <= 5 * 8 for t in ticks), ticks
     expect(page.get_by_test_id("adapter")).to_have_text("lora r=16 α=32")
     # One report of a 0.5 s step: its tokens over its own step time.
     expect(page.get_by_test_id("tokens-per-s")).to_have_text("1,024.0")
