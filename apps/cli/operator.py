@@ -1,12 +1,14 @@
 """Operator verbs over the REST API (`flglm job`, `flglm client`, `flglm token`), with httpx over HTTPS.
 
-Every command takes `--server`, `--token` and `--ca-cert` (or FLGLM_SERVER, FLGLM_TOKEN, FLGLM_CA_CERT) and
-prints the API's JSON answer; an API error prints `error <code>: <message>` and exits 1.
+Every command takes `--server`, `--token` and `--ca-cert` (or FLGLM_SERVER, FLGLM_TOKEN, FLGLM_CA_CERT);
+`list` and `show` print tables (`--json`: the API's answers), the others the API's JSON answer; an API error
+prints `error <code>: <message>` and exits 1.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -15,6 +17,7 @@ import typer
 import yaml
 from pydantic import ValidationError
 
+from apps.cli import tables
 from flglm.contracts.validation_errors import describe_errors
 from flglm.protocol import API_PREFIX, JobSpec, TaskType
 from flglm.step_client import certificate_failure
@@ -30,6 +33,7 @@ CaCert = Annotated[
     typer.Option("--ca-cert", envvar="FLGLM_CA_CERT", help="CA that signed the server certificate"),
 ]
 DEFAULT_SERVER = "https://localhost:8443"
+AsJson = Annotated[bool, typer.Option("--json", help="the API's JSON instead of a table")]
 
 
 def call_api(
@@ -70,6 +74,10 @@ def _page_params(status: str | None, limit: int, offset: int) -> dict[str, Any]:
 
 def _print(body: Any) -> None:
     typer.echo(json.dumps(body, indent=2, sort_keys=True))
+
+
+def _print_or_table(body: Any, as_json: bool, table: Callable[[Any], str]) -> None:
+    typer.echo(json.dumps(body, indent=2, sort_keys=True) if as_json else table(body))
 
 
 def read_job_spec(path: Path) -> JobSpec:
@@ -122,21 +130,29 @@ def list_jobs(
     status: Annotated[str | None, typer.Option(help="only jobs in this state")] = None,
     limit: int = 50,
     offset: int = 0,
+    as_json: AsJson = False,
     server: Server = DEFAULT_SERVER,
     token: Token = "",
     ca_cert: CaCert = None,
 ) -> None:
-    """List jobs, newest first."""
-    _print(call_api("GET", "/jobs", server, token, ca_cert, params=_page_params(status, limit, offset)))
+    """List jobs, newest first (a table; --json for the API's answer)."""
+    page = call_api("GET", "/jobs", server, token, ca_cert, params=_page_params(status, limit, offset))
+    _print_or_table(page, as_json, tables.jobs_table)
 
 
 @job_app.command("show")
-def show(job_id: int, server: Server = DEFAULT_SERVER, token: Token = "", ca_cert: CaCert = None) -> None:
-    """A job with its participants and rounds."""
+def show(
+    job_id: int,
+    as_json: AsJson = False,
+    server: Server = DEFAULT_SERVER,
+    token: Token = "",
+    ca_cert: CaCert = None,
+) -> None:
+    """A job with what it waits for, its participants and rounds (--json for the API's answers)."""
     job = call_api("GET", f"/jobs/{job_id}", server, token, ca_cert)
     job["participants"] = call_api("GET", f"/jobs/{job_id}/participants", server, token, ca_cert)
     job["round_history"] = call_api("GET", f"/jobs/{job_id}/rounds", server, token, ca_cert)
-    _print(job)
+    _print_or_table(job, as_json, tables.job_detail)
 
 
 def _lifecycle_command(action: str, help_text: str) -> None:
@@ -176,12 +192,14 @@ def list_clients(
     status: Annotated[str | None, typer.Option(help="pending, active, offline or revoked")] = None,
     limit: int = 50,
     offset: int = 0,
+    as_json: AsJson = False,
     server: Server = DEFAULT_SERVER,
     token: Token = "",
     ca_cert: CaCert = None,
 ) -> None:
-    """List client agents."""
-    _print(call_api("GET", "/clients", server, token, ca_cert, params=_page_params(status, limit, offset)))
+    """List client agents (a table; --json for the API's answer)."""
+    page = call_api("GET", "/clients", server, token, ca_cert, params=_page_params(status, limit, offset))
+    _print_or_table(page, as_json, tables.clients_table)
 
 
 @client_app.command("revoke")
@@ -196,12 +214,14 @@ def revoke(
 def list_tokens(
     limit: int = 50,
     offset: int = 0,
+    as_json: AsJson = False,
     server: Server = DEFAULT_SERVER,
     token: Token = "",
     ca_cert: CaCert = None,
 ) -> None:
-    """List API tokens, revoked ones included (never their secrets)."""
-    _print(call_api("GET", "/tokens", server, token, ca_cert, params=_page_params(None, limit, offset)))
+    """List API tokens, revoked ones included, never their secrets (a table; --json for the API's answer)."""
+    page = call_api("GET", "/tokens", server, token, ca_cert, params=_page_params(None, limit, offset))
+    _print_or_table(page, as_json, tables.tokens_table)
 
 
 @token_app.command("create")
