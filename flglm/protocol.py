@@ -25,6 +25,12 @@ INVITATIONS_PATH = "/agent/invitations"
 INVITATION_DECISION_PATH = "/agent/invitations/{job_id}/decision"
 WORK_PATH = "/agent/work"
 MAX_WORK_WAIT_S = 60.0  # `GET /agent/work?wait_s=`: the longest a work long-poll is held
+# What `flglm agent run` does by default (its `RunOptions`; the load benchmark's agents do the same): a
+# heartbeat every AGENT_HEARTBEAT_S; with no round to work on, a work long-poll of AGENT_WORK_WAIT_S, then a
+# pause of AGENT_POLL_S before the next.
+AGENT_HEARTBEAT_S = 15.0
+AGENT_WORK_WAIT_S = 25.0
+AGENT_POLL_S = 2.0
 AGENT_JOB_PATH = "/agent/jobs/{job_id}"
 ROUND_DONE_PATH = "/agent/jobs/{job_id}/rounds/{round_number}/done"
 STEP_METRICS_PATH = "/agent/jobs/{job_id}/metrics"

@@ -7,13 +7,14 @@ import os
 import subprocess
 import sys
 
-from apps.bench.load import RESULT, ROUTES, load_table, percentile
+from apps.bench.load import IDLE_WORK, RESULT, ROUTES, load_table, percentile
 
 
 def test_small_load_bench_exercises_every_route_without_errors(postgres_url: str, redis_url: str) -> None:
     # redis_url: Redis must be up (the bench uses a database of its own on the same server).
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    options = ["--json", "--agents", "5", "--seconds", "5", "--wait-s", "2", "--heartbeat-s", "2"]
+    options = ["--json", "--agents", "5", "--idle-agents", "2", "--seconds", "6", "--wait-s", "2",
+               "--heartbeat-s", "2", "--work-wait-s", "2", "--poll-s", "0.5"]  # fmt: skip
     completed = subprocess.run(
         [sys.executable, "-m", "apps.cli.main", "bench", "load", *options, "--database-url", postgres_url],
         env=env,
@@ -32,8 +33,13 @@ def test_small_load_bench_exercises_every_route_without_errors(postgres_url: str
         assert route["errors"] == 0, (name, route["error_samples"])
         assert 0 < route["p50_ms"] <= route["p99_ms"] <= route["max_ms"], name
         assert route["kind"] == ROUTES[name][0]
-    assert result["routes"][RESULT]["requests"] == result["long_polls"] >= 5  # every agent long-polled
+    long_polls = result["routes"][RESULT]["requests"] + result["routes"][IDLE_WORK]["requests"]
+    assert long_polls == result["long_polls"] and result["routes"][RESULT]["requests"] >= 5  # every agent
     assert set(result["routes"][RESULT]["statuses"]) == {"204"}  # the batch waits for the holdout
+    # Participants asked for their work once (it answered at once); idle agents' work requests waited.
+    assert result["routes"]["GET /agent/work"]["requests"] == 5 and result["idle_agents"] == 2
+    idle_work = result["routes"][IDLE_WORK]
+    assert idle_work["requests"] >= 2 and idle_work["overshoot_p50_ms"] > -500  # held for its wait_s
     assert result["requests"] == sum(r["requests"] for r in result["routes"].values())
     assert result["backend_peak_rss_bytes"] > 10 * 2**20
     assert result["targets"] == {"agents": 200, "p99_ms_non_waiting": 50.0, "errors": 0}

@@ -3,12 +3,17 @@
 One `flglm serve --self-signed` subprocess on PostgreSQL (a fresh schema, dropped afterwards) with the
 Celery executor (Redis, a database of its own) and one `flglm worker --replica 0` subprocess serving the
 admissions. N simulated agents (asyncio, one `httpx.AsyncClient` each, HTTPS against the generated CA)
-enroll, approve one `client_batch` job (tiny Llama) and then, for `seconds`:
+enroll, approve one `client_batch` job (tiny Llama) and then, for `seconds`, do what `flglm agent run` does
+(its default cadence, `flglm.protocol.AGENT_*`, unless the options say otherwise):
 
 - heartbeat (`POST /agent/heartbeat`) every `heartbeat_s`,
-- poll their work (`GET /agent/work`) every `poll_s`,
-- upload one sealed forward (`PUT …/activations/1`, admitted by the worker) and long-poll its result
+- ask for their work (`GET /agent/work?wait_s=work_wait_s`: it answers at once with the open round), then
+  upload one sealed forward (`PUT …/activations/1`, admitted by the worker) and long-poll its result
   (`GET …/activations/1/result?wait_s=…`) for the rest of the run.
+
+`idle_agents` more are enrolled and heartbeat but are in no job: their work long-polls wait `work_wait_s`
+(then a pause of `poll_s`), as an agent between jobs does. With `work_wait_s` 0 every agent polls its work
+every `poll_s` instead, without waiting (the agents before work long-polls; the stress profile).
 
 One more enrolled participant (the holdout) approves the job and heartbeats but never uploads, so the
 job's first batch waits for it (`batch_window_s` = one hour) and every long-poll ends in 204 after its
@@ -41,6 +46,8 @@ from typing import Any
 import httpx
 
 from apps.bench.stack import ServedBackend, serve_subprocesses
+from flglm.protocol import AGENT_HEARTBEAT_S, AGENT_POLL_S, AGENT_WORK_WAIT_S, MAX_WORK_WAIT_S
+from flglm.step_protocol import MAX_LONG_POLL_S
 
 DEFAULT_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 REDIS_URL = "redis://127.0.0.1:6379/11"  # a database of its own (stack bench: 13, tests: 15)
@@ -50,34 +57,39 @@ ROWS, SEQ = 1, 8  # one sealed forward per agent: (1, 8, hidden) float32 and its
 TARGETS = {"agents": 200, "p99_ms_non_waiting": 50.0, "errors": 0}
 
 # Route name -> (kind, expected status). "plain" routes carry the p99 target; the upload waits for the
-# worker's admission and the long-poll for its `wait_s`, so neither does.
+# worker's admission and the long-polls for their `wait_s`, so none of those does.
 ROUTES: dict[str, tuple[str, int]] = {
     "POST /agent/heartbeat": ("plain", 200),
     "GET /agent/work": ("plain", 200),
+    "GET /agent/work?wait_s (idle agents)": ("long_poll", 200),
     "PUT /agent/jobs/{id}/rounds/{r}/steps/{s}/activations/{seq}": ("admission", 201),
     "GET /agent/jobs/{id}/rounds/{r}/steps/{s}/activations/{seq}/result": ("long_poll", 204),
     "GET /jobs/{id}": ("plain", 200),
     "GET /jobs/{id}/rounds": ("plain", 200),
     "GET /metrics/jobs/{id}/progress": ("plain", 200),
 }
-HEARTBEAT, WORK, UPLOAD, RESULT, JOB, ROUNDS, PROGRESS = ROUTES
+HEARTBEAT, WORK, IDLE_WORK, UPLOAD, RESULT, JOB, ROUNDS, PROGRESS = ROUTES
 
 
 @dataclass(frozen=True)
 class LoadBenchConfig:
     agents: int = 200
-    seconds: float = 30.0
-    heartbeat_s: float = 5.0
-    poll_s: float = 2.0
-    wait_s: float = 5.0
+    idle_agents: int = 50
+    seconds: float = 60.0
+    heartbeat_s: float = AGENT_HEARTBEAT_S
+    work_wait_s: float = AGENT_WORK_WAIT_S  # 0: poll the work every poll_s without waiting
+    poll_s: float = AGENT_POLL_S
+    wait_s: float = MAX_LONG_POLL_S  # of each step-result long-poll, as the agent's
     operator_s: float = 1.5
     database_url: str = ""  # empty: FLGLM_DATABASE_URL, else DEFAULT_DATABASE_URL
 
     def __post_init__(self) -> None:
-        if self.agents < 1 or self.seconds <= 0:
-            raise ValueError("agents must be >= 1 and seconds > 0")
+        if self.agents < 1 or self.idle_agents < 0 or self.seconds <= 0:
+            raise ValueError("agents must be >= 1, idle_agents >= 0 and seconds > 0")
         if min(self.heartbeat_s, self.poll_s, self.wait_s, self.operator_s) <= 0:
             raise ValueError("intervals and wait_s must be > 0")
+        if not 0 <= self.work_wait_s <= MAX_WORK_WAIT_S:
+            raise ValueError(f"work_wait_s must be within 0..{MAX_WORK_WAIT_S:g}")
 
     def resolved_database_url(self) -> str:
         return self.database_url or os.environ.get("FLGLM_DATABASE_URL") or DEFAULT_DATABASE_URL
@@ -317,8 +329,10 @@ async def _agent(
     config: LoadBenchConfig,
     recorder: Recorder,
     deadline: float,
-    uploads: bool,
+    role: str,
 ) -> None:
+    """One simulated agent until `deadline`: `role` "participant" (work, then its step), "holdout" (in the
+    job, never uploads) or "idle" (in no job: work long-polls)."""
     from flglm.protocol import API_PREFIX, HEARTBEAT_PATH, PROTOCOL_HEADER, PROTOCOL_VERSION, WORK_PATH
 
     headers = {"Authorization": f"Bearer {agent.credential}", PROTOCOL_HEADER: PROTOCOL_VERSION}
@@ -336,8 +350,24 @@ async def _agent(
         async def work() -> None:
             await recorder.call(WORK, client, "GET", WORK_PATH)
 
+        async def wait_for_work() -> None:
+            while (remaining := deadline - time.monotonic()) > min(config.work_wait_s, 0.5):
+                wait_s = round(min(config.work_wait_s, remaining), 3)
+                await recorder.call(
+                    IDLE_WORK,
+                    client,
+                    "GET",
+                    WORK_PATH,
+                    wait_s=wait_s,
+                    params={"wait_s": f"{wait_s:.3f}"},
+                    timeout=wait_s + 30.0,
+                )
+                await asyncio.sleep(config.poll_s)
+
         async def step() -> None:
             await asyncio.sleep(random.uniform(0, min(1.0, config.seconds / 4)))
+            if config.work_wait_s > 0:
+                await work()  # the open round, at once; the agent asks again only after it
             uploaded = await recorder.call(
                 UPLOAD,
                 client,
@@ -361,8 +391,12 @@ async def _agent(
                     timeout=wait_s + 30.0,
                 )
 
-        tasks = [_every(config.heartbeat_s, deadline, heartbeat), _every(config.poll_s, deadline, work)]
-        if uploads:
+        tasks = [_every(config.heartbeat_s, deadline, heartbeat)]
+        if config.work_wait_s == 0:
+            tasks.append(_every(config.poll_s, deadline, work))
+        elif role == "idle":
+            tasks.append(wait_for_work())
+        if role == "participant":
             tasks.append(step())
         await asyncio.gather(*tasks)
 
@@ -402,8 +436,12 @@ async def _run(config: LoadBenchConfig, backend: ServedBackend, log: Callable[[s
     ):
         setup_start = time.monotonic()
         names = [f"load-agent-{i}" for i in range(config.agents)] + ["load-holdout"]
+        idle_names = [f"load-idle-{i}" for i in range(config.idle_agents)]
         agents: list[SimAgent] = await _bounded(
             16, [_enroll(admin, anon, i, name) for i, name in enumerate(names)]
+        )
+        idle: list[SimAgent] = await _bounded(
+            16, [_enroll(admin, anon, len(names) + i, name) for i, name in enumerate(idle_names)]
         )
         job_id = int((await _ok(admin, "POST", "/jobs", 201, json=_job_spec(names)))["id"])
         await _ok(admin, "POST", f"/jobs/{job_id}/open", 200)
@@ -439,9 +477,18 @@ async def _run(config: LoadBenchConfig, backend: ServedBackend, log: Callable[[s
         deadline = started + config.seconds
         await asyncio.gather(
             *(
-                _agent(a, backend, tls, config, recorder, deadline, uploads=a.index < config.agents)
+                _agent(
+                    a,
+                    backend,
+                    tls,
+                    config,
+                    recorder,
+                    deadline,
+                    "participant" if a.index < config.agents else "holdout",
+                )
                 for a in agents
             ),
+            *(_agent(a, backend, tls, config, recorder, deadline, "idle") for a in idle),
             _operator(admin, job_id, config, recorder, deadline),
             _progress(recorder, started, deadline, log),
         )
@@ -503,12 +550,13 @@ def run_load_bench(
         "config": asdict(config) | {"database_url": "<server url>; fresh schema, dropped"},
         "agents": config.agents,
         "holdout_agents": 1,
+        "idle_agents": config.idle_agents,
         "seconds": elapsed,
         "setup_s": outcome["setup_s"],
         "job_id": outcome["job_id"],
         "requests": requests,
         "errors": errors,
-        "long_polls": routes[RESULT]["requests"],
+        "long_polls": routes[RESULT]["requests"] + routes[IDLE_WORK]["requests"],
         "backend_peak_rss_bytes": peak_rss,
         "worst_non_waiting_p99_ms": worst_p99,
         "routes": routes,
@@ -530,7 +578,8 @@ def load_table(result: dict[str, Any]) -> str:
         return "-" if value is None else f"{value:.1f}"
 
     lines = [
-        f"{result['agents']} agents (+{result['holdout_agents']} holdout) for {result['seconds']:.1f} s "
+        f"{result['agents']} agents (+{result['holdout_agents']} holdout, {result['idle_agents']} idle) for "
+        f"{result['seconds']:.1f} s "
         f"(target {TARGETS['agents']}): {result['requests']} requests, {result['errors']} errors "
         f"(target {TARGETS['errors']}), {result['long_polls']} long-polls",
         f"{'route':<70} {'kind':<9} {'n':>6} {'err':>4} {'p50 ms':>8} {'p99 ms':>8} target",
@@ -543,11 +592,12 @@ def load_table(result: dict[str, Any]) -> str:
             f"{name:<70} {route['kind']:<9} {route['requests']:>6} {route['errors']:>4} "
             f"{ms(route['p50_ms']):>8} {ms(route['p99_ms']):>8} {target}"
         )
-    long_poll = result["routes"][RESULT]
-    lines.append(
-        f"long-polls answered after their wait_s by p50 {ms(long_poll['overshoot_p50_ms'])} ms, "
-        f"p99 {ms(long_poll['overshoot_p99_ms'])} ms"
-    )
+    for name in (RESULT, IDLE_WORK):
+        long_poll = result["routes"][name]
+        lines.append(
+            f"{name}: answered after its wait_s by p50 {ms(long_poll['overshoot_p50_ms'])} ms, "
+            f"p99 {ms(long_poll['overshoot_p99_ms'])} ms"
+        )
     rss = result["backend_peak_rss_bytes"]
     lines.append(f"backend peak RSS (VmHWM): {'-' if rss is None else f'{rss / 2**20:.0f} MiB'}")
     for name, route in result["routes"].items():

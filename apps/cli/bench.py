@@ -4,6 +4,9 @@ from pathlib import Path
 
 import typer
 
+from flglm.protocol import AGENT_HEARTBEAT_S, AGENT_POLL_S, AGENT_WORK_WAIT_S
+from flglm.step_protocol import MAX_LONG_POLL_S
+
 app = typer.Typer(help="Benchmarks (ratios measured side by side in one run).", no_args_is_help=False)
 
 
@@ -151,18 +154,23 @@ def split(
 @app.command("load")
 def load(
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object as the last line."),
-    agents: int = typer.Option(200, min=1, help="Simulated agents (one holdout participant more)."),
-    seconds: float = typer.Option(30.0, min=1.0, help="Timed window, in seconds."),
-    heartbeat_s: float = typer.Option(5.0, min=0.1, help="Each agent's heartbeat interval."),
-    poll_s: float = typer.Option(2.0, min=0.1, help="Each agent's work-poll interval."),
-    wait_s: float = typer.Option(5.0, min=0.1, help="wait_s of each step-result long-poll."),
+    agents: int = typer.Option(200, min=1, help="Simulated agents in the job (one holdout more)."),
+    idle_agents: int = typer.Option(50, min=0, help="Simulated agents in no job, waiting for work."),
+    seconds: float = typer.Option(60.0, min=1.0, help="Timed window, in seconds."),
+    heartbeat_s: float = typer.Option(AGENT_HEARTBEAT_S, min=0.1, help="Each agent's heartbeat interval."),
+    work_wait_s: float = typer.Option(
+        AGENT_WORK_WAIT_S, min=0.0, help="wait_s of each work long-poll; 0: poll every --poll-s instead."
+    ),
+    poll_s: float = typer.Option(AGENT_POLL_S, min=0.1, help="Pause between two work requests."),
+    wait_s: float = typer.Option(MAX_LONG_POLL_S, min=0.1, help="wait_s of each step-result long-poll."),
     operator_s: float = typer.Option(1.5, min=0.1, help="The operator's job-page poll interval."),
     database_url: str = typer.Option(
         "", help="PostgreSQL server URL (default: FLGLM_DATABASE_URL, else the local test database)."
     ),
     work_dir: Path | None = typer.Option(None, help="Keep the backend's log here (default: a temp dir)."),
 ) -> None:
-    """One backend (PostgreSQL, Celery) under N agents' heartbeats, work polls and long-polls: latencies."""
+    """One backend (PostgreSQL, Celery) under N agents' heartbeats, work requests and long-polls, at the
+    agent's own cadence by default: latencies per route."""
     import json
 
     from apps.bench.load import LoadBenchConfig, load_table, run_load_bench
@@ -170,8 +178,10 @@ def load(
     try:
         config = LoadBenchConfig(
             agents=agents,
+            idle_agents=idle_agents,
             seconds=seconds,
             heartbeat_s=heartbeat_s,
+            work_wait_s=work_wait_s,
             poll_s=poll_s,
             wait_s=wait_s,
             operator_s=operator_s,
