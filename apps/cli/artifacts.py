@@ -4,17 +4,23 @@ Both download the job's adapter bundle (`GET /jobs/{id}/export`, admin) or read 
 `generate` runs the split with a KV cache in every part (see flglm.generation): front and back in this
 process from the bundle's client adapters, the body on a worker through a generation session
 (`flglm.generation_client`, closed at the end, also on error). `--bundle` (offline, no server) and
-`--local-body` run the body in this process too. torch is imported only when a command runs.
+`--local-body` run the body in this process too; it prints each completion under its prompt, control
+characters escaped. torch is imported only when a command runs.
 """
 
 from __future__ import annotations
 
+import unicodedata
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from apps.cli.operator import DEFAULT_SERVER, CaCert, Server, Token, call_api, job_app
+
+_NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+# Control, format (bidi overrides, zero-width), surrogate, private-use, unassigned; line/paragraph separators.
+_HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
 
 BundleFile = Annotated[
     Path | None,
@@ -126,5 +132,30 @@ def generate(
         except GenerationApiError as exc:
             typer.echo(f"error {exc.code}: {exc.message}", err=True)
             raise typer.Exit(1) from None
-    for text in completions:
-        typer.echo(text)
+    typer.echo(labelled_completions(prompt, completions), nl=False)
+
+
+def escape_text(text: str) -> str:
+    """`text` on one line: control and invisible characters escaped (`\\n`, `\\x1b`), backslashes doubled."""
+    out = []
+    for char in text:
+        if char == "\\":
+            out.append("\\\\")
+        elif char in _NAMED_ESCAPES:
+            out.append(_NAMED_ESCAPES[char])
+        elif unicodedata.category(char) in _HIDDEN_CATEGORIES:
+            code = ord(char)
+            out.append(
+                f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+            )
+        else:
+            out.append(char)
+    return "".join(out)
+
+
+def labelled_completions(prompts: list[str], completions: list[str]) -> str:
+    """Each completion under the prompt it continues, both escaped (`escape_text`)."""
+    return "".join(
+        f"prompt {number}: {escape_text(prompt)}\n  completion: {escape_text(text)}\n"
+        for number, (prompt, text) in enumerate(zip(prompts, completions, strict=True), start=1)
+    )

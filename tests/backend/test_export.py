@@ -8,6 +8,7 @@ import torch
 from peft import PeftModel
 from typer.testing import CliRunner
 
+from apps.cli.artifacts import escape_text, labelled_completions
 from apps.cli.main import app as cli
 from backend.settings import Settings
 from flglm.adapters import (
@@ -83,7 +84,8 @@ def test_export_route_bundle_and_cli(api: Api, settings: Settings, tmp_path: Pat
         pad_token_id=tokenizer.pad_token_id or 0,
     )
     text = tokenizer.decode(expected[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
-    assert result.stdout_bytes.decode() == f"{text}\n"  # raw: `output` would turn a trailing "\r\n" into "\n"
+    # Raw bytes (`output` would turn "\r\n" into "\n"): the completion under its prompt, escaped.
+    assert result.stdout_bytes.decode() == f"prompt 1: the news today\n  completion: {escape_text(text)}\n"
 
     # The API route runs the same split generation (front and back in the backend, the body on the
     # in-process worker); admins only, like the export: a viewer is refused before anything runs.
@@ -98,3 +100,14 @@ def test_export_route_bundle_and_cli(api: Api, settings: Settings, tmp_path: Pat
 
 def test_export_of_unknown_job_is_404(api: Api) -> None:
     assert api.get("/jobs/999/export").status_code == 404
+
+
+def test_generate_output_labels_completions_and_escapes_control_characters() -> None:
+    prompts = ["say \x1b[2Jhi", "two\nlines"]
+    completions = ["\x1b[31mred\r\n\u202eevil\\n\x00", " ok é 漢字"]
+    assert labelled_completions(prompts, completions) == (
+        "prompt 1: say \\x1b[2Jhi\n"
+        "  completion: \\x1b[31mred\\r\\n\\u202eevil\\\\n\\x00\n"
+        "prompt 2: two\\nlines\n"
+        "  completion:  ok é 漢字\n"
+    )

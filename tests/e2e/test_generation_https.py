@@ -12,6 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from apps.cli.artifacts import labelled_completions
 from apps.cli.main import app as cli
 from backend.settings import Settings
 from flglm.generation import encode_body_input
@@ -60,8 +61,9 @@ def test_generate_route_and_session_routes_equal_the_unsplit_model(
     ]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
-    # The raw bytes: `output` turns "\r\n" into "\n", and a tiny model's text may end in "\r".
-    assert result.stdout_bytes.decode() == "".join(f"{text}\n" for text in reference.completions)
+    # The raw bytes (`output` turns "\r\n" into "\n"): each completion under its prompt, escaped.
+    assert result.stdout_bytes.decode() == labelled_completions(list(PROMPTS), reference.completions)
+    assert "\r" not in result.stdout_bytes.decode()
     opened = [e for e in api.ok("GET", "/audit")["items"] if e["action"] == "job.generate_session"]
     assert len(opened) == 2  # the Python session above and the CLI's, each audited
     for event in opened:  # both were closed: the worker no longer holds them
