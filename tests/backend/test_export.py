@@ -83,7 +83,7 @@ def test_export_route_bundle_and_cli(api: Api, settings: Settings, tmp_path: Pat
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id or 0,
     )
-    text = tokenizer.decode(expected[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
+    text = str(tokenizer.decode(expected[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True))
     # Raw bytes (`output` would turn "\r\n" into "\n"): the completion under its prompt, escaped.
     assert result.stdout_bytes.decode() == f"prompt 1: the news today\n  completion: {escape_text(text)}\n"
 
