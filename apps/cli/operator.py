@@ -176,6 +176,9 @@ _lifecycle_command("cancel", "Cancel a job that has not ended.")
 def enroll_token(
     name: Annotated[str, typer.Argument(help="the client's name (reserved now, invitable at once)")],
     expires_in: Annotated[float | None, typer.Option(help="seconds until the token expires")] = None,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="print the token alone (for `TOKEN=$(...)` in scripts)")
+    ] = False,
     server: Server = DEFAULT_SERVER,
     token: Token = "",
     ca_cert: CaCert = None,
@@ -184,7 +187,11 @@ def enroll_token(
     body: dict[str, Any] = {"name": name}
     if expires_in is not None:
         body["expires_in_s"] = expires_in
-    _print(call_api("POST", "/clients/enrollment-tokens", server, token, ca_cert, json=body))
+    created = call_api("POST", "/clients/enrollment-tokens", server, token, ca_cert, json=body)
+    if quiet:
+        typer.echo(created["token"])
+        return
+    _print(created)
 
 
 @client_app.command("list")
