@@ -190,13 +190,14 @@ def _problem(error: Mapping[str, Any], root: Any, prefix: Sequence[str | int]) -
 def describe_errors(
     errors: Iterable[Mapping[str, Any]], root: Any = None, prefix: Sequence[str | int] = ()
 ) -> list[FieldProblem]:
-    """Readable problems of pydantic `errors()`, one per error, duplicates dropped.
-
-    `root` is the validated model (or annotation) the errors' locations start from after `prefix`
-    (the API's `("body",)`); without it, unknown fields and values get no suggestions."""
+    """Readable problems of pydantic `errors()`; `root`: the model their locations start at after `prefix`."""
     problems: list[FieldProblem] = []
     for error in errors:
-        problem = _problem(error, root, prefix)
+        try:
+            problem = _problem(error, root, prefix)
+        except Exception:  # an error shape not foreseen here: pydantic's own line rather than a 500
+            location = ".".join(str(part) for part in error.get("loc", ()))
+            problem = FieldProblem(field=location, message=str(error.get("msg", "invalid")))
         if problem not in problems:
             problems.append(problem)
     return problems
