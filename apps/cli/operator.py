@@ -58,7 +58,8 @@ def call_api(
     if response.is_error:
         try:
             error = response.json()["error"]
-            typer.echo(f"error {error['code']}: {error['message']}", err=True)
+            problems = [f"\n  {p['field']}: {p['message']}" for p in error.get("fields") or []]
+            typer.echo(f"error {error['code']}:" + ("".join(problems) or f" {error['message']}"), err=True)
         except (ValueError, KeyError, TypeError):
             typer.echo(f"error: HTTP {response.status_code}: {response.text[:500]}", err=True)
         raise typer.Exit(1)

@@ -76,6 +76,8 @@ def test_operator_cli_over_https(served: tuple[str, Path], tmp_path: Path) -> No
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"name": "x", "model_ref": "m", "rounds": "many"}))
     assert "rounds" in str(flglm("job", "submit", str(bad), code=2))
+    refused = str(flglm("job", "list", "--limit", "0", code=1))  # the API's 422, one line per field
+    assert "error validation_error:\n  query.limit: Input should be greater than or equal to 1" in refused
     wrong_token = runner.invoke(app, ["job", "list"], env={**env, "FLGLM_TOKEN": "flglm_at_nope"})
     assert wrong_token.exit_code == 1 and "invalid_credential" in wrong_token.output
     no_ca = runner.invoke(app, ["job", "list"], env={**env, "FLGLM_CA_CERT": None})
