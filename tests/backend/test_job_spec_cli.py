@@ -75,6 +75,12 @@ def test_job_submit_names_field_allowed_values_and_nearest(tmp_path: Path) -> No
     output = CliRunner().invoke(app, ["job", "submit", str(far)]).output
     assert "zzz: unknown field; allowed: name, model_ref, task_type" in output
 
+    for text, words in [("name: [unclosed\n", "not a readable job file"), ("- a\n", "\n  Input should be")]:
+        broken = tmp_path / "broken.yaml"
+        broken.write_text(text)
+        result = CliRunner().invoke(app, ["job", "submit", str(broken)])
+        assert result.exit_code == 2 and words in result.output and "Traceback" not in result.output
+
 
 def test_api_422_names_field_allowed_values_and_nearest(api: Api) -> None:
     body = job_spec([], task_type="clasification")
