@@ -46,3 +46,9 @@ def show_round_eval(job_id: int, round_number: int, metrics: dict[str, float], q
         f"job {job_id} round {round_number} eval (n={metrics.get('eval_examples', 0):.0f}): {shown}",
         file=sys.stderr,
     )
+
+
+def show_notice(message: str, quiet: bool) -> None:
+    """One line for the data owner under the bars (e.g. a job waiting for approval); nothing when quiet."""
+    if not quiet:
+        tqdm.write(message, file=sys.stderr)

@@ -34,6 +34,7 @@ from client_agent.api import AgentFailure, ControlPlaneClient, ExitCode, failure
 from client_agent.evaluation import RoundEvaluation
 from client_agent.job_data import prepare_job_data, validate_data_file
 from client_agent.job_trainer import build_trainer, restore_trainer, save_trainer
+from client_agent.job_watch import JobWatch, report_fatal
 from client_agent.privacy import job_privacy
 from client_agent.progress import RoundProgress, show_round_eval
 from client_agent.state import (
@@ -69,12 +70,6 @@ from flglm.wire.keys import ClientKeyPair, derive_channel_keys, public_key_from_
 from flglm.wire.sequence import SequenceCounter
 
 log = logging.getLogger("flglm.agent")
-
-TERMINAL_JOB_STATUSES = {
-    protocol.JobStatus.completed,
-    protocol.JobStatus.failed,
-    protocol.JobStatus.cancelled,
-}
 
 
 @dataclass
@@ -357,22 +352,16 @@ class Outage:
         self.started = None
 
 
-def finished_outcome(client: ControlPlaneClient, approved: set[int]) -> ExitCode | None:
-    """None while an approved job is still going or an invitation awaits a decision; else `done`, or
-    `failed` when an approved job failed or was cancelled."""
-    invitations = client.invitations()
-    if any(i.consent is protocol.ConsentStatus.invited for i in invitations):
-        return None
-    mine = [i for i in invitations if i.consent is protocol.ConsentStatus.approved and i.job_id in approved]
-    if any(i.job_status not in TERMINAL_JOB_STATUSES for i in mine):
-        return None
-    if any(i.job_status is not protocol.JobStatus.completed for i in mine):
-        return ExitCode.failed
-    return ExitCode.done
-
-
 def run_agent(state_dir: Path, options: RunOptions) -> ExitCode:
-    """Run until stopped (with `stop_when_done`: until every approved job is over); raises AgentFailure."""
+    """Run until stopped; raises AgentFailure.
+
+    With `stop_when_done`: until the jobs this owner approved are over and no job waiting for clients awaits
+    a decision; exit 0, or 8 (`failed`) only when an approved job that this run saw not yet ended (at its
+    start or later) failed or was cancelled. Jobs already over when the run started never count, so an old
+    cancelled job never makes a later run exit 8 (`client_agent.job_watch`). A job waiting for this owner's
+    approval is named once, with the command that approves it. A job whose training fails here (its model
+    cannot be loaded, the data does not fit it, ...) is reported to the server before the agent stops, so the
+    job fails (or drops this client) with the reason instead of waiting for its round deadline."""
     enrollment = load_enrollment(state_dir)
     example_count = validate_data_file(options.data_path)  # DataError propagates before any network call
     log.info(
@@ -393,12 +382,14 @@ def run_agent(state_dir: Path, options: RunOptions) -> ExitCode:
             )
             heartbeat.start()
             outage = Outage(options.max_outage_s)
+            watch = JobWatch(options.quiet)
             try:
                 while True:
                     if heartbeat.failure is not None:
                         raise heartbeat.failure
                     approved = approved_jobs(state_dir)
                     try:
+                        watch.observe(client.invitations())  # before any work: what was live at the start
                         assignments = client.work()
                         outage.over()
                         for assignment in assignments:
@@ -411,14 +402,28 @@ def run_agent(state_dir: Path, options: RunOptions) -> ExitCode:
                                     assignment.job_id,
                                 )
                                 continue
-                            session = sessions.get(assignment.job_id)
-                            if session is None:
-                                session = JobSession(
-                                    client, enrollment, keypair, sequence, state_dir, assignment.job, options
-                                )
-                                sessions[assignment.job_id] = session
-                            session.run_round(assignment)
-                        outcome = finished_outcome(client, approved) if options.stop_when_done else None
+                            try:
+                                session = sessions.get(assignment.job_id)
+                                if session is None:
+                                    session = JobSession(
+                                        client,
+                                        enrollment,
+                                        keypair,
+                                        sequence,
+                                        state_dir,
+                                        assignment.job,
+                                        options,
+                                    )
+                                    sessions[assignment.job_id] = session
+                                session.run_round(assignment)
+                            except (StepHttpError, StepServerUnavailable, AgentFailure):
+                                raise  # the server's answer or this agent's own refusal: nothing to report
+                            except Exception as exc:
+                                report_fatal(client, assignment.job_id, exc)
+                                raise
+                        outcome = (
+                            watch.outcome(client.invitations(), approved) if options.stop_when_done else None
+                        )
                     except StepServerUnavailable as exc:
                         outage.wait_or_raise(exc)
                         sessions.clear()  # resume each job from the state directory, as a restart would
