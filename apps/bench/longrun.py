@@ -389,6 +389,7 @@ def job_spec(config: LongRunConfig, names: list[str]) -> dict[str, Any]:
         "steps_per_round": config.steps_per_round,
         "min_clients": len(names),
         "round_timeout_s": config.timeout_s,
+        "start": "manual",  # the run starts it itself once its agents are online
         "clients": names,
     }
 

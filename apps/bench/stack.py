@@ -303,6 +303,7 @@ def run_mode(
         "steps_per_round": config.steps + 1,
         "min_clients": clients,
         "round_timeout_s": 3600,
+        "start": "manual",  # the bench starts it itself, right after the approvals
         "clients": [owner[1] for owner in owners],
     }
     job_id = int(backend.call("POST", "/jobs", json=spec)["id"])
