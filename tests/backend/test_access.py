@@ -55,6 +55,7 @@ ENDPOINTS: list[tuple[str, str, set[str]]] = [
     ("GET", "/agent/work", CLIENT),
     ("POST", "/agent/jobs/{job}/rounds/1/done", CLIENT),
     ("POST", "/agent/jobs/{job}/metrics", CLIENT),
+    ("POST", "/agent/jobs/{job}/failure", CLIENT),
     ("PUT", "/agent/jobs/{job}/rounds/1/steps/0/activations/1", CLIENT),
     ("GET", "/agent/jobs/{job}/rounds/1/steps/0/activations/1/result", CLIENT),
     ("PUT", "/agent/jobs/{job}/rounds/1/client-adapters", CLIENT),
@@ -71,6 +72,7 @@ BODIES: dict[str, object] = {
     "/agent/invitations/{job}/decision": {"decision": "approve"},
     "/agent/jobs/{job}/rounds/1/done": {"example_count": 1},
     "/agent/jobs/{job}/metrics": {"round_number": 1, "step": 0},
+    "/agent/jobs/{job}/failure": {"reason": "matrix"},
 }
 
 
