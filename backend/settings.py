@@ -25,6 +25,9 @@ class Settings(BaseSettings):
     # can be in flight at once, so a request holding a database connection always finds one for its next hop.
     request_threads: int = Field(default=1024, ge=8, le=100_000)
     step_admission_timeout_s: float = 30.0
+    # The longest this server holds an agent's work long-poll (`GET /agent/work?wait_s=`, a longer wait_s
+    # is cut to it): below the idle timeout of any proxy in front of it; 0 answers at once.
+    work_wait_max_s: float = Field(default=60.0, ge=0, le=60.0)
     checkpoint_dir: Path | None = None
     # The in-process executor's worker relay (`inprocess` only; Celery workers read the same variable,
     # FLGLM_REPLICA_IDLE_TTL_S): a replica unused this long is checkpointed and dropped from memory.

@@ -187,7 +187,8 @@ def my_job(job_id: JobId, request: Request, session: SessionDep, client: ClientD
     response_model=protocol.WorkResponse,
     description="The open rounds this agent is to work on. With `wait_s` > 0 a long-poll: when there is "
     "none, the answer waits until one of the agent's jobs changes (started, a round opened, paused, ended, "
-    "the agent dropped) or `wait_s` passed, holding no database connection meanwhile.",
+    "the agent dropped) or `wait_s` passed (at most the server's FLGLM_WORK_WAIT_MAX_S), holding no database "
+    "connection meanwhile.",
 )
 async def my_work(
     request: Request,
@@ -195,7 +196,7 @@ async def my_work(
     wait_s: Annotated[float, Query(ge=0, le=protocol.MAX_WORK_WAIT_S)] = 0.0,
 ) -> protocol.WorkResponse:
     signal: WorkSignal = request.app.state.work_signal
-    deadline = time.monotonic() + wait_s
+    deadline = time.monotonic() + min(wait_s, request.app.state.settings.work_wait_max_s)
     while True:
         since = signal.epoch  # before reading: a change from here on ends the wait at once
         assignments, job_ids = await run_in_threadpool(_read_work, request, client.id)

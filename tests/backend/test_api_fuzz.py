@@ -28,6 +28,7 @@ from schemathesis.core.result import Err, Ok
 from schemathesis.schemas import APIOperation
 from schemathesis.specs.openapi.checks import status_code_conformance
 
+from backend.settings import Settings
 from flglm.generation_protocol import TENSORS_MEDIA_TYPE
 from tests.support.control_plane import ADMIN_TOKEN, Api, enroll, running_job
 
@@ -49,6 +50,13 @@ class Findings:
     cases: int = 0
     # (operation, check, status) -> one reproducing command
     failures: dict[tuple[str, str, int], str] = field(default_factory=dict)
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    """The contract tests' settings, with work long-polls answered at once: an agent case may drop the
+    agent from its job (`POST …/failure`); its later `GET /agent/work?wait_s=60` would wait a minute."""
+    return settings.model_copy(update={"work_wait_max_s": 0.0})
 
 
 @pytest.fixture

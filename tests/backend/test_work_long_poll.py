@@ -83,3 +83,15 @@ def test_work_signal_wakes_only_the_changed_jobs_waiters() -> None:
         return one_still_waits, waiting_on_2.done(), signal.waiting() == 0
 
     assert asyncio.run(scenario()) == (True, True, True)
+
+
+def test_the_server_caps_the_wait(live_server: LiveServer, api: Api) -> None:
+    """FLGLM_WORK_WAIT_MAX_S cuts a longer wait_s (a proxy in front may drop idle requests sooner)."""
+    live_server.app.state.settings = live_server.app.state.settings.model_copy(
+        update={"work_wait_max_s": 0.5}
+    )
+    owner = enroll_owner(api, "capped", 1)
+    began = time.monotonic()
+    answer = api.as_(owner.credential).get(WORK_PATH, params={"wait_s": 30})
+    assert answer.status_code == 200 and answer.json()["assignments"] == []
+    assert time.monotonic() - began < 15, "the 30 s wait_s was not cut to the server's 0.5 s"
