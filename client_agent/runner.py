@@ -59,6 +59,7 @@ from flglm.data.files import DataError
 from flglm.data.tokens import collate
 from flglm.step_client import (
     UPLOAD_NOT_FOUND,
+    StepCertificateError,
     StepConflict,
     StepHttpError,
     StepNotFound,
@@ -78,8 +79,11 @@ class RunOptions:
     share_example_count: bool = False  # opt-in: the count is the only fact about the data ever sent
     quiet: bool = False
     stop_when_done: bool = False  # exit 0 once every approved job is over and nothing is left to decide
-    poll_s: float = 2.0
-    heartbeat_s: float = 15.0
+    poll_s: float = protocol.AGENT_POLL_S
+    # With no round to work on, the work request waits this long on the server for one (a long-poll that
+    # answers as soon as one of this agent's jobs changes), so an idle agent asks about twice a minute.
+    work_wait_s: float = protocol.AGENT_WORK_WAIT_S
+    heartbeat_s: float = protocol.AGENT_HEARTBEAT_S
     result_timeout_s: float = 600.0
     # Ride out a server that is unreachable (connection errors, 5xx) for this long, resuming from the state
     # directory as a restart would; exit 5 after. The server drops an agent silent for its heartbeat lease.
@@ -390,7 +394,7 @@ def run_agent(state_dir: Path, options: RunOptions) -> ExitCode:
                     approved = approved_jobs(state_dir)
                     try:
                         watch.observe(client.invitations())  # before any work: what was live at the start
-                        assignments = client.work()
+                        assignments = client.work(options.work_wait_s)
                         outage.over()
                         for assignment in assignments:
                             if assignment.job_id not in approved:
@@ -416,7 +420,7 @@ def run_agent(state_dir: Path, options: RunOptions) -> ExitCode:
                                     )
                                     sessions[assignment.job_id] = session
                                 session.run_round(assignment)
-                            except (StepHttpError, StepServerUnavailable, AgentFailure):
+                            except (StepHttpError, StepServerUnavailable, StepCertificateError, AgentFailure):
                                 raise  # the server's answer or this agent's own refusal: nothing to report
                             except Exception as exc:
                                 report_fatal(client, assignment.job_id, exc)
