@@ -38,7 +38,11 @@ def test_under_the_drop_policy_the_client_leaves_and_the_job_goes_on(api: Api) -
     job_id = running_job(api, [a, b, c], min_clients=2, rounds=2)
     assert _report(a.api, job_id)["outcome"] == "client_dropped"
     job = api.ok("GET", f"/jobs/{job_id}")
-    assert (job["status"], job["failure_reason"], job["client_failures"]) == ("running", None, {"fd-a": REASON})
+    assert (job["status"], job["failure_reason"], job["client_failures"]) == (
+        "running",
+        None,
+        {"fd-a": REASON},
+    )
     for agent in (b, c):
         agent.api.ok("POST", f"/agent/jobs/{job_id}/rounds/1/done", json={"example_count": 5})
     first, second = api.ok("GET", f"/jobs/{job_id}/rounds")

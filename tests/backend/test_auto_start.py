@@ -1,5 +1,5 @@
-"""`start: auto` jobs start in housekeeping once min_clients approved clients are online (once, even racing the
-operator); `start: manual` ones wait for the operator; `GET /jobs/{id}` says what a waiting job waits for."""
+"""`start: auto` jobs start in housekeeping once min_clients approved clients are online (once, even racing
+the operator); `start: manual` ones wait for the operator; `GET /jobs/{id}` says what they wait for."""
 
 from __future__ import annotations
 
@@ -92,13 +92,13 @@ def test_an_operator_start_racing_the_auto_start_starts_the_job_once(live_server
             job_id = api.ok("POST", "/jobs", 201, json=job_spec([agent.name]))["id"]
             api.ok("POST", f"/jobs/{job_id}/open")
             _approve(agent.api, job_id)
-            barrier, results = threading.Barrier(2), {}
+            barrier, results = threading.Barrier(2), dict[str, list[int]]()
 
-            def housekeeping() -> None:
+            def housekeeping(barrier: threading.Barrier, results: dict[str, list[int]]) -> None:
                 barrier.wait()
                 results["auto"] = run_housekeeping(factory, utc_now(), LEASE_S).jobs_started
 
-            thread = threading.Thread(target=housekeeping)
+            thread = threading.Thread(target=housekeeping, args=(barrier, results))
             thread.start()
             barrier.wait()
             operator = api.post(f"/jobs/{job_id}/start").status_code
