@@ -20,12 +20,13 @@ def start_ready_jobs(session: Session, now: datetime) -> list[int]:
     before anything was written for that job)."""
     started = []
     for candidate in JobRepository(session).with_status([JobStatus.waiting_for_clients]):
+        participants = ParticipantRepository(session)
         if candidate.start != StartMode.auto:
             continue
+        if len(participants.approved_active_client_ids(candidate.id)) < candidate.min_clients:
+            continue  # not ready: no row lock taken
         job = get_job(session, candidate.id, for_update=True)
         if job.status != JobStatus.waiting_for_clients or job.start != StartMode.auto:
-            continue
-        if len(ParticipantRepository(session).approved_active_client_ids(job.id)) < job.min_clients:
             continue
         try:
             transition(session, SYSTEM, job.id, "start", now)
