@@ -9,6 +9,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from flglm.contracts.job_settings import AdapterSpec, Hyperparameters
+from flglm.contracts.model_refs import check_model_ref
 from flglm.contracts.request_model import StrictModel
 from flglm.contracts.validation_errors import FieldProblem
 from flglm.wire.keys import public_key_from_b64
@@ -223,6 +224,11 @@ class JobSpec(StrictModel):
     clients: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
         default_factory=list, max_length=10_000, description="names of the invited client agents"
     )
+
+    @field_validator("model_ref")
+    @classmethod
+    def _check_model_ref(cls, ref: str) -> str:
+        return check_model_ref(ref)
 
     @model_validator(mode="after")
     def _check_consistency(self) -> JobSpec:

@@ -110,7 +110,7 @@ def demo(
     except ValidationError as exc:
         raise typer.BadParameter("; ".join(str(e["msg"]) for e in exc.errors())) from None
     options = DemoOptions(
-        model_ref=model,
+        model_ref=str(Path(model).resolve()) if Path(model).is_dir() else model,  # agents read it
         data_dir=data,
         corpus=corpus,  # type: ignore[arg-type]
         skew=skew,  # type: ignore[arg-type]

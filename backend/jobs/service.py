@@ -18,7 +18,7 @@ from backend.errors import Conflict, Forbidden, Gone, InvalidInput, NotFound
 from backend.jobs.after_commit import note_dropped
 from backend.jobs.lifecycle import CONSENT_OPEN_STATES, TERMINAL_STATES, TRANSITIONS
 from backend.jobs.repository import JobRepository, ParticipantRepository, RoundRepository
-from backend.models import Job, JobParticipant, Round, RoundParticipant
+from backend.models import Client, Job, JobParticipant, Round, RoundParticipant
 from backend.privacy.matching import audited_figure
 from backend.server_keys import create_job_key, delete_job_key
 from flglm.protocol import (
@@ -92,6 +92,9 @@ def get_job(session: Session, job_id: int, *, for_update: bool = False) -> Job:
 
 
 def create_job(session: Session, actor: str, spec: JobSpec, now: datetime) -> Job:
+    """A draft job inviting `spec.clients`; unknown or revoked clients are refused before the row is added,
+    so a refused submission takes no job id (PostgreSQL's sequence does not roll back)."""
+    invited = _invitable(session, spec.clients)
     job = JobRepository(session).add(
         Job(
             name=spec.name,
@@ -117,8 +120,7 @@ def create_job(session: Session, actor: str, spec: JobSpec, now: datetime) -> Jo
         )
     )
     record(session, actor, "job.create", "job", job.id, {"name": spec.name, "model_ref": spec.model_ref})
-    if spec.clients:
-        _invite(session, actor, job, spec.clients, now)
+    _add_invitations(session, actor, job, invited, now)
     return job
 
 
@@ -131,6 +133,13 @@ def invite_clients(session: Session, actor: str, job_id: int, names: list[str], 
 
 
 def _invite(session: Session, actor: str, job: Job, names: list[str], now: datetime) -> None:
+    _add_invitations(session, actor, job, _invitable(session, names), now)
+
+
+def _invitable(session: Session, names: list[str]) -> list[Client]:
+    """The clients of `names`; UnknownClients when one is unknown or revoked."""
+    if not names:
+        return []
     clients = ClientRepository(session).get_by_names(names)
     missing = sorted(set(names) - {client.name for client in clients})
     if missing:
@@ -140,6 +149,10 @@ def _invite(session: Session, actor: str, job: Job, names: list[str], now: datet
     revoked = sorted(client.name for client in clients if client.status == ClientStatus.revoked)
     if revoked:
         raise UnknownClients(f"clients: revoked clients cannot be invited: {revoked}")
+    return list(clients)
+
+
+def _add_invitations(session: Session, actor: str, job: Job, clients: list[Client], now: datetime) -> None:
     participants = ParticipantRepository(session)
     for client in clients:
         if participants.get(job.id, client.id) is None:

@@ -131,3 +131,14 @@ def test_withdrawal_during_a_round_applies_the_policy(api: Api) -> None:
     # Withdrawing from one job leaves b's other jobs alone.
     assert api.ok("GET", f"/jobs/{other_job}")["status"] == "running"
     assert api.ok("GET", f"/jobs/{other_job}/rounds")[0]["status"] == "open"
+
+
+def test_a_refused_submission_takes_no_job_id(api: Api) -> None:
+    """Unknown or revoked invitees are refused before the job row exists (PostgreSQL sequences never roll
+    back, so a refusal after the insert used to skip an id)."""
+    first = api.ok("POST", "/jobs", 201, json=job_spec([]))["id"]
+    refused = api.post("/jobs", json=job_spec(["nobody-by-this-name"]))
+    assert refused.status_code == 422 and refused.json()["error"]["code"] == "unknown_clients"
+    assert "nobody-by-this-name" in refused.json()["error"]["message"]
+    assert api.ok("POST", "/jobs", 201, json=job_spec([]))["id"] == first + 1
+    assert api.ok("GET", "/jobs")["total"] == 2  # nothing half-written by the refused one
