@@ -7,6 +7,7 @@ models, so a setting means the same everywhere and an unknown one is refused at 
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
@@ -77,6 +78,21 @@ class Hyperparameters(TrainConfig, StrictModel):
     inflight_timeout_s: float = Field(default=600.0, gt=0, le=86_400)  # an unanswered graph is dropped
     max_pending: int = Field(default=256, ge=1, le=100_000)  # forwards queued behind the in-flight step
     blob_ttl_s: float = Field(default=6 * 3600.0, gt=0, le=90 * 86_400)
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_distinct(cls, labels: list[str] | None) -> list[str] | None:
+        if labels is None:
+            return None
+        blank = [label for label in labels if not label.strip()]
+        repeated = sorted(label for label, n in Counter(labels).items() if n > 1)
+        if blank or repeated:
+            raise ValueError(
+                "labels must be distinct and not blank"
+                + (f"; repeated: {repeated}" if repeated else "")
+                + ("; a blank label" if blank else "")
+            )
+        return labels
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(**self.model_dump(include=set(TrainConfig.model_fields)))

@@ -1,4 +1,4 @@
-"""Model refs are checked where a job enters: a ref that can never load is refused with a did-you-mean."""
+"""Model refs and label sets are checked where a job enters: what can never work is refused, with a hint."""
 
 from __future__ import annotations
 
@@ -40,3 +40,10 @@ def test_refs_that_can_never_load_are_refused(ref: str, said: str) -> None:
     assert said in str(refused.value)
     with pytest.raises(ValidationError, match="model_ref"):  # a job with it is refused at submission
         JobSpec.model_validate({"name": "j", "model_ref": ref})
+
+
+@pytest.mark.parametrize(("labels", "said"), [(["BBC", "BBC"], "repeated: ['BBC']"), (["BBC", " "], "blank")])
+def test_a_label_set_must_be_distinct_and_not_blank(labels: list[str], said: str) -> None:
+    with pytest.raises(ValidationError, match="labels must be distinct") as refused:
+        JobSpec.model_validate({"name": "j", "model_ref": "tiny:llama", "hyperparameters": {"labels": labels}})
+    assert said in str(refused.value)
