@@ -45,5 +45,7 @@ def test_refs_that_can_never_load_are_refused(ref: str, said: str) -> None:
 @pytest.mark.parametrize(("labels", "said"), [(["BBC", "BBC"], "repeated: ['BBC']"), (["BBC", " "], "blank")])
 def test_a_label_set_must_be_distinct_and_not_blank(labels: list[str], said: str) -> None:
     with pytest.raises(ValidationError, match="labels must be distinct") as refused:
-        JobSpec.model_validate({"name": "j", "model_ref": "tiny:llama", "hyperparameters": {"labels": labels}})
+        JobSpec.model_validate(
+            {"name": "j", "model_ref": "tiny:llama", "hyperparameters": {"labels": labels}}
+        )
     assert said in str(refused.value)
