@@ -181,13 +181,27 @@ export function renderJob({ principal, params, showError }) {
     if (!regions.head.childElementCount) {
       fill(
         regions.head,
-        h("div", {}, h("p", { class: "crumb" }, h("a", { href: "#/jobs" }, "Jobs"), " / ", `#${job.id}`), h("h1", { id: "job-title" })),
+        h(
+          "div",
+          {},
+          h("p", { class: "crumb" }, h("a", { href: "#/jobs" }, "Jobs"), " / ", `#${job.id}`),
+          h("h1", { id: "job-title" }),
+          h("p", { class: "help", id: "job-waiting-for", "data-testid": "waiting-for" }),
+          h("ul", { class: "help", id: "job-client-failures", "data-testid": "client-failures" }),
+        ),
         h("div", { class: "head-right" }, h("span", { id: "job-status" }), isAdmin ? regions.controls : null),
       );
     }
     fill(regions.head.querySelector("#job-title"), job.name);
     fill(regions.head.querySelector("#job-status"), badge(job.status));
     if (job.failure_reason) regions.head.querySelector("#job-status").append(h("span", { class: "muted" }, ` ${job.failure_reason}`));
+    // What a waiting job waits for, and every client's reported fatal error, as the API says them.
+    fill(regions.head.querySelector("#job-waiting-for"), job.waiting_for ? `Waiting for ${job.waiting_for}` : "");
+    const failures = Object.entries(job.client_failures || {});
+    fill(
+      regions.head.querySelector("#job-client-failures"),
+      ...failures.map(([name, reason]) => h("li", {}, h("strong", {}, name), ` reported a fatal error: ${reason}`)),
+    );
   }
 
   function renderStats(job, progress) {

@@ -208,3 +208,33 @@ def test_favicon_and_the_sign_in_hint(dashboard: Dashboard, tmp_path: Path) -> N
     assert app is not None
     written = (data_dir / "admin_token").read_text().strip()
     assert written.startswith("flglm_at_")
+
+
+def test_what_a_waiting_job_waits_for_and_client_failures_are_the_apis(dashboard: Dashboard) -> None:
+    """The job page says what a waiting job waits for, and each client's reported fatal error, as
+    `GET /jobs/{id}` does (`waiting_for`, `client_failures`)."""
+    api, agents = dashboard.api, dashboard.agents
+    heartbeat(agents)
+    spec = job_spec(
+        [a.name for a in agents], name="waits", min_clients=2, straggler_policy="drop", start="manual"
+    )
+    job_id = api.ok("POST", "/jobs", 201, json=spec)["id"]
+    api.ok("POST", f"/jobs/{job_id}/open")
+    agents[0].api.ok("POST", f"/agent/invitations/{job_id}/decision", json={"decision": "approve"})
+    context, page = signed_in_page(dashboard, ADMIN_TOKEN)
+    page.goto(f"{dashboard.base_url}/#/jobs/{job_id}")
+    waiting_for = api.ok("GET", f"/jobs/{job_id}")["waiting_for"]
+    assert "a manual start" in waiting_for and "1 of 2 approved, online clients" in waiting_for
+    expect(page.get_by_test_id("waiting-for")).to_have_text(f"Waiting for {waiting_for}")
+
+    agents[1].api.ok("POST", f"/agent/invitations/{job_id}/decision", json={"decision": "approve"})
+    start(api, job_id)
+    expect(page.get_by_test_id("waiting-for")).to_have_text("")
+    reason = "ValueError: the model ref cannot be loaded here"
+    agents[1].api.ok("POST", f"/agent/jobs/{job_id}/failure", json={"reason": reason})
+    failures = api.ok("GET", f"/jobs/{job_id}")["client_failures"]
+    assert failures == {agents[1].name: reason}, failures
+    expect(page.get_by_test_id("client-failures")).to_have_text(
+        f"{agents[1].name} reported a fatal error: {reason}"
+    )
+    context.close()
