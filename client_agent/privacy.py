@@ -9,7 +9,13 @@ from pydantic import ValidationError
 
 from client_agent.api import AgentFailure, ExitCode
 from flglm import protocol
-from flglm.contracts.disclosures import EXAMPLE_COUNT, ROUND_METRICS, STEP_METRIC_FIELDS, describe
+from flglm.contracts.disclosures import (
+    EXAMPLE_COUNT,
+    FAILURE_REPORT,
+    ROUND_METRICS,
+    STEP_METRIC_FIELDS,
+    describe,
+)
 from flglm.privacy.epsilon import describe_activation_noise, hidden_size_hint
 
 
@@ -91,5 +97,6 @@ def consent_lines(view: protocol.InvitationView, hidden_size: int | None) -> lis
         f"  every step: {describe(STEP_METRIC_FIELDS)}",
         f"  each round: {describe(ROUND_METRICS)}",
         f"  {EXAMPLE_COUNT}",
+        f"  {FAILURE_REPORT}",
     ]
     return lines

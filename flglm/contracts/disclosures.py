@@ -32,6 +32,12 @@ ROUND_METRICS: dict[str, str] = {
 # `HeartbeatRequest`, `EnrollRequest` and `RoundDoneRequest.example_count`: only with --share-example-count.
 EXAMPLE_COUNT = "how many training examples you hold: only if the agent runs with --share-example-count"
 
+# `AgentFailureRequest.reason` (`client_agent.job_watch.report_fatal`): once, when training a job fails here.
+FAILURE_REPORT = (
+    "if this agent cannot train a job: the error's type and message, so the job fails or drops you at once "
+    "(for a data error only that your data does not fit, never its details)"
+)
+
 
 def disclosed_round_metrics(metrics: dict[str, float]) -> dict[str, float]:
     """The round metrics the consent text lists; any other key stays on this machine."""
