@@ -80,6 +80,8 @@ def resolve_model_ref(ref: str) -> ModelSource:
         if not (local / "config.json").is_file():
             raise ValueError(f"model directory {local} has no config.json")
         return ModelSource(ref=ref, directory=local)
+    if ref.startswith("/"):
+        raise ValueError(f"model directory {ref} does not exist on this machine")
     from huggingface_hub import snapshot_download
 
     try:

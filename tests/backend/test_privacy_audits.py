@@ -127,11 +127,11 @@ def _invitation(agent: Agent, job_id: int) -> dict[str, Any]:
 
 @pytest.mark.slow
 def test_a_failing_audit_ends_failed_with_its_reason(api: Api) -> None:
-    job_id = api.ok("POST", "/jobs", 201, json=job_spec([], model_ref="tiny:no-such-architecture"))["id"]
+    job_id = api.ok("POST", "/jobs", 201, json=job_spec([], model_ref="/nonexistent/no-such-model"))["id"]
     started = api.ok("POST", f"/jobs/{job_id}/privacy-audits", 202, json=QUICK)
     audit = wait_for_end(api, job_id, started["id"])
     assert audit["status"] == "failed" and audit["result"] is None
-    assert "no-such-architecture" in audit["error"]
+    assert "/nonexistent/no-such-model" in audit["error"]
 
 
 @pytest.mark.slow

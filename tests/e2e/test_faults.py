@@ -93,6 +93,7 @@ class Stack:
             rounds=ROUNDS,
             steps_per_round=STEPS,
             min_clients=AGENTS,
+            start="manual",  # started below, once every agent is online
         )  # fmt: skip
         spec.update(overrides)
         job_id: int = api.ok("POST", "/jobs", 201, json=spec)["id"]

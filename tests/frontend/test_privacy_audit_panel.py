@@ -129,7 +129,7 @@ def test_the_card_shows_the_apis_figures_and_an_admin_runs_an_audit_from_it(dash
 
 
 def test_a_failed_audit_shows_its_error(dashboard: Dashboard) -> None:
-    spec = job_spec([], name="unloadable", model_ref="tiny:no-such-architecture")
+    spec = job_spec([], name="unloadable", model_ref="/nonexistent/no-such-model")
     job_id = dashboard.api.ok("POST", "/jobs", 201, json=spec)["id"]
     context, page = signed_in_page(dashboard, ADMIN_TOKEN)
     page.goto(f"{dashboard.base_url}/#/jobs/{job_id}")
