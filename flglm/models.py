@@ -81,7 +81,7 @@ def resolve_model_ref(ref: str) -> ModelSource:
             raise ValueError(f"model directory {local} has no config.json")
         return ModelSource(ref=ref, directory=local)
     if ref.startswith("/"):
-        raise ValueError(f"model directory {ref} does not exist on this machine")
+        raise ValueError(f"model ref {ref} is not a directory on this machine")
     from huggingface_hub import snapshot_download
 
     try:
