@@ -18,9 +18,10 @@ class Settings(BaseSettings):
     database_url: str = ""
     redis_url: str = "redis://127.0.0.1:6379/0"
     executor: Literal["inprocess", "celery"] = "inprocess"
-    # Step protocol: threads that long-polls wait in (each waiting request holds at most two), how long an
-    # upload waits for a worker to admit it, and where server replicas checkpoint (the workers' disk).
-    step_wait_threads: int = 64
+    # Step protocol: threads that long-polls wait in (each waiting request holds at most two, and a Redis
+    # connection in each: 512 serves 256 agents waiting at once per backend process), how long an upload
+    # waits for a worker to admit it, and where server replicas checkpoint (the workers' disk).
+    step_wait_threads: int = Field(default=512, ge=4, le=10_000)
     # Threads for the sync routes and dependencies (anyio's default is 40): more than the requests that
     # can be in flight at once, so a request holding a database connection always finds one for its next hop.
     request_threads: int = Field(default=1024, ge=8, le=100_000)

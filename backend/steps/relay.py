@@ -6,7 +6,9 @@ worker's task functions in this process through the dispatcher the app layer han
 
 Waiting: a long-poll waits in a dedicated bounded thread pool (`step_wait_threads`), never in the default
 threadpool that serves the other endpoints. Each waiting request holds at most two of its threads (one on
-the blob, one on the task's verdict) for at most its `wait_s`; requests beyond the pool size queue.
+the blob, one on the task's verdict) and one pooled Redis connection in each, for at most its `wait_s`;
+requests beyond the pool size queue (and a queued wait can outlast its client's timeout), so the pool is
+sized for every agent of a process waiting at once.
 """
 
 from __future__ import annotations
@@ -67,6 +69,12 @@ class NoInProcessDispatcher(RuntimeError):
     """`executor = "inprocess"` without the dispatcher that only the app layer can give."""
 
 
+def redis_pool_size(settings: Settings) -> int:
+    """Connections per Redis pool: one per wait thread that may block on it, and room for the short reads
+    and writes of the request threads (which wait for a free one rather than fail)."""
+    return settings.step_wait_threads + 64
+
+
 def step_relay_from_settings(
     settings: Settings,
     server_private_key: X25519PrivateKey,
@@ -74,8 +82,8 @@ def step_relay_from_settings(
 ) -> StepRelay:
     if settings.executor == "celery":
         return StepRelay(
-            RedisBlobStore.from_url(settings.redis_url),
-            CeleryDispatcher(settings.redis_url),
+            RedisBlobStore.from_url(settings.redis_url, max_connections=redis_pool_size(settings)),
+            CeleryDispatcher(settings.redis_url, max_connections=redis_pool_size(settings)),
             settings.step_wait_threads,
         )
     if inprocess_dispatcher is None:

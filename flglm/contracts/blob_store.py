@@ -11,6 +11,20 @@ from typing import Protocol, runtime_checkable
 import redis
 
 BLPOP_SLICE_S = 2.0
+# How long a caller waits for a free pooled connection before `redis.ConnectionError` (a 503 upstream).
+POOL_WAIT_S = 10.0
+DEFAULT_MAX_CONNECTIONS = 128
+
+
+def pooled_redis(url: str, max_connections: int = DEFAULT_MAX_CONNECTIONS) -> redis.Redis:
+    """A client on a bounded pool that makes a caller wait for a free connection instead of failing.
+
+    redis-py's default pool raises `MaxConnectionsError` past 100 connections: with one connection per
+    blocked BLPOP, 200 waiting long-polls turned into 503s. Size the pool to the threads that may block on
+    it; a caller beyond that waits up to `POOL_WAIT_S`.
+    """
+    pool = redis.BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=POOL_WAIT_S)
+    return redis.Redis(connection_pool=pool)
 
 
 class PutOutcome(StrEnum):
@@ -124,8 +138,10 @@ class RedisBlobStore:
         self._namespace = namespace
 
     @classmethod
-    def from_url(cls, url: str, namespace: str = "flglm:blob:") -> RedisBlobStore:
-        return cls(redis.Redis.from_url(url), namespace)
+    def from_url(
+        cls, url: str, namespace: str = "flglm:blob:", max_connections: int = DEFAULT_MAX_CONNECTIONS
+    ) -> RedisBlobStore:
+        return cls(pooled_redis(url, max_connections), namespace)
 
     def _data_key(self, key: str) -> str:
         return f"{self._namespace}{key}"

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 import redis
 
+from flglm.contracts.blob_store import DEFAULT_MAX_CONNECTIONS, pooled_redis
 from flglm.contracts.tasks import raise_if_rejected
 from flglm.step_protocol import DEFAULT_QUEUE
 
@@ -85,9 +86,11 @@ class _CeleryStateHandle:
 class CeleryDispatcher:
     """Sends tasks by name to the workers' queues on the Redis broker; no engine code is imported."""
 
-    def __init__(self, redis_url: str) -> None:
-        self.app = celery_app(redis_url)
-        self._notices = redis.Redis.from_url(redis_url)  # one pool for every waiter's BLPOP
+    def __init__(self, redis_url: str, max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
+        # Both pools hold a connection per waiting thread: the result backend's (task states) and the
+        # notices' (every waiter's BLPOP); bounded and blocking, never redis-py's failing default of 100.
+        self.app = celery_app(redis_url, redis_max_connections=max_connections)
+        self._notices = pooled_redis(redis_url, max_connections)
 
     def submit(self, name: str, kwargs: dict[str, Any], queue: str, countdown_s: float = 0.0) -> TaskHandle:
         result = self.app.send_task(name, kwargs=kwargs, queue=queue, countdown=countdown_s or None)
