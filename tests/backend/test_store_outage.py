@@ -5,6 +5,7 @@ from the database. (The whole restart, with real processes, is tests/e2e/test_fa
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -79,3 +80,29 @@ def test_a_running_job_whose_spec_redis_lost_answers_503_until_housekeeping_repu
     response = agent.api.request("PUT", upload_path(job_id), **SEALED)
     assert response.status_code == 503, response.text
     assert response.json()["error"]["code"] == "admission_timeout", response.text
+
+
+def test_the_step_relay_serves_more_waits_than_redis_pys_default_pool(settings: Settings, redis_url: str) -> None:
+    """FLGLM_STEP_WAIT_THREADS sizes the wait pool and the Redis pools: 150 long-polls blocked in BLPOP at once
+    all get their blob (redis-py's default pool refused past 100 with `MaxConnectionsError`)."""
+    from concurrent.futures import wait as wait_all
+
+    from backend.steps.relay import step_relay_from_settings
+    from flglm.wire.keys import generate_private_key
+
+    url = redis_url.rsplit("/", 1)[0] + f"/{REDIS_DB}"
+    redis.Redis.from_url(url).flushdb()
+    sized = settings.model_copy(update={"executor": "celery", "redis_url": url, "step_wait_threads": 300})
+    relay = step_relay_from_settings(sized, generate_private_key())
+    try:
+        assert relay.wait_pool._max_workers == 300
+        waits = [relay.wait_pool.submit(relay.store.wait_for, f"k{i}", 20.0) for i in range(150)]
+        time.sleep(1.0)  # every waiter is now inside BLPOP, one connection each
+        assert not any(w.done() for w in waits), [w.exception() for w in waits if w.done()][:3]
+        for i in range(150):
+            relay.store.put_if_absent(f"k{i}", f"blob {i}".encode(), ttl_s=60)
+        wait_all(waits, timeout=30)
+        assert [w.result() for w in waits] == [f"blob {i}".encode() for i in range(150)]
+    finally:
+        relay.close()
+        redis.Redis.from_url(url).flushdb()
