@@ -82,9 +82,11 @@ def test_a_running_job_whose_spec_redis_lost_answers_503_until_housekeeping_repu
     assert response.json()["error"]["code"] == "admission_timeout", response.text
 
 
-def test_the_step_relay_serves_more_waits_than_redis_pys_default_pool(settings: Settings, redis_url: str) -> None:
-    """FLGLM_STEP_WAIT_THREADS sizes the wait pool and the Redis pools: 150 long-polls blocked in BLPOP at once
-    all get their blob (redis-py's default pool refused past 100 with `MaxConnectionsError`)."""
+def test_the_step_relay_serves_more_waits_than_redis_pys_default_pool(
+    settings: Settings, redis_url: str
+) -> None:
+    """FLGLM_STEP_WAIT_THREADS sizes the wait pool and the Redis pools: 150 long-polls blocked in BLPOP at
+    once all get their blob (redis-py's default pool refused past 100 with `MaxConnectionsError`)."""
     from concurrent.futures import wait as wait_all
 
     from backend.steps.relay import step_relay_from_settings
