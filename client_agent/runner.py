@@ -22,6 +22,7 @@ Data preparation lives in `client_agent.job_data`, the trainer and its checkpoin
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -34,7 +35,8 @@ from client_agent.api import AgentFailure, ControlPlaneClient, ExitCode, failure
 from client_agent.evaluation import RoundEvaluation
 from client_agent.job_data import prepare_job_data, validate_data_file
 from client_agent.job_trainer import build_trainer, restore_trainer, save_trainer
-from client_agent.job_watch import JobWatch, report_fatal
+from client_agent.job_watch import TERMINAL_JOB_STATUSES, JobWatch, report_fatal
+from client_agent.memory_log import MemoryLog
 from client_agent.privacy import job_privacy
 from client_agent.progress import RoundProgress, show_round_eval
 from client_agent.state import (
@@ -88,6 +90,7 @@ class RunOptions:
     # Ride out a server that is unreachable (connection errors, 5xx) for this long, resuming from the state
     # directory as a restart would; exit 5 after. The server drops an agent silent for its heartbeat lease.
     max_outage_s: float = 900.0
+    memory_log: Path | None = None  # `--memory-log`: resident memory per phase, one JSON line per event
 
 
 MAX_OUTAGE_PAUSE_S = 15.0  # between two tries during an outage (each try's requests retry ~16 s on their own)
@@ -109,8 +112,9 @@ class JobSession:
         state_dir: Path,
         job: protocol.AgentJobView,
         options: RunOptions,
+        memory: MemoryLog,
     ) -> None:
-        self.job, self.options, self.client = job, options, client
+        self.job, self.options, self.client, self.memory = job, options, client, memory
         self.privacy = job_privacy(job.job_id, job.privacy)  # before anything else: refuse, sending nothing
         hp = Hyperparameters.model_validate(job.hyperparameters)
         self.seed = hp.seed
@@ -152,6 +156,7 @@ class JobSession:
             sequence.next,
             options.result_timeout_s,
         )
+        memory.event("loaded", job=job.job_id)
 
     # ---- checkpointing ------------------------------------------------------------------------------
 
@@ -205,7 +210,9 @@ class JobSession:
             self.checkpoint.save_position(self.position)
         averaged = self._download_averaged(round_number)
         self.checkpoint.save_global_adapters(round_number, averaged)
+        self.memory.event("eval_start", job=job_id, round=round_number)
         eval_metrics = self.evaluate(round_number)
+        self.memory.event("eval_end", job=job_id, round=round_number)
         if eval_metrics:
             count = self.example_count if self.example_count is not None else 0
             self.client.round_done(
@@ -261,6 +268,8 @@ class JobSession:
         self._save()
         self._post_metric(metric)
         progress.step_done(result.loss, tokens)
+        global_step = (round_number - 1) * steps + step
+        self.memory.event("step", job=self.job.job_id, round=round_number, step=step, global_step=global_step)
         return result.loss
 
     def _post_metric(self, metric: protocol.StepMetricIn) -> None:
@@ -356,6 +365,20 @@ class Outage:
         self.started = None
 
 
+def close_ended_sessions(
+    sessions: dict[int, JobSession], invitations: list[protocol.InvitationView], memory: MemoryLog
+) -> None:
+    """Release the client parts, data and optimizer of every job that is over (an agent serving many jobs
+    over its life holds only the live ones)."""
+    ended = [i.job_id for i in invitations if i.job_status in TERMINAL_JOB_STATUSES and i.job_id in sessions]
+    for job_id in ended:
+        del sessions[job_id]
+    if ended:
+        gc.collect()  # the modules' reference cycles; the memory log should see them gone
+        for job_id in ended:
+            memory.event("job_closed", job=job_id)
+
+
 def run_agent(state_dir: Path, options: RunOptions) -> ExitCode:
     """Run until stopped; raises AgentFailure.
 
@@ -377,6 +400,8 @@ def run_agent(state_dir: Path, options: RunOptions) -> ExitCode:
     keypair = ClientKeyPair.load(private_key_path(state_dir))
     sequence = SequenceCounter(state_dir / "sequence")
     sessions: dict[int, JobSession] = {}
+    memory = MemoryLog(options.memory_log)
+    memory.event("started")
     skipped: set[int] = set()  # jobs the server offers but the owner did not approve here (warned once)
     with open_client(enrollment) as client:
         try:
@@ -393,7 +418,8 @@ def run_agent(state_dir: Path, options: RunOptions) -> ExitCode:
                         raise heartbeat.failure
                     approved = approved_jobs(state_dir)
                     try:
-                        watch.observe(client.invitations())  # before any work: what was live at the start
+                        invitations = watch.observe(client.invitations())  # before any work: live at start
+                        close_ended_sessions(sessions, invitations, memory)
                         assignments = client.work(options.work_wait_s)
                         outage.over()
                         for assignment in assignments:
@@ -417,6 +443,7 @@ def run_agent(state_dir: Path, options: RunOptions) -> ExitCode:
                                         state_dir,
                                         assignment.job,
                                         options,
+                                        memory,
                                     )
                                     sessions[assignment.job_id] = session
                                 session.run_round(assignment)

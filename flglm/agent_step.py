@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from flglm.adapters import load_trainable_state_dict, trainable_state_dict
+from flglm.evaluation import scores_positions
 from flglm.step_client import (
     STEP_GRAPH_MISSING,
     UPLOAD_NOT_FOUND,
@@ -193,8 +194,10 @@ def run_client_eval_forward(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     max_attempts: int = 3,
+    positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Logits (batch, seq, vocab) of the whole split model for one batch, through the server, no training.
+    """Logits (batch, seq, vocab) of the whole split model for one batch, through the server, no training;
+    (batch, kept, vocab) at `positions` only when given (the head runs only there).
 
     `eval_index` numbers the eval batches of a round (the message's "step"); eval messages have their own
     direction, so it never collides with a training step. The server runs its body with its current
@@ -221,7 +224,8 @@ def run_client_eval_forward(
         back_dtype = next(
             (p.dtype for p in trainer.back.parameters() if p.is_floating_point()), torch.float32
         )
-        return trainer.back(h1.to(back_dtype), attention_mask).float()  # (batch, seq, vocab)
+        keep = 0 if positions is None else positions
+        return trainer.back(h1.to(back_dtype), attention_mask, logits_to_keep=keep).float()
 
 
 def remote_score_fn(
@@ -231,9 +235,11 @@ def remote_score_fn(
     numbering the round's eval batches from `first_index`."""
     indices = itertools.count(first_index)
 
-    def score(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def score(
+        input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
         return run_client_eval_forward(
-            trainer, channel, round_number, next(indices), input_ids, attention_mask
+            trainer, channel, round_number, next(indices), input_ids, attention_mask, positions=positions
         )
 
-    return score
+    return scores_positions(score)

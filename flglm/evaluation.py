@@ -2,7 +2,10 @@
 
 Every scorer takes `score_fn(input_ids, attention_mask) -> logits` (batch, seq, vocab), any callable: the
 unsplit model, or `lambda ids, mask: back(body(front(ids, mask), mask), mask)` for a split one, so the same
-code evaluates centralized and federated runs.
+code evaluates centralized and federated runs. A score function marked with `keeps_positions` (see
+`scores_positions`) is also asked for the logits of the few positions a scorer reads only (batch, kept,
+vocab): the agent's remote scorer is, so an eval batch never holds (batch, seq, vocab) logits (8 rows of 96
+tokens of SmolLM2's 49k vocabulary are 151 MB).
 """
 
 from __future__ import annotations
@@ -22,13 +25,31 @@ from flglm.data import (
     encode_prompt_and_completion,
     verbalise_label,
 )
+from flglm.data.tokens import target_positions
 
-ScoreFn = Callable[[torch.Tensor, torch.Tensor], Any]
+ScoreFn = Callable[..., Any]
 
 
 def _logits(output: Any) -> torch.Tensor:
     """Accept raw logits or an HF ModelOutput."""
     return output if isinstance(output, torch.Tensor) else output.logits
+
+
+def scores_positions(score_fn: ScoreFn) -> ScoreFn:
+    """Mark `score_fn` as taking `positions=` (a 1-D tensor of sequence positions) and returning only their
+    logits (batch, kept, vocab)."""
+    score_fn.keeps_positions = True  # type: ignore[attr-defined]
+    return score_fn
+
+
+def logits_at(
+    score_fn: ScoreFn, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor:
+    """The logits at `positions` (batch, kept, vocab): computed there only when `score_fn` can, else cut from
+    the full logits."""
+    if getattr(score_fn, "keeps_positions", False):
+        return _logits(score_fn(input_ids, attention_mask, positions=positions))
+    return _logits(score_fn(input_ids, attention_mask))[:, positions]
 
 
 # ------------------------------------------------------------------------------------------------- ROUGE-L
@@ -88,16 +109,22 @@ def wilson_interval(successes: int, total: int, z: float = 1.959963984540054) ->
 # ------------------------------------------------------------------------------------------------ losses
 
 
-def completion_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def completion_log_probs(
+    logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row sum of log-probabilities of the scored (label != -100) tokens, and the count of those tokens.
 
-    HF shift convention: the logits at position t predict the token at t+1. Only scored positions go through
-    log_softmax, so a large vocabulary costs memory only for the few target tokens.
+    HF shift convention: the logits at position t predict the token at t+1. `logits` is (batch, seq, vocab),
+    or (batch, kept, vocab) at `positions` (`target_positions(labels)` or a superset). Only scored positions
+    go through log_softmax, so a large vocabulary costs memory only for the few target tokens.
     """
-    targets = labels[:, 1:]  # (batch, seq-1)
-    scored = targets != IGNORE_INDEX  # (batch, seq-1)
+    if positions is None:
+        positions = torch.arange(labels.shape[1] - 1)
+        logits = logits[:, :-1]
+    targets = labels[:, positions + 1]  # (batch, kept)
+    scored = targets != IGNORE_INDEX  # (batch, kept)
     rows = scored.nonzero()[:, 0]  # (n_scored,)
-    picked = logits[:, :-1][scored].float()  # (n_scored, vocab)
+    picked = logits[scored].float()  # (n_scored, vocab)
     token_log_probs = torch.log_softmax(picked, dim=-1).gather(1, targets[scored].unsqueeze(1)).squeeze(1)
     sums = torch.zeros(labels.shape[0], dtype=torch.float32).index_add_(0, rows, token_log_probs)  # (batch,)
     return sums, scored.sum(dim=1)
@@ -108,8 +135,9 @@ def eval_loss(score_fn: ScoreFn, batches: Iterable[dict[str, torch.Tensor]]) -> 
     """Token-weighted mean cross-entropy over every scored token of the batches (as produced by `collate`)."""
     total_log_prob, total_tokens = 0.0, 0
     for batch in batches:
-        logits = _logits(score_fn(batch["input_ids"], batch["attention_mask"]))  # (batch, seq, vocab)
-        sums, counts = completion_log_probs(logits, batch["labels"])
+        positions = target_positions(batch["labels"])  # (kept,)
+        logits = logits_at(score_fn, batch["input_ids"], batch["attention_mask"], positions)
+        sums, counts = completion_log_probs(logits, batch["labels"], positions)  # logits (batch, kept, vocab)
         total_log_prob += float(sums.sum())
         total_tokens += int(counts.sum())
     if total_tokens == 0:
@@ -197,8 +225,9 @@ def classification_accuracy(
     scores = torch.empty(len(rows), dtype=torch.float32)
     for start in range(0, len(rows), pairs_per_batch):
         batch = collate(rows[start : start + pairs_per_batch], pad_token_id, padding_side="right")
-        logits = _logits(score_fn(batch["input_ids"], batch["attention_mask"]))  # (pairs, seq, vocab)
-        sums, _ = completion_log_probs(logits, batch["labels"])
+        positions = target_positions(batch["labels"])  # (kept,)
+        logits = logits_at(score_fn, batch["input_ids"], batch["attention_mask"], positions)
+        sums, _ = completion_log_probs(logits, batch["labels"], positions)  # logits (pairs, kept, vocab)
         scores[start : start + len(sums)] = sums
     by_example = scores.view(len(examples), len(labels))  # (examples, labels)
     best = by_example.argmax(dim=1)  # (examples,); ties go to the earlier label

@@ -10,12 +10,15 @@ A model ref is one of:
 `load_split_parts` builds the model skeleton with parameters on the meta device (buffers such as rotary
 frequencies are computed normally), splits it, and reads from the safetensors files only the tensors of the
 parts asked for: a client never materialises the body's weights, a worker never the embeddings or LM head.
+Each tensor is read with plain file reads straight into its final memory (`read_safetensor`), so loading
+peaks at the part's size, not at the part plus the file's mapped pages.
 Tiny models are the exception: their weights come from a seeded RNG, so they are built whole, then cut.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import io
 import json
 import os
 import shutil
@@ -24,10 +27,8 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import torch
 from accelerate import init_empty_weights
-from safetensors import safe_open
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -201,6 +202,74 @@ def _checkpoint_files(directory: Path) -> list[Path]:
     return files
 
 
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+MAX_SAFETENSORS_HEADER_BYTES = 100 << 20  # the format's own limit
+READ_CHUNK_BYTES = 16 << 20
+
+
+def safetensors_header(path: Path) -> tuple[dict[str, dict[str, object]], int]:
+    """The JSON header of a .safetensors file (its tensors by name) and the offset where their data starts."""
+    with path.open("rb") as reader:
+        size = int.from_bytes(reader.read(8), "little")
+        if not 0 < size <= MAX_SAFETENSORS_HEADER_BYTES:
+            raise ValueError(f"{path}: not a safetensors file (header of {size} bytes)")
+        header = json.loads(reader.read(size))
+    header.pop("__metadata__", None)
+    return header, 8 + size
+
+
+def _read_exactly(reader: io.BufferedReader, target: torch.Tensor) -> None:
+    """Fill the contiguous `target` with the next bytes of `reader`."""
+    view = target.view(-1).view(torch.uint8).numpy().data  # writable bytes of the tensor's memory
+    done = 0
+    while done < len(view):
+        count = reader.readinto(view[done:])
+        if not count:
+            raise ValueError("safetensors file ends before its tensor data")
+        done += count
+
+
+def read_safetensor(
+    reader: io.BufferedReader, entry: dict[str, object], data_start: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """One tensor of a safetensors file read straight into a new tensor of `dtype`: converted chunk by chunk
+    when the file holds another dtype, so the peak is the tensor's size in `dtype` plus one chunk (reading
+    through safetensors' mmap held the file's pages and a converted copy at once)."""
+    source = SAFETENSORS_DTYPES.get(str(entry["dtype"]))
+    if source is None:
+        raise ValueError(f"unsupported safetensors dtype {entry['dtype']}")
+    shape = [int(n) for n in entry["shape"]]  # type: ignore[attr-defined]
+    begin, end = (int(n) for n in entry["data_offsets"])  # type: ignore[attr-defined]
+    out = torch.empty(shape, dtype=dtype)
+    flat = out.view(-1)
+    item = torch.empty((), dtype=source).element_size()
+    if end - begin != flat.numel() * item:
+        raise ValueError(
+            f"tensor data of {end - begin} bytes does not hold shape {shape} of {entry['dtype']}"
+        )
+    reader.seek(data_start + begin)
+    if source == dtype:
+        _read_exactly(reader, flat)
+        return out
+    step = max(1, READ_CHUNK_BYTES // item)
+    for first in range(0, flat.numel(), step):
+        chunk = torch.empty(min(step, flat.numel() - first), dtype=source)
+        _read_exactly(reader, chunk)
+        flat[first : first + chunk.numel()].copy_(chunk)
+    return out
+
+
 def _materialise_from_safetensors(
     model: nn.Module, wanted: nn.Module, directory: Path, dtype: torch.dtype
 ) -> None:
@@ -212,19 +281,22 @@ def _materialise_from_safetensors(
     needed = {id(p): p for p in wanted.parameters()}
     loaded: dict[int, nn.Parameter] = {}
     for path in _checkpoint_files(directory):
-        with safe_open(str(path), framework="pt") as reader:
-            keys = set(reader.keys())
+        header, data_start = safetensors_header(path)
+        with path.open("rb") as reader:
             for pid, parameter in needed.items():
                 # Some checkpoints (original GPT-2) store names without the base model prefix.
-                candidates = [k for n in aliases[pid] for k in (n, n.removeprefix(f"{prefix}.")) if k in keys]
+                candidates = [
+                    k for n in aliases[pid] for k in (n, n.removeprefix(f"{prefix}.")) if k in header
+                ]
                 if pid in loaded or not candidates:
                     continue
-                tensor = reader.get_tensor(candidates[0]).to(dtype, copy=True)  # own memory, not the mmap
-                if tensor.shape != parameter.shape:
+                entry = header[candidates[0]]
+                if tuple(entry["shape"]) != tuple(parameter.shape):  # type: ignore[arg-type]
                     raise ValueError(
-                        f"{candidates[0]}: checkpoint shape {tuple(tensor.shape)} "
+                        f"{candidates[0]}: checkpoint shape {tuple(entry['shape'])} "  # type: ignore[arg-type]
                         f"!= model shape {tuple(parameter.shape)}"
                     )
+                tensor = read_safetensor(reader, entry, data_start, dtype)
                 loaded[pid] = nn.Parameter(tensor, requires_grad=parameter.requires_grad)
     missing = [aliases[pid][0] for pid in needed if pid not in loaded]
     if missing:
@@ -248,8 +320,3 @@ def part_parameter_bytes(split: SplitModel) -> dict[str, int]:
     sizes: dict[str, int] = {name: parameter_bytes(module) for name, module in split.present_parts().items()}
     sizes["total"] = parameter_bytes(split.as_module_dict())
     return sizes
-
-
-def resident_memory_bytes() -> int:
-    """This process's resident set size."""
-    return int(psutil.Process().memory_info().rss)

@@ -15,14 +15,10 @@ from typing import Any
 import torch
 
 from flglm.data import Example, TokenizedExample, collate, encode_prompt_and_completion, tokenize_examples
-from flglm.evaluation import ScoreFn, classification_accuracy, eval_loss, mean_rouge_l
+from flglm.evaluation import ScoreFn, classification_accuracy, eval_loss, logits_at, mean_rouge_l
 
 DEFAULT_EVAL_EXAMPLES = 32
 DEFAULT_MAX_NEW_TOKENS = 16
-
-
-def _logits(output: Any) -> torch.Tensor:
-    return output if isinstance(output, torch.Tensor) else output.logits
 
 
 @torch.no_grad()
@@ -44,9 +40,11 @@ def greedy_completions(
     finished = [False] * len(rows)
     for _ in range(max_new_tokens):
         batch = collate([TokenizedExample(row, row) for row in rows], pad_token_id, padding_side="right")
-        logits = _logits(score_fn(batch["input_ids"], batch["attention_mask"]))  # (batch, seq, vocab)
-        last = torch.tensor([len(row) - 1 for row in rows])  # (batch,) last real position of each row
-        chosen = logits[torch.arange(len(rows)), last].argmax(dim=-1).tolist()  # (batch,)
+        last = [len(row) - 1 for row in rows]  # the last real position of each row
+        positions = torch.tensor(sorted(set(last)))  # (kept,)
+        logits = logits_at(score_fn, batch["input_ids"], batch["attention_mask"], positions)
+        column = torch.tensor([int(torch.searchsorted(positions, p)) for p in last])  # (batch,)
+        chosen = logits[torch.arange(len(rows)), column].argmax(dim=-1).tolist()  # (batch,)
         for index, token in enumerate(chosen):
             if finished[index]:
                 continue

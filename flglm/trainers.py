@@ -27,16 +27,11 @@ from flglm.adapters import trainable_parameters
 from flglm.contracts.job_settings import TrainConfig as TrainConfig
 from flglm.contracts.refusals import StepGraphMissing
 from flglm.data.tokens import IGNORE_INDEX as IGNORE_INDEX
+from flglm.data.tokens import target_positions as target_positions
 from flglm.privacy.client import ClientDefence
 from flglm.split import ServerBody, SplitModel, position_ids_from_attention_mask
 
 LMBatch = Mapping[str, torch.Tensor]  # input_ids, attention_mask, labels: each (batch, seq)
-
-
-def target_positions(labels: torch.Tensor) -> torch.Tensor:
-    """Positions whose next token is a target in some row: the only logits the loss needs; (kept,)."""
-    has_target = (labels[:, 1:] != IGNORE_INDEX).any(dim=0)  # (seq - 1,)
-    return has_target.nonzero().squeeze(-1)
 
 
 def causal_lm_loss(

@@ -46,6 +46,7 @@ from typing import Any
 import httpx
 
 from apps.bench.stack import ServedBackend, serve_subprocesses
+from flglm.process_memory import peak_resident_bytes
 from flglm.protocol import AGENT_HEARTBEAT_S, AGENT_POLL_S, AGENT_WORK_WAIT_S, MAX_WORK_WAIT_S
 from flglm.step_protocol import MAX_LONG_POLL_S
 
@@ -163,23 +164,17 @@ def percentile(values: list[float], q: float) -> float | None:
 # ---- the backend ------------------------------------------------------------------------------------
 
 
-def peak_rss_bytes(pid: int) -> int | None:
-    """VmHWM (peak resident set) of process `pid`, in bytes; None where /proc does not tell."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
 @contextmanager
 def running_backend(
-    work_dir: Path, database_url: str, redis_url: str = REDIS_URL, name: str = "load"
+    work_dir: Path,
+    database_url: str,
+    redis_url: str = REDIS_URL,
+    name: str = "load",
+    executor: str = "celery",
 ) -> Iterator[ServedBackend]:
     """`flglm serve --self-signed` on `database_url` and one `flglm worker --replica 0`, Celery on Redis
-    (`redis_url`, flushed before and after); `name` tells this bench's worker node apart."""
+    (`redis_url`, flushed before and after); `name` tells this bench's worker node apart. With `executor`
+    "inprocess" the body runs inside `flglm serve` and no worker is started."""
     import redis
 
     data_dir = work_dir / "backend"
@@ -191,7 +186,7 @@ def running_backend(
         "OMP_NUM_THREADS": "1",
         "FLGLM_DATA_DIR": str(data_dir),
         "FLGLM_DATABASE_URL": database_url,
-        "FLGLM_EXECUTOR": "celery",
+        "FLGLM_EXECUTOR": executor,
         "FLGLM_REDIS_URL": redis_url,
         "FLGLM_BOOTSTRAP_ADMIN_TOKEN": ADMIN_TOKEN,
         # The bench enrolls every agent from one address: the enrollment limits would refuse it.
@@ -200,7 +195,8 @@ def running_backend(
     }
     worker = ["--replica", "0", "--loglevel", "warning", "--hostname", f"flglm-bench-{name}-r0@%h"]
     try:
-        with serve_subprocesses(work_dir, data_dir, env, [worker]) as served:
+        workers = [worker] if executor == "celery" else []
+        with serve_subprocesses(work_dir, data_dir, env, workers) as served:
             yield served
     finally:
         redis.Redis.from_url(redis_url).flushdb()
@@ -537,7 +533,7 @@ def run_load_bench(
             with running_backend(root, database_url) as backend:
                 say(f"load: backend up at {backend.base_url} (pid {backend.serve_pid}, schema {schema})")
                 outcome = asyncio.run(_run(config, backend, say))
-                peak_rss = peak_rss_bytes(backend.serve_pid)
+                peak_rss = peak_resident_bytes(backend.serve_pid)
     finally:
         drop_postgres_schema(server_url, schema)
     recorder: Recorder = outcome["recorder"]

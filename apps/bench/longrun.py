@@ -33,8 +33,9 @@ from typing import Any
 
 import httpx
 
-from apps.bench.load import ADMIN_TOKEN, DEFAULT_DATABASE_URL, peak_rss_bytes, running_backend
+from apps.bench.load import ADMIN_TOKEN, DEFAULT_DATABASE_URL, running_backend
 from apps.bench.stack import ServedBackend
+from flglm.process_memory import peak_resident_bytes
 
 REDIS_URL = "redis://127.0.0.1:6379/6"  # a database of its own (load: 11, stack: 13, tests: 7-15)
 MODEL_REF = "tiny:llama:0"
@@ -297,6 +298,7 @@ class Agent:
     data: Path
     log: Path
     process: subprocess.Popen[bytes] | None = None
+    extra_args: tuple[str, ...] = ()  # more `flglm agent run` options
 
     def env(self) -> dict[str, str]:
         """The agent's environment: its state directory, offline hub, one thread."""
@@ -321,7 +323,7 @@ class Agent:
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
                 [*FLGLM_CLI, "agent", "run", "--data", str(self.data), "--quiet", "--poll-s", "0.3",
-                 "--stop-when-done"],
+                 "--stop-when-done", *self.extra_args],
                 env=self.env(),
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -398,7 +400,6 @@ def _run_job(
     config: LongRunConfig, backend: ServedBackend, work_dir: Path, say: Callable[[str], None]
 ) -> dict[str, Any]:
     """Enroll the agents, run the job to its end; returns its id, status, wall time and rounds."""
-    admin = Admin(backend)
     agents = [
         Agent(
             f"longrun-{i}",
@@ -408,32 +409,48 @@ def _run_job(
         )
         for i in range(config.agents)
     ]
+    for i, agent in enumerate(agents):
+        agent.data.write_text("".join(json.dumps(row) + "\n" for row in owner_rows(i)))
+    spec = job_spec(config, [a.name for a in agents])
+    return run_agents_job(backend, agents, spec, config.steps * config.agents, config.timeout_s, say)
+
+
+def run_agents_job(
+    backend: ServedBackend,
+    agents: list[Agent],
+    spec: dict[str, Any],
+    client_steps: int,
+    timeout_s: float,
+    say: Callable[[str], None],
+    on_tick: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Enroll `agents` (their data files written), submit `spec`, run it to its end with the agents as
+    `flglm agent run` processes; `on_tick(steps_reported)` about every second. Returns the job's id, status,
+    wall time, rounds and the agents' exit codes."""
+    admin = Admin(backend)
     try:
         with agents_stopped(agents):
-            for i, agent in enumerate(agents):
-                agent.data.write_text("".join(json.dumps(row) + "\n" for row in owner_rows(i)))
+            for agent in agents:
                 body = {"name": agent.name}
                 token = admin.ok("POST", "/clients/enrollment-tokens", 201, json=body)["token"]
                 agent.cli("enroll", "--server", backend.base_url, "--token", token,
                           "--ca-cert", str(backend.ca_cert), "--name", agent.name)  # fmt: skip
-            job_id = int(
-                admin.ok("POST", "/jobs", 201, json=job_spec(config, [a.name for a in agents]))["id"]
-            )
+            job_id = int(admin.ok("POST", "/jobs", 201, json=spec)["id"])
             admin.ok("POST", f"/jobs/{job_id}/open")
             for agent in agents:
                 agent.cli("approve", str(job_id))
                 agent.start()
-            deadline = time.monotonic() + 120
+            deadline = time.monotonic() + 300
             while admin.http.post(f"/jobs/{job_id}/start").status_code != 200:
                 for agent in agents:
                     agent.check()
                 if time.monotonic() > deadline:
-                    raise RuntimeError("the job never started: the agents did not come online in 120 s")
+                    raise RuntimeError("the job never started: the agents did not come online in 300 s")
                 time.sleep(0.5)
             started = time.monotonic()
-            say(f"longrun: job {job_id} started: {config.agents} agents, {config.rounds} rounds x "
-                f"{config.steps_per_round} steps")  # fmt: skip
-            status, shown, total = "", (0, -1), config.steps * config.agents
+            say(f"{spec['name']}: job {job_id} started: {len(agents)} agents, {spec['rounds']} rounds x "
+                f"{spec['steps_per_round']} steps")  # fmt: skip
+            status, shown = "", (0, -1)
             while True:
                 job = admin.ok("GET", f"/jobs/{job_id}")
                 status = str(job["status"])
@@ -441,19 +458,22 @@ def _run_job(
                     break
                 progress = admin.ok("GET", f"/metrics/jobs/{job_id}/progress")
                 reported = int(progress["steps_reported"])
-                now = (int(job["current_round"] or 0), reported // max(1, total // 20))
+                if on_tick is not None:
+                    on_tick(reported)
+                now = (int(job["current_round"] or 0), reported // max(1, client_steps // 20))
                 if now != shown:
                     shown = now
                     elapsed = time.monotonic() - started
-                    say(f"longrun: round {now[0]}/{config.rounds}, {reported}/{total} client steps, "
-                        f"{elapsed:.0f} s, {reported / max(elapsed, 1e-9):.1f} client steps/s")  # fmt: skip
+                    rate = reported / max(elapsed, 1e-9)
+                    say(f"{spec['name']}: round {now[0]}/{spec['rounds']}, {reported}/{client_steps} client "
+                        f"steps, {elapsed:.0f} s, {rate:.1f} client steps/s")  # fmt: skip
                 for agent in agents:
                     agent.check()
-                if time.monotonic() - started > config.timeout_s:
-                    raise RuntimeError(f"job {job_id} did not finish within {config.timeout_s:.0f} s")
+                if time.monotonic() - started > timeout_s:
+                    raise RuntimeError(f"job {job_id} did not finish within {timeout_s:.0f} s")
                 time.sleep(1.0)
             wall_s = time.monotonic() - started
-            say(f"longrun: job {job_id} {status} after {wall_s:.1f} s; waiting for the agents to exit")
+            say(f"{spec['name']}: job {job_id} {status} after {wall_s:.1f} s; waiting for the agents to exit")
             exits: list[int | None] = []
             for agent in agents:
                 assert agent.process is not None
@@ -536,8 +556,8 @@ def run_longrun_bench(
                 files = directory_usage(root / "backend")
                 counters = replica_counters(REDIS_URL, int(outcome["job_id"]))
                 rss = {
-                    "backend": peak_rss_bytes(backend.serve_pid),
-                    "worker": peak_rss_bytes(workers[0]) if workers else None,
+                    "backend": peak_resident_bytes(backend.serve_pid),
+                    "worker": peak_resident_bytes(workers[0]) if workers else None,
                 }
     finally:
         drop_postgres_schema(server_url, schema)

@@ -116,11 +116,12 @@ def step_time_ratio(
 
 _RSS_PROBE = """
 import json, sys, torch
-from flglm.models import load_split_parts, parameter_bytes, resident_memory_bytes
+from flglm.models import load_split_parts, parameter_bytes
+from flglm.process_memory import resident_bytes
 from flglm.split import SplitPlan
 ref, front, back, parts = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), set(sys.argv[4].split(","))
 torch.set_num_threads(1)
-baseline = resident_memory_bytes()
+baseline = resident_bytes()
 split = load_split_parts(ref, SplitPlan(front, back), parts=parts)
 ids = torch.ones(1, 8, dtype=torch.long)
 with torch.no_grad():
@@ -130,7 +131,7 @@ with torch.no_grad():
         h = split.body(h)
     if split.back is not None:
         split.back(h)
-print(json.dumps({"baseline_rss": baseline, "rss": resident_memory_bytes(),
+print(json.dumps({"baseline_rss": baseline, "rss": resident_bytes(),
                   "parameter_bytes": parameter_bytes(split.as_module_dict())}))
 """
 

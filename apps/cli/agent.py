@@ -196,16 +196,33 @@ def run(
             "exit 5 (the server drops an agent silent for longer than its heartbeat lease)",
         ),
     ] = 900.0,
+    memory_log: Annotated[
+        Path | None,
+        typer.Option(
+            "--memory-log",
+            help="append this agent's resident memory at each phase (started, loaded, every step, "
+            "evaluation) to FILE as JSON lines; read by `flglm bench memory`",
+        ),
+    ] = None,
     state_dir: StateDir = None,
 ) -> None:
     """Heartbeat, pull work for approved jobs, train, report metrics; resumes from the state directory."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
 
     def action() -> ExitCode:
+        from flglm.process_memory import return_large_blocks_to_the_os
+
+        return_large_blocks_to_the_os()  # before any tensor: resident memory follows what is live
         from client_agent.runner import RunOptions, run_agent
 
         options = RunOptions(
-            data.resolve(), share_example_count, quiet, stop_when_done, poll_s, max_outage_s=max_outage
+            data.resolve(),
+            share_example_count,
+            quiet,
+            stop_when_done,
+            poll_s,
+            max_outage_s=max_outage,
+            memory_log=memory_log.resolve() if memory_log else None,
         )
         return run_agent(resolve_state_dir(state_dir), options)
 

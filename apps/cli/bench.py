@@ -196,6 +196,62 @@ def load(
     typer.echo(json.dumps(result))
 
 
+@app.command("memory")
+def memory(
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON object as the last line."),
+    model: str = typer.Option("smollm2-135m", help="Model ref (tiny:llama for a quick run)."),
+    agents: int = typer.Option(3, min=1, max=16, help="Real `flglm agent run` processes."),
+    rounds: int = typer.Option(5, min=1, max=1000, help="Rounds."),
+    steps_per_round: int = typer.Option(17, min=1, max=10_000, help="Steps per round."),
+    batch_size: int = typer.Option(8, min=1, max=256, help="Rows per client batch."),
+    max_seq_len: int = typer.Option(96, min=8, max=4096, help="Tokens per row at most."),
+    eval_examples: int = typer.Option(
+        32, min=0, max=10_000, help="Held-out examples each agent scores per round."
+    ),
+    executor: str = typer.Option(
+        "celery", help="celery (a `flglm worker`) or inprocess (body in `flglm serve`)."
+    ),
+    sample_s: float = typer.Option(0.2, min=0.01, max=10.0, help="Seconds between RSS samples."),
+    plot: Path | None = typer.Option(
+        None, help="Write a PNG of memory over the run here (e.g. docs/memory.png)."
+    ),
+    timeout_s: float = typer.Option(7200.0, min=1.0, help="Give up when the job runs longer."),
+    database_url: str = typer.Option(
+        "", help="PostgreSQL server URL (default: FLGLM_DATABASE_URL, else the local test database)."
+    ),
+    work_dir: Path | None = typer.Option(None, help="Keep logs and samples here (default: a temp dir)."),
+) -> None:
+    """Every process's resident memory through a real job: per phase, slope, and the replica's terms."""
+    import json
+
+    from apps.bench.memory import MemoryBenchConfig, memory_table, run_memory_bench
+
+    try:
+        config = MemoryBenchConfig(
+            model_ref=model,
+            agents=agents,
+            rounds=rounds,
+            steps_per_round=steps_per_round,
+            batch_size=batch_size,
+            max_seq_len=max_seq_len,
+            eval_examples=eval_examples,
+            executor=executor,
+            sample_s=sample_s,
+            timeout_s=timeout_s,
+            database_url=database_url,
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    result = run_memory_bench(config, work_dir)
+    if plot is not None:
+        from apps.bench.memory_plot import plot_memory
+
+        plot_memory(result, plot)
+    typer.echo(json.dumps(result) if json_output else memory_table(result))
+    if result["job"]["status"] != "completed":
+        raise typer.Exit(1)
+
+
 @app.command("longrun")
 def longrun(
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object as the last line."),

@@ -58,10 +58,12 @@ def serve(
     from apps.cli.banner import serve_banner
     from apps.server import create_server_app
     from backend.tls import ensure_self_signed
+    from flglm.process_memory import return_large_blocks_to_the_os
 
     if executor not in (None, "inprocess", "celery"):
         raise typer.BadParameter("must be inprocess or celery", param_hint="--executor")
     settings = _settings(data_dir, database_url, executor=executor, redis_url=redis_url)
+    return_large_blocks_to_the_os()  # the embedded executor's step graphs, freed, leave at once
     certfile = ssl_certfile or settings.ssl_certfile
     keyfile = ssl_keyfile or settings.ssl_keyfile
     if self_signed:

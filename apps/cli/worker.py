@@ -152,6 +152,9 @@ def run(
     queues += [PRIVACY_QUEUE] if privacy_queue else []
     if not queues:
         raise typer.BadParameter("this worker would consume no queue: serve a replica or keep a queue on")
+    from flglm.process_memory import return_large_blocks_to_the_os
+
+    return_large_blocks_to_the_os()  # a replica's freed step graphs leave at once, not kept in the heap
     from worker.celery_app import app as celery_app
     from worker.tasks import use_device_of_slot
 

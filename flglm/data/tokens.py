@@ -124,3 +124,10 @@ def collate(
         labels[row, cols] = torch.tensor(ex.labels, dtype=torch.long)
         attention_mask[row, cols] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def target_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Positions t whose logits predict a scored token (label at t + 1 != -100) in some row: the only logits
+    a loss or a score needs; (kept,)."""
+    has_target = (labels[:, 1:] != IGNORE_INDEX).any(dim=0)  # (seq - 1,)
+    return has_target.nonzero().squeeze(-1)

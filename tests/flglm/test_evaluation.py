@@ -14,6 +14,7 @@ from flglm.evaluation import (
     eval_loss,
     mean_rouge_l,
     rouge_l,
+    scores_positions,
     wilson_interval,
 )
 from flglm.split import SplitPlan, split_model
@@ -167,3 +168,24 @@ def test_accuracy_rejects_unknown_labels(tokenizer) -> None:
     model = build_tiny_model("llama", seed=0)
     with pytest.raises(ValueError, match="'other' is not in the label set"):
         classification_accuracy(model, [classification_example("x", "other")], LABELS, tokenizer)
+
+
+def test_a_position_scorer_asks_only_for_scored_positions_and_scores_the_same(tokenizer, examples) -> None:
+    """A score function marked `scores_positions` (the agent's remote one) computes the head at the scored
+    positions only (an eval batch of SmolLM2 no longer holds (batch, seq, 49k) logits): same loss and label
+    scores as from the full logits."""
+    model = build_tiny_model("llama", seed=2).eval()
+    asked: list[tuple[int, int]] = []
+
+    @scores_positions
+    def by_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor):
+        asked.append((int(positions.numel()), int(input_ids.shape[1])))
+        return model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=positions).logits
+
+    full = classification_accuracy(model, examples, LABELS, tokenizer, pairs_per_batch=4)
+    kept = classification_accuracy(by_positions, examples, LABELS, tokenizer, pairs_per_batch=4)
+    assert torch.allclose(torch.tensor(kept.scores), torch.tensor(full.scores), atol=1e-5)
+    assert asked and all(n < seq - 1 for n, seq in asked), asked  # never every position
+    rows = tokenize_examples(examples, tokenizer, max_length=64).examples
+    batches = [collate(rows[:3], tokenizer.pad_token_id), collate(rows[3:], tokenizer.pad_token_id, "left")]
+    assert eval_loss(by_positions, batches) == pytest.approx(eval_loss(model, batches), rel=1e-6)

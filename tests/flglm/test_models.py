@@ -130,3 +130,64 @@ def test_smollm2_loads_offline_client_without_body_and_trains_a_split_step() -> 
     first = trainer.train_step(batch)
     assert 0.0 < first < 20.0
     assert trainer.train_step(batch) < first  # one step on the same batch lowers its loss
+
+
+def test_safetensors_are_read_into_the_asked_dtype_chunk_by_chunk(tmp_path: Path) -> None:
+    """`read_safetensor` gives exactly what safetensors gives, converted from bf16 across chunk boundaries,
+    and refuses a file that ends early or a dtype it does not know."""
+    from safetensors.torch import load_file, save_file
+
+    import flglm.models as models
+
+    tensors = {"a": torch.randn(1000, 33).to(torch.bfloat16), "b": torch.arange(12, dtype=torch.int64)}
+    path = tmp_path / "t.safetensors"
+    save_file(tensors, str(path))
+    header, start = models.safetensors_header(path)
+    saved_chunk, models.READ_CHUNK_BYTES = models.READ_CHUNK_BYTES, 1000  # 500 bf16 values per chunk
+    try:
+        with path.open("rb") as reader:
+            as_float = models.read_safetensor(reader, header["a"], start, torch.float32)
+            as_stored = models.read_safetensor(reader, header["b"], start, torch.int64)
+    finally:
+        models.READ_CHUNK_BYTES = saved_chunk
+    reference = load_file(str(path))
+    assert torch.equal(as_float, reference["a"].float()) and torch.equal(as_stored, reference["b"])
+    path.write_bytes(path.read_bytes()[: start + 10])  # truncated: only 10 bytes of data
+    with path.open("rb") as reader, pytest.raises(ValueError, match="ends before"):
+        models.read_safetensor(reader, header["b"], start, torch.int64)
+    with path.open("rb") as reader, pytest.raises(ValueError, match="unsupported"):
+        models.read_safetensor(reader, {**header["b"], "dtype": "F8_E4M3"}, start, torch.int64)
+
+
+LOAD_PEAK = """
+import json, sys
+from flglm.models import load_split_parts, part_parameter_bytes
+from flglm.process_memory import peak_resident_bytes, resident_bytes
+from flglm.split import SplitPlan
+import torch
+torch.ones(1)
+before = resident_bytes()
+split = load_split_parts(sys.argv[1], SplitPlan(1, 1), parts={"front", "back"})
+print(json.dumps({"rise": peak_resident_bytes() - before, "parts": part_parameter_bytes(split)["total"]}))
+"""
+
+
+def test_loading_a_part_peaks_at_its_own_size(tmp_path: Path) -> None:
+    """The client parts of a model with a 64 MiB embedding load with the peak at about their size: reading
+    through safetensors' mapping held the file's pages and the copy at once (about twice)."""
+    import json
+    import subprocess
+    import sys
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=32768, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=True)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-c", LOAD_PEAK, str(tmp_path)], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert figures["parts"] > 64 * 2**20
+    assert figures["rise"] < 1.35 * figures["parts"], figures
