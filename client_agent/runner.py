@@ -452,9 +452,11 @@ def run_agent(state_dir: Path, options: RunOptions) -> ExitCode:
                             except Exception as exc:
                                 report_fatal(client, assignment.job_id, exc)
                                 raise
-                        outcome = (
-                            watch.outcome(client.invitations(), approved) if options.stop_when_done else None
-                        )
+                        outcome = None
+                        if options.stop_when_done:
+                            latest = list(client.invitations())
+                            close_ended_sessions(sessions, latest, memory)
+                            outcome = watch.outcome(latest, approved)
                     except StepServerUnavailable as exc:
                         outage.wait_or_raise(exc)
                         sessions.clear()  # resume each job from the state directory, as a restart would

@@ -298,9 +298,13 @@ class ClientBack(nn.Module):
     ) -> torch.Tensor:
         hidden_states = self.stack(hidden_states, attention_mask, past_key_values)  # (batch, seq, hidden)
         hidden_states = self.norm(hidden_states)
-        # Like HF: an int keeps the last n positions (0 keeps all), a tensor indexes positions.
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep, :])  # (batch, kept, vocab)
+        if isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.dtype == torch.bool:
+            # A (batch, seq) mask keeps those tokens only: (n_kept, vocab), one row per True, row-major.
+            logits = self.lm_head(hidden_states[logits_to_keep])
+        else:
+            # Like HF: an int keeps the last n positions (0 keeps all), a tensor indexes positions.
+            keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = self.lm_head(hidden_states[:, keep, :])  # (batch, kept, vocab)
         if self.final_logit_softcapping is not None:
             cap = self.final_logit_softcapping
             logits = torch.tanh(logits / cap) * cap

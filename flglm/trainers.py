@@ -28,6 +28,7 @@ from flglm.contracts.job_settings import TrainConfig as TrainConfig
 from flglm.contracts.refusals import StepGraphMissing
 from flglm.data.tokens import IGNORE_INDEX as IGNORE_INDEX
 from flglm.data.tokens import target_positions as target_positions
+from flglm.data.tokens import target_token_mask
 from flglm.privacy.client import ClientDefence
 from flglm.split import ServerBody, SplitModel, position_ids_from_attention_mask
 
@@ -39,10 +40,13 @@ def causal_lm_loss(
 ) -> torch.Tensor:
     """Mean next-token cross-entropy over labels != -100 (HF shift convention).
 
-    `logits` is (batch, seq, vocab), or (batch, kept, vocab) when computed only at `positions`.
+    `logits` is (batch, seq, vocab), or (batch, kept, vocab) when computed only at `positions`, or
+    (n_kept, vocab) when `positions` is a (batch, seq) mask (`target_token_mask`).
     """
     if positions is None:
         logits, targets = logits[:, :-1, :], labels[:, 1:]  # (batch, seq-1, vocab), (batch, seq-1)
+    elif positions.dtype == torch.bool:
+        targets = labels[:, 1:][positions[:, :-1]]  # (n_kept,)
     else:
         targets = labels[:, positions + 1]  # (batch, kept)
     if not bool((targets != IGNORE_INDEX).any()):
@@ -150,11 +154,13 @@ class ClientSideTrainer:
         # (batch, seq, hidden), a leaf whose grad goes back to the server
         self._h1 = h1.detach().to(self._dtype).requires_grad_(True)
         labels = batch["labels"]
-        positions = target_positions(labels) if self.cfg.score_only_targets else None
+        # Only the scored tokens go through the LM head: a classification batch scores a few tokens per
+        # row, at different positions, so the (batch, kept positions, vocab) logits were mostly unused.
+        positions = target_token_mask(labels) if self.cfg.score_only_targets else None
         with _autocast(self.cfg, h1.device):
             logits = self.back(
                 self._h1, batch["attention_mask"], logits_to_keep=0 if positions is None else positions
-            )  # (batch, kept, vocab)
+            )  # (batch, seq, vocab), or (n_scored, vocab)
         self._loss = causal_lm_loss(logits, labels, positions)
         return self._loss
 

@@ -131,3 +131,11 @@ def target_positions(labels: torch.Tensor) -> torch.Tensor:
     a loss or a score needs; (kept,)."""
     has_target = (labels[:, 1:] != IGNORE_INDEX).any(dim=0)  # (seq - 1,)
     return has_target.nonzero().squeeze(-1)
+
+
+def target_token_mask(labels: torch.Tensor) -> torch.Tensor:
+    """(batch, seq) True at each (row, t) whose logits predict a scored token (label at t + 1 != -100): the
+    only logits a loss needs, row by row (a right-padded batch's targets sit at different positions)."""
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return mask

@@ -19,6 +19,7 @@ from flglm.trainers import (
     _lr_factor,
     causal_lm_loss,
     target_positions,
+    target_token_mask,
     tokenize_lm_batch,
 )
 
@@ -97,6 +98,14 @@ def test_loss_equals_hf_and_target_positions_give_the_same_loss(make_batch) -> N
     assert positions.tolist() == list(range(6, 11))
     assert abs(ours.item() - out.loss.item()) <= 1e-6
     assert abs(ours_kept.item() - ours.item()) <= 1e-6
+    # The client's back computes the head at the scored tokens only (a (batch, seq) mask): same loss.
+    parts = split_model(model)
+    token_mask = target_token_mask(labels)
+    with torch.no_grad():
+        h = parts.part("body")(parts.part("front")(ids, mask), mask)
+        scored = parts.part("back")(h, mask, logits_to_keep=token_mask)  # (n_scored, vocab)
+    assert scored.shape == (int((labels[:, 1:] != -100).sum()), model.config.vocab_size)
+    assert abs(causal_lm_loss(scored, labels, token_mask).item() - out.loss.item()) <= 1e-5
     with pytest.raises(ValueError, match="no target tokens"):
         causal_lm_loss(out.logits, torch.full_like(labels, -100))
 
