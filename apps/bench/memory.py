@@ -292,6 +292,54 @@ def replica_terms(config: MemoryBenchConfig) -> dict[str, int]:
     }
 
 
+# ---- the reference: a client that holds the whole model (what whole-model FedAvg clients hold) ---------
+
+WHOLE_MODEL_CLIENT = """
+import json, sys
+from flglm.process_memory import peak_resident_bytes, resident_bytes, return_large_blocks_to_the_os
+return_large_blocks_to_the_os()
+import torch
+from flglm.adapters import AdapterSpec, add_adapters
+from flglm.contracts.job_settings import Hyperparameters
+from flglm.data import collate, iterate_batches, load_examples, tokenize_examples
+from flglm.models import load_model, load_tokenizer
+from flglm.trainers import CentralizedTrainer
+ref, data, labels, batch_size, max_seq_len, steps = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), *map(
+    int, sys.argv[4:7])
+torch.set_num_threads(1)
+imported = resident_bytes()
+tokenizer = load_tokenizer(ref)
+dataset = tokenize_examples(load_examples(data, "classification", label_set=labels), tokenizer, max_seq_len)
+model = add_adapters(load_model(ref), AdapterSpec(r=8, alpha=16), 0)
+loaded = resident_bytes()
+hp = Hyperparameters(batch_size=batch_size, max_seq_len=max_seq_len, labels=labels)
+trainer = CentralizedTrainer(model, hp.train_config())
+pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+for _, rows in zip(range(steps), iterate_batches(dataset, batch_size, 0)):
+    trainer.train_step(collate(rows, pad))
+print(json.dumps({"after_import_bytes": imported, "after_loading_bytes": loaded,
+                  "peak_bytes": peak_resident_bytes()}))
+"""
+
+
+def whole_model_client(
+    config: MemoryBenchConfig, data: Path, labels: list[str], steps: int = 8
+) -> dict[str, Any]:
+    """Resident memory of one process training the whole model with the same LoRA, batch and data (what a
+    whole-model federated client, e.g. Flower's FedAvg-LoRA, holds), with the same allocator setting."""
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, "-c", WHOLE_MODEL_CLIENT, config.model_ref, str(data), json.dumps(labels),
+         str(config.batch_size), str(config.max_seq_len), str(steps)],
+        capture_output=True, text=True, timeout=1800,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"the whole-model reference failed: {done.stderr[-2000:]}")
+    return dict(json.loads(done.stdout.strip().splitlines()[-1])) | {"steps": steps}
+
+
 # ---- the run --------------------------------------------------------------------------------------------
 
 
@@ -353,6 +401,8 @@ def run_memory_bench(
     for name in ("backend", "worker"):
         if name in sampler.samples:
             processes[name] = server_figures(sampler.samples[name], sampler.progress, peaks.get(name))
+    say("memory: measuring the whole-model client reference")
+    reference = whole_model_client(config, paths[0], labels)
     say("memory: measuring the replica's terms in-process")
     terms = replica_terms(config)
     replica_name = "worker" if "worker" in processes else "backend"
@@ -377,6 +427,10 @@ def run_memory_bench(
             "within_bound": held is not None and held <= expected * 1.2,
         },
         "agent_peak_max_bytes": max(agent_peaks, default=None),
+        "whole_model_client": reference,
+        "agent_peak_vs_whole_model": (
+            max(agent_peaks) / reference["peak_bytes"] if agent_peaks and reference["peak_bytes"] else None
+        ),
         "samples": {name: [[round(t, 3), rss] for t, rss in pts] for name, pts in sampler.samples.items()},
         "progress": [[round(t, 3), n] for t, n in sampler.progress],
         "events": {f"agent-{i}": events[i] for i in events},
@@ -412,5 +466,12 @@ def memory_table(result: dict[str, Any]) -> str:
         f"{terms['steps_in_flight']} = {mib(replica['expected_bytes'])} MiB (+20 %: "
         f"{mib(replica['bound_bytes'])}); held above its import: {mib(replica['held_bytes'])} MiB: "
         f"{'within' if replica['within_bound'] else 'OVER'}"
+    )
+    whole = result["whole_model_client"]
+    ratio = result["agent_peak_vs_whole_model"]
+    shown = "-" if ratio is None else f"{ratio:.2f}"
+    lines.append(
+        f"whole-model client (same LoRA, batch, data): loaded {mib(whole['after_loading_bytes'])}, peak "
+        f"{mib(whole['peak_bytes'])} MiB; the agents' highest peak is {shown} of it"
     )
     return "\n".join(lines)
