@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from client_agent.job_data import JobData
 from flglm.agent_step import ClientChannel, remote_score_fn
-from flglm.round_eval import round_eval_metrics
+from flglm.round_eval import classification_eval_metrics, round_eval_metrics
 from flglm.step_client import StepHttpError
 from flglm.trainers import ClientSideTrainer
 
@@ -43,7 +43,12 @@ class RoundEvaluation:
         if self.eval_examples <= 0 or not self.data.held_out:
             return {}
         score_fn = remote_score_fn(trainer, channel, round_number)
+        prepared = self.data.classification_eval
         try:
+            if prepared is not None:
+                return classification_eval_metrics(
+                    score_fn, prepared, batch_size=self.batch_size, pad_token_id=self.data.pad_token_id
+                )
             return round_eval_metrics(
                 score_fn,
                 self.data.held_out,

@@ -184,6 +184,75 @@ class ClassificationResult:
         }
 
 
+def classification_pair_rows(
+    examples: Sequence[Example], labels: Sequence[str], tokenizer: Any, max_length: int, add_eos: bool = True
+) -> list[TokenizedExample]:
+    """Every (example, label) pair as one row (example-major), truncated exactly as in training; only the
+    label's completion (and the eos with `add_eos`) is scored. Checks every example's label is in `labels`."""
+    if not labels:
+        raise ValueError("the label set is empty")
+    if not examples:
+        raise ValueError("no examples to evaluate")
+    for ex in examples:
+        if ex.label not in labels:
+            raise ValueError(f"{ex.origin or 'example'}: label {ex.label!r} is not in the label set")
+    rows: list[TokenizedExample] = []
+    for ex in examples:
+        for label in labels:
+            ids, start, _ = encode_prompt_and_completion(
+                tokenizer, ex, verbalise_label(label), max_length, add_eos
+            )
+            rows.append(TokenizedExample(ids, [IGNORE_INDEX] * start + ids[start:]))
+    return rows
+
+
+@torch.no_grad()
+def score_label_pairs(
+    score_fn: ScoreFn,
+    rows: Sequence[TokenizedExample],
+    gold: Sequence[str],
+    label_set: Sequence[str],
+    pairs_per_batch: int,
+    pad_token_id: int,
+) -> ClassificationResult:
+    """Accuracy from `classification_pair_rows`' rows: each example's prediction is the label whose
+    completion has the highest total log-prob; `gold` holds the examples' true labels, in order."""
+    labels = list(label_set)
+    if len(rows) != len(gold) * len(labels):
+        raise ValueError(f"{len(rows)} rows for {len(gold)} examples x {len(labels)} labels")
+    scores = torch.empty(len(rows), dtype=torch.float32)
+    for start in range(0, len(rows), pairs_per_batch):
+        batch = collate(rows[start : start + pairs_per_batch], pad_token_id, padding_side="right")
+        positions = target_positions(batch["labels"])  # (kept,)
+        logits = logits_at(score_fn, batch["input_ids"], batch["attention_mask"], positions)
+        sums, _ = completion_log_probs(logits, batch["labels"], positions)  # logits (pairs, kept, vocab)
+        scores[start : start + len(sums)] = sums
+    by_example = scores.view(len(gold), len(labels))  # (examples, labels)
+    best = by_example.argmax(dim=1)  # (examples,); ties go to the earlier label
+    per_label = {label: LabelCount() for label in labels}
+    predicted_counts = dict.fromkeys(labels, 0)
+    predictions: list[str] = []
+    correct = 0
+    for truth, choice in zip(gold, best.tolist(), strict=True):
+        predicted = labels[choice]
+        predictions.append(predicted)
+        predicted_counts[predicted] += 1
+        count = per_label[truth]
+        count.total += 1
+        if predicted == truth:
+            count.correct += 1
+            correct += 1
+    return ClassificationResult(
+        correct=correct,
+        total=len(gold),
+        interval=wilson_interval(correct, len(gold)),
+        per_label=per_label,
+        predictions=predictions,
+        predicted_counts=predicted_counts,
+        scores=by_example.tolist(),
+    )
+
+
 @torch.no_grad()
 def classification_accuracy(
     score_fn: ScoreFn,
@@ -202,54 +271,12 @@ def classification_accuracy(
     also separates a label from a longer label it is a prefix of.
     """
     labels = list(label_set)
-    if not labels:
-        raise ValueError("the label set is empty")
-    if not examples:
-        raise ValueError("no examples to evaluate")
-    for ex in examples:
-        if ex.label not in labels:
-            raise ValueError(f"{ex.origin or 'example'}: label {ex.label!r} is not in the label set")
+    rows = classification_pair_rows(examples, labels, tokenizer, max_length, add_eos)
     if pad_token_id is None:
         pad_token_id = (
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         )
     if pad_token_id is None:
         raise ValueError("the tokenizer has neither a pad nor an eos token; pass pad_token_id")
-    rows: list[TokenizedExample] = []
-    for ex in examples:
-        for label in labels:
-            ids, start, _ = encode_prompt_and_completion(
-                tokenizer, ex, verbalise_label(label), max_length, add_eos
-            )
-            rows.append(TokenizedExample(ids, [IGNORE_INDEX] * start + ids[start:]))
-    scores = torch.empty(len(rows), dtype=torch.float32)
-    for start in range(0, len(rows), pairs_per_batch):
-        batch = collate(rows[start : start + pairs_per_batch], pad_token_id, padding_side="right")
-        positions = target_positions(batch["labels"])  # (kept,)
-        logits = logits_at(score_fn, batch["input_ids"], batch["attention_mask"], positions)
-        sums, _ = completion_log_probs(logits, batch["labels"], positions)  # logits (pairs, kept, vocab)
-        scores[start : start + len(sums)] = sums
-    by_example = scores.view(len(examples), len(labels))  # (examples, labels)
-    best = by_example.argmax(dim=1)  # (examples,); ties go to the earlier label
-    per_label = {label: LabelCount() for label in labels}
-    predicted_counts = dict.fromkeys(labels, 0)
-    predictions: list[str] = []
-    correct = 0
-    for ex, choice in zip(examples, best.tolist(), strict=True):
-        predicted = labels[choice]
-        predictions.append(predicted)
-        predicted_counts[predicted] += 1
-        count = per_label[str(ex.label)]
-        count.total += 1
-        if predicted == ex.label:
-            count.correct += 1
-            correct += 1
-    return ClassificationResult(
-        correct=correct,
-        total=len(examples),
-        interval=wilson_interval(correct, len(examples)),
-        per_label=per_label,
-        predictions=predictions,
-        predicted_counts=predicted_counts,
-        scores=by_example.tolist(),
-    )
+    gold = [str(ex.label) for ex in examples]
+    return score_label_pairs(score_fn, rows, gold, labels, pairs_per_batch, pad_token_id)

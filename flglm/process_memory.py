@@ -45,3 +45,12 @@ def return_large_blocks_to_the_os(threshold: int = LARGE_BLOCK_BYTES) -> bool:
     except (OSError, AttributeError):
         return False
     return bool(mallopt(M_MMAP_THRESHOLD, threshold)) and bool(mallopt(M_TRIM_THRESHOLD, 2 * threshold))
+
+
+def release_freed_heap() -> bool:
+    """Give the heap's free pages back to the OS now (glibc `malloc_trim`): after dropping many small objects
+    at once (a tokenizer: 30 of its 33 MiB stayed resident after `del`, 2.5 after this). False elsewhere."""
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False

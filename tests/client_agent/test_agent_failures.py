@@ -104,6 +104,10 @@ def test_rows_are_verbalised_with_the_job_template(tmp_path: Path) -> None:
     data = prepare_job_data(path, job)
     assert data.held_out and all(example.prompt.startswith("Story: ") for example in data.held_out)
     assert all(example.prompt_suffix == "\nMood:" for example in data.held_out)
+    # Classification: the held-out set is tokenised once (with the template) and the tokenizer let go.
+    assert data.tokenizer is None and data.classification_eval is not None
+    assert data.classification_eval.gold == [str(example.label) for example in data.held_out]
+    assert len(data.classification_eval.pair_rows) == 2 * len(data.held_out)
 
 
 def test_state_files_are_private_and_checkpoints_round_trip(tmp_path: Path) -> None:

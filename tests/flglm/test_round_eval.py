@@ -84,3 +84,28 @@ def test_round_eval_metrics_per_task_and_bounded(model: torch.nn.Module) -> None
         counting, [], tokenizer, task="generation", max_length=32, batch_size=2, pad_token_id=0
     )
     assert nothing == {}
+
+
+def test_a_prepared_classification_eval_scores_like_the_tokenizer_path(model: torch.nn.Module) -> None:
+    """An agent tokenises its held-out set once and drops the tokenizer: the metrics equal eval_loss and
+    classification_accuracy computed from the examples with the tokenizer."""
+    from flglm.data import collate, tokenize_examples
+    from flglm.evaluation import classification_accuracy, eval_loss
+    from flglm.round_eval import classification_eval_metrics, prepare_classification_eval
+
+    tokenizer = load_tokenizer(MODEL_REF)
+    labels = ["marmalade", "tangerine", "obsidian"]
+    examples = [classification_example(f"walrus fjord harbour {i}", labels[i % 3]) for i in range(7)]
+    prepared = prepare_classification_eval(
+        examples, tokenizer, max_length=32, label_set=labels, max_examples=6
+    )
+    assert prepared is not None and prepared.gold == [str(ex.label) for ex in examples[:6]]
+    metrics = classification_eval_metrics(score_fn(model), prepared, batch_size=4, pad_token_id=0)
+    rows = tokenize_examples(examples[:6], tokenizer, 32).examples
+    loss = eval_loss(score_fn(model), [collate(rows[:4], 0), collate(rows[4:], 0)])
+    accuracy = classification_accuracy(
+        score_fn(model), examples[:6], labels, tokenizer, max_length=32, pairs_per_batch=4, pad_token_id=0
+    )
+    assert metrics["eval_loss"] == pytest.approx(loss, rel=1e-6)
+    assert metrics["accuracy"] == accuracy.accuracy and metrics["eval_examples"] == 6
+    assert prepare_classification_eval([], tokenizer, max_length=32) is None
