@@ -92,9 +92,6 @@ class LoadBenchConfig:
         if not 0 <= self.work_wait_s <= MAX_WORK_WAIT_S:
             raise ValueError(f"work_wait_s must be within 0..{MAX_WORK_WAIT_S:g}")
 
-    def resolved_database_url(self) -> str:
-        return self.database_url or os.environ.get("FLGLM_DATABASE_URL") or DEFAULT_DATABASE_URL
-
 
 @dataclass
 class RouteStats:
@@ -162,6 +159,33 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 # ---- the backend ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BenchWorkspace:
+    """Where a bench runs: a fresh PostgreSQL schema and a directory for its logs."""
+
+    database_url: str  # the fresh schema's URL
+    schema: str
+    root: Path
+
+
+@contextmanager
+def bench_workspace(configured_url: str, bench: str, work_dir: Path | None) -> Iterator[BenchWorkspace]:
+    """A fresh schema on `configured_url` (else FLGLM_DATABASE_URL, else the local test database), dropped
+    afterwards, and `work_dir` (else a temporary directory, removed afterwards)."""
+    from backend.db import drop_postgres_schema, fresh_postgres_schema
+
+    server_url = configured_url or os.environ.get("FLGLM_DATABASE_URL") or DEFAULT_DATABASE_URL
+    schema = f"flglm_bench_{bench}_{uuid.uuid4().hex[:10]}"
+    database_url = fresh_postgres_schema(server_url, schema)
+    try:
+        with tempfile.TemporaryDirectory(prefix=f"flglm-bench-{bench}-") as scratch:
+            root = work_dir or Path(scratch)
+            root.mkdir(parents=True, exist_ok=True)
+            yield BenchWorkspace(database_url, schema, root)
+    finally:
+        drop_postgres_schema(server_url, schema)
 
 
 @contextmanager
@@ -520,22 +544,14 @@ def run_load_bench(
     config: LoadBenchConfig, work_dir: Path | None = None, log: Callable[[str], None] | None = None
 ) -> dict[str, Any]:
     """Every figure of `flglm bench load` as one JSON-able dict (backend log under `work_dir` if given)."""
-    from backend.db import drop_postgres_schema, fresh_postgres_schema
-
     say = log or (lambda message: print(message, file=sys.stderr, flush=True))
-    server_url = config.resolved_database_url()
-    schema = f"flglm_bench_load_{uuid.uuid4().hex[:10]}"
-    database_url = fresh_postgres_schema(server_url, schema)
-    try:
-        with tempfile.TemporaryDirectory(prefix="flglm-bench-load-") as scratch:
-            root = work_dir or Path(scratch)
-            root.mkdir(parents=True, exist_ok=True)
-            with running_backend(root, database_url) as backend:
-                say(f"load: backend up at {backend.base_url} (pid {backend.serve_pid}, schema {schema})")
-                outcome = asyncio.run(_run(config, backend, say))
-                peak_rss = peak_resident_bytes(backend.serve_pid)
-    finally:
-        drop_postgres_schema(server_url, schema)
+    with (
+        bench_workspace(config.database_url, "load", work_dir) as space,
+        running_backend(space.root, space.database_url) as backend,
+    ):
+        say(f"load: backend up at {backend.base_url} (pid {backend.serve_pid}, schema {space.schema})")
+        outcome = asyncio.run(_run(config, backend, say))
+        peak_rss = peak_resident_bytes(backend.serve_pid)
     recorder: Recorder = outcome["recorder"]
     elapsed = float(outcome["elapsed_s"])
     routes = {name: _route_figures(name, stats, elapsed) for name, stats in recorder.routes.items()}

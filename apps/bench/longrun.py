@@ -22,9 +22,7 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -33,7 +31,7 @@ from typing import Any
 
 import httpx
 
-from apps.bench.load import ADMIN_TOKEN, DEFAULT_DATABASE_URL, running_backend
+from apps.bench.load import ADMIN_TOKEN, bench_workspace, running_backend
 from apps.bench.stack import ServedBackend
 from flglm.process_memory import peak_resident_bytes
 
@@ -54,7 +52,7 @@ class LongRunConfig:
     agents: int = 2
     batch_size: int = 2
     timeout_s: float = 3600.0
-    database_url: str = ""  # empty: FLGLM_DATABASE_URL, else DEFAULT_DATABASE_URL
+    database_url: str = ""  # empty: FLGLM_DATABASE_URL, else the local test database (bench_workspace)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.rounds < 1 or self.agents < 1 or self.batch_size < 1:
@@ -68,10 +66,6 @@ class LongRunConfig:
     def steps_per_round(self) -> int:
         """Steps of each round."""
         return self.steps // self.rounds
-
-    def resolved_database_url(self) -> str:
-        """The PostgreSQL server URL the fresh schema is made in."""
-        return self.database_url or os.environ.get("FLGLM_DATABASE_URL") or DEFAULT_DATABASE_URL
 
 
 # ---- retention: what each Redis key kind is, who writes it, and how long it may live --------------------
@@ -529,38 +523,29 @@ def run_longrun_bench(
     """Every figure of `flglm bench longrun` as one JSON-able dict (logs under `work_dir` if given)."""
     import redis
 
-    from backend.db import drop_postgres_schema, fresh_postgres_schema
-
     say = log or (lambda message: print(message, file=sys.stderr, flush=True))
-    server_url = config.resolved_database_url()
-    schema = f"flglm_bench_longrun_{uuid.uuid4().hex[:10]}"
-    database_url = fresh_postgres_schema(server_url, schema)
-    try:
-        with tempfile.TemporaryDirectory(prefix="flglm-bench-longrun-") as scratch:
-            root = work_dir or Path(scratch)
-            root.mkdir(parents=True, exist_ok=True)
-            with running_backend(root, database_url, REDIS_URL, "longrun") as backend:
-                workers = child_pids("worker")
-                say(f"longrun: backend up at {backend.base_url} (pid {backend.serve_pid}, worker {workers}, "
-                    f"schema {schema})")  # fmt: skip
-                outcome = _run_job(config, backend, root, say)
-                time.sleep(2.0)  # let the last round's tasks settle before the accounting
-                client = redis.Redis.from_url(REDIS_URL)
-                try:
-                    groups = redis_key_groups(client)  # before the counters task adds its own result key
-                    used_memory = int(client.info("memory")["used_memory"])
-                finally:
-                    client.close()
-                counts = table_counts(database_url)
-                actions = audit_actions(database_url)
-                files = directory_usage(root / "backend")
-                counters = replica_counters(REDIS_URL, int(outcome["job_id"]))
-                rss = {
-                    "backend": peak_resident_bytes(backend.serve_pid),
-                    "worker": peak_resident_bytes(workers[0]) if workers else None,
-                }
-    finally:
-        drop_postgres_schema(server_url, schema)
+    with bench_workspace(config.database_url, "longrun", work_dir) as space:
+        root, database_url = space.root, space.database_url
+        with running_backend(root, database_url, REDIS_URL, "longrun") as backend:
+            workers = child_pids("worker")
+            say(f"longrun: backend up at {backend.base_url} (pid {backend.serve_pid}, worker {workers}, "
+                f"schema {space.schema})")  # fmt: skip
+            outcome = _run_job(config, backend, root, say)
+            time.sleep(2.0)  # let the last round's tasks settle before the accounting
+            client = redis.Redis.from_url(REDIS_URL)
+            try:
+                groups = redis_key_groups(client)  # before the counters task adds its own result key
+                used_memory = int(client.info("memory")["used_memory"])
+            finally:
+                client.close()
+            counts = table_counts(database_url)
+            actions = audit_actions(database_url)
+            files = directory_usage(root / "backend")
+            counters = replica_counters(REDIS_URL, int(outcome["job_id"]))
+            rss = {
+                "backend": peak_resident_bytes(backend.serve_pid),
+                "worker": peak_resident_bytes(workers[0]) if workers else None,
+            }
     leaks = classify_groups(groups, retention_rules())
     expected = expected_rows(config)
     rows = {t: {"count": n, "expected": expected.get(t)} for t, n in counts.items()}

@@ -20,10 +20,8 @@ import math
 import os
 import random
 import sys
-import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -32,7 +30,7 @@ from typing import Any
 
 import psutil
 
-from apps.bench.load import DEFAULT_DATABASE_URL, running_backend
+from apps.bench.load import bench_workspace, running_backend
 from apps.bench.longrun import Agent, child_pids, run_agents_job
 from flglm.process_memory import peak_resident_bytes
 
@@ -56,7 +54,7 @@ class MemoryBenchConfig:
     executor: str = "celery"
     sample_s: float = 0.2
     timeout_s: float = 7200.0
-    database_url: str = ""  # empty: FLGLM_DATABASE_URL, else DEFAULT_DATABASE_URL
+    database_url: str = ""  # empty: FLGLM_DATABASE_URL, else the local test database (bench_workspace)
 
     def __post_init__(self) -> None:
         if min(self.agents, self.rounds, self.steps_per_round, self.batch_size) < 1:
@@ -65,10 +63,6 @@ class MemoryBenchConfig:
             raise ValueError(f"executor must be celery or inprocess, not {self.executor!r}")
         if not 0.01 <= self.sample_s <= 10:
             raise ValueError("sample_s must be within [0.01, 10]")
-
-    def resolved_database_url(self) -> str:
-        """The PostgreSQL server URL the fresh schema is made in."""
-        return self.database_url or os.environ.get("FLGLM_DATABASE_URL") or DEFAULT_DATABASE_URL
 
 
 # ---- the data and the job -------------------------------------------------------------------------------
@@ -347,54 +341,45 @@ def run_memory_bench(
     config: MemoryBenchConfig, work_dir: Path | None = None, log: Callable[[str], None] | None = None
 ) -> dict[str, Any]:
     """Every figure of `flglm bench memory` as one JSON-able dict (logs and samples under `work_dir`)."""
-    from backend.db import drop_postgres_schema, fresh_postgres_schema
-
     say = log or (lambda message: print(message, file=sys.stderr, flush=True))
-    server_url = config.resolved_database_url()
-    schema = f"flglm_bench_memory_{uuid.uuid4().hex[:10]}"
-    database_url = fresh_postgres_schema(server_url, schema)
     sampler = Sampler(config.sample_s)
-    try:
-        with tempfile.TemporaryDirectory(prefix="flglm-bench-memory-") as scratch:
-            root = work_dir or Path(scratch)
-            root.mkdir(parents=True, exist_ok=True)
-            paths, labels = write_agent_data(config, root, config.agents)
-            for i in range(len(paths)):
-                (root / f"agent-{i}.memory.jsonl").unlink(missing_ok=True)
-            agents = [
-                Agent(
-                    f"memory-{i}",
-                    root / f"state-{i}",
-                    path,
-                    root / f"agent-{i}.log",
-                    extra_args=("--memory-log", str(root / f"agent-{i}.memory.jsonl")),
-                )
-                for i, path in enumerate(paths)
-            ]
-            served = running_backend(root, database_url, REDIS_URL, "memory", executor=config.executor)
-            with served as backend:
-                sampler.watch("backend", backend.serve_pid)
-                workers = child_pids("worker")
+    with bench_workspace(config.database_url, "memory", work_dir) as space:
+        root, database_url = space.root, space.database_url
+        paths, labels = write_agent_data(config, root, config.agents)
+        for i in range(len(paths)):
+            (root / f"agent-{i}.memory.jsonl").unlink(missing_ok=True)
+        agents = [
+            Agent(
+                f"memory-{i}",
+                root / f"state-{i}",
+                path,
+                root / f"agent-{i}.log",
+                extra_args=("--memory-log", str(root / f"agent-{i}.memory.jsonl")),
+            )
+            for i, path in enumerate(paths)
+        ]
+        served = running_backend(root, database_url, REDIS_URL, "memory", executor=config.executor)
+        with served as backend:
+            sampler.watch("backend", backend.serve_pid)
+            workers = child_pids("worker")
+            if workers:
+                sampler.watch("worker", workers[0])
+
+            def tick(reported: int) -> None:
+                sampler.progress.append((time.time(), reported))
+                for i, agent in enumerate(agents):
+                    if agent.process is not None and f"agent-{i}" not in sampler.pids:
+                        sampler.watch(f"agent-{i}", agent.process.pid)
+
+            spec = job_spec(config, [a.name for a in agents], labels)
+            client_steps = config.rounds * config.steps_per_round * config.agents
+            with sampler.running():  # agents are watched from the job's start (they load after it)
+                outcome = run_agents_job(backend, agents, spec, client_steps, config.timeout_s, say, tick)
+                peaks = {"backend": peak_resident_bytes(backend.serve_pid)}
                 if workers:
-                    sampler.watch("worker", workers[0])
-
-                def tick(reported: int) -> None:
-                    sampler.progress.append((time.time(), reported))
-                    for i, agent in enumerate(agents):
-                        if agent.process is not None and f"agent-{i}" not in sampler.pids:
-                            sampler.watch(f"agent-{i}", agent.process.pid)
-
-                spec = job_spec(config, [a.name for a in agents], labels)
-                client_steps = config.rounds * config.steps_per_round * config.agents
-                with sampler.running():  # agents are watched from the job's start (they load after it)
-                    outcome = run_agents_job(backend, agents, spec, client_steps, config.timeout_s, say, tick)
-                    peaks = {"backend": peak_resident_bytes(backend.serve_pid)}
-                    if workers:
-                        peaks["worker"] = peak_resident_bytes(workers[0])
-            events = {i: read_memory_log(root / f"agent-{i}.memory.jsonl") for i in range(len(agents))}
-            (root / "memory-samples.json").write_text(json.dumps(sampler.samples))
-    finally:
-        drop_postgres_schema(server_url, schema)
+                    peaks["worker"] = peak_resident_bytes(workers[0])
+        events = {i: read_memory_log(root / f"agent-{i}.memory.jsonl") for i in range(len(agents))}
+        (root / "memory-samples.json").write_text(json.dumps(sampler.samples))
     processes: dict[str, Any] = {}
     for i in range(len(agents)):
         processes[f"agent-{i}"] = agent_figures(events[i], sampler.samples.get(f"agent-{i}", []))
