@@ -27,7 +27,7 @@ def test_small_memory_bench_reports_every_process_and_phase(
         model_ref="tiny:llama", agents=2, rounds=2, steps_per_round=6, batch_size=4, max_seq_len=32,
         eval_examples=4, timeout_s=300, database_url=postgres_url,
     )  # fmt: skip
-    result = run_memory_bench(config, tmp_path, lambda _: None)
+    result = run_memory_bench(config, None, lambda _: None)  # a temporary work dir, as `flglm bench memory`
     assert result["job"]["status"] == "completed", result["job"]
     for name in ("agent-0", "agent-1"):
         agent = result["processes"][name]

@@ -380,14 +380,14 @@ def run_memory_bench(
                     peaks["worker"] = peak_resident_bytes(workers[0])
         events = {i: read_memory_log(root / f"agent-{i}.memory.jsonl") for i in range(len(agents))}
         (root / "memory-samples.json").write_text(json.dumps(sampler.samples))
+        say("memory: measuring the whole-model client reference")
+        reference = whole_model_client(config, paths[0], labels)  # its data lives in the work dir
     processes: dict[str, Any] = {}
     for i in range(len(agents)):
         processes[f"agent-{i}"] = agent_figures(events[i], sampler.samples.get(f"agent-{i}", []))
     for name in ("backend", "worker"):
         if name in sampler.samples:
             processes[name] = server_figures(sampler.samples[name], sampler.progress, peaks.get(name))
-    say("memory: measuring the whole-model client reference")
-    reference = whole_model_client(config, paths[0], labels)
     say("memory: measuring the replica's terms in-process")
     terms = replica_terms(config)
     replica_name = "worker" if "worker" in processes else "backend"
