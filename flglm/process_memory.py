@@ -25,6 +25,15 @@ def peak_resident_bytes(pid: int | None = None) -> int | None:
     return None
 
 
+def _glibc() -> ctypes.CDLL | None:
+    """The C library when it is glibc (it has `mallopt` and `malloc_trim`), else None."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+
+
 M_TRIM_THRESHOLD = -1  # glibc mallopt parameters (malloc.h)
 M_MMAP_THRESHOLD = -3
 LARGE_BLOCK_BYTES = 1 << 20
@@ -40,17 +49,16 @@ def return_large_blocks_to_the_os(threshold: int = LARGE_BLOCK_BYTES) -> bool:
     ~60 MiB higher (713 vs 650 MiB). Fixing the threshold makes freed tensors leave at once, at the cost of
     a page fault per page of each new tensor. False where the C library is not glibc (nothing changed).
     """
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
+    libc = _glibc()
+    if libc is None:
         return False
-    return bool(mallopt(M_MMAP_THRESHOLD, threshold)) and bool(mallopt(M_TRIM_THRESHOLD, 2 * threshold))
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold)) and bool(
+        libc.mallopt(M_TRIM_THRESHOLD, 2 * threshold)
+    )
 
 
 def release_freed_heap() -> bool:
     """Give the heap's free pages back to the OS now (glibc `malloc_trim`): after dropping many small objects
     at once (a tokenizer: 30 of its 33 MiB stayed resident after `del`, 2.5 after this). False elsewhere."""
-    try:
-        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
+    libc = _glibc()
+    return libc is not None and bool(libc.malloc_trim(0))

@@ -123,13 +123,19 @@ def prepare_classification_eval(
     )
 
 
+def loss_metrics(
+    score_fn: ScoreFn, rows: Sequence[TokenizedExample], batch_size: int, pad_token_id: int
+) -> dict[str, float]:
+    """eval_loss over `rows` in batches of `batch_size`, and eval_examples (their count)."""
+    batches = [collate(rows[i : i + batch_size], pad_token_id) for i in range(0, len(rows), batch_size)]
+    return {"eval_loss": eval_loss(score_fn, batches), "eval_examples": float(len(rows))}
+
+
 def classification_eval_metrics(
     score_fn: ScoreFn, prepared: ClassificationEval, *, batch_size: int, pad_token_id: int
 ) -> dict[str, float]:
     """eval_loss, eval_examples and accuracy (with its 95 % interval) of a prepared eval set."""
-    rows = prepared.loss_rows
-    batches = [collate(rows[i : i + batch_size], pad_token_id) for i in range(0, len(rows), batch_size)]
-    metrics = {"eval_loss": eval_loss(score_fn, batches), "eval_examples": float(len(rows))}
+    metrics = loss_metrics(score_fn, prepared.loss_rows, batch_size, pad_token_id)
     result = score_label_pairs(
         score_fn, prepared.pair_rows, prepared.gold, prepared.labels, batch_size, pad_token_id
     )
@@ -163,11 +169,8 @@ def round_eval_metrics(
     chosen = list(examples[:max_examples])
     if not chosen:
         return {}
-    dataset = tokenize_examples(chosen, tokenizer, max_length)
-    batches = [
-        collate(dataset.examples[i : i + batch_size], pad_token_id) for i in range(0, len(chosen), batch_size)
-    ]
-    metrics = {"eval_loss": eval_loss(score_fn, batches), "eval_examples": float(len(chosen))}
+    rows = tokenize_examples(chosen, tokenizer, max_length).examples
+    metrics = loss_metrics(score_fn, rows, batch_size, pad_token_id)
     metrics["rouge_l"] = generation_rouge_l(
         score_fn, chosen, tokenizer, max_length, batch_size, max_new_tokens, pad_token_id
     )
