@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from safetensors.torch import save
+from safetensors.torch import load_file, save
 
 from flglm.adapters import fedavg
 from flglm.contracts.artifacts import client_adapters_path
@@ -16,7 +16,7 @@ from flglm.step_messages import open_adapters, rejection_from_wire, seal_adapter
 from flglm.step_protocol import MAX_EXAMPLE_COUNT, MessageDirection, MessageRef
 from flglm.wire.atomic_file import write_file_atomically
 from flglm.wire.errors import WireError
-from flglm.wire.keys import derive_channel_keys, public_key_from_b64
+from flglm.wire.keys import ChannelKeys, derive_channel_keys, public_key_from_b64
 from worker.runtime import WorkerRuntime
 
 
@@ -29,8 +29,9 @@ def run_client_fedavg(
 ) -> dict[str, Any]:
     """Average the adapters_up uploads of one round and publish one adapters_down per uploading client.
 
-    Idempotent: a re-run recomputes the same average (deterministic, float64 accumulation) and the
-    first published result of each client stands.
+    Idempotent: a re-run publishes the average saved by the first run (the same one a recomputation gives:
+    deterministic, float64 accumulation), so it needs no uploads when the blob store lost them and the
+    results with them (a Redis restart); the first published result of each client stands.
     """
     spec = read_job_spec(runtime.store, job_id)
     refs = [MessageRef.model_validate(u) for u in uploads]
@@ -59,6 +60,28 @@ def run_client_fedavg(
         )
         for ref in refs
     }
+    averaged = saved_global_client_adapters(spec.checkpoint_dir, round_number)
+    if averaged is None:
+        averaged = _average_uploads(runtime, refs, keys, example_counts)
+        save_global_client_adapters(spec.checkpoint_dir, round_number, averaged)
+    published = []
+    for ref in refs:
+        result = ref.result_ref()
+        outcome = runtime.store.put_if_absent(
+            result.blob_key(), seal_adapters(keys[ref.client_id], result, averaged), spec.blob_ttl_s
+        )
+        if outcome is PutOutcome.stored:
+            published.append(ref.client_id)
+    return {"status": "done", "clients": [ref.client_id for ref in refs], "published": published}
+
+
+def _average_uploads(
+    runtime: WorkerRuntime,
+    refs: list[MessageRef],
+    keys: dict[int, ChannelKeys],
+    example_counts: dict[str, int],
+) -> dict[str, torch.Tensor]:
+    """The example-weighted average of the clients' uploaded adapters (opened and checked)."""
     states: list[dict[str, torch.Tensor]] = []
     weights: list[float] = []
     for ref in refs:
@@ -74,17 +97,13 @@ def run_client_fedavg(
         weights.append(float(min(max(int(example_counts.get(str(ref.client_id), 0)), 0), MAX_EXAMPLE_COUNT)))
     if sum(weights) <= 0:
         weights = [1.0] * len(states)  # nobody disclosed a count: a plain average
-    averaged = fedavg(states, weights)
-    save_global_client_adapters(spec.checkpoint_dir, round_number, averaged)
-    published = []
-    for ref in refs:
-        result = ref.result_ref()
-        outcome = runtime.store.put_if_absent(
-            result.blob_key(), seal_adapters(keys[ref.client_id], result, averaged), spec.blob_ttl_s
-        )
-        if outcome is PutOutcome.stored:
-            published.append(ref.client_id)
-    return {"status": "done", "clients": [ref.client_id for ref in refs], "published": published}
+    return fedavg(states, weights)
+
+
+def saved_global_client_adapters(checkpoint_dir: str, round_number: int) -> dict[str, torch.Tensor] | None:
+    """The round's average as `save_global_client_adapters` wrote it; None before the round's FedAvg ran."""
+    path = client_adapters_path(checkpoint_dir, round_number)
+    return load_file(path) if path.is_file() else None
 
 
 def save_global_client_adapters(

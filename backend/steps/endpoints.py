@@ -63,7 +63,9 @@ SEALED_BODY = raw_body(OCTET_STREAM, description="the sealed envelope (flglm.wir
 # session of its own, released before the waiting starts (never `SessionDep`, held until the route returns).
 
 
-def _access_check(*, uploading: bool, with_round_clients: bool = False) -> Callable[..., StepAccess]:
+def _access_check(
+    *, uploading: bool, after_close: str | None = None, with_round_clients: bool = False
+) -> Callable[..., StepAccess]:
     """A dependency running `service.check_step_access` with these flags in a brief session."""
 
     def access(
@@ -76,6 +78,7 @@ def _access_check(*, uploading: bool, with_round_clients: bool = False) -> Calla
                 job_id,
                 round_number,
                 uploading=uploading,
+                after_close=after_close,
                 with_round_clients=with_round_clients,
             )
 
@@ -90,17 +93,21 @@ def step_upload_access(
     client: WaitingClientDep,
 ) -> StepAccess:
     """An upload's check; eval forwards may also name the round before the current one."""
-    evaluating = direction is MessageDirection.eval_activations
+    after_close = "eval messages" if direction is MessageDirection.eval_activations else None
     with brief_session(request) as session:
         return service.check_step_access(
-            session, client.id, job_id, round_number, uploading=True, evaluating=evaluating
+            session, client.id, job_id, round_number, uploading=True, after_close=after_close
         )
 
 
 StepUploadAccess = Annotated[StepAccess, Depends(step_upload_access)]
 ReadAccess = Annotated[StepAccess, Depends(_access_check(uploading=False))]
 # The adapters routes also need the round's participants (FedAvg starts once all of them uploaded).
-AdaptersUploadAccess = Annotated[StepAccess, Depends(_access_check(uploading=True, with_round_clients=True))]
+# A round's adapters may be sent again after it closed, when the blob store lost them before its FedAvg ran.
+AdaptersUploadAccess = Annotated[
+    StepAccess,
+    Depends(_access_check(uploading=True, after_close="adapters uploads", with_round_clients=True)),
+]
 AdaptersReadAccess = Annotated[StepAccess, Depends(_access_check(uploading=False, with_round_clients=True))]
 
 
@@ -254,9 +261,11 @@ async def upload_client_adapters(
 async def wait_client_adapters(
     access: AdaptersReadAccess, relay: RelayDep, wait_s: WaitSeconds = 0.0
 ) -> Response:
-    await in_wait_pool(relay, service.start_fedavg_when_complete, relay, access)
+    republishing = await in_wait_pool(relay, service.start_fedavg_when_complete, relay, access)
     ref = client_adapters_ref(access.job_id, access.round_number, access.client_id)
-    blob = await service.wait_for_result(relay, ref, min(wait_s, MAX_LONG_POLL_S))
+    blob = await service.wait_for_result(
+        relay, ref, min(wait_s, MAX_LONG_POLL_S), upload_needed=not republishing
+    )
     if blob is None:
         return _not_yet()
     return Response(content=blob, media_type=OCTET_STREAM)

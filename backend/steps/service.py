@@ -33,6 +33,7 @@ from backend.server_keys import job_key_path
 from backend.settings import Settings
 from backend.steps.relay import StepRelay
 from flglm.contracts import job_spec
+from flglm.contracts.artifacts import client_adapters_path
 from flglm.contracts.blob_store import PutOutcome
 from flglm.contracts.dispatch import TaskHandle
 from flglm.contracts.job_settings import AdapterSpec, Hyperparameters
@@ -74,6 +75,9 @@ STEP_DIRECTIONS = (
     MessageDirection.eval_activations,
 )
 STAGING_TTL_S = 600.0
+# How long one backend's claim to republish a round's lost FedAvg results holds off the others' (the task is
+# queued again after it, should it be lost too).
+REPUBLISH_CLAIM_TTL_S = 30.0
 
 
 class WorkerSpecInvalid(InvalidInput):
@@ -228,31 +232,34 @@ def check_step_access(
     round_number: int,
     *,
     uploading: bool,
-    evaluating: bool = False,
+    after_close: str | None = None,
     with_round_clients: bool = False,
 ) -> StepAccess:
     """404 unless the client approved the job; uploads need the job running and this its current round.
 
-    Eval uploads (`evaluating`) follow `EVAL_ROUND_RULE` instead: an agent evaluates round r's FedAvg'd
-    model after round r closed, when round r + 1 may be open or the job may have just completed. Once the
-    job's server key was deleted (retention after its end), every upload is a 410 `job_key_deleted`.
+    Uploads that may come after their round closed (`after_close` names them: eval forwards, adapters sent
+    again) follow `EVAL_ROUND_RULE` instead: an agent evaluates round r's FedAvg'd model after round r
+    closed, when round r + 1 may be open or the job may have just completed; and it uploads round r's
+    adapters again when the blob store lost them (a Redis restart) after every participant reported the
+    round done. Once the job's server key was deleted (retention after its end), every upload is a 410
+    `job_key_deleted`.
     """
     job = job_for_client(session, job_id, client_id, approved=True)
     if uploading:
         ensure_server_key_available(job)
-    if uploading and evaluating:
+    if uploading and after_close is not None:
         if job.status not in (JobStatus.running, JobStatus.completed):
-            raise JobNotRunning(f"job {job_id} is {job.status}; eval messages need it running or completed")
+            raise JobNotRunning(f"job {job_id} is {job.status}; {after_close} need it running or completed")
         if round_number not in (job.current_round, job.current_round - 1):
             raise StaleRound(
-                f"eval messages of job {job_id} may name {EVAL_ROUND_RULE} ({job.current_round}), "
+                f"{after_close} of job {job_id} may name {EVAL_ROUND_RULE} ({job.current_round}), "
                 f"not round {round_number}"
             )
     elif uploading and job.status != JobStatus.running:
         raise JobNotRunning(f"job {job_id} is {job.status}; step messages are accepted while it runs")
     if not uploading and job.status not in (JobStatus.running, JobStatus.completed):
         raise JobNotRunning(f"job {job_id} is {job.status}")
-    if uploading and not evaluating and round_number != job.current_round:
+    if uploading and after_close is None and round_number != job.current_round:
         raise StaleRound(
             f"round {round_number} of job {job_id} is not its current round ({job.current_round})"
         )
@@ -358,18 +365,23 @@ def _examples_key(ref: MessageRef) -> str:
     return f"examples:{ref.job_id}:{ref.round_number}:{ref.client_id}"
 
 
-def start_fedavg_when_complete(relay: StepRelay, access: StepAccess) -> None:
+def start_fedavg_when_complete(relay: StepRelay, access: StepAccess) -> bool:
     """Queue the client FedAvg of a round once every participant still in it uploaded, and the round-end
-    checkpoint of each server replica (idempotent tasks; queued once per backend process and round)."""
+    checkpoint of each server replica (idempotent tasks; queued once per backend process and round).
+
+    True when the round's results are being published again from its saved average (`republish_lost_fedavg`):
+    then the uploads are gone and need not come back."""
     refs = [client_adapters_ref(access.job_id, access.round_number, cid) for cid in access.round_clients]
     result_keys = [ref.result_ref().blob_key() for ref in refs]
+    if republish_lost_fedavg(relay, access, refs):
+        return True
     if all(relay.handle_for(key) is not None for key in result_keys):
-        return
+        return False
     counts: dict[str, int] = {}
     for ref in refs:
         count = relay.store.get(_examples_key(ref))
         if count is None or relay.store.get(ref.blob_key()) is None:
-            return
+            return False
         counts[str(ref.client_id)] = int(count)
     handle = relay.dispatcher.submit(
         CLIENT_FEDAVG,
@@ -390,6 +402,38 @@ def start_fedavg_when_complete(relay: StepRelay, access: StepAccess) -> None:
             {"job_id": access.job_id, "replica": replica, "round_number": access.round_number},
             replica_queue(replica),
         )
+    return False
+
+
+def republish_lost_fedavg(relay: StepRelay, access: StepAccess, refs: list[MessageRef]) -> bool:
+    """Queue the FedAvg again when the blob store lost this client's result and upload after the round's
+    average was saved (a Redis restart): the task publishes every participant's copy from that file, so a
+    participant that already took its copy and moved on never has to send round r's adapters again.
+
+    True when the results are coming (queued now or by a claim of the last `REPUBLISH_CLAIM_TTL_S`)."""
+    mine = client_adapters_ref(access.job_id, access.round_number, access.client_id)
+    if any(relay.store.get(key) is not None for key in (mine.result_ref().blob_key(), mine.blob_key())):
+        return False
+    spec = read_spec(relay, access.job_id)
+    if not client_adapters_path(spec.checkpoint_dir, access.round_number).is_file():
+        return False
+    claim = f"republish:{access.job_id}:{access.round_number}"
+    if relay.store.put_if_absent(claim, b"1", REPUBLISH_CLAIM_TTL_S) is PutOutcome.stored:
+        log.warning(
+            "job %d: the blob store lost round %d's FedAvg results; republishing them from the saved average",
+            access.job_id,
+            access.round_number,
+        )
+        kwargs = {
+            "job_id": access.job_id,
+            "round_number": access.round_number,
+            "uploads": [ref.model_dump(mode="json") for ref in refs],
+            "example_counts": {},
+        }
+        handle = relay.dispatcher.submit(CLIENT_FEDAVG, kwargs, DEFAULT_QUEUE)
+        for ref in refs:
+            relay.remember(ref.result_ref().blob_key(), handle)
+    return True
 
 
 # ---- long-polls ----------------------------------------------------------------------------------
@@ -403,14 +447,17 @@ def _verdict(handle: TaskHandle, wait_s: float) -> None:
         return
 
 
-async def wait_for_result(relay: StepRelay, ref: MessageRef, wait_s: float) -> bytes | None:
+async def wait_for_result(
+    relay: StepRelay, ref: MessageRef, wait_s: float, upload_needed: bool = True
+) -> bytes | None:
     """The sealed result of the upload at `ref`, the moment it exists; None after `wait_s`.
 
     Waits on the blob and, when this process queued the task, on the task too: a refused task (a backward
-    whose graph is gone, say) answers at once instead of after the whole wait.
+    whose graph is gone, say) answers at once instead of after the whole wait. Without the upload (lost with
+    the blob store) it is a 404 `upload_not_found`, unless `upload_needed` is False (a republished FedAvg).
     """
     loop = asyncio.get_running_loop()
-    if await loop.run_in_executor(relay.wait_pool, relay.store.get, ref.blob_key()) is None:
+    if upload_needed and await loop.run_in_executor(relay.wait_pool, relay.store.get, ref.blob_key()) is None:
         lost = UploadNotFound(f"nothing was uploaded at {ref.blob_key()} (or it expired, or was lost)")
         raise refusal(lost)
     result_key = ref.result_ref().blob_key()

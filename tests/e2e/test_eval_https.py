@@ -16,18 +16,23 @@ from flglm.agent_step import (
     download_round_adapters,
     remote_score_fn,
     run_client_eval_forward,
-    run_client_step,
-    upload_round_adapters,
 )
 from flglm.data import generation_example
 from flglm.models import load_tokenizer
-from flglm.protocol import ROUND_DONE_PATH, RoundDoneRequest
+from flglm.protocol import RoundDoneRequest
 from flglm.round_eval import round_eval_metrics
 from flglm.step_client import StepConflict, StepNotFound
 from flglm.step_messages import seal_activations
 from flglm.step_protocol import MessageDirection
 from tests.support.control_plane import Api, LiveServer
-from tests.support.step_agents import DataOwner, enroll_owner, published_spec, server_public_key, start_job
+from tests.support.step_agents import (
+    DataOwner,
+    close_round,
+    enroll_owner,
+    published_spec,
+    server_public_key,
+    start_job,
+)
 from tests.support.step_clients import MODEL_REF, client_batch
 from worker.runtime import load_server_body
 
@@ -38,12 +43,7 @@ def train_round(
     api: Api, owners: list[DataOwner], channels: list[ClientChannel], job_id: int, number: int
 ) -> None:
     """One step per owner, adapters up, round done (closes the round), FedAvg down."""
-    for owner, channel in zip(owners, channels, strict=True):
-        run_client_step(owner.trainer, channel, number, 0, client_batch(owner.client_id, number))
-    for owner, channel in zip(owners, channels, strict=True):
-        upload_round_adapters(owner.trainer, channel, number, owner.example_count)
-        done_path = ROUND_DONE_PATH.format(job_id=job_id, round_number=number)
-        api.as_(owner.credential).ok("POST", done_path, json={"example_count": owner.example_count})
+    close_round(api, owners, channels, job_id, number)
     for owner, channel in zip(owners, channels, strict=True):
         download_round_adapters(owner.trainer, channel, number, timeout_s=60)
 

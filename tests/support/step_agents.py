@@ -144,6 +144,18 @@ def finish_round(api: Api, owner: DataOwner, channel: ClientChannel, job_id: int
     download_round_adapters(owner.trainer, channel, round_number, timeout_s=60)
 
 
+def close_round(
+    api: Api, owners: list[DataOwner], channels: list[ClientChannel], job_id: int, number: int
+) -> None:
+    """One step per owner, then each owner's adapters up and round done (the last one closes the round)."""
+    for owner, channel in zip(owners, channels, strict=True):
+        run_client_step(owner.trainer, channel, number, 0, client_batch(owner.client_id, number))
+    for owner, channel in zip(owners, channels, strict=True):
+        upload_round_adapters(owner.trainer, channel, number, owner.example_count)
+        done_path = ROUND_DONE_PATH.format(job_id=job_id, round_number=number)
+        api.as_(owner.credential).ok("POST", done_path, json={"example_count": owner.example_count})
+
+
 def train_sequentially(api: Api, live: LiveServer, owners: list[DataOwner], job_id: int) -> None:
     """One client after the other at every step (the order `sequential` mode's reference uses)."""
     server_b64 = server_public_key(api, owners[0], job_id)
