@@ -53,7 +53,11 @@ def build_trainer(
         privacy.private_init_scale,
     )
     defence = ClientDefence.from_spec(privacy, split.part("front"))
-    trainer = ClientSideTrainer(split, hp.train_config(), defence if defence.active else None)
+    # Recomputing the input block at backward keeps its activations out of the step's peak, which is held
+    # while the server works: the agent's peak resident memory is what its owner must provide.
+    trainer = ClientSideTrainer(
+        split, hp.train_config(), defence if defence.active else None, recompute_front=True
+    )
     if defence.active:
         log.info("job %d: defences: %s", job.job_id, describe_defence(defence))
     return trainer

@@ -21,6 +21,7 @@ from contextlib import AbstractContextManager
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedTokenizerBase
 
 from flglm.adapters import trainable_parameters
@@ -117,8 +118,18 @@ def _compute_dtype(module: nn.Module) -> torch.dtype:
 class ClientSideTrainer:
     """A data owner's side: front + back, the loss, and their optimizer. Labels never leave this object."""
 
-    def __init__(self, split: SplitModel, cfg: TrainConfig, defence: ClientDefence | None = None) -> None:
+    def __init__(
+        self,
+        split: SplitModel,
+        cfg: TrainConfig,
+        defence: ClientDefence | None = None,
+        recompute_front: bool = False,
+    ) -> None:
+        """`recompute_front` keeps only the input block's inputs while the server and the output block work,
+        and runs the block again in `backward_front` (same values and dropout masks): one block's forward more
+        per step for a lower peak (an agent's choice; see `client_agent.job_trainer`)."""
         self.front, self.back, self.cfg, self.defence = split.part("front"), split.part("back"), cfg, defence
+        self.recompute_front = recompute_front
         parts = split.as_module_dict(["front", "back"]).train()
         self.optimizer = SideOptimizer(trainable_parameters(parts), cfg)
         self._dtype = _compute_dtype(self.back)
@@ -131,7 +142,10 @@ class ClientSideTrainer:
     def forward_front(self, batch: LMBatch) -> torch.Tensor:
         """Run the input block and the defences; returns a detached copy of h0 to send, keeping the graph."""
         with _autocast(self.cfg, batch["input_ids"].device):
-            h0 = self.front(batch["input_ids"], batch["attention_mask"])  # (batch, seq, hidden)
+            if self.recompute_front:
+                h0 = checkpoint(self.front, batch["input_ids"], batch["attention_mask"], use_reentrant=False)
+            else:
+                h0 = self.front(batch["input_ids"], batch["attention_mask"])  # (batch, seq, hidden)
         self._penalty = None
         if self.defence is not None:
             # Outside autocast: the penalty's distances and the clip's norms want float32.

@@ -15,7 +15,7 @@ from client_agent.state import JobCheckpoint, RoundPosition, approved_jobs, reco
 from flglm import protocol
 from flglm.data import DataError
 from flglm.step_client import StepHttpError, StepServerUnavailable, StepUnauthorized
-from tests.support.agent_processes import AgentProcess, write_jsonl
+from tests.support.agent_processes import AgentProcess, agent_job_view, write_jsonl
 from tests.support.capture_proxy import CaptureProxy
 from tests.support.control_plane import Api, LiveServer, enrollment_token, free_port
 
@@ -75,17 +75,6 @@ def test_bad_data_files_name_file_line_and_problem_and_send_nothing(
         assert len(proxy.requests) == before, proxy.request_lines()[before:]
     finally:
         proxy.close()
-
-
-def agent_job_view(labels: list[str], **hyperparameters: object) -> protocol.AgentJobView:
-    return protocol.AgentJobView(
-        job_id=1, name="j", model_ref="tiny:llama:0", task_type=protocol.TaskType.classification,
-        parallel_mode=protocol.ParallelMode.sequential, rounds=1, steps_per_round=1,
-        hyperparameters={"labels": labels, "max_seq_len": 16, **hyperparameters}, privacy={},
-        job_status=protocol.JobStatus.running,
-        consent=protocol.ConsentStatus.approved, split_plan={}, adapter={}, current_round=1,
-        server_public_key="",
-    )  # fmt: skip
 
 
 def test_job_data_is_checked_against_the_job_labels_and_long_rows_are_counted(tmp_path: Path) -> None:

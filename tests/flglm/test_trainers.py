@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from functools import partial
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from flglm.split import PartName, SplitPlan, position_ids_from_attention_mask, s
 from flglm.tiny_models import TINY_ARCHITECTURES, TINY_CORPUS, build_tiny_model
 from flglm.trainers import (
     CentralizedTrainer,
+    ClientSideTrainer,
     ServerSideTrainer,
     SplitTrainer,
     StepGraphMissing,
@@ -156,3 +158,33 @@ def test_sides_accept_bf16_activations_from_the_wire(make_batch) -> None:  # typ
     split.client.backward_front(grad_h0.to(torch.bfloat16))
     assert torch.isfinite(loss) and grad_h0.dtype == torch.float32
     assert all(p.grad is not None for p in split.client.optimizer.params)
+
+
+def _count_bytes(saved: list[int], tensor: torch.Tensor) -> torch.Tensor:
+    saved.append(tensor.numel() * tensor.element_size())
+    return tensor
+
+
+def test_recomputing_the_front_gives_the_same_step_and_keeps_only_its_inputs(make_batch) -> None:  # type: ignore[no-untyped-def]
+    """An agent's `recompute_front`: the same h0, loss and gradients (LoRA dropout on, so the recomputation
+    must replay its masks), while the graph kept through the server's turn holds the block's inputs only."""
+    parts = add_split_adapters(split_model(build_tiny_model("llama")), AdapterSpec(dropout=0.2), seed=0)
+    batch = make_batch("right")
+    outcomes = []
+    for recompute in (False, True):
+        split = copy.deepcopy(parts)
+        client = ClientSideTrainer(split, TrainConfig(), recompute_front=recompute)
+        server = ServerSideTrainer(split.part("body"), TrainConfig())
+        saved: list[int] = []
+        torch.manual_seed(7)
+        with torch.autograd.graph.saved_tensors_hooks(partial(_count_bytes, saved), lambda tensor: tensor):
+            h0 = client.forward_front(batch)
+        h1 = server.forward("s", h0, batch["attention_mask"])
+        loss = client.forward_back(h1, batch)
+        client.backward_front(server.backward("s", client.backward_back()))
+        grads = {id_: p.grad.clone() for id_, p in enumerate(client.optimizer.params)}
+        outcomes.append((h0, float(loss.detach()), grads, sum(saved)))
+    (h0, loss, grads, kept), (h0_again, loss_again, grads_again, kept_again) = outcomes
+    assert torch.equal(h0, h0_again) and loss == loss_again
+    assert grads.keys() == grads_again.keys() and all(torch.equal(grads[k], grads_again[k]) for k in grads)
+    assert kept_again * 5 < kept, (kept_again, kept)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from flglm import protocol
 from tests.support.control_plane import Api, LiveServer, enrollment_token
 
 AGENT_CLI = [sys.executable, "-m", "apps.cli.main", "agent"]
@@ -121,3 +122,15 @@ def make_agent(
     assert (agent.state_dir / "credential.json").stat().st_mode & 0o777 == 0o600
     assert (agent.state_dir / "client_key.pem").stat().st_mode & 0o777 == 0o600
     return agent
+
+
+def agent_job_view(labels: list[str], **hyperparameters: object) -> protocol.AgentJobView:
+    """What an agent is told of a one-round tiny-Llama classification job (its code run in-process)."""
+    return protocol.AgentJobView(
+        job_id=1, name="j", model_ref="tiny:llama:0", task_type=protocol.TaskType.classification,
+        parallel_mode=protocol.ParallelMode.sequential, rounds=1, steps_per_round=1,
+        hyperparameters={"labels": labels, "max_seq_len": 16, **hyperparameters}, privacy={},
+        job_status=protocol.JobStatus.running,
+        consent=protocol.ConsentStatus.approved, split_plan={}, adapter={}, current_round=1,
+        server_public_key="",
+    )  # fmt: skip
