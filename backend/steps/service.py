@@ -414,7 +414,10 @@ def republish_lost_fedavg(relay: StepRelay, access: StepAccess, refs: list[Messa
     mine = client_adapters_ref(access.job_id, access.round_number, access.client_id)
     if any(relay.store.get(key) is not None for key in (mine.result_ref().blob_key(), mine.blob_key())):
         return False
-    spec = read_spec(relay, access.job_id)
+    try:
+        spec = read_spec(relay, access.job_id)
+    except JobNotServed:  # an ended job's spec may be gone for good: the lost upload is reported as before
+        return False
     if not client_adapters_path(spec.checkpoint_dir, access.round_number).is_file():
         return False
     claim = f"republish:{access.job_id}:{access.round_number}"
