@@ -40,6 +40,8 @@ MODEL_REF = "tiny:llama:0"
 LABELS = ["marmalade", "tangerine"]
 WORDS = ["quokka", "zeppelin", "harbour", "obsidian", "lantern", "walrus", "fjord", "cobalt"]
 FLGLM_CLI = [sys.executable, "-m", "apps.cli.main"]
+# How long the agents may take to exit once their job ended: each evaluates the last round first.
+AGENT_EXIT_WAIT_S = 600.0
 HOUR, DAY = 3600.0, 86400.0
 
 
@@ -472,7 +474,7 @@ def run_agents_job(
             for agent in agents:
                 assert agent.process is not None
                 try:
-                    exits.append(agent.process.wait(timeout=120))
+                    exits.append(agent.process.wait(timeout=AGENT_EXIT_WAIT_S))
                 except subprocess.TimeoutExpired:
                     exits.append(None)
             rounds = admin.ok("GET", f"/jobs/{job_id}/rounds")
