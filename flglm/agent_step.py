@@ -197,7 +197,7 @@ def run_client_eval_forward(
     positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Logits (batch, seq, vocab) of the whole split model for one batch, through the server, no training;
-    (batch, kept, vocab) at `positions` only when given (the head runs only there).
+    (n_kept, vocab) where the (batch, seq) bool mask `positions` is True, if given (the head runs there only).
 
     `eval_index` numbers the eval batches of a round (the message's "step"); eval messages have their own
     direction, so it never collides with a training step. The server runs its body with its current

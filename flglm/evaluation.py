@@ -3,9 +3,10 @@
 Every scorer takes `score_fn(input_ids, attention_mask) -> logits` (batch, seq, vocab), any callable: the
 unsplit model, or `lambda ids, mask: back(body(front(ids, mask), mask), mask)` for a split one, so the same
 code evaluates centralized and federated runs. A score function marked with `keeps_positions` (see
-`scores_positions`) is also asked for the logits of the few positions a scorer reads only (batch, kept,
-vocab): the agent's remote scorer is, so an eval batch never holds (batch, seq, vocab) logits (8 rows of 96
-tokens of SmolLM2's 49k vocabulary are 151 MB).
+`scores_positions`) is also asked for the logits of the few (row, position) pairs a scorer reads, given as
+a (batch, seq) mask, and returns them as (n_kept, vocab): the agent's remote scorer is, so an eval batch never
+holds (batch, seq, vocab) logits (8 rows of 96 tokens of SmolLM2's 49k vocabulary are 151 MB), nor (batch,
+kept, vocab) ones for the union of every row's positions (a right-padded batch's targets sit apart).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from flglm.data import (
     encode_prompt_and_completion,
     verbalise_label,
 )
-from flglm.data.tokens import target_positions
+from flglm.data.tokens import target_token_mask
 
 ScoreFn = Callable[..., Any]
 
@@ -36,20 +37,20 @@ def _logits(output: Any) -> torch.Tensor:
 
 
 def scores_positions(score_fn: ScoreFn) -> ScoreFn:
-    """Mark `score_fn` as taking `positions=` (a 1-D tensor of sequence positions) and returning only their
-    logits (batch, kept, vocab)."""
+    """Mark `score_fn` as taking `positions=` (a (batch, seq) bool mask) and returning only the logits there,
+    (n_kept, vocab) in row-major order (`ClientBack`'s `logits_to_keep` mask)."""
     score_fn.keeps_positions = True  # type: ignore[attr-defined]
     return score_fn
 
 
 def logits_at(
-    score_fn: ScoreFn, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor
+    score_fn: ScoreFn, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:
-    """The logits at `positions` (batch, kept, vocab): computed there only when `score_fn` can, else cut from
-    the full logits."""
+    """The logits where the (batch, seq) bool `mask` is True, (n_kept, vocab) in row-major order: computed
+    there only when `score_fn` can, else cut from the full logits."""
     if getattr(score_fn, "keeps_positions", False):
-        return _logits(score_fn(input_ids, attention_mask, positions=positions))
-    return _logits(score_fn(input_ids, attention_mask))[:, positions]
+        return _logits(score_fn(input_ids, attention_mask, positions=mask))
+    return _logits(score_fn(input_ids, attention_mask))[mask]
 
 
 # ------------------------------------------------------------------------------------------------- ROUGE-L
@@ -110,24 +111,37 @@ def wilson_interval(successes: int, total: int, z: float = 1.959963984540054) ->
 
 
 def completion_log_probs(
-    logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None = None
+    logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row sum of log-probabilities of the scored (label != -100) tokens, and the count of those tokens.
 
     HF shift convention: the logits at position t predict the token at t+1. `logits` is (batch, seq, vocab),
-    or (batch, kept, vocab) at `positions` (`target_positions(labels)` or a superset). Only scored positions
-    go through log_softmax, so a large vocabulary costs memory only for the few target tokens.
+    or (n_kept, vocab) where the (batch, seq) bool `mask` is True (`target_token_mask(labels)` or a superset,
+    as `logits_at` returns them). Only scored positions go through log_softmax, so a large vocabulary costs
+    memory only for the few target tokens.
     """
-    if positions is None:
-        positions = torch.arange(labels.shape[1] - 1)
-        logits = logits[:, :-1]
-    targets = labels[:, positions + 1]  # (batch, kept)
-    scored = targets != IGNORE_INDEX  # (batch, kept)
-    rows = scored.nonzero()[:, 0]  # (n_scored,)
+    if mask is None:
+        mask = _all_but_last(labels)
+        logits = logits[mask]  # (n_kept, vocab)
+    targets = torch.full_like(labels, IGNORE_INDEX)
+    targets[:, :-1] = labels[:, 1:]
+    kept_targets = targets[mask]  # (n_kept,)
+    kept_rows = mask.nonzero()[:, 0]  # (n_kept,)
+    scored = kept_targets != IGNORE_INDEX  # (n_kept,)
     picked = logits[scored].float()  # (n_scored, vocab)
-    token_log_probs = torch.log_softmax(picked, dim=-1).gather(1, targets[scored].unsqueeze(1)).squeeze(1)
+    wanted = kept_targets[scored].unsqueeze(1)  # (n_scored, 1)
+    token_log_probs = torch.log_softmax(picked, dim=-1).gather(1, wanted).squeeze(1)  # (n_scored,)
+    rows = kept_rows[scored]  # (n_scored,)
     sums = torch.zeros(labels.shape[0], dtype=torch.float32).index_add_(0, rows, token_log_probs)  # (batch,)
-    return sums, scored.sum(dim=1)
+    counts = torch.zeros(labels.shape[0], dtype=torch.long).index_add_(0, rows, torch.ones_like(rows))
+    return sums, counts
+
+
+def _all_but_last(labels: torch.Tensor) -> torch.Tensor:
+    """(batch, seq) True everywhere but the last position, which predicts nothing."""
+    mask = torch.ones_like(labels, dtype=torch.bool)
+    mask[:, -1] = False
+    return mask
 
 
 @torch.no_grad()
@@ -135,9 +149,9 @@ def eval_loss(score_fn: ScoreFn, batches: Iterable[dict[str, torch.Tensor]]) -> 
     """Token-weighted mean cross-entropy over every scored token of the batches (as produced by `collate`)."""
     total_log_prob, total_tokens = 0.0, 0
     for batch in batches:
-        positions = target_positions(batch["labels"])  # (kept,)
-        logits = logits_at(score_fn, batch["input_ids"], batch["attention_mask"], positions)
-        sums, counts = completion_log_probs(logits, batch["labels"], positions)  # logits (batch, kept, vocab)
+        mask = target_token_mask(batch["labels"])  # (batch, seq)
+        logits = logits_at(score_fn, batch["input_ids"], batch["attention_mask"], mask)  # (n_kept, vocab)
+        sums, counts = completion_log_probs(logits, batch["labels"], mask)
         total_log_prob += float(sums.sum())
         total_tokens += int(counts.sum())
     if total_tokens == 0:
@@ -223,9 +237,9 @@ def score_label_pairs(
     scores = torch.empty(len(rows), dtype=torch.float32)
     for start in range(0, len(rows), pairs_per_batch):
         batch = collate(rows[start : start + pairs_per_batch], pad_token_id, padding_side="right")
-        positions = target_positions(batch["labels"])  # (kept,)
-        logits = logits_at(score_fn, batch["input_ids"], batch["attention_mask"], positions)
-        sums, _ = completion_log_probs(logits, batch["labels"], positions)  # logits (pairs, kept, vocab)
+        mask = target_token_mask(batch["labels"])  # (pairs, seq)
+        logits = logits_at(score_fn, batch["input_ids"], batch["attention_mask"], mask)  # (n_kept, vocab)
+        sums, _ = completion_log_probs(logits, batch["labels"], mask)
         scores[start : start + len(sums)] = sums
     by_example = scores.view(len(gold), len(labels))  # (examples, labels)
     best = by_example.argmax(dim=1)  # (examples,); ties go to the earlier label

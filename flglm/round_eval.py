@@ -48,11 +48,10 @@ def greedy_completions(
     finished = [False] * len(rows)
     for _ in range(max_new_tokens):
         batch = collate([TokenizedExample(row, row) for row in rows], pad_token_id, padding_side="right")
-        last = [len(row) - 1 for row in rows]  # the last real position of each row
-        positions = torch.tensor(sorted(set(last)))  # (kept,)
-        logits = logits_at(score_fn, batch["input_ids"], batch["attention_mask"], positions)
-        column = torch.tensor([int(torch.searchsorted(positions, p)) for p in last])  # (batch,)
-        chosen = logits[torch.arange(len(rows)), column].argmax(dim=-1).tolist()  # (batch,)
+        last = torch.zeros_like(batch["input_ids"], dtype=torch.bool)  # (batch, seq)
+        last[torch.arange(len(rows)), torch.tensor([len(row) - 1 for row in rows])] = True  # each row's last
+        logits = logits_at(score_fn, batch["input_ids"], batch["attention_mask"], last)  # (batch, vocab)
+        chosen = logits.argmax(dim=-1).tolist()  # (batch,)
         for index, token in enumerate(chosen):
             if finished[index]:
                 continue
