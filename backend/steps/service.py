@@ -223,6 +223,7 @@ class StepAccess:
     round_number: int
     client_id: int
     round_clients: tuple[int, ...]  # participants of the round not dropped (adapters routes only; else ())
+    job_running: bool = True  # False once the job ended (its worker spec is no longer republished)
 
 
 def check_step_access(
@@ -275,10 +276,10 @@ def check_step_access(
     if uploading and mine.status == RoundParticipantStatus.dropped:
         raise StaleRound(f"client {client_id} was dropped from round {round_number}: {mine.drop_reason}")
     if not with_round_clients:  # steps: one row, not the round's N (every step request asked for them)
-        return StepAccess(job_id, round_number, client_id, ())
+        return StepAccess(job_id, round_number, client_id, (), job.status == JobStatus.running)
     participants = rounds.participants(round_.id)
     active = tuple(p.client_id for p in participants if p.status != RoundParticipantStatus.dropped)
-    return StepAccess(job_id, round_number, client_id, active)
+    return StepAccess(job_id, round_number, client_id, active, job.status == JobStatus.running)
 
 
 # ---- uploads (run in the step wait pool: they block on the blob store and the admission task) ----------
@@ -406,18 +407,25 @@ def start_fedavg_when_complete(relay: StepRelay, access: StepAccess) -> bool:
 
 
 def republish_lost_fedavg(relay: StepRelay, access: StepAccess, refs: list[MessageRef]) -> bool:
-    """Queue the FedAvg again when the blob store lost this client's result and upload after the round's
-    average was saved (a Redis restart): the task publishes every participant's copy from that file, so a
-    participant that already took its copy and moved on never has to send round r's adapters again.
+    """Queue the FedAvg again when the blob store lost this client's result and some participant's upload
+    after the round's average was saved (a Redis restart): the task publishes every participant's copy from
+    that file, so a participant that already took its copy and moved on never has to send round r's adapters
+    again (and one that sent them again does not wait for the others' forever).
 
-    True when the results are coming (queued now or by a claim of the last `REPUBLISH_CLAIM_TTL_S`)."""
+    True when the results are coming (queued now or by a claim of the last `REPUBLISH_CLAIM_TTL_S`). While a
+    running job's worker spec is being republished (lost with the rest), a 503 `job_not_published`: retry.
+    """
     mine = client_adapters_ref(access.job_id, access.round_number, access.client_id)
-    if any(relay.store.get(key) is not None for key in (mine.result_ref().blob_key(), mine.blob_key())):
+    if relay.store.get(mine.result_ref().blob_key()) is not None:
         return False
+    if all(relay.store.get(ref.blob_key()) is not None for ref in refs):
+        return False  # the FedAvg runs (or ran) from the uploads
     try:
         spec = read_spec(relay, access.job_id)
-    except JobNotServed:  # an ended job's spec may be gone for good: the lost upload is reported as before
-        return False
+    except JobNotServed:
+        if access.job_running:
+            raise
+        return False  # an ended job's spec is gone for good: the lost upload is reported as before
     if not client_adapters_path(spec.checkpoint_dir, access.round_number).is_file():
         return False
     claim = f"republish:{access.job_id}:{access.round_number}"

@@ -7,6 +7,7 @@ counts and results from that store (and the upload replay guard, which a Redis r
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from flglm.agent_step import ClientChannel, download_round_adapters, upload_round_adapters
@@ -41,16 +42,21 @@ def setup(live: LiveServer, api: Api) -> tuple[list[DataOwner], list[ClientChann
     return owners, [o.channel(live, job_id, server_b64) for o in owners], job_id
 
 
+@pytest.mark.parametrize("resent", [False, True], ids=["asked", "resent-then-asked"])
 def test_results_lost_after_one_owner_took_its_copy_are_published_again_from_the_saved_average(
-    live_server: LiveServer, api: Api
+    live_server: LiveServer, api: Api, resent: bool
 ) -> None:
     """Owner 0 took round 1's average and moved on (it will never send round 1's adapters again); the loss
-    comes before owner 1 asked for its copy. Owner 1 still gets the same average, uploaded by nobody again."""
+    comes before owner 1 asked for its copy. Owner 1 still gets the same average, from the saved one: when it
+    just asks, and when it first sent its adapters again (as an agent does when it is told its upload is gone
+    while the job's spec is being republished) — the FedAvg must not wait for owner 0's upload."""
     owners, channels, job_id = setup(live_server, api)
     close_round(api, owners, channels, job_id, 1)
     assert api.ok("GET", f"/jobs/{job_id}")["current_round"] == 2
     first = download_round_adapters(owners[0].trainer, channels[0], 1, timeout_s=30)
     lose_round(live_server, owners, job_id, 1)
+    if resent:
+        upload_round_adapters(owners[1].trainer, channels[1], 1, owners[1].example_count)
     second = download_round_adapters(owners[1].trainer, channels[1], 1, timeout_s=30)
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
     close_round(api, owners, channels, job_id, 2)  # the job goes on
