@@ -6,6 +6,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -223,6 +224,36 @@ class LiveServer:
         return httpx.Client(base_url=self.base_url, verify=str(self.tls.ca_cert), timeout=30)
 
 
+# Open connections (an agent's 60 s long-poll) are cut this long after a test ends.
+GRACEFUL_SHUTDOWN_S = 2
+
+
+@contextmanager
+def uvicorn_in_thread(config: uvicorn.Config) -> Iterator[uvicorn.Server]:
+    """Serve `config` in a thread of this process until the block ends, then stop it for good.
+
+    The thread must be gone before the next test starts. A test's SQLite file was once found with a TLS
+    1.3 close_notify record written over its header ("SQLit" + 17 03 03 00 13 ...; every request then a 500
+    "file is not a database"): some TLS connection's descriptor number had been reused by that file. The
+    suspect is a server from the test before, still closing its connections after the old 10 s join gave up.
+    """
+    config.timeout_graceful_shutdown = GRACEFUL_SHUTDOWN_S
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert thread.is_alive(), "uvicorn exited during start-up"
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield server
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
+        assert not thread.is_alive(), "uvicorn did not stop within 60 s of the test's end"
+
+
 @pytest.fixture
 def live_server(app: FastAPI, tmp_path: Path) -> Iterator[LiveServer]:
     """The app behind a real uvicorn with HTTPS (self-signed CA), in a thread of this process."""
@@ -237,14 +268,5 @@ def live_server(app: FastAPI, tmp_path: Path) -> Iterator[LiveServer]:
         log_level="warning",
         lifespan="on",
     )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive(), "uvicorn exited during start-up"
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    yield LiveServer(f"https://localhost:{port}", tls, app)
-    server.should_exit = True
-    thread.join(timeout=10)
+    with uvicorn_in_thread(config):
+        yield LiveServer(f"https://localhost:{port}", tls, app)

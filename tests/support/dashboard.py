@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +14,7 @@ from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_play
 from apps.server import create_server_app
 from backend.app import FRONTEND_DIR
 from backend.settings import Settings
-from tests.support.control_plane import ADMIN_TOKEN, Agent, Api, enroll, free_port
+from tests.support.control_plane import ADMIN_TOKEN, Agent, Api, enroll, free_port, uvicorn_in_thread
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -57,19 +55,15 @@ def dashboard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dashboard]:
         rate_limit_per_minute=60_000,
     )
     port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_server_app(settings), host="127.0.0.1", port=port, log_level="warning", lifespan="on"
-        )
+    config = uvicorn.Config(
+        create_server_app(settings), host="127.0.0.1", port=port, log_level="warning", lifespan="on"
     )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
     base_url = f"http://127.0.0.1:{port}"
-    with httpx.Client(base_url=base_url, timeout=30) as http, sync_playwright() as playwright:
+    with (
+        uvicorn_in_thread(config),
+        httpx.Client(base_url=base_url, timeout=30) as http,
+        sync_playwright() as playwright,
+    ):
         api = Api(http)
         agents = [enroll(api, name, example_count=n) for name, n in (("hospital-a", 1200), ("clinic-b", 800))]
         spare = enroll(api, "old-laptop")
@@ -79,8 +73,6 @@ def dashboard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dashboard]:
             yield Dashboard(base_url, api, agents, spare, viewer, browser, settings)
         finally:
             browser.close()
-            server.should_exit = True
-            thread.join(timeout=10)
 
 
 def signed_in_page(dashboard: Dashboard, token: str) -> tuple[BrowserContext, Page]:
