@@ -121,8 +121,8 @@ def completion_log_probs(
     memory only for the few target tokens.
     """
     if mask is None:
-        mask = _all_but_last(labels)
-        logits = logits[mask]  # (n_kept, vocab)
+        mask = target_token_mask(labels)
+        logits = logits[mask]  # (n_kept, vocab): the scored positions' logits only
     targets = torch.full_like(labels, IGNORE_INDEX)
     targets[:, :-1] = labels[:, 1:]
     kept_targets = targets[mask]  # (n_kept,)
@@ -135,13 +135,6 @@ def completion_log_probs(
     sums = torch.zeros(labels.shape[0], dtype=torch.float32).index_add_(0, rows, token_log_probs)  # (batch,)
     counts = torch.zeros(labels.shape[0], dtype=torch.long).index_add_(0, rows, torch.ones_like(rows))
     return sums, counts
-
-
-def _all_but_last(labels: torch.Tensor) -> torch.Tensor:
-    """(batch, seq) True everywhere but the last position, which predicts nothing."""
-    mask = torch.ones_like(labels, dtype=torch.bool)
-    mask[:, -1] = False
-    return mask
 
 
 @torch.no_grad()

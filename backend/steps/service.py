@@ -275,11 +275,12 @@ def check_step_access(
         )
     if uploading and mine.status == RoundParticipantStatus.dropped:
         raise StaleRound(f"client {client_id} was dropped from round {round_number}: {mine.drop_reason}")
+    running = job.status == JobStatus.running
     if not with_round_clients:  # steps: one row, not the round's N (every step request asked for them)
-        return StepAccess(job_id, round_number, client_id, (), job.status == JobStatus.running)
+        return StepAccess(job_id, round_number, client_id, (), running)
     participants = rounds.participants(round_.id)
     active = tuple(p.client_id for p in participants if p.status != RoundParticipantStatus.dropped)
-    return StepAccess(job_id, round_number, client_id, active, job.status == JobStatus.running)
+    return StepAccess(job_id, round_number, client_id, active, running)
 
 
 # ---- uploads (run in the step wait pool: they block on the blob store and the admission task) ----------
